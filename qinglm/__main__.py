@@ -1,0 +1,3 @@
+from qinglm.cli import main
+
+raise SystemExit(main())

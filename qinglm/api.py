@@ -1,0 +1,189 @@
+"""The Python API: ``lm = qinglm.load(run_dir)``, then ``lm.generate``, ``lm.stream``, ``lm.evaluate``."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qinglm.config import ModelConfig, SamplingConfig, from_dict
+from qinglm.device import resolve_device
+from qinglm.errors import QingLMError
+from qinglm.evaluate import evaluate_documents
+from qinglm.generate import encode_prompt, generate_ids, stream_text
+from qinglm.model import Transformer
+
+if TYPE_CHECKING:
+    from qinglm.tokenizer import Tokenizer
+
+_DEFAULT = SamplingConfig()  # the API's defaults are SamplingConfig's, kept in one place
+
+
+class LM:
+    """A trained model with its tokenizer, ready to generate and evaluate."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        run_dir: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = model.cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+    def __repr__(self) -> str:
+        n = self.model.param_counts()["total"]
+        return f"LM(run_dir={str(self.run_dir)!r}, params={n:,}, device={self.device})"
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = _DEFAULT.max_new_tokens,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int | None = _DEFAULT.top_k,
+        top_p: float | None = _DEFAULT.top_p,
+        repetition_penalty: float = _DEFAULT.repetition_penalty,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> Iterator[str]:
+        """Return an iterator of text pieces continuing prompt (temperature 0 = greedy)."""
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
+        )
+        ids = generate_ids(
+            self.model,
+            encode_prompt(self.tokenizer, prompt),
+            cfg,
+            eos_id=self.tokenizer.eos_id,
+            device=self.device,
+        )
+        return stream_text(ids, self.tokenizer)
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = _DEFAULT.max_new_tokens,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int | None = _DEFAULT.top_k,
+        top_p: float | None = _DEFAULT.top_p,
+        repetition_penalty: float = _DEFAULT.repetition_penalty,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> str:
+        """Return the continuation of prompt, without the prompt (temperature 0 = greedy)."""
+        return "".join(
+            self.stream(
+                prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_at_eos
+            )
+        )
+
+    def evaluate(
+        self,
+        source: str,
+        *,
+        batch_size: int = 16,
+        seq_len: int | None = None,
+        max_tokens: int | None = None,
+        encoding: str | None = None,
+    ) -> dict[str, float]:
+        """Return {"loss", "ppl", "bpc", "tokens"} on source.
+
+        source is a built-in corpus name (its "val" split is used), a path, directory or glob
+        that read_documents understands (read with encoding, default: detect), or else the text
+        itself (one document, normalised like training data). seq_len defaults to min(512, the model's context).
+        """
+        from qinglm.data.builtin import builtin_documents, is_builtin
+        from qinglm.data.sources import normalize_text, read_documents
+
+        if is_builtin(source):
+            docs = builtin_documents(source, "val")
+        elif _looks_like_path(source):
+            docs = read_documents(source, encoding=encoding)
+        else:
+            # The same normalisation read_documents (and so the training data) applies.
+            docs = [normalize_text(source).strip()]
+        return evaluate_documents(
+            self.model,
+            self.tokenizer,
+            docs,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            device=self.device,
+        )
+
+
+def _looks_like_path(s: str) -> bool:
+    # Long or multi-line strings are text; asking the OS about them can raise "name too long".
+    if "\n" in s or len(s) > 1024:
+        return False
+    try:
+        if Path(s).expanduser().exists():
+            return True
+    except OSError:
+        return False
+    return glob.has_magic(s) and bool(glob.glob(s))
+
+
+def _find_run_dir(path: Path) -> tuple[Path, Path | None]:
+    """Return (run directory, weights path or None) for a run directory or a weights path inside one."""
+    if not path.exists():
+        raise QingLMError(f"run directory not found: {path}; pass the --out directory of a training run")
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    # e.g. RUN/best/model.safetensors or RUN/best: the run is the nearest parent with config.json
+    for parent in list(path.parents)[:2]:
+        if (parent / "config.json").is_file():
+            return parent, path
+    raise QingLMError(f"{path} has no config.json; is it a QingLM run directory?")
+
+
+def load(run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None = None) -> LM:
+    """Return the LM saved in run_dir, in eval mode on device.
+
+    run_dir holds config.json, tokenizer/ and weights (best/model.safetensors, else the latest
+    checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
+    run's tokenizer directory.
+    """
+    from qinglm.tokenizer import Tokenizer
+    from qinglm.train.checkpoint import inference_weights, load_model_weights
+
+    run, weights = _find_run_dir(Path(run_dir).expanduser())
+    config_path = run / "config.json"
+    try:
+        config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise QingLMError(f"cannot parse {config_path}: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise QingLMError(f"{config_path} has no 'model' section; is it a QingLM run directory?")
+    tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else run / "tokenizer"
+    if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
+        raise QingLMError(f"{run} has no tokenizer/tokenizer.json; the run directory is incomplete")
+    tok = Tokenizer.load(tok_dir)
+    model_cfg = from_dict(ModelConfig, config["model"], where="model config")
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise QingLMError(
+            f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model only "
+            f"{model_cfg.vocab_size}; use the tokenizer the model was trained with"
+        )
+    if weights is None:
+        weights = inference_weights(run)  # raises QingLMError when the run has no weights yet
+    dev = resolve_device(device)
+    model = Transformer(model_cfg)
+    load_model_weights(model, weights)
+    return LM(model, tok, run_dir=run, device=dev)

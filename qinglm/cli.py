@@ -1,0 +1,201 @@
+"""`qinglm` command line: argparse subcommands that call the library.
+
+A user mistake (QingLMError) becomes one line on stderr and exit status 2; bugs stay tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
+from qinglm.errors import QingLMError
+
+# Flag names of the seed projects (Andy-LLM, LightweightLM, Zer02LLM), accepted as aliases.
+TRAIN_ALIASES = {
+    "preset": ["--model_size", "--model-size"],
+    "lr": ["--learning_rate", "--learning-rate"],
+    "seq_len": ["--max_length", "--max-length"],
+    "num_epochs": ["--epochs"],
+    "grad_accum": ["--gradient_accumulation_steps"],
+}
+GEN_ALIASES = {"max_new_tokens": ["--max_length", "--max-length"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="built-in corpus name, file(s), directory or glob")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out")
+    p.add_argument("--encoding", default=None, help="text encoding (default: detect)")
+    p.add_argument("--nfkc", action=argparse.BooleanOptionalAction, default=True,
+                   help="normalise full-width Latin letters and digits")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+
+
+def _data_cfg(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(data=args.data, val_fraction=args.val_fraction, encoding=args.encoding, nfkc=args.nfkc,
+                       text_field=args.text_field)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qinglm import __version__
+
+    parser = _Parser(prog="qinglm", description="QingLM: train Chinese language models from scratch.")
+    parser.add_argument("--version", action="version", version=f"qinglm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="pretrain a model (no flags: the built-in quick-start job)",
+                       description="Train a tokenizer if needed, prepare the data, pretrain, then report "
+                                   "held-out loss / perplexity / bits per character and sample text.")
+    p.add_argument("--config", help="YAML or JSON config file; flags override it")
+    add_dataclass_args(p, TrainConfig, TRAIN_ALIASES)
+    add_dataclass_args(p, ModelConfig)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory (or a file in it)")
+    p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", help="tokenizer directory override")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--device", default="auto")
+    add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and bits per character")
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="built-in corpus name (its val split), file, directory or glob")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the model's context)")
+    p.add_argument("--encoding", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    _add_data_options(t)
+    t.add_argument("--vocab-size", type=int, default=10_000)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+
+    p = sub.add_parser("prepare", help="tokenize text into packed train/val shards")
+    _add_data_options(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", required=True, help="output directory for shards + index.json")
+
+    p = sub.add_parser("data", help="built-in corpora")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub.add_parser("list", help="list the built-in corpora with their sizes")
+    e = dsub.add_parser("export", help="write a built-in corpus as text, one document per line")
+    e.add_argument("name")
+    e.add_argument("out")
+    e.add_argument("--split", default="all", choices=["all", "train", "val"])
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from qinglm.pipeline import run_train
+
+    run_train(given(args, ModelConfig), given(args, TrainConfig), args.config)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise QingLMError(f"prompts file not found: {path}")
+        try:
+            prompts += [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise QingLMError(f"{path} is not UTF-8 text") from None
+    if not prompts:
+        raise QingLMError("give a prompt with --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import qinglm
+
+    lm = qinglm.load(args.model, device=args.device, tokenizer=args.tokenizer_path)
+    sampling = {**given(args, SamplingConfig)}
+    for prompt in _prompts(args):
+        if args.stream:
+            print(prompt, end="", flush=True)
+            for piece in lm.stream(prompt, **sampling):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(prompt + lm.generate(prompt, **sampling))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import qinglm
+
+    lm = qinglm.load(args.model, device=args.device)
+    m = lm.evaluate(args.data, batch_size=args.batch_size, seq_len=args.seq_len, encoding=args.encoding)
+    if args.json:
+        print(json.dumps({k: m[k] for k in ("loss", "ppl", "bpc")}))
+    else:
+        print(f"loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  bits/char {m['bpc']:.4f}  "
+              f"({m['tokens']:,} tokens)")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from qinglm.pipeline import train_tokenizer_on
+
+    train_tokenizer_on(args.data, args.vocab_size, Path(args.out), _data_cfg(args))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from qinglm.pipeline import prepare_data
+    from qinglm.tokenizer import Tokenizer
+
+    prepare_data(args.data, Tokenizer.load(args.tokenizer), Path(args.out), _data_cfg(args))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from qinglm.data.builtin import BUILTINS, builtin_info, export_builtin
+
+    if args.data_command == "list":
+        print(f"{'name':<8} {'documents':>10} {'characters':>12}  source")
+        for name in BUILTINS:
+            info = builtin_info(name)
+            print(f"{name:<8} {info['documents']:>10,} {info['characters']:>12,}  {info['source']}")
+            print(f"{'':<8} {info['description']}")
+    else:
+        n = export_builtin(args.name, args.out, split=args.split)
+        print(f"wrote {n:,} documents to {args.out}")
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "tokenizer": cmd_tokenizer,
+            "prepare": cmd_prepare, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        COMMANDS[args.command](args)
+    except QingLMError as e:
+        print(f"qinglm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qinglm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0

@@ -1,0 +1,266 @@
+"""Typed configs, presets, and the merge of config files with command-line flags.
+
+Every command-line flag of `qinglm train` is generated from a field below (``--seq-len`` is
+``TrainConfig.seq_len``), so the resolved config saved as ``config.json`` in a run directory is
+enough to reproduce or resume the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from qinglm.errors import QingLMError
+
+# (vocab_size, d_model, n_heads, n_layers) exactly as the seed projects give them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=10_000, d_model=128, n_heads=2, n_layers=2),
+    "small": dict(vocab_size=30_000, d_model=256, n_heads=4, n_layers=4),
+    "medium": dict(vocab_size=50_000, d_model=512, n_heads=8, n_layers=6),
+}
+
+# The two families users ask for; fields left unset take the family's value.
+FAMILIES: dict[str, dict[str, str]] = {
+    "modern": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu"),
+    "classic": dict(pos_encoding="sinusoidal", norm="layernorm", mlp="gelu"),
+}
+
+DEFAULT_PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济"]
+
+
+def _f(default: Any, help: str, choices: list | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape and options; None means 'derive from the rest'."""
+
+    vocab_size: int = _f(10_000, "vocabulary size (taken from the tokenizer when one is given)")
+    d_model: int = _f(128, "hidden size")
+    n_layers: int = _f(2, "number of Transformer blocks")
+    n_heads: int = _f(2, "attention heads")
+    n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (default: n_heads)")
+    d_ff: int | None = _f(None, "MLP hidden size (default: 4*d_model for gelu, ~8/3*d_model for swiglu)")
+    max_seq_len: int = _f(512, "maximum context length")
+    dropout: float = _f(0.1, "dropout probability")
+    family: str = _f("modern", "architecture family filling pos-encoding/norm/mlp", ["modern", "classic"])
+    pos_encoding: str | None = _f(None, "position encoding", ["rope", "sinusoidal", "learned"])
+    norm: str | None = _f(None, "normalisation layer", ["rmsnorm", "layernorm"])
+    mlp: str | None = _f(None, "feed-forward type", ["swiglu", "gelu"])
+    tie_embeddings: bool = _f(True, "share the input embedding with the output head")
+    rope_theta: float = _f(10_000.0, "RoPE base")
+    norm_eps: float = _f(1e-5, "epsilon of the norm layers")
+    bias: bool = _f(False, "biases in linear layers")
+    init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape."""
+
+    data: list[str] = _f(["pd1998"], "built-in corpus name, text file(s), directory, glob, or prepared data dir")
+    tokenizer: str | None = _f(None, "tokenizer directory (default: train one on the data into the run dir)")
+    out: str | None = _f(None, "run directory (default: runs/<time>-<preset>-<data>)")
+    preset: str = _f("tiny", "model size preset", list(PRESETS))
+    max_steps: int | None = _f(None, "stop after this many optimizer steps")
+    max_time: float | None = _f(None, "stop after this many minutes of training (default 8 if no other limit)")
+    num_epochs: float | None = _f(None, "stop after this many passes over the training data")
+    batch_size: int = _f(32, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seq_len: int = _f(256, "training sequence length (<= max_seq_len)")
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
+    weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    device: str = _f("auto", "device", ["auto", "cpu", "cuda", "mps"])
+    dtype: str = _f("auto", "compute precision (auto: bf16 on CUDA if supported, else fp32)",
+                    ["auto", "fp32", "bf16", "fp16"])
+    compile: bool = _f(False, "torch.compile the model")
+    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    seed: int = _f(0, "random seed")
+    eval_every: int = _f(200, "validate every N optimizer steps")
+    eval_tokens: int = _f(200_000, "tokens used by each periodic validation (0 = whole split)")
+    log_every: int = _f(10, "log a metrics line every N steps")
+    save_every: int = _f(200, "write a checkpoint every N optimizer steps")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
+    patience: int | None = _f(None, "early stop after N validations without improvement")
+    resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
+    val_fraction: float = _f(0.02, "fraction of documents held out for validation")
+    encoding: str | None = _f(None, "text encoding of data files (default: detect)")
+    nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
+    text_field: str = _f("text", "JSONL/Parquet field holding the text")
+    sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
+    sample_tokens: int = _f(60, "tokens to generate per sample prompt")
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token; temperature 0 means greedy."""
+
+    max_new_tokens: int = _f(100, "tokens to generate")
+    temperature: float = _f(0.8, "softmax temperature (0 = greedy)")
+    top_k: int | None = _f(50, "keep the k most likely tokens (0 or None = all)")
+    top_p: float | None = _f(0.95, "nucleus sampling mass (1.0 or None = off)")
+    repetition_penalty: float = _f(1.1, "penalty > 1 makes already generated tokens less likely")
+    seed: int | None = _f(None, "random seed for sampling")
+    stop_at_eos: bool = _f(True, "stop when the model emits [EOS]")
+
+
+# ---------------------------------------------------------------------------- resolving
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """Return a copy with every derived field filled in; raise QingLMError if impossible."""
+    c = dataclasses.replace(cfg)
+    if c.family not in FAMILIES:
+        raise QingLMError(f"unknown family {c.family!r}; choose one of {', '.join(FAMILIES)}")
+    for k, v in FAMILIES[c.family].items():
+        if getattr(c, k) is None:
+            setattr(c, k, v)
+    if c.n_kv_heads is None:
+        c.n_kv_heads = c.n_heads
+    if c.d_ff is None:
+        # SwiGLU has three matrices, so 2/3 of 4*d keeps the parameter count of a 4*d GELU MLP.
+        c.d_ff = 4 * c.d_model if c.mlp == "gelu" else 64 * math.ceil(8 * c.d_model / 3 / 64)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        if getattr(c, name) <= 0:
+            raise QingLMError(f"{name} must be positive, got {getattr(c, name)}")
+    if c.d_model % c.n_heads:
+        raise QingLMError(f"d_model ({c.d_model}) must be divisible by n_heads ({c.n_heads})")
+    if c.n_heads % c.n_kv_heads:
+        raise QingLMError(f"n_heads ({c.n_heads}) must be divisible by n_kv_heads ({c.n_kv_heads})")
+    if c.pos_encoding in ("rope", "sinusoidal") and c.head_dim % 2 and c.pos_encoding == "rope":
+        raise QingLMError(f"RoPE needs an even head dimension, got {c.head_dim}")
+    if c.pos_encoding == "sinusoidal" and c.d_model % 2:
+        raise QingLMError(f"sinusoidal positions need an even d_model, got {c.d_model}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise QingLMError(f"dropout must be in [0, 1), got {c.dropout}")
+    return c
+
+
+def check_train(t: TrainConfig, m: ModelConfig) -> None:
+    """Raise QingLMError for a training config that cannot run with model config m."""
+    if t.preset not in PRESETS:
+        raise QingLMError(f"unknown preset {t.preset!r}; choose one of {', '.join(PRESETS)}")
+    for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "save_every"):
+        if getattr(t, name) <= 0:
+            raise QingLMError(f"{name} must be positive, got {getattr(t, name)}")
+    if t.seq_len > m.max_seq_len:
+        raise QingLMError(f"seq_len ({t.seq_len}) is longer than the model's max_seq_len ({m.max_seq_len})")
+    if t.lr <= 0:
+        raise QingLMError(f"lr must be positive, got {t.lr}")
+    if not 0.0 < t.val_fraction < 1.0:
+        raise QingLMError(f"val_fraction must be between 0 and 1, got {t.val_fraction}")
+
+
+# ---------------------------------------------------------------------------- dicts and files
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
+    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise QingLMError(f"unknown {where} key(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (sections 'model'/'train' or flat keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise QingLMError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            d = json.loads(text)
+        else:
+            import yaml
+
+            d = yaml.safe_load(text)
+    except (ValueError, Exception) as e:  # yaml.YAMLError and json.JSONDecodeError
+        raise QingLMError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise QingLMError(f"config file {p} must hold a mapping of keys to values")
+    return d
+
+
+def split_sections(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config dict into (model, train) parts; flat keys go where the field lives."""
+    model, train = dict(d.get("model") or {}), dict(d.get("train") or {})
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k, v in d.items():
+        if k in ("model", "train"):
+            continue
+        k = k.replace("-", "_")
+        if k in model_names:
+            model[k] = v
+        elif k in train_names:
+            train[k] = v
+        else:
+            raise QingLMError(f"unknown config key: {k}")
+    return model, train
+
+
+# ---------------------------------------------------------------------------- argparse
+
+
+def _base_type(tp: Any) -> Any:
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]] | None = None,
+                       skip: set[str] = frozenset()) -> None:
+    """Add one --flag per dataclass field (dest = field name, default = not given)."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(hints[f.name])
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name and tp is not bool:  # seed projects spell flags with underscores
+            names.append(f"--{f.name}")
+        names += (aliases or {}).get(f.name, [])
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(tp) is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = tp
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument(*names, **kw)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """Return the fields of cls that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

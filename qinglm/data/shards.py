@@ -1,0 +1,237 @@
+"""Packed token shards: tokenize a corpus once into flat binary files, read them back as memmaps.
+
+Layout of a prepared directory:
+    index.json              written last; its presence means the set is complete
+    train_0000.bin, ...     raw little-endian uint16 (uint32 if vocab > 65536) token ids
+    val_0000.bin, ...
+Every document becomes [BOS] + ids + [EOS] in one packed stream per split; a document may straddle
+two shards. `characters` in the index counts len(doc) + 1 per document (the +1 is the separator,
+predicted as EOS), so loss can be reported as bits per character, independent of the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qinglm.errors import QingLMError
+from qinglm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+INDEX_FILE = "index.json"
+FORMAT = 1
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)_\d{4}\.bin$")
+_PREPARE_HINT = "run `qinglm prepare` first"
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    """Return the smallest little-endian unsigned dtype that holds every token id."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def _replace_atomic(path: Path, write) -> None:
+    """Return nothing; call write(file) on a temp file next to `path`, then os.replace it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _ShardWriter:
+    """Accumulates one split's token stream and flushes it as shards of at most `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        # Start small and grow: a 100M-token buffer for a 1 MB corpus would waste 200 MB.
+        self.buf = np.empty(min(shard_tokens, 1 << 20), dtype=dtype)
+        self.fill = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Return nothing; append tokens, writing out every shard that fills up."""
+        while len(tokens):
+            room = self.shard_tokens - self.fill
+            take = tokens[:room]
+            if self.fill + len(take) > len(self.buf):
+                new_cap = min(self.shard_tokens, max(2 * len(self.buf), self.fill + len(take)))
+                grown = np.empty(new_cap, dtype=self.dtype)
+                grown[: self.fill] = self.buf[: self.fill]
+                self.buf = grown
+            self.buf[self.fill : self.fill + len(take)] = take
+            self.fill += len(take)
+            tokens = tokens[len(take) :]
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        """Return nothing; write the buffered tokens (if any) as the next shard file."""
+        if self.fill == 0:
+            return
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        data = self.buf[: self.fill]
+        _replace_atomic(self.out_dir / name, data.tofile)
+        self.shards.append({"file": name, "tokens": int(self.fill)})
+        self.fill = 0
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Return an iterator over lists of up to `size` consecutive documents."""
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prepare_split(
+    split: str,
+    docs: Iterable[str],
+    tokenizer: Tokenizer,
+    writer: _ShardWriter,
+    batch_docs: int,
+    show_progress: bool,
+) -> dict:
+    """Return the index entry of one split after tokenizing and writing all its shards."""
+    n_docs = n_chars = 0
+    total = len(docs) if isinstance(docs, Sized) else None
+    with tqdm(total=total, desc=f"prepare {split}", unit="doc", disable=not show_progress) as bar:
+        for batch in _batches(docs, batch_docs):
+            flat: list[int] = []
+            for ids in tokenizer.encode_batch(batch):
+                flat.append(BOS_ID)
+                flat.extend(ids)
+                flat.append(EOS_ID)
+            writer.add(np.array(flat, dtype=writer.dtype))
+            n_docs += len(batch)
+            n_chars += sum(map(len, batch)) + len(batch)
+            bar.update(len(batch))
+    writer.flush()
+    if n_docs == 0:
+        raise QingLMError(f"split {split!r} has no documents; check the corpus and the split settings")
+    return {
+        "shards": writer.shards,
+        "tokens": sum(s["tokens"] for s in writer.shards),
+        "documents": n_docs,
+        "characters": n_chars,
+    }
+
+
+def prepare_shards(
+    docs_by_split: Mapping[str, Iterable[str]],
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    shard_tokens: int = 100_000_000,
+    batch_docs: int = 1024,
+    show_progress: bool = True,
+) -> dict:
+    """Return the index dict after tokenizing every split into packed shards under `out_dir`."""
+    if shard_tokens < 1:
+        raise QingLMError(f"shard_tokens must be positive, got {shard_tokens}")
+    if batch_docs < 1:
+        raise QingLMError(f"batch_docs must be positive, got {batch_docs}")
+    if not docs_by_split:
+        raise QingLMError("no splits to prepare; give at least a 'train' split")
+    for split in docs_by_split:
+        if not _SPLIT_NAME.match(split):
+            raise QingLMError(f"split name {split!r} must be letters, digits, '_' or '-'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Drop the old index first: if we are killed midway, the directory must not look complete.
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    dtype = _dtype_for(tokenizer.vocab_size)
+    splits = {}
+    for split, docs in docs_by_split.items():
+        writer = _ShardWriter(out, split, dtype, shard_tokens)
+        splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
+    index = {
+        "format": FORMAT,
+        "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "bos": True,
+        "splits": splits,
+    }
+    _remove_stale_shards(out, splits)
+    text = json.dumps(index, indent=2) + "\n"
+    _replace_atomic(out / INDEX_FILE, lambda f: f.write(text.encode("utf-8")))
+    return index
+
+
+def _remove_stale_shards(out: Path, splits: dict) -> None:
+    """Return nothing; delete shards of these splits left by an earlier, larger preparation."""
+    current = {s["file"] for entry in splits.values() for s in entry["shards"]}
+    for path in out.iterdir():
+        m = _SHARD_NAME.match(path.name)
+        if m and m["split"] in splits and path.name not in current:
+            path.unlink()
+
+
+def load_index(data_dir: str | os.PathLike) -> dict:
+    """Return the parsed index.json of a prepared data directory."""
+    path = Path(data_dir) / INDEX_FILE
+    if not path.is_file():
+        raise QingLMError(f"no prepared data in {data_dir} (missing {INDEX_FILE}); {_PREPARE_HINT}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QingLMError(f"{path} is corrupt ({e}); {_PREPARE_HINT}") from e
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise QingLMError(f"{path} is not a format-{FORMAT} shard index; {_PREPARE_HINT}")
+    return index
+
+
+class TokenShards:
+    """Read-only view of one split as np.memmap arrays."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.index = load_index(self.data_dir)
+        splits = self.index["splits"]
+        if split not in splits:
+            raise QingLMError(
+                f"split {split!r} not in {self.data_dir} (has {', '.join(sorted(splits))}); {_PREPARE_HINT}"
+            )
+        entry = splits[split]
+        dtype = np.dtype("<u2") if self.index["dtype"] == "uint16" else np.dtype("<u4")
+        self.shards: list[np.memmap] = []
+        for shard in entry["shards"]:
+            path = self.data_dir / shard["file"]
+            expected = shard["tokens"] * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise QingLMError(f"shard {path} is missing or has the wrong size; {_PREPARE_HINT}")
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+        self.n_tokens: int = entry["tokens"]
+        self.n_documents: int = entry["documents"]
+        self.n_characters: int = entry["characters"]
+        self.vocab_size: int = self.index["vocab_size"]
+        self.tokenizer_fingerprint: str = self.index["tokenizer_fingerprint"]
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Return nothing; raise QingLMError if the shards were made with a different tokenizer."""
+        if tokenizer.fingerprint() != self.tokenizer_fingerprint:
+            raise QingLMError(
+                f"{self.data_dir} was prepared with another tokenizer "
+                f"({self.tokenizer_fingerprint} != {tokenizer.fingerprint()}); run `qinglm prepare` again"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenShards({str(self.data_dir)!r}, {self.split!r}: {self.n_tokens} tokens, "
+            f"{self.n_documents} documents, {len(self.shards)} shards)"
+        )

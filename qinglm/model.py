@@ -1,0 +1,235 @@
+"""The QingLM Transformer: a decoder-only causal language model, read top to bottom.
+
+Two families share one code path:
+  modern  - RoPE (rotate-half layout), RMSNorm, SwiGLU, grouped-query attention, tied embeddings
+  classic - sinusoidal positions, LayerNorm, GELU MLP of width 4*d_model (the Andy-LLM style)
+Attention goes through F.scaled_dot_product_attention with the causal mask, which picks the flash /
+memory-efficient kernels on CUDA. A preallocated KV cache makes decoding one token cost one token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qinglm.config import ModelConfig, resolve_model
+
+IGNORE_INDEX = -100  # targets with this value (padding) carry no loss
+
+
+# ---------------------------------------------------------------------------- positions
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (cos, sin) of shape (max_len, head_dim) in the rotate-half (Llama/HF) layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, head_dim) by the angles of its positions (cos/sin: (T, head_dim))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """Return the fixed sin/cos position table of 'Attention Is All You Need': (max_len, d_model)."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10_000.0) / d_model))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table.float()
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, batch, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions start.. and return all keys/values so far."""
+        end = start + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # One fused projection for q, k and v: a single matmul is faster than three small ones.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.out.is_residual_proj = True
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.pos_encoding == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # Queries at positions start..start+T-1 see keys 0..their own position.
+        if start == 0 or T == 1:
+            mask, causal = None, T > 1
+        else:  # a chunk appended after cached positions: causal within the chunk, full over the past
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d_model)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU's gate and up projections are fused into one matmul.
+        self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.down.is_residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, layer, start):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, start))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg = resolve_model(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_encoding == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            # GPT-2: each residual projection adds to the stream 2*n_layers times, so shrink it.
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "is_residual_proj", False) else 1.0
+            nn.init.normal_(m.weight, mean=0.0, std=std * scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Return logits (B, T, vocab), or the mean loss over targets != IGNORE_INDEX when targets are given.
+
+        idx: (B, T) token ids at positions start..start+T-1. With a cache, keys and values of
+        earlier positions come from it and this call's are stored in it. last_only computes the
+        head for the final position only (what decoding needs).
+        """
+        B, T = idx.shape
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(idx)  # (B, T, d_model)
+        rope = None
+        if self.cfg.pos_encoding == "learned":
+            x = x + self.pos_embed.weight[start:start + T]
+        elif self.cfg.pos_encoding == "sinusoidal":
+            # Scale the embeddings so the fixed table does not drown them (as in the original paper).
+            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, start)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def param_counts(self) -> dict[str, int]:
+        """Return parameter counts by part: embeddings, blocks, head (0 when tied), total."""
+        emb = sum(p.numel() for n, p in self.named_parameters() if n.startswith(("embed.", "pos_embed.")))
+        blocks = sum(p.numel() for p in self.blocks.parameters())
+        head = 0 if self.cfg.tie_embeddings else self.head.weight.numel()
+        total = sum(p.numel() for p in self.parameters())  # shared tensors are counted once
+        return {"embeddings": emb, "blocks": blocks, "head": head, "norm": total - emb - blocks - head,
+                "total": total}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Return training FLOPs per token (forward + backward = 6 * matmul params + attention)."""
+        c = self.cfg
+        matmul = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2) + c.vocab_size * c.d_model
+        attn = 2 * c.n_layers * seq_len * c.d_model  # QK^T and AV, causal half counted in full as usual
+        return 6 * matmul + 6 * attn

@@ -1,0 +1,225 @@
+"""The end-to-end job behind `qinglm train`: text → tokenizer → packed shards → pretraining → report.
+
+Each stage is also its own subcommand (`qinglm tokenizer train`, `qinglm prepare`); this module
+only strings them together and keeps the run directory self-contained, so that
+`qinglm train --out RUN --resume` needs nothing but RUN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from qinglm.config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    check_train,
+    from_dict,
+    load_config_file,
+    resolve_model,
+    split_sections,
+    to_dict,
+)
+from qinglm.errors import QingLMError
+
+DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def iter_documents(specs: list[str], split: str, cfg: TrainConfig, stats: Any = None) -> Iterator[str]:
+    """Yield the documents of one split ("train" | "val" | "all") of built-in corpora and/or files."""
+    from qinglm.data.builtin import builtin_documents, is_builtin
+    from qinglm.data.sources import read_documents, split_of
+
+    for spec in specs:
+        if is_builtin(spec):
+            yield from builtin_documents(spec, split, val_fraction=cfg.val_fraction)
+            continue
+        for doc in read_documents(spec, encoding=cfg.encoding, nfkc=cfg.nfkc, text_field=cfg.text_field,
+                                  stats=stats):
+            if split == "all" or split_of(doc, cfg.val_fraction) == split:
+                yield doc
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / "index.json").is_file()
+
+
+def data_name(specs: list[str]) -> str:
+    first = Path(specs[0]).stem or "data"
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in first)[:40]
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def train_tokenizer_on(specs: list[str], vocab_size: int, out_dir: Path, cfg: TrainConfig,
+                       log: Callable[[str], None] = print):
+    """Train a byte-level BPE tokenizer on the train split, save it, print chars/token on val; return it."""
+    from qinglm.data.sources import ReadStats
+    from qinglm.tokenizer import chars_per_token, train_tokenizer
+
+    t0 = time.time()
+    stats = ReadStats()
+    tok = train_tokenizer(iter_documents(specs, "train", cfg, stats), vocab_size)
+    if stats.files:
+        log(stats.summary())
+    tok.save(out_dir)
+    val = list(_take(iter_documents(specs, "val", cfg), 2000))
+    cpt = chars_per_token(tok, val) if val else float("nan")
+    log(f"tokenizer: vocab {tok.vocab_size:,}, {cpt:.3f} characters/token on held-out text, "
+        f"trained in {time.time() - t0:.1f}s -> {out_dir}")
+    return tok
+
+
+def prepare_data(specs: list[str], tokenizer, out_dir: Path, cfg: TrainConfig,
+                 log: Callable[[str], None] = print) -> dict:
+    """Tokenize the train and val splits into packed shards under out_dir; return the index."""
+    from qinglm.data.shards import prepare_shards
+    from qinglm.data.sources import ReadStats
+
+    t0 = time.time()
+    stats = ReadStats()
+    index = prepare_shards({"train": iter_documents(specs, "train", cfg, stats),
+                            "val": iter_documents(specs, "val", cfg)}, tokenizer, out_dir)
+    if stats.files:
+        log(stats.summary())
+    sp = index["splits"]
+    log(f"prepared {sp['train']['documents']:,} train / {sp['val']['documents']:,} val documents, "
+        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}")
+    return index
+
+
+def _take(it, n):
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def build_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
+                  config_file: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig)."""
+    file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
+    train = from_dict(TrainConfig, {**file_train, **train_flags}, "train config")
+    if train.preset not in PRESETS:
+        raise QingLMError(f"unknown preset {train.preset!r}; choose one of {', '.join(PRESETS)}")
+    model = from_dict(ModelConfig, {**PRESETS[train.preset], **file_model, **model_flags}, "model config")
+    if train.max_steps is None and train.max_time is None and train.num_epochs is None:
+        train.max_time = DEFAULT_MAX_TIME
+    return model, train
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise QingLMError(f"{run_dir} has no config.json; is it a QingLM run directory?")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise QingLMError(f"{path} is not valid JSON: {e}") from None
+    return from_dict(ModelConfig, d["model"], "model config"), from_dict(TrainConfig, d["train"], "train config")
+
+
+def default_out(train: TrainConfig) -> str:
+    return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{train.preset}-{data_name(train.data)}")
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def run_train(model_flags: dict[str, Any], train_flags: dict[str, Any], config_file: str | None = None,
+              log: Callable[[str], None] = print) -> Path:
+    """Run the whole pretraining job and print the report; return the run directory."""
+    from qinglm.tokenizer import Tokenizer
+    from qinglm.train import train
+
+    out = train_flags.get("out")
+    if train_flags.get("resume") and out and (Path(out) / "config.json").is_file():
+        run_dir = Path(out)
+        model_cfg, train_cfg = read_run_config(run_dir)
+        changed = [k for k in model_flags if model_flags[k] != getattr(model_cfg, k)]
+        if changed:
+            raise QingLMError(f"cannot change model field(s) {', '.join(changed)} when resuming {run_dir}")
+        train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_flags.items()})
+        log(f"resuming {run_dir}")
+    else:
+        model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file)
+        run_dir = Path(train_cfg.out or default_out(train_cfg))
+        train_cfg.out = str(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise QingLMError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+
+    # tokenizer: given, already in the run, or trained now on the data
+    tok_dir = run_dir / "tokenizer"
+    if train_cfg.tokenizer:
+        tokenizer = Tokenizer.load(train_cfg.tokenizer)
+        if not (tok_dir / "tokenizer.json").is_file():
+            tokenizer.save(tok_dir)
+    elif (tok_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(tok_dir)
+    elif len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):
+        raise QingLMError("prepared data needs the tokenizer it was made with: pass --tokenizer DIR")
+    else:
+        tokenizer = train_tokenizer_on(train_cfg.data, model_cfg.vocab_size, tok_dir, train_cfg, log)
+    model_cfg.vocab_size = tokenizer.vocab_size
+
+    # data: a prepared directory, or prepared now into the run
+    if len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):
+        data_dir = Path(train_cfg.data[0])
+    else:
+        data_dir = run_dir / "data"
+        if not is_prepared(data_dir):
+            prepare_data(train_cfg.data, tokenizer, data_dir, train_cfg, log)
+
+    model_cfg = resolve_model(model_cfg)
+    check_train(train_cfg, model_cfg)
+    write_json_atomic(run_dir / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
+                                                "data_dir": str(data_dir)})
+    result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
+    report(run_dir, data_dir, train_cfg, result, log)
+    return run_dir
+
+
+def report(run_dir: Path, data_dir: Path, cfg: TrainConfig, result: dict, log: Callable[[str], None] = print) -> None:
+    """Print held-out loss / perplexity / BPC on the whole val split and a few generations."""
+    import qinglm
+    from qinglm.config import SamplingConfig
+    from qinglm.data.shards import TokenShards
+    from qinglm.evaluate import evaluate_shards, unigram_baseline
+
+    lm = qinglm.load(run_dir, device=cfg.device)
+    val, train = TokenShards(data_dir, "val"), TokenShards(data_dir, "train")
+    m = evaluate_shards(lm.model, val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=lm.device)
+    unigram = unigram_baseline(train, val, lm.config.vocab_size)
+    log("")
+    log(f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
+        f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})")
+    sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
+                              repetition_penalty=1.1, seed=cfg.seed)
+    for prompt in cfg.sample_prompts:
+        text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
+        log(f"  {prompt} → {prompt}{text}")
+    log(f"\nrun directory: {run_dir}   (generate: qinglm generate --model {run_dir} --prompt 你好)")

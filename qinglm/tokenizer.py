@@ -1,0 +1,217 @@
+"""Byte-level BPE tokenizer: training, encoding, saving in a form transformers can load.
+
+The backend is the Rust `tokenizers` library. Text is first split with the Qwen2 regex (so BPE
+never merges across a letter/digit/punctuation boundary, and digits stay single), then mapped to
+bytes, so every Unicode string round-trips exactly and nothing is ever unknown. [UNK] keeps its id
+only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from qinglm.errors import QingLMError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # every byte must have a token, or round trip breaks
+
+# Qwen2's pre-tokenizer split. Measured on held-out People's Daily 1998 text it gives more
+# characters per token than the GPT-2 split or a one-token-per-CJK-character split
+# (builtin pd1998 val: 1.85 vs 1.78 vs 1.01 chars/token at vocab 30k; 1.56 vs 1.52 vs 1.01 at 10k).
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+_HF_NO_MAX_LENGTH = int(1e30)  # what transformers itself writes when a tokenizer has no length limit
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Return nothing; write `text` to `path` via a temp file in the same directory and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer:
+    """Wraps tokenizers.Tokenizer; what the rest of QingLM uses."""
+
+    pad_id = PAD_ID
+    unk_id = UNK_ID
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+    im_start_id = IM_START_ID
+    im_end_id = IM_END_ID
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        # Must be *special* added tokens, not just vocab entries: only those are matched whole in
+        # text and skipped by decode(skip_special_tokens=True).
+        added = backend.get_added_tokens_decoder()
+        for want_id, token in enumerate(SPECIAL_TOKENS):
+            got = added.get(want_id)
+            if got is None or got.content != token or not got.special:
+                raise QingLMError(
+                    f"tokenizer lacks special token {token!r} at id {want_id} (the QingLM layout); "
+                    "train a new one with `qinglm tokenizer`"
+                )
+        self._backend = backend
+        # encode_batch_fast skips offset tracking (faster); older tokenizers only have encode_batch.
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """Return the wrapped `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Return the number of token ids, special tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Return the token ids of `text`, with no special tokens added."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Return the token ids of each text (tokenized in parallel by the Rust backend)."""
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Return the text of `ids`; exact inverse of encode when skip_special_tokens is False."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Return the id of one vocabulary token, or None if it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def fingerprint(self) -> str:
+        """Return 16 hex chars of the sha256 of the tokenizer's JSON: equal iff the tokenizers are."""
+        return hashlib.sha256(self._backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def save(
+        self,
+        directory: str | os.PathLike,
+        *,
+        model_max_length: int | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        """Return nothing; write tokenizer.json and tokenizer_config.json (transformers-loadable)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": SPECIAL_TOKENS[BOS_ID],
+            "eos_token": SPECIAL_TOKENS[EOS_ID],
+            "pad_token": SPECIAL_TOKENS[PAD_ID],
+            "unk_token": SPECIAL_TOKENS[UNK_ID],
+            "additional_special_tokens": SPECIAL_TOKENS[IM_START_ID:],
+            "model_max_length": model_max_length if model_max_length is not None else _HF_NO_MAX_LENGTH,
+            # transformers would otherwise "clean up" spaces before punctuation and break round trip.
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        # tokenizer.json first: a config next to a stale tokenizer.json would be the worse half-state.
+        _write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
+        _write_text_atomic(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Return the tokenizer in `path` (a directory holding tokenizer.json, or the file itself)."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise QingLMError(f"no tokenizer at {file}; train one with `qinglm tokenizer` or fix the path")
+        try:
+            backend = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
+        except Exception as e:  # the Rust side raises a bare Exception for any parse error
+            raise QingLMError(f"{file} is not a valid tokenizer.json ({e}); train the tokenizer again") from e
+        return cls(backend)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
+
+
+def _byte_level_bpe() -> tokenizers.Tokenizer:
+    """Return an untrained byte-level BPE tokenizer with the Qwen2 split and no normalizer."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    # No normalizer: NFKC etc. would turn full-width punctuation half-width and break round trip.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Return a byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts`."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise QingLMError(
+            f"vocab size must be at least {MIN_VOCAB_SIZE} (6 special tokens + 256 bytes), got {vocab_size}"
+        )
+    length = len(texts) if isinstance(texts, Sequence) else None
+    n_chars = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n_chars
+        for text in texts:
+            n_chars += len(text)
+            yield text
+
+    backend = _byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(counted(), trainer=trainer, length=length)
+    if n_chars == 0:
+        raise QingLMError("no text to train the tokenizer on; check the corpus path and split")
+    return Tokenizer(backend)
+
+
+def chars_per_token(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 1024) -> float:
+    """Return the mean number of characters per token over `texts` (higher = better compression)."""
+    n_chars = n_tokens = 0
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == batch:
+            n_chars += sum(map(len, chunk))
+            n_tokens += sum(map(len, tokenizer.encode_batch(chunk)))
+            chunk = []
+    if chunk:
+        n_chars += sum(map(len, chunk))
+        n_tokens += sum(map(len, tokenizer.encode_batch(chunk)))
+    if n_tokens == 0:
+        raise QingLMError("no text to measure chars/token on")
+    return n_chars / n_tokens

@@ -1,0 +1,310 @@
+"""Checkpoints in a run directory: step checkpoints, the best weights, and finding/loading them safely.
+
+RUN/checkpoints/step-00000200/ holds model.safetensors, trainer.pt (optimizer + RNG states) and
+state.json, written last, with the size and sha256 of the other two: a directory whose files do not
+match its state.json is incomplete or corrupt and is skipped. Every directory is written as
+NAME.tmp-<pid> and renamed into place, so a reader never sees a half-written one under its real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from qinglm.errors import QingLMError
+
+MODEL_FILE, TRAINER_FILE, STATE_FILE = "model.safetensors", "trainer.pt", "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------------------- small file helpers
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module; its weights are the same
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "item"):  # numpy / torch scalars from a loader state
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    raise TypeError(f"cannot store {type(v).__name__} in state.json")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _write_state(directory: Path, state: dict[str, Any], files: list[str]) -> None:
+    """Write state.json (with the size/sha256 of `files`) last, so it marks the directory complete."""
+    full = {**state, "files": {name: _file_record(directory / name) for name in files}}
+    _fsync_write(directory / STATE_FILE, json.dumps(full, indent=2, default=_json_default).encode("utf-8"))
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename directory tmp to final; an existing final is moved aside first and deleted after."""
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(parent: Path, prefix: str = "") -> None:
+    """Delete NAME.tmp-* / NAME.old-* directories left by a crashed writer."""
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith(prefix) and re.search(r"\.(tmp|old)-\d+$", p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _storage_key(name: str, t: torch.Tensor) -> tuple:
+    """Return what identifies t's memory: equal keys are one shared tensor under two names."""
+    if t.numel() == 0:
+        return (name,)  # empty tensors may all report data_ptr 0; never treat them as shared
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Return state_dict name -> the first name holding the same tensor (itself unless it is an alias)."""
+    first: dict[tuple, str] = {}
+    return {name: first.setdefault(_storage_key(name, t), name) for name, t in model.state_dict().items()}
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the state_dict with each shared tensor once (a tied head is stored as embed.weight only)."""
+    model = _unwrap(model)
+    sd = model.state_dict()
+    return {
+        name: sd[name].detach().cpu().contiguous()
+        for name, canon in _canonical_names(model).items()
+        if name == canon
+    }
+
+
+def save_model_file(model: nn.Module, path: str | Path) -> None:
+    """Write model's weights (shared tensors once) to a safetensors file at path, fsynced."""
+    from safetensors.torch import save
+
+    _fsync_write(Path(path), save(model_tensors(model), metadata={"format": "pt"}))
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file (or DIR/model.safetensors) into model; QingLMError if it cannot belong to it."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    if not p.is_file():
+        raise QingLMError(f"no model weights at {p}; check the path or train first")
+    try:
+        loaded = load_file(p, device="cpu")
+    except Exception as e:  # SafetensorError, OSError: a truncated, empty or foreign file
+        raise QingLMError(
+            f"cannot read {p} as safetensors weights ({str(e).splitlines()[0] if str(e) else e!r}); "
+            "the file is truncated or corrupt - use another checkpoint"
+        ) from None
+    model = _unwrap(model)
+    expected = model.state_dict()
+    alias_of = _canonical_names(model)  # head.weight of a tied model takes embed.weight's value
+    canonical = sorted(set(alias_of.values()))
+    missing = sorted(set(canonical) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+        raise QingLMError(
+            f"{p} belongs to a different model config ({detail}); "
+            "load it with the config.json of the run that wrote it"
+        )
+    for name in canonical:
+        if tuple(loaded[name].shape) != tuple(expected[name].shape):
+            raise QingLMError(
+                f"{p} belongs to a different model config or tokenizer: {name} is "
+                f"{tuple(loaded[name].shape)} in the file but {tuple(expected[name].shape)} in this model"
+            )
+    model.load_state_dict({name: loaded[alias_of[name]] for name in expected}, strict=True)
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Return the torch (CPU and CUDA), python and numpy RNG states in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states returned by rng_state()."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- step checkpoints
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Return (step, path) of every RUN/checkpoints/step-* directory, oldest first (complete or not)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Return RUN/checkpoints/step-NNNNNNNN after writing weights, trainer.pt and state.json there.
+
+    trainer.pt holds the optimizer state, the current RNG states and `extra` (e.g. a GradScaler's
+    state). Only the newest `keep` (at least 1) step checkpoints are kept.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model_file(model, tmp / MODEL_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}, tmp / TRAINER_FILE)
+    _write_state(tmp, {**state, "step": step}, [MODEL_FILE, TRAINER_FILE])
+    _swap_into_place(tmp, final)
+    for _, old in checkpoint_dirs(run_dir)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Return the state.json of a checkpoint directory whose files match it; raise ValueError saying why not."""
+    d = Path(directory)
+    try:
+        state = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable {STATE_FILE} ({e.__class__.__name__})") from None
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{STATE_FILE} lists no files")
+    for name, want in files.items():
+        p = d / name
+        if not p.is_file():
+            raise ValueError(f"{name} is missing")
+        if p.stat().st_size != want.get("bytes"):
+            raise ValueError(
+                f"{name} has {p.stat().st_size} bytes, expected {want.get('bytes')} (truncated?)"
+            )
+        if _file_record(p)["sha256"] != want.get("sha256"):
+            raise ValueError(f"{name} does not match its sha256 (corrupt)")
+    return state
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Return the highest-step complete checkpoint directory, warning about and skipping broken ones; or None."""
+    for step, d in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(d)
+        except ValueError as e:
+            warnings.warn(f"skipping checkpoint {d} (step {step}): {e}", stacklevel=2)
+            continue
+        return d
+    return None
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """Return the state.json of a checkpoint (or best) directory."""
+    return json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_trainer_state(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Return trainer.pt of a checkpoint directory (optimizer, rng, extras), loaded with weights_only=True."""
+    return torch.load(Path(directory) / TRAINER_FILE, map_location=device, weights_only=True)
+
+
+# ---------------------------------------------------------------------------- best weights and inference
+
+
+def save_best(run_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Return RUN/best after replacing it with model's weights and state.json.
+
+    Written as best.tmp-PID, then the old best is renamed to best.old-PID, the new one into place,
+    and the old one deleted. A crash between the two renames leaves no `best` but a complete
+    best.old-PID, which inference_weights() falls back to; the next save_best cleans it up.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(run_dir, prefix="best.")
+    final = run_dir / "best"
+    tmp = run_dir / f"best.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model_file(model, tmp / MODEL_FILE)
+    _write_state(tmp, state, [MODEL_FILE])
+    _swap_into_place(tmp, final)
+    return final
+
+
+def inference_weights(run_dir: str | Path) -> Path:
+    """Return the weights file to generate with: RUN/best, else the latest complete checkpoint's."""
+    run_dir = Path(run_dir)
+    best = run_dir / "best" / MODEL_FILE
+    if best.is_file():
+        return best
+    old = sorted(run_dir.glob(f"best.old-*/{MODEL_FILE}"))
+    if old:
+        return old[-1]
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        return latest / MODEL_FILE
+    raise QingLMError(f"no weights in {run_dir}; train first (qinglm train --out {run_dir})")

@@ -1,0 +1,102 @@
+"""Learning-rate schedules and the length of a run (known from steps/epochs, or estimated from a time budget)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+from qinglm.errors import QingLMError
+
+
+def cosine_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Return the lr of 0-based update `step`: linear warmup to peak, cosine down to min_ratio*peak at total."""
+    if step < warmup:
+        # (step+1)/warmup: the first update already moves (lr 0 would waste a step), the last reaches peak.
+        return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if step >= total:
+        return floor
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# The seam for other schedules (linear, wsd, constant): same keyword signature, picked by name.
+SCHEDULES: dict[str, Callable[..., float]] = {"cosine": cosine_lr}
+
+
+def lr_at(
+    step: int, *, peak: float, warmup: int, total: int, min_ratio: float, kind: str = "cosine"
+) -> float:
+    """Return the learning rate of 0-based update `step` under schedule `kind` (default: warmup + cosine)."""
+    if kind not in SCHEDULES:
+        raise QingLMError(f"unknown lr schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[kind](step, peak=peak, warmup=max(1, warmup), total=total, min_ratio=min_ratio)
+
+
+def effective_warmup(warmup_steps: int, total: int | None) -> int:
+    """Return the warmup actually used: warmup_steps capped at 5% of a known run length (at least 1)."""
+    if total is None:
+        return max(1, warmup_steps)
+    return max(1, min(warmup_steps, max(1, round(0.05 * total))))
+
+
+def known_total(max_steps: int | None, num_epochs: float | None, steps_per_epoch: int) -> int | None:
+    """Return the run length in optimizer steps from max_steps / num_epochs (the smaller), or None."""
+    totals = []
+    if max_steps is not None:
+        totals.append(int(max_steps))
+    if num_epochs is not None:
+        totals.append(max(1, math.ceil(num_epochs * steps_per_epoch)))
+    return min(totals) if totals else None
+
+
+class RunLength:
+    """The schedule's total steps: fixed when max_steps/num_epochs give it, else estimated from max_time.
+
+    A time-only run estimates the total from the median measured step time at steps ESTIMATE_AT,
+    then freezes it; the estimate is stored in checkpoints so a resumed run keeps the same schedule.
+    Time spent in validation/checkpointing is not in the step time, so such runs end a little early
+    on the cosine (the lr is then not quite at its floor) - harmless, and never past max_time.
+    """
+
+    ESTIMATE_AT = (10, 20, 50, 100)
+
+    def __init__(self, total: int | None, max_time_s: float | None, warmup_steps: int):
+        self.fixed = total is not None
+        self.total = total
+        self.max_time_s = max_time_s
+        self.warmup_steps = warmup_steps
+        self.warmup = effective_warmup(warmup_steps, total)
+        self._step_times: list[float] = []
+        self._last_estimate_done = False
+
+    def restore(self, total_steps_est: int | None, warmup_eff: int | None, step: int) -> None:
+        """Take the estimate of a checkpoint (time-only runs); fixed lengths follow the current config."""
+        if self.fixed or total_steps_est is None:
+            return
+        self.total = int(total_steps_est)
+        self.warmup = int(warmup_eff) if warmup_eff else effective_warmup(self.warmup_steps, self.total)
+        self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
+
+    def observe(self, step: int, step_time_s: float, elapsed_s: float) -> bool:
+        """Record one step's time after update `step` (1-based count done); return True if the estimate changed."""
+        if self.fixed or self.max_time_s is None or self._last_estimate_done:
+            return False
+        self._step_times.append(step_time_s)
+        if step not in self.ESTIMATE_AT:
+            return False
+        # The first step of a process pays for allocation/compilation; leave it out when we can.
+        times = self._step_times[1:] or self._step_times
+        per_step = max(statistics.median(times), 1e-6)
+        remaining = max(0.0, self.max_time_s - elapsed_s)
+        self.total = step + max(1, int(remaining / per_step))
+        self.warmup = effective_warmup(self.warmup_steps, self.total)
+        self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
+        return True
+
+    def lr(self, step: int, peak: float, min_ratio: float) -> float:
+        """Return the lr of 0-based update `step`; before a time-only run's first estimate, plain warmup."""
+        if self.total is None:
+            return peak * min(1.0, (step + 1) / self.warmup)
+        return lr_at(step, peak=peak, warmup=self.warmup, total=self.total, min_ratio=min_ratio)

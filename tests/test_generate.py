@@ -1,0 +1,188 @@
+"""Sampling, the cached decoding loop, and streaming text without half characters."""
+
+import pytest
+import torch
+
+from qinglm.config import ModelConfig, SamplingConfig
+from qinglm.errors import QingLMError
+from qinglm.generate import apply_repetition_penalty, generate, generate_ids, sample_next, stream, stream_text
+from qinglm.model import Transformer
+from qinglm.tokenizer import train_tokenizer
+
+V, CTX, EOS = 97, 64, 3
+
+
+def tiny(family: str = "modern", **kw) -> Transformer:
+    torch.manual_seed(0)
+    kw.setdefault("dropout", 0.0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX, family=family, **kw)
+    return Transformer(cfg).eval()
+
+
+def greedy(n: int, penalty: float = 1.0, **kw) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=n, temperature=0.0, repetition_penalty=penalty, stop_at_eos=False, **kw
+    )
+
+
+def naive_greedy(model: Transformer, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
+    """Recompute the whole sequence every step and penalise token by token: the reference."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].clone()
+            for t in set(ids):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+PROMPT = [2, 17, 42, 5, 88, 23]
+
+
+def test_repetition_penalty_lowers_repeated_tokens_of_either_sign():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.3, 1.0, 0.0], [2.0, -1.0, 0.5, -0.3, 1.0, 0.0]])
+    prev = torch.tensor([[0, 1, 1], [4, 4, 4]])  # row 0: a positive and a negative logit, repeated
+    out = apply_repetition_penalty(logits, prev, 1.5)
+    p_before, p_after = logits.softmax(-1), out.softmax(-1)
+    assert p_after[0, 0] < p_before[0, 0] and p_after[0, 1] < p_before[0, 1]
+    assert p_after[1, 4] < p_before[1, 4]
+    torch.testing.assert_close(out[0, :2], torch.tensor([2.0 / 1.5, -1.0 * 1.5]))  # once, however often seen
+    torch.testing.assert_close(out[1, 4], torch.tensor(1.0 / 1.5))
+    untouched = [2, 3, 4, 5]
+    torch.testing.assert_close(out[0, untouched], logits[0, untouched])  # others keep their logits and order
+    assert torch.equal(apply_repetition_penalty(logits, prev, 1.0), logits)
+
+
+@pytest.mark.parametrize("family", ["modern", "classic"])
+@pytest.mark.parametrize("penalty", [1.0, 3.0])
+def test_cached_greedy_equals_full_recomputation(family, penalty):
+    model = tiny(family)
+    prompt = PROMPT + naive_greedy(model, PROMPT, 6)  # tokens the model likes: penalising the prompt matters
+    got = list(generate_ids(model, prompt, greedy(20, penalty), eos_id=EOS))
+    assert got == naive_greedy(model, prompt, 20, penalty)
+
+
+def test_stops_when_the_context_is_full():
+    model = tiny()
+    prompt = [2] + list(range(10, 69))  # 60 tokens of a 64-token context
+    got = list(generate_ids(model, prompt, greedy(20), eos_id=EOS))
+    # positions 60..63 fit, and the token predicted after a full context is still emitted
+    assert got == naive_greedy(model, prompt, CTX - len(prompt) + 1)
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    model = tiny()
+    want = list(generate_ids(model, PROMPT, greedy(15), eos_id=EOS))
+    for kw in (dict(top_k=1, top_p=None), dict(top_k=None, top_p=1e-6)):
+        cfg = SamplingConfig(
+            max_new_tokens=15, temperature=1.5, repetition_penalty=1.0, stop_at_eos=False, seed=123, **kw
+        )
+        assert list(generate_ids(model, PROMPT, cfg, eos_id=EOS)) == want
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    cfg = SamplingConfig(temperature=1.0, top_k=None, top_p=0.8, repetition_penalty=1.0)
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(logits, cfg, g)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.8, so 2 and 3 are never drawn
+
+
+def test_seed_makes_sampling_reproducible():
+    model = tiny()
+
+    def run(seed):
+        cfg = SamplingConfig(
+            max_new_tokens=20, temperature=1.0, top_k=None, top_p=None, seed=seed, stop_at_eos=False
+        )
+        return list(generate_ids(model, PROMPT, cfg, eos_id=EOS))
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)  # 20 draws from ~97 near-uniform tokens: equal only by astronomic chance
+
+
+def test_stops_at_eos_without_emitting_it():
+    model = tiny()
+    calls = []
+
+    def eos_from_third_call(module, inputs, out):
+        calls.append(1)
+        out = out.clone()
+        out[..., EOS] = 1e4 if len(calls) >= 3 else -1e4
+        return out
+
+    model.head.register_forward_hook(eos_from_third_call)
+    got = list(generate_ids(model, PROMPT, SamplingConfig(max_new_tokens=10, seed=0), eos_id=EOS))
+    assert len(got) == 2 and EOS not in got and len(calls) == 3  # no forward pass after EOS
+    calls.clear()
+    cfg = SamplingConfig(max_new_tokens=10, seed=0, stop_at_eos=False)
+    got = list(generate_ids(model, PROMPT, cfg, eos_id=EOS))
+    assert len(got) == 10 and got[2:] == [EOS] * 8
+
+
+def test_prompt_longer_than_context_is_a_user_error():
+    with pytest.raises(QingLMError, match="prompt is 65 tokens but the model's context is 64"):
+        generate_ids(tiny(), [2] * 65, greedy(5), eos_id=EOS)
+    with pytest.raises(QingLMError, match="temperature"):
+        generate_ids(tiny(), PROMPT, SamplingConfig(temperature=-1.0), eos_id=EOS)
+
+
+def test_batch_rows_match_single_prompts_and_training_mode_is_restored():
+    model = tiny(dropout=0.5).train()  # dropout would make greedy decoding random if left on
+    other = [2, 9, 9, 31, 64, 1]
+    batch = list(generate_ids(model, [PROMPT, other], greedy(8), eos_id=EOS))
+    assert model.training
+    model.eval()
+    assert [row[0] for row in batch] == naive_greedy(model, PROMPT, 8)
+    assert [row[1] for row in batch] == naive_greedy(model, other, 8)
+
+
+# ---------------------------------------------------------------------------- text
+
+LINES = [
+    "今天天气真不错，我们一起去公园散步吧。",
+    "人工智能的未来充满了希望和挑战🚀",
+    "中国经济稳步增长，市场信心持续恢复📈",
+    "春天来了，花儿都开了🌸",
+    "他说：“学习使人进步。”",
+]
+CORPUS = [f"{LINES[i % len(LINES)]}第{i}行" for i in range(200)]
+RARE = "龘𠀀🦄é中国经济🚀"  # characters the tokenizer never saw: each is several byte tokens
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, 400, show_progress=False)
+
+
+def test_stream_text_never_splits_a_character(tok):
+    ids = tok.encode(RARE + "今天天气真不错")
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))  # the case is exercised
+    pieces = list(stream_text(iter(ids), tok))
+    assert len(pieces) > 1 and all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids) == RARE + "今天天气真不错"
+
+
+def test_stream_text_flushes_an_unfinished_character(tok):
+    ids = tok.encode("中🦄")
+    ids = ids[:-1]  # the unicorn loses its last byte
+    pieces = list(stream_text(ids, tok))
+    assert "".join(pieces) == tok.decode(ids) and pieces[-1].endswith("\ufffd")
+
+
+def test_generate_and_stream_give_the_same_text(tok):
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX, dropout=0.0
+        )
+    ).eval()
+    cfg = SamplingConfig(
+        max_new_tokens=30, temperature=1.0, top_k=None, top_p=None, seed=3, stop_at_eos=False
+    )
+    text = generate(model, tok, "今天", cfg)
+    pieces = list(stream(model, tok, "今天", cfg))
+    assert isinstance(text, str) and text == "".join(pieces)
+    ids = list(generate_ids(model, [tok.bos_id] + tok.encode("今天"), cfg, eos_id=tok.eos_id))
+    assert len(ids) == 30 and text == tok.decode(ids)  # random bytes too: chunking never changes the text

@@ -1,0 +1,246 @@
+"""The training loop, its lr schedule and optimizer groups, on a tiny model and a tiny corpus."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qinglm.train.session as session
+from qinglm.config import ModelConfig, TrainConfig
+from qinglm.data.shards import prepare_shards
+from qinglm.errors import QingLMError
+from qinglm.model import Transformer
+from qinglm.tokenizer import train_tokenizer
+from qinglm.train import train
+from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
+from qinglm.train.metrics import TRAIN_KEYS, VAL_KEYS, read_metrics
+from qinglm.train.optim import build_optimizer
+from qinglm.train.schedule import RunLength, effective_warmup, known_total, lr_at
+
+PHRASES = [
+    "今天天气真不错",
+    "我们一起去公园散步",
+    "人工智能改变了世界",
+    "中国经济持续发展",
+    "春天来了花开了",
+    "学习使人进步",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path, int]:
+    """Return (data_dir, tokenizer_dir, vocab_size) of a small repetitive corpus."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(300)]
+    tok = train_tokenizer(docs, 300, show_progress=False)
+    tok.save(root / "tokenizer")
+    prepare_shards({"train": docs[:270], "val": docs[270:]}, tok, root / "data", show_progress=False)
+    return root / "data", root / "tokenizer", tok.vocab_size
+
+
+def configs(vocab: int, **train_kw) -> tuple[ModelConfig, TrainConfig]:
+    model = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, dropout=0.1)
+    kw = dict(
+        max_steps=12,
+        batch_size=4,
+        seq_len=16,
+        lr=3e-3,
+        warmup_steps=1000,
+        eval_every=4,
+        eval_tokens=256,
+        log_every=4,
+        save_every=4,
+        keep_checkpoints=2,
+        num_threads=1,
+        device="cpu",
+    )
+    return model, TrainConfig(**{**kw, **train_kw})
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = (
+        load_file(latest_checkpoint(a) / "model.safetensors"),
+        load_file(latest_checkpoint(b) / "model.safetensors"),
+    )
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa, ob = (load_trainer_state(latest_checkpoint(r))["optimizer"]["state"] for r in (a, b))
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        for k in oa[i]:
+            assert torch.equal(oa[i][k], ob[i][k]), (i, k)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(corpus, tmp_path):
+    data, _, vocab = corpus
+    # min_lr_ratio 1: the lr then does not depend on max_steps, which B changes from 8 to 12.
+    m, t = configs(vocab, min_lr_ratio=1.0)
+    ra = train(m, t, tmp_path / "a", data, log=quiet)
+    m, t8 = configs(vocab, min_lr_ratio=1.0, max_steps=8)
+    assert train(m, t8, tmp_path / "b", data, log=quiet)["step"] == 8
+    lines = []
+    m, t12 = configs(vocab, min_lr_ratio=1.0, resume=True)
+    rb = train(m, t12, tmp_path / "b", data, log=lines.append)
+    assert any("resuming from" in line and "step 8" in line for line in lines)
+    assert ra["step"] == rb["step"] == 12 and ra["tokens_seen"] == rb["tokens_seen"]
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    # metrics of the resumed run continue the file, without duplicate steps
+    steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert steps == [4, 8, 12]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab)  # the default cosine schedule over 12 steps
+    train(m, t, tmp_path / "a", data, log=quiet)
+
+    lines: list[str] = []
+
+    def log_and_interrupt(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 8/"):  # Ctrl-C arrives right after step 8
+            signal.raise_signal(signal.SIGINT)
+
+    r = train(m, t, tmp_path / "b", data, log=log_and_interrupt)
+    assert r["stop_reason"] == "interrupted" and r["step"] == 8
+    assert any(f"resume with: qinglm train --out {tmp_path / 'b'} --resume" in line for line in lines)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000008"
+    m, t = configs(vocab, resume=True)
+    assert train(m, t, tmp_path / "b", data, log=quiet)["step"] == 12
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_loss_falls_and_metrics_carry_the_required_keys(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=40, batch_size=8, log_every=5, eval_every=20, save_every=20)
+    r = train(m, t, tmp_path / "run", data, log=quiet)
+    records = read_metrics(tmp_path / "run")
+    train_lines = [x for x in records if x["kind"] == "train"]
+    val_lines = [x for x in records if x["kind"] == "val"]
+    assert [x["step"] for x in train_lines] == list(range(5, 41, 5))
+    assert [x["step"] for x in val_lines] == [20, 40]
+    for x in train_lines:
+        assert set(TRAIN_KEYS) <= x.keys() and x["tokens_per_s"] > 0
+    for x in val_lines:
+        assert set(VAL_KEYS) <= x.keys() and math.isclose(x["val_ppl"], math.exp(x["val_loss"]), rel_tol=1e-6)
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 1.0  # clearly learning, not noise
+    assert val_lines[-1]["val_loss"] < val_lines[0]["val_loss"]
+    assert r["val_loss"] == pytest.approx(val_lines[-1]["val_loss"]) and r["best_val_loss"] == r["val_loss"]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_existing_checkpoints_without_resume_are_refused(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=4)
+    train(m, t, tmp_path / "run", data, log=quiet)
+    with pytest.raises(QingLMError, match="--resume"):
+        train(m, t, tmp_path / "run", data, log=quiet)
+
+
+def test_resume_without_checkpoints_starts_fresh(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=2, resume=True)
+    lines: list[str] = []
+    assert train(m, t, tmp_path / "run", data, log=lines.append)["step"] == 2
+    assert any("starting a fresh run" in line for line in lines)
+
+
+def test_data_of_another_vocabulary_is_refused(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab + 7, max_steps=2)
+    with pytest.raises(QingLMError, match="vocab"):
+        train(m, t, tmp_path / "run", data, log=quiet)
+
+
+def test_ten_non_finite_losses_in_a_row_stop_the_run(corpus, tmp_path, monkeypatch):
+    class Diverged(Transformer):
+        def forward(self, idx, targets=None, **kw):
+            return super().forward(idx, targets, **kw) * float("nan")
+
+    monkeypatch.setattr(session, "Transformer", Diverged)
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=50)
+    with pytest.raises(QingLMError, match="not finite for 10 steps"):
+        train(m, t, tmp_path / "run", data, log=quiet)
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def test_schedule_warms_up_then_decays_by_cosine_to_the_floor():
+    peak, total, warmup = 1e-3, 200, 10
+    lrs = [lr_at(s, peak=peak, warmup=warmup, total=total, min_ratio=0.1) for s in range(total + 20)]
+    assert lrs[0] == pytest.approx(peak / warmup) and lrs[warmup - 1] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))  # strictly up during warmup
+    assert all(a >= b for a, b in zip(lrs[warmup - 1 : total], lrs[warmup : total + 1]))  # then never up
+    mid = (warmup + total) // 2
+    assert lrs[mid] == pytest.approx(0.1 * peak + 0.9 * peak / 2, rel=0.02)  # cosine's midpoint
+    assert lrs[total:] == [pytest.approx(0.1 * peak)] * 20  # constant floor after the end
+
+
+def test_effective_warmup_is_capped_at_five_percent_of_a_known_run():
+    assert effective_warmup(1000, 300) == 15
+    assert effective_warmup(10, 10_000) == 10
+    assert effective_warmup(1000, 8) == 1
+    assert effective_warmup(1000, None) == 1000
+    assert (
+        known_total(None, 2.5, 40) == 100
+        and known_total(30, 2.5, 40) == 30
+        and known_total(None, None, 40) is None
+    )
+
+
+def test_time_only_run_estimates_its_length_then_freezes_it():
+    length = RunLength(None, max_time_s=60.0, warmup_steps=1000)
+    assert length.total is None and length.lr(0, 1.0, 0.1) == pytest.approx(1 / 1000)
+    for step in range(1, 10):
+        assert not length.observe(step, 0.1, elapsed_s=0.1 * step)
+    assert length.observe(10, 0.1, elapsed_s=1.0)
+    assert length.total == 10 + 590 and length.warmup == 30  # 59 s left at 0.1 s per step
+    for step in range(11, 101):
+        length.observe(step, 0.2, elapsed_s=1.0 + 0.2 * (step - 10))
+    frozen = length.total
+    assert not length.observe(200, 5.0, elapsed_s=30.0) and length.total == frozen
+    resumed = RunLength(None, max_time_s=60.0, warmup_steps=1000)
+    resumed.restore(frozen, length.warmup, step=150)
+    assert resumed.total == frozen and not resumed.observe(160, 9.0, elapsed_s=40.0)
+    fixed = RunLength(300, max_time_s=60.0, warmup_steps=1000)
+    fixed.restore(999, 7, step=10)  # a fixed length follows the config, not the checkpoint
+    assert (fixed.total, fixed.warmup) == (300, 15)
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_optimizer_decays_matrices_only_and_holds_a_tied_weight_once(tie):
+    model = Transformer(
+        ModelConfig(
+            vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, tie_embeddings=tie, bias=True
+        )
+    )
+    _, cfg = configs(300, weight_decay=0.1, beta1=0.8, beta2=0.95)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.8, 0.95)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert "embed.weight" in decay["names"] and any(n.endswith("bias") for n in no_decay["names"])
+    assert any("norm" in n for n in no_decay["names"])
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert ("head.weight" in decay["names"]) is not tie
