@@ -32,17 +32,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, help="built-in corpus name, file(s), directory or glob")
+    p.add_argument(
+        "--data", nargs="+", required=True, help="built-in corpus name, file(s), directory or glob"
+    )
     p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out")
     p.add_argument("--encoding", default=None, help="text encoding (default: detect)")
-    p.add_argument("--nfkc", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalise full-width Latin letters and digits")
+    p.add_argument(
+        "--nfkc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="normalise full-width Latin letters and digits",
+    )
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
 
 
 def _data_cfg(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(data=args.data, val_fraction=args.val_fraction, encoding=args.encoding, nfkc=args.nfkc,
-                       text_field=args.text_field)
+    return TrainConfig(
+        data=args.data,
+        val_fraction=args.val_fraction,
+        encoding=args.encoding,
+        nfkc=args.nfkc,
+        text_field=args.text_field,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,16 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qinglm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="pretrain a model (no flags: the built-in quick-start job)",
-                       description="Train a tokenizer if needed, prepare the data, pretrain, then report "
-                                   "held-out loss / perplexity / bits per character and sample text.")
+    p = sub.add_parser(
+        "train",
+        help="pretrain a model (no flags: the built-in quick-start job)",
+        description="Train a tokenizer if needed, prepare the data, pretrain, then report "
+        "held-out loss / perplexity / bits per character and sample text.",
+    )
     p.add_argument("--config", help="YAML or JSON config file; flags override it")
     add_dataclass_args(p, TrainConfig, TRAIN_ALIASES)
     add_dataclass_args(p, ModelConfig)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory (or a file in it)")
-    p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", help="tokenizer directory override")
+    p.add_argument(
+        "--model", "--model_path", dest="model", required=True, help="run directory (or a file in it)"
+    )
+    p.add_argument(
+        "--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", help="tokenizer directory override"
+    )
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -70,9 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits per character")
     p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
-    p.add_argument("--data", required=True, help="built-in corpus name (its val split), file, directory or glob")
+    p.add_argument(
+        "--data", required=True, help="built-in corpus name (its val split), file, directory or glob"
+    )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the model's context)")
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="evaluation window (default: the model's context)"
+    )
     p.add_argument("--encoding", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
@@ -146,8 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({k: m[k] for k in ("loss", "ppl", "bpc")}))
     else:
-        print(f"loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  bits/char {m['bpc']:.4f}  "
-              f"({m['tokens']:,} tokens)")
+        print(
+            f"loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  bits/char {m['bpc']:.4f}  "
+            f"({m['tokens']:,} tokens)"
+        )
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -177,8 +201,14 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"wrote {n:,} documents to {args.out}")
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "tokenizer": cmd_tokenizer,
-            "prepare": cmd_prepare, "data": cmd_data}
+COMMANDS = {
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "tokenizer": cmd_tokenizer,
+    "prepare": cmd_prepare,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,12 +73,16 @@ class ModelConfig:
 class TrainConfig:
     """Everything about a training run except the model's shape."""
 
-    data: list[str] = _f(["pd1998"], "built-in corpus name, text file(s), directory, glob, or prepared data dir")
+    data: list[str] = _f(
+        ["pd1998"], "built-in corpus name, text file(s), directory, glob, or prepared data dir"
+    )
     tokenizer: str | None = _f(None, "tokenizer directory (default: train one on the data into the run dir)")
     out: str | None = _f(None, "run directory (default: runs/<time>-<preset>-<data>)")
     preset: str = _f("tiny", "model size preset", list(PRESETS))
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
-    max_time: float | None = _f(None, "stop after this many minutes of training (default 8 if no other limit)")
+    max_time: float | None = _f(
+        None, "stop after this many minutes of training (default 8 if no other limit)"
+    )
     num_epochs: float | None = _f(None, "stop after this many passes over the training data")
     batch_size: int = _f(32, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -91,8 +95,11 @@ class TrainConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     device: str = _f("auto", "device", ["auto", "cpu", "cuda", "mps"])
-    dtype: str = _f("auto", "compute precision (auto: bf16 on CUDA if supported, else fp32)",
-                    ["auto", "fp32", "bf16", "fp16"])
+    dtype: str = _f(
+        "auto",
+        "compute precision (auto: bf16 on CUDA if supported, else fp32)",
+        ["auto", "fp32", "bf16", "fp16"],
+    )
     compile: bool = _f(False, "torch.compile the model")
     num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     seed: int = _f(0, "random seed")
@@ -236,8 +243,12 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]] | None = None,
-                       skip: set[str] = frozenset()) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    aliases: dict[str, list[str]] | None = None,
+    skip: set[str] = frozenset(),
+) -> None:
     """Add one --flag per dataclass field (dest = field name, default = not given)."""
     hints = get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)

@@ -144,6 +144,7 @@ def _decode_loop(
     device: torch.device | str | None,
     single: bool,
 ) -> Iterator:
+    """Return the generator behind generate_ids (arguments already checked)."""
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     max_len = model.cfg.max_seq_len

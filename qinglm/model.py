@@ -54,14 +54,22 @@ def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, batch, n_kv_heads, max_len, head_dim)."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_len = max_len or cfg.max_seq_len
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv_heads, T, head_dim) at positions start.. and return all keys/values so far."""
         end = start + k.size(2)
         if end > self.max_len:
@@ -91,11 +99,19 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos_encoding == "rope"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+        start: int,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
+            dim=-1,
+        )
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -112,8 +128,14 @@ class Attention(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d_model)
         return self.out(y)
 
@@ -162,7 +184,9 @@ class Transformer(nn.Module):
         if cfg.pos_encoding == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         elif cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.register_buffer(
+                "pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False
+            )
         else:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -186,8 +210,15 @@ class Transformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Return logits (B, T, vocab), or the mean loss over targets != IGNORE_INDEX when targets are given.
 
         idx: (B, T) token ids at positions start..start+T-1. With a cache, keys and values of
@@ -200,12 +231,12 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # (B, T, d_model)
         rope = None
         if self.cfg.pos_encoding == "learned":
-            x = x + self.pos_embed.weight[start:start + T]
+            x = x + self.pos_embed.weight[start : start + T]
         elif self.cfg.pos_encoding == "sinusoidal":
             # Scale the embeddings so the fixed table does not drown them (as in the original paper).
-            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[start:start + T]
+            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[start : start + T]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, start)
@@ -215,8 +246,9 @@ class Transformer(nn.Module):
         logits = self.head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
     def param_counts(self) -> dict[str, int]:
         """Return parameter counts by part: embeddings, blocks, head (0 when tied), total."""
@@ -224,8 +256,13 @@ class Transformer(nn.Module):
         blocks = sum(p.numel() for p in self.blocks.parameters())
         head = 0 if self.cfg.tie_embeddings else self.head.weight.numel()
         total = sum(p.numel() for p in self.parameters())  # shared tensors are counted once
-        return {"embeddings": emb, "blocks": blocks, "head": head, "norm": total - emb - blocks - head,
-                "total": total}
+        return {
+            "embeddings": emb,
+            "blocks": blocks,
+            "head": head,
+            "norm": total - emb - blocks - head,
+            "total": total,
+        }
 
     def flops_per_token(self, seq_len: int) -> int:
         """Return training FLOPs per token (forward + backward = 6 * matmul params + attention)."""

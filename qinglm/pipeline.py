@@ -27,6 +27,7 @@ from qinglm.config import (
     to_dict,
 )
 from qinglm.errors import QingLMError
+from qinglm.io import write_json_atomic
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 
@@ -43,8 +44,9 @@ def iter_documents(specs: list[str], split: str, cfg: TrainConfig, stats: Any = 
         if is_builtin(spec):
             yield from builtin_documents(spec, split, val_fraction=cfg.val_fraction)
             continue
-        for doc in read_documents(spec, encoding=cfg.encoding, nfkc=cfg.nfkc, text_field=cfg.text_field,
-                                  stats=stats):
+        for doc in read_documents(
+            spec, encoding=cfg.encoding, nfkc=cfg.nfkc, text_field=cfg.text_field, stats=stats
+        ):
             if split == "all" or split_of(doc, cfg.val_fraction) == split:
                 yield doc
 
@@ -61,8 +63,9 @@ def data_name(specs: list[str]) -> str:
 # ---------------------------------------------------------------------------- stages
 
 
-def train_tokenizer_on(specs: list[str], vocab_size: int, out_dir: Path, cfg: TrainConfig,
-                       log: Callable[[str], None] = print):
+def train_tokenizer_on(
+    specs: list[str], vocab_size: int, out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print
+):
     """Train a byte-level BPE tokenizer on the train split, save it, print chars/token on val; return it."""
     from qinglm.data.sources import ReadStats
     from qinglm.tokenizer import chars_per_token, train_tokenizer
@@ -75,26 +78,34 @@ def train_tokenizer_on(specs: list[str], vocab_size: int, out_dir: Path, cfg: Tr
     tok.save(out_dir)
     val = list(_take(iter_documents(specs, "val", cfg), 2000))
     cpt = chars_per_token(tok, val) if val else float("nan")
-    log(f"tokenizer: vocab {tok.vocab_size:,}, {cpt:.3f} characters/token on held-out text, "
-        f"trained in {time.time() - t0:.1f}s -> {out_dir}")
+    log(
+        f"tokenizer: vocab {tok.vocab_size:,}, {cpt:.3f} characters/token on held-out text, "
+        f"trained in {time.time() - t0:.1f}s -> {out_dir}"
+    )
     return tok
 
 
-def prepare_data(specs: list[str], tokenizer, out_dir: Path, cfg: TrainConfig,
-                 log: Callable[[str], None] = print) -> dict:
+def prepare_data(
+    specs: list[str], tokenizer, out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print
+) -> dict:
     """Tokenize the train and val splits into packed shards under out_dir; return the index."""
     from qinglm.data.shards import prepare_shards
     from qinglm.data.sources import ReadStats
 
     t0 = time.time()
     stats = ReadStats()
-    index = prepare_shards({"train": iter_documents(specs, "train", cfg, stats),
-                            "val": iter_documents(specs, "val", cfg)}, tokenizer, out_dir)
+    index = prepare_shards(
+        {"train": iter_documents(specs, "train", cfg, stats), "val": iter_documents(specs, "val", cfg)},
+        tokenizer,
+        out_dir,
+    )
     if stats.files:
         log(stats.summary())
     sp = index["splits"]
-    log(f"prepared {sp['train']['documents']:,} train / {sp['val']['documents']:,} val documents, "
-        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}")
+    log(
+        f"prepared {sp['train']['documents']:,} train / {sp['val']['documents']:,} val documents, "
+        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}"
+    )
     return index
 
 
@@ -108,8 +119,9 @@ def _take(it, n):
 # ---------------------------------------------------------------------------- configs
 
 
-def build_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
-                  config_file: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+def build_configs(
+    model_flags: dict[str, Any], train_flags: dict[str, Any], config_file: str | None = None
+) -> tuple[ModelConfig, TrainConfig]:
     """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig)."""
     file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
     train = from_dict(TrainConfig, {**file_train, **train_flags}, "train config")
@@ -121,12 +133,6 @@ def build_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
     return model, train
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
     path = run_dir / "config.json"
     if not path.is_file():
@@ -135,7 +141,9 @@ def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
         d = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise QingLMError(f"{path} is not valid JSON: {e}") from None
-    return from_dict(ModelConfig, d["model"], "model config"), from_dict(TrainConfig, d["train"], "train config")
+    return from_dict(ModelConfig, d["model"], "model config"), from_dict(
+        TrainConfig, d["train"], "train config"
+    )
 
 
 def default_out(train: TrainConfig) -> str:
@@ -145,8 +153,12 @@ def default_out(train: TrainConfig) -> str:
 # ---------------------------------------------------------------------------- the job
 
 
-def run_train(model_flags: dict[str, Any], train_flags: dict[str, Any], config_file: str | None = None,
-              log: Callable[[str], None] = print) -> Path:
+def run_train(
+    model_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    config_file: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run the whole pretraining job and print the report; return the run directory."""
     from qinglm.tokenizer import Tokenizer
     from qinglm.train import train
@@ -164,6 +176,7 @@ def run_train(model_flags: dict[str, Any], train_flags: dict[str, Any], config_f
         model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file)
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
+    check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -196,14 +209,18 @@ def run_train(model_flags: dict[str, Any], train_flags: dict[str, Any], config_f
 
     model_cfg = resolve_model(model_cfg)
     check_train(train_cfg, model_cfg)
-    write_json_atomic(run_dir / "config.json", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
-                                                "data_dir": str(data_dir)})
+    write_json_atomic(
+        run_dir / "config.json",
+        {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)},
+    )
     result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
     report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
 
 
-def report(run_dir: Path, data_dir: Path, cfg: TrainConfig, result: dict, log: Callable[[str], None] = print) -> None:
+def report(
+    run_dir: Path, data_dir: Path, cfg: TrainConfig, result: dict, log: Callable[[str], None] = print
+) -> None:
     """Print held-out loss / perplexity / BPC on the whole val split and a few generations."""
     import qinglm
     from qinglm.config import SamplingConfig
@@ -215,10 +232,18 @@ def report(run_dir: Path, data_dir: Path, cfg: TrainConfig, result: dict, log: C
     m = evaluate_shards(lm.model, val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=lm.device)
     unigram = unigram_baseline(train, val, lm.config.vocab_size)
     log("")
-    log(f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
-        f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})")
-    sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
-                              repetition_penalty=1.1, seed=cfg.seed)
+    log(
+        f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
+        f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})"
+    )
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.sample_tokens,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        seed=cfg.seed,
+    )
     for prompt in cfg.sample_prompts:
         text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
         log(f"  {prompt} → {prompt}{text}")

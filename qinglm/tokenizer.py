@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from qinglm.errors import QingLMError
+from qinglm.io import write_text_atomic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
@@ -35,18 +35,6 @@ QWEN2_PATTERN = (
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 _HF_NO_MAX_LENGTH = int(1e30)  # what transformers itself writes when a tokenizer has no length limit
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Return nothing; write `text` to `path` via a temp file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -130,8 +118,8 @@ class Tokenizer:
         if chat_template is not None:
             config["chat_template"] = chat_template
         # tokenizer.json first: a config next to a stale tokenizer.json would be the worse half-state.
-        _write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
-        _write_text_atomic(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+        write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

@@ -44,7 +44,7 @@ def test_kv_cache_decoding_equals_full_recomputation(kw):
     pieces = [model(idx[:, :8], cache=cache, start=0)]  # prefill 8
     pieces.append(model(idx[:, 8:12], cache=cache, start=8))  # a chunk of 4 after the cache
     for t in range(12, 20):  # then one token at a time
-        pieces.append(model(idx[:, t:t + 1], cache=cache, start=t))
+        pieces.append(model(idx[:, t : t + 1], cache=cache, start=t))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
     last = model(idx[:, :5], cache=KVCache(model.cfg, 3), last_only=True)
     torch.testing.assert_close(last[:, 0], full[:, 4], rtol=1e-5, atol=1e-5)
@@ -89,13 +89,16 @@ def test_presets_match_the_seeds():
     assert sizes["tiny"] < sizes["small"] < sizes["medium"]
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(d_model=30, n_heads=4), "divisible by n_heads"),
-    (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(family="weird"), "unknown family"),
-    (dict(n_layers=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(d_model=30, n_heads=4), "divisible by n_heads"),
+        (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(family="weird"), "unknown family"),
+        (dict(n_layers=0), "positive"),
+    ],
+)
 def test_impossible_dimensions_are_user_errors(kw, msg):
     base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4)
     base.update(kw)
@@ -111,10 +114,11 @@ def test_sdpa_matches_explicit_attention():
     cos, sin = model.rope_cos[:6], model.rope_sin[:6]
     out = attn(x, (cos, sin), None, 0, 0)
     from qinglm.model import apply_rope
+
     q, k, v = attn.qkv(x).split([32, 32, 32], dim=-1)
     q, k, v = (t.view(1, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+    scores = q @ k.transpose(-1, -2) / 8**0.5
     scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 32))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

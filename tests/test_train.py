@@ -144,6 +144,15 @@ def test_loss_falls_and_metrics_carry_the_required_keys(corpus, tmp_path):
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 
+def test_patience_stops_a_run_whose_val_loss_no_longer_improves(corpus, tmp_path):
+    data, _, vocab = corpus
+    # lr 1e-12 leaves the fp32 weights unchanged, so after the first validation none improves.
+    m, t = configs(vocab, max_steps=50, lr=1e-12, eval_every=2, patience=2)
+    r = train(m, t, tmp_path / "run", data, log=quiet)
+    assert (r["stop_reason"], r["step"]) == ("early stop", 6)  # best at 2, no better at 4 and 6
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000006"
+
+
 def test_existing_checkpoints_without_resume_are_refused(corpus, tmp_path):
     data, _, vocab = corpus
     m, t = configs(vocab, max_steps=4)

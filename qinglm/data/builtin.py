@@ -7,12 +7,12 @@ import functools
 import importlib.util
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from qinglm.data.sources import normalize_text, split_of
 from qinglm.errors import QingLMError
+from qinglm.io import atomic_open
 
 SPLITS = ("all", "train", "val")
 
@@ -94,16 +94,10 @@ def export_builtin(
     if out.is_dir():
         raise QingLMError(f"{out} is a directory; give a file name to export to")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for doc in docs:
-                f.write(doc)
-                f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(out) as f:
+        for doc in docs:
+            f.write(doc)
+            f.write("\n")
     return len(docs)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qinglm.errors import QingLMError
+from qinglm.io import atomic_open, write_text_atomic
 from qinglm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 INDEX_FILE = "index.json"
@@ -34,18 +34,6 @@ _PREPARE_HINT = "run `qinglm prepare` first"
 def _dtype_for(vocab_size: int) -> np.dtype:
     """Return the smallest little-endian unsigned dtype that holds every token id."""
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-
-
-def _replace_atomic(path: Path, write) -> None:
-    """Return nothing; call write(file) on a temp file next to `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _ShardWriter:
@@ -80,7 +68,8 @@ class _ShardWriter:
             return
         name = f"{self.split}_{len(self.shards):04d}.bin"
         data = self.buf[: self.fill]
-        _replace_atomic(self.out_dir / name, data.tofile)
+        with atomic_open(self.out_dir / name, "wb") as f:
+            data.tofile(f)
         self.shards.append({"file": name, "tokens": int(self.fill)})
         self.fill = 0
 
@@ -108,7 +97,9 @@ def _prepare_split(
     """Return the index entry of one split after tokenizing and writing all its shards."""
     n_docs = n_chars = 0
     total = len(docs) if isinstance(docs, Sized) else None
-    with tqdm(total=total, desc=f"prepare {split}", unit="doc", disable=not show_progress) as bar:
+    with tqdm(
+        total=total, desc=f"prepare {split}", unit="doc", disable=None if show_progress else True
+    ) as bar:  # None: only on a terminal
         for batch in _batches(docs, batch_docs):
             flat: list[int] = []
             for ids in tokenizer.encode_batch(batch):
@@ -168,7 +159,7 @@ def prepare_shards(
     }
     _remove_stale_shards(out, splits)
     text = json.dumps(index, indent=2) + "\n"
-    _replace_atomic(out / INDEX_FILE, lambda f: f.write(text.encode("utf-8")))
+    write_text_atomic(out / INDEX_FILE, text)
     return index
 
 

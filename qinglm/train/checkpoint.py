@@ -59,13 +59,13 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 
 def _write_state(directory: Path, state: dict[str, Any], files: list[str]) -> None:
-    """Write state.json (with the size/sha256 of `files`) last, so it marks the directory complete."""
+    """Return nothing; write state.json (with the size/sha256 of `files`) last, so it marks the directory complete."""
     full = {**state, "files": {name: _file_record(directory / name) for name in files}}
     _fsync_write(directory / STATE_FILE, json.dumps(full, indent=2, default=_json_default).encode("utf-8"))
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename directory tmp to final; an existing final is moved aside first and deleted after."""
+    """Return nothing; rename directory tmp to final; an existing final is moved aside first and deleted after."""
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     if final.exists():
         os.rename(final, old)
@@ -74,7 +74,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 
 def _remove_leftovers(parent: Path, prefix: str = "") -> None:
-    """Delete NAME.tmp-* / NAME.old-* directories left by a crashed writer."""
+    """Return nothing; delete NAME.tmp-* / NAME.old-* directories left by a crashed writer."""
     if parent.is_dir():
         for p in parent.iterdir():
             if p.name.startswith(prefix) and re.search(r"\.(tmp|old)-\d+$", p.name) and p.is_dir():
@@ -109,14 +109,17 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model_file(model: nn.Module, path: str | Path) -> None:
-    """Write model's weights (shared tensors once) to a safetensors file at path, fsynced."""
+    """Return nothing; write model's weights (shared tensors once) to a safetensors file at path, fsynced."""
     from safetensors.torch import save
 
     _fsync_write(Path(path), save(model_tensors(model), metadata={"format": "pt"}))
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors file (or DIR/model.safetensors) into model; QingLMError if it cannot belong to it."""
+    """Return nothing; load a safetensors file (or DIR/model.safetensors) into model.
+
+    Raises QingLMError for a missing, truncated or foreign file, or one of another config/tokenizer.
+    """
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -174,7 +177,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the RNG states returned by rng_state()."""
+    """Return nothing; restore the RNG states returned by rng_state()."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from qinglm.io import atomic_open
 
 TRAIN_KEYS = ("step", "loss", "lr", "tokens_per_s", "epoch", "tokens_seen", "elapsed_s", "grad_norm")
 VAL_KEYS = ("step", "val_loss", "val_ppl", "val_bpc")
@@ -57,15 +58,13 @@ class MetricsLogger:
         return record
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (a resumed run redoes them), rewriting the file atomically."""
+        """Return nothing; drop records of steps after `step` (a resumed run redoes them), rewriting the file atomically."""
         if not self.path.is_file():
             return
         self._close_file()
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(self.path) as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-        os.replace(tmp, self.path)
 
     def _close_file(self) -> None:
         if self._f is not None:

@@ -72,7 +72,7 @@ class RunLength:
         self._last_estimate_done = False
 
     def restore(self, total_steps_est: int | None, warmup_eff: int | None, step: int) -> None:
-        """Take the estimate of a checkpoint (time-only runs); fixed lengths follow the current config."""
+        """Return nothing; take the estimate of a checkpoint (time-only runs); fixed lengths follow the current config."""
         if self.fixed or total_steps_est is None:
             return
         self.total = int(total_steps_est)
@@ -80,7 +80,7 @@ class RunLength:
         self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
 
     def observe(self, step: int, step_time_s: float, elapsed_s: float) -> bool:
-        """Record one step's time after update `step` (1-based count done); return True if the estimate changed."""
+        """Return True if the estimate changed, after recording the time of the step that made `step` updates."""
         if self.fixed or self.max_time_s is None or self._last_estimate_done:
             return False
         self._step_times.append(step_time_s)

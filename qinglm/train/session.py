@@ -142,7 +142,7 @@ def setup_run(
 
 
 def _resume(r: Run, ckpt: Path) -> None:
-    """Load weights, optimizer, data position, schedule estimate, counters and RNG states of ckpt into r."""
+    """Return nothing; load weights, optimizer, data position, schedule estimate, counters and RNG states of ckpt into r."""
     state = read_state(ckpt)
     load_model_weights(r.model, ckpt)
     trainer = load_trainer_state(ckpt)
