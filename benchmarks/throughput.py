@@ -6,7 +6,7 @@ Each config runs in a fresh subprocess (peak RSS is per process), rounds interle
 background load hits all alike, and tokens/s is the median over every timed step of every round.
 A config is a base name plus "+" modifiers, so the same command sweeps levers:
   bases: baseline (nanoGPT-style, tiny dims), classic (QingLM classic family at exactly the baseline's
-         dims: learned positions, LayerNorm+bias, GELU 4x, dropout 0.1), tiny, small, medium (presets)
+         dims: learned positions, LayerNorm+bias, GELU 4x, tied head, dropout 0.1), tiny, small, medium (presets)
   mods:  fp32|bf16, compile|eager, dN (dropout N/10: d0, d1), bN (batch), tN (seq len),
          plain|foreach|fused (AdamW implementation; QingLM default: fused)
 tiny and small alone mean the recommended recipe (RECOMMENDED below).
@@ -28,7 +28,8 @@ import torch
 from benchmarks import common
 
 # The recommended CPU recipe per preset (what `tiny` and `small` alone expand to).
-RECOMMENDED = {"tiny": "+bf16+d0+b32+t256", "small": "+bf16+d0+b32+t256", "medium": "+bf16+d0+b16+t256"}
+RECOMMENDED = {"tiny": "+bf16+compile+d0+b32+t256", "small": "+bf16+compile+d0+b32+t256",
+               "medium": "+bf16+compile+d0+b16+t256"}
 PRESET_VOCAB = {"tiny": 10_000, "small": 30_000, "medium": 50_000}
 
 
@@ -63,7 +64,8 @@ def qinglm_model_cfg(s: dict, vocab: int):
 
     if s["base"] == "classic":
         return ModelConfig(vocab_size=vocab, d_model=128, n_heads=2, n_layers=2, max_seq_len=s["seq"],
-                           family="classic", pos_encoding="learned", bias=True, dropout=s["dropout"])
+                           family="classic", pos_encoding="learned", bias=True, tie_embeddings=True,
+                           dropout=s["dropout"])
     return ModelConfig(**{**PRESETS[s["base"]], "vocab_size": vocab}, max_seq_len=max(512, s["seq"]),
                        dropout=s["dropout"])
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -30,11 +32,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """Return the compute precision for 'auto': bf16 on CUDA GPUs that support it, fp32 elsewhere."""
+    """Return the compute precision; 'auto' is bf16 where the hardware runs it natively, else fp32 (fp16 on old GPUs)."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        # Measured on an AVX512-BF16 CPU: bf16 autocast is 1.15x faster eager, 2x with compile.
+        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
     if name not in DTYPES:
         raise QingLMError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     if name == "fp16" and device.type == "cpu":
@@ -47,3 +50,46 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def cpu_has_bf16() -> bool:
+    """Return True when this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_compile(flag: bool | None, device: torch.device) -> bool:
+    """Return whether to torch.compile: as asked, or by default on CUDA and on CPUs with a C++ compiler."""
+    if flag is not None:
+        return flag
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
+def compiled(model: torch.nn.Module, enabled: bool, log: Callable[[str], None] = print) -> Callable:
+    """Return model's torch.compile'd forward, falling back to eager (with a warning) if compiling fails."""
+    if not enabled:
+        return model
+    fn = torch.compile(model)
+    state = {"fn": fn, "proven": False}
+
+    def forward(*args, **kwargs):
+        if state["proven"]:
+            return state["fn"](*args, **kwargs)
+        try:  # compilation happens on the first call; a missing toolchain shows up here
+            out = state["fn"](*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log(
+                f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "training without it (pass --no-compile to skip the attempt)"
+            )
+            state["fn"] = model
+            out = model(*args, **kwargs)
+        state["proven"] = True
+        return out
+
+    return forward

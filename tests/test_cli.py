@@ -34,6 +34,7 @@ TINY = [
     "5",
     "--device",
     "cpu",
+    "--no-compile",
 ]
 
 
@@ -244,6 +245,7 @@ def test_training_on_real_text_beats_the_unigram_baseline(tmp_path):
         10,
         "--num-threads",
         1,
+        "--no-compile",
     )
     assert proc.returncode == 0, proc.stderr
     val = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]

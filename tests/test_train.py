@@ -60,6 +60,8 @@ def configs(vocab: int, **train_kw) -> tuple[ModelConfig, TrainConfig]:
         keep_checkpoints=2,
         num_threads=1,
         device="cpu",
+        dtype="fp32",
+        compile=False,
     )
     return model, TrainConfig(**{**kw, **train_kw})
 

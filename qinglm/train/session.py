@@ -15,7 +15,7 @@ import torch
 from qinglm.config import ModelConfig, TrainConfig
 from qinglm.data.loader import TrainBatches
 from qinglm.data.shards import TokenShards
-from qinglm.device import resolve_device, resolve_dtype
+from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.train.checkpoint import (
@@ -48,6 +48,7 @@ class Run:
     train_data: TokenShards
     val_data: TokenShards | None
     forward: Callable | None = None  # the model, or its torch.compile'd wrapper
+    compile: bool = False
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by earlier processes of this run
@@ -135,7 +136,8 @@ def setup_run(
         _resume(r, resume_from)
         log(f"resuming from {resume_from} (step {r.step:,}, {r.tokens_seen:,} tokens seen)")
     r.metrics.truncate_after(r.step)  # lines of steps after the checkpoint (or of a failed start) are redone
-    r.forward = torch.compile(model) if cfg.compile else model
+    r.compile = resolve_compile(cfg.compile, device)
+    r.forward = compiled(model, r.compile, log)
     for line in _header(r, steps_per_epoch):
         log(line)
     return r
@@ -172,7 +174,7 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
         f"{steps_per_epoch:,} steps per epoch",
         f"batch: {cfg.batch_size} x {cfg.grad_accum} accum x {cfg.seq_len} tokens = "
         f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens per step",
-        f"device: {r.device} | dtype {r.dtype} | compile {'on' if cfg.compile else 'off'} | "
+        f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "
         f"{torch.get_num_threads()} CPU threads",
         f"schedule: {plan}, cosine {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
     ]
