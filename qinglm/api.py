@@ -74,23 +74,9 @@ class LM:
         )
         return stream_text(ids, self.tokenizer)
 
-    def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int = _DEFAULT.max_new_tokens,
-        temperature: float = _DEFAULT.temperature,
-        top_k: int | None = _DEFAULT.top_k,
-        top_p: float | None = _DEFAULT.top_p,
-        repetition_penalty: float = _DEFAULT.repetition_penalty,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-    ) -> str:
-        """Return the continuation of prompt, without the prompt (temperature 0 = greedy)."""
-        return "".join(
-            self.stream(
-                prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_at_eos
-            )
-        )
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """Return the continuation of prompt, without the prompt; takes stream()'s sampling arguments."""
+        return "".join(self.stream(prompt, **sampling))
 
     def evaluate(
         self,

@@ -113,7 +113,7 @@ class TrainConfig:
     seed: int = _f(0, "random seed")
     eval_every: int = _f(200, "validate every N optimizer steps")
     eval_tokens: int = _f(200_000, "tokens used by each periodic validation (0 = whole split)")
-    log_every: int = _f(10, "log a metrics line every N steps")
+    log_every: int = _f(50, "log a metrics line every N steps")
     save_every: int = _f(200, "write a checkpoint every N optimizer steps")
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     patience: int | None = _f(None, "early stop after N validations without improvement")

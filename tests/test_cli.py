@@ -251,3 +251,12 @@ def test_training_on_real_text_beats_the_unigram_baseline(tmp_path):
     val = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     unigram = unigram_baseline(TokenShards(out / "data", "train"), TokenShards(out / "data", "val"), 2000)
     assert val[-1]["val_loss"] < unigram - 0.5, (val[-1], unigram)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_config_files_are_valid(path):
+    from qinglm.config import check_train, resolve_model
+    from qinglm.pipeline import build_configs
+
+    model, train = build_configs({}, {}, str(path))
+    check_train(train, resolve_model(model))
