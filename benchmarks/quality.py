@@ -6,8 +6,11 @@ tokenizer-independent). Runs are sequential, so each has the whole machine.
 
 baseline: benchmarks.baseline_gpt at tiny dims, eager fp32, plain AdamW lr 1e-3 betas (0.9, 0.95),
           dropout 0.1, batch 32 x 256, 5% warmup + cosine (nanoGPT's baby-GPT recipe).
-qinglm:   `qinglm.train.train` itself on the tiny preset with the recommended CPU recipe (QINGLM).
-Extra recipes "qinglm:lr=3e-3,dropout=0.1,dtype=fp32" override TrainConfig/ModelConfig fields.
+qinglm:   `qinglm.train.train` itself on the tiny preset with the TrainConfig / ModelConfig defaults, i.e.
+          what `qinglm train --max-time M` does (lr 2e-3, dropout 0, dtype auto, compile auto, 32 x 256);
+          only periodic eval / checkpoints / samples are switched off (the baseline has none either).
+Extra recipes "qinglm:lr=3e-3,dropout=0.1,dtype=fp32" override TrainConfig/ModelConfig fields, and
+"baseline:lr=6e-4,dropout=0.0" the baseline's (lr sweep: --recipes baseline:lr=6e-4 baseline:lr=2e-3).
 Both use the same QingLM 10k tokenizer and the same prepared data.
 """
 
@@ -24,8 +27,7 @@ import torch.nn.functional as F
 from benchmarks import baseline_gpt as bg
 from benchmarks import common
 
-QINGLM = {"lr": 2e-3, "warmup_steps": 1000, "dropout": 0.0, "batch_size": 32, "seq_len": 256,
-          "dtype": "bf16", "compile": True}
+QINGLM: dict = {}  # the package defaults, nothing overridden
 BASELINE = {"lr": 1e-3, "dropout": 0.1, "batch_size": 32, "seq_len": 256}
 
 
@@ -89,8 +91,13 @@ def run_qinglm(seconds: float, over: dict) -> dict:
 
         model = Transformer(mcfg)
         load_model_weights(model, latest_checkpoint(run_dir))
+    from qinglm.device import resolve_compile, resolve_dtype
+
+    dev = torch.device("cpu")
+    r = {"lr": tcfg.lr, "dropout": mcfg.dropout, "dtype": resolve_dtype(tcfg.dtype, dev),
+         "compile": resolve_compile(tcfg.compile, dev), **r}
     return {"steps": res["step"], "train_loss": res["train_loss"], "seconds": seconds_used,
-            "bpc": bpc(model, r["seq_len"]), "recipe": r}
+            "bpc": bpc(model, tcfg.seq_len), "recipe": r}
 
 
 def main() -> None:
