@@ -162,7 +162,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import qinglm
+    from qinglm.data.builtin import is_builtin
+    from qinglm.data.sources import expand_paths
 
+    if not is_builtin(args.data):
+        expand_paths(args.data)  # on the command line --data is a corpus or a path: a missing one is an error
     lm = qinglm.load(args.model, device=args.device)
     m = lm.evaluate(args.data, batch_size=args.batch_size, seq_len=args.seq_len, encoding=args.encoding)
     if args.json:

@@ -151,6 +151,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus):
     assert_user_error(qinglm("train", "--config", bad_cfg, "--out", out), "no_such_field")
     assert_user_error(qinglm("generate", "--model", tmp_path / "norun", "--prompt", "x"), "norun")
     assert_user_error(qinglm("eval", "--model", tmp_path / "norun", "--data", corpus), "norun")
+    assert_user_error(
+        qinglm("eval", "--model", tmp_path / "norun", "--data", tmp_path / "nope.txt"), "nope.txt"
+    )
     assert_user_error(qinglm("train", "--bogus-flag"), "unrecognized")
 
 
@@ -253,7 +256,9 @@ def test_training_on_real_text_beats_the_unigram_baseline(tmp_path):
     assert val[-1]["val_loss"] < unigram - 0.5, (val[-1], unigram)
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_config_files_are_valid(path):
     from qinglm.config import check_train, resolve_model
     from qinglm.pipeline import build_configs
