@@ -69,6 +69,16 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "epsilon of the norm layers")
     bias: bool | None = _f(None, "biases in linear layers")
     init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)")
+    init: str = _f(
+        "gpt2",
+        "weight init: gpt2 = normal(init-std), small = normal(sqrt(2/(5*d_model))) (Nguyen & Salazar), "
+        "both with residual projections scaled by 1/sqrt(2*n_layers); default = PyTorch's own",
+        ["default", "gpt2", "small"],
+    )
+    qk_norm: bool = _f(False, "RMSNorm on queries and keys per head")
+    gated_attention: bool = _f(
+        False, "sigmoid output gate per head computed from the block input, as in Qwen3-Next"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +105,12 @@ class TrainConfig:
     seq_len: int = _f(256, "training sequence length (<= max_seq_len)")
     lr: float = _f(2e-3, "peak learning rate (the seeds' 3e-4 learns far slower for these sizes)")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    lr_schedule: str = _f(
+        "cosine",
+        "lr after warmup: cosine or linear decay to the floor, wsd (constant, then linear decay), constant",
+        ["cosine", "linear", "wsd", "constant"],
+    )
+    decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying")
     warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
     beta1: float = _f(0.9, "AdamW beta1")
@@ -168,6 +184,8 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         raise QingLMError(f"sinusoidal positions need an even d_model, got {c.d_model}")
     if not 0.0 <= c.dropout < 1.0:
         raise QingLMError(f"dropout must be in [0, 1), got {c.dropout}")
+    if c.init not in ("default", "gpt2", "small"):
+        raise QingLMError(f"unknown init {c.init!r}; choose one of default, gpt2, small")
     return c
 
 
@@ -182,6 +200,12 @@ def check_train(t: TrainConfig, m: ModelConfig) -> None:
         raise QingLMError(f"seq_len ({t.seq_len}) is longer than the model's max_seq_len ({m.max_seq_len})")
     if t.lr <= 0:
         raise QingLMError(f"lr must be positive, got {t.lr}")
+    if t.lr_schedule not in ("cosine", "linear", "wsd", "constant"):
+        raise QingLMError(
+            f"unknown lr schedule {t.lr_schedule!r}; choose one of cosine, linear, wsd, constant"
+        )
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise QingLMError(f"decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if not 0.0 < t.val_fraction < 1.0:
         raise QingLMError(f"val_fraction must be between 0 and 1, got {t.val_fraction}")
 

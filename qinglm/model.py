@@ -98,6 +98,13 @@ class Attention(nn.Module):
         self.out.is_residual_proj = True
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos_encoding == "rope"
+        self.use_qk_norm, self.use_gate = cfg.qk_norm, cfg.gated_attention
+        # Optional extras; the modules exist only when switched on, so default state dicts are unchanged.
+        if cfg.qk_norm:  # RMSNorm over each head's queries and keys (before RoPE), as in OLMo 2 / Qwen3
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        if cfg.gated_attention:  # a sigmoid gate per head from the block input, as in Qwen3-Next
+            self.gate = nn.Linear(cfg.d_model, cfg.n_heads, bias=cfg.bias)
 
     def forward(
         self,
@@ -115,6 +122,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -136,6 +145,8 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
+        if self.use_gate:
+            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, n_heads, T, 1)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d_model)
         return self.out(y)
 
@@ -197,10 +208,12 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.apply(self._init_weights)
+        if cfg.init != "default":  # "default" keeps PyTorch's own nn.Linear / nn.Embedding init
+            self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        std = self.cfg.init_std
+        # gpt2: normal(init_std); small: normal(sqrt(2/(5*d_model))), the "small init" of Nguyen & Salazar.
+        std = self.cfg.init_std if self.cfg.init == "gpt2" else math.sqrt(2 / (5 * self.cfg.d_model))
         if isinstance(m, nn.Linear):
             # GPT-2: each residual projection adds to the stream 2*n_layers times, so shrink it.
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "is_residual_proj", False) else 1.0

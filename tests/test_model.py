@@ -13,6 +13,8 @@ VARIANTS = [
     dict(family="modern", pos_encoding="learned"),
     dict(family="modern", n_kv_heads=1),
     dict(family="modern", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True),
+    dict(family="modern", qk_norm=True),
+    dict(family="modern", gated_attention=True, qk_norm=True, n_kv_heads=1),
 ]
 
 
@@ -122,3 +124,102 @@ def test_sdpa_matches_explicit_attention():
     scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 32))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_model_has_no_optional_modules():
+    names = set(tiny().state_dict())
+    assert not any(k in n for n in names for k in ("q_norm", "k_norm", "gate"))
+    with_extras = set(tiny(qk_norm=True, gated_attention=True).state_dict())
+    assert {
+        "blocks.0.attn.q_norm.weight",
+        "blocks.0.attn.k_norm.weight",
+        "blocks.0.attn.gate.weight",
+    } <= with_extras
+    assert with_extras - names == {
+        f"blocks.{i}.attn.{m}.weight" for i in range(2) for m in ("q_norm", "k_norm", "gate")
+    }
+
+
+def test_qk_norm_normalises_each_head_of_queries_and_keys_before_rope():
+    model = tiny(qk_norm=True)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))
+    cos, sin = model.rope_cos[:6], model.rope_sin[:6]
+    out = attn(x, (cos, sin), None, 0, 0)
+    from qinglm.model import apply_rope
+
+    q, k, v = attn.qkv(x).split([32, 32, 32], dim=-1)
+    q, k, v = (t.view(1, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 32))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # and it changes the output: the same weights without the norm give something else
+    plain = tiny()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+    )
+    assert not torch.allclose(plain.blocks[0].attn(x, (cos, sin), None, 0, 0), out, atol=1e-4)
+
+
+def test_zero_gate_halves_the_attention_output():
+    gated, plain = tiny(gated_attention=True), tiny()
+    assert gated.blocks[0].attn.gate.bias is None  # no bias unless cfg.bias
+    with torch.no_grad():
+        for block in gated.blocks:
+            block.attn.gate.weight.zero_()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if ".gate." not in k})
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6))
+    rope = (gated.rope_cos[:7], gated.rope_sin[:7])
+    out = gated.blocks[0].attn(x, rope, None, 0, 0)
+    ref = plain.blocks[0].attn(x, rope, None, 0, 0)
+    # out = W_o (0.5 y): the halving happens before the (bias-free) output projection
+    torch.testing.assert_close(out, 0.5 * ref, rtol=1e-5, atol=1e-6)
+    # a per-head gate: silencing head 0 only zeroes that head's slice before the projection
+    with torch.no_grad():
+        gated.blocks[0].attn.gate.bias = torch.nn.Parameter(torch.tensor([-1e4, 0.0, 0.0, 0.0]))
+    captured = {}
+    gated.blocks[0].attn.out.register_forward_hook(lambda m, i, o: captured.setdefault("y", i[0]))
+    gated.blocks[0].attn(x, rope, None, 0, 0)
+    assert captured["y"][..., :8].abs().max() == 0 and captured["y"][..., 8:].abs().min() > 0
+
+
+def test_init_choices_set_the_documented_stds():
+    import math
+
+    kw = dict(vocab_size=97, d_model=256, n_layers=8, n_heads=4, max_seq_len=64)
+    scale = 1 / math.sqrt(2 * 8)
+
+    def weights(init):
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(init=init, **kw))
+        return m.blocks[0].attn.out.weight, m.blocks[0].mlp.up.weight, m.embed.weight
+
+    out, up, emb = weights("gpt2")
+    assert out.std().item() == pytest.approx(0.02 * scale, rel=0.05)
+    assert up.std().item() == pytest.approx(0.02, rel=0.05) and emb.std().item() == pytest.approx(
+        0.02, rel=0.05
+    )
+    small = math.sqrt(2 / (5 * 256))
+    out, up, emb = weights("small")
+    assert out.std().item() == pytest.approx(small * scale, rel=0.05)
+    assert up.std().item() == pytest.approx(small, rel=0.05) and emb.std().item() == pytest.approx(
+        small, rel=0.05
+    )
+    # default: nn.Linear's kaiming-uniform, bound 1/sqrt(fan_in), residual projections unscaled
+    out, up, emb = weights("default")
+    bound = 1 / math.sqrt(256)
+    assert out.abs().max().item() <= bound and out.abs().max().item() > 0.95 * bound
+    assert out.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert emb.std().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding's N(0, 1)
+    with pytest.raises(QingLMError, match="unknown init"):
+        resolve_model(ModelConfig(init="weird"))

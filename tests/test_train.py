@@ -204,6 +204,50 @@ def test_schedule_warms_up_then_decays_by_cosine_to_the_floor():
     assert lrs[total:] == [pytest.approx(0.1 * peak)] * 20  # constant floor after the end
 
 
+def _lrs(kind: str, total: int = 200, warmup: int = 10, **kw) -> list[float]:
+    return [
+        lr_at(s, peak=1.0, warmup=warmup, total=total, min_ratio=0.1, kind=kind, **kw)
+        for s in range(total + 5)
+    ]
+
+
+def test_linear_schedule_decays_in_a_straight_line_to_the_floor():
+    lrs = _lrs("linear")
+    assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)  # warmup end
+    assert lrs[105] == pytest.approx(0.1 + 0.9 * 0.5)  # midpoint of the decay (warmup 10 .. total 200)
+    assert lrs[57] - lrs[58] == pytest.approx(lrs[150] - lrs[151])  # a constant slope
+    assert lrs[199] == pytest.approx(0.1 + 0.9 / 190) and lrs[200:] == [pytest.approx(0.1)] * 5
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_over_the_last_fraction():
+    lrs = _lrs("wsd")  # decay_fraction 0.2: decay over steps 160..200
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # warmup
+    assert lrs[10] == lrs[100] == lrs[159] == pytest.approx(1.0)  # stable at the peak, midpoint included
+    assert lrs[160] == pytest.approx(1.0) and lrs[161] == pytest.approx(1.0 - 0.9 / 40)  # decay starts
+    assert lrs[180] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[200:] == [pytest.approx(0.1)] * 5
+    half = _lrs("wsd", decay_fraction=0.5)  # decay over steps 100..200
+    assert half[99] == pytest.approx(1.0) and half[101] < 1.0 and half[150] == pytest.approx(0.55)
+
+
+def test_constant_schedule_warms_up_then_stays_at_the_peak():
+    lrs = _lrs("constant")
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[105] == lrs[199] == lrs[204] == pytest.approx(1.0)
+    with pytest.raises(QingLMError, match="unknown lr schedule"):
+        lr_at(0, peak=1.0, warmup=1, total=10, min_ratio=0.1, kind="weird")
+
+
+def test_run_length_and_the_run_use_the_configured_schedule(corpus, tmp_path):
+    assert RunLength(100, None, 10, kind="constant").lr(99, 1.0, 0.1) == pytest.approx(1.0)
+    wsd = RunLength(100, None, 10, kind="wsd", decay_fraction=0.5)
+    assert wsd.lr(49, 1.0, 0.1) == pytest.approx(1.0) and wsd.lr(75, 1.0, 0.1) == pytest.approx(0.55)
+    data, _, vocab = corpus
+    m, t = configs(vocab, lr_schedule="constant", max_steps=8, eval_every=100, save_every=100)
+    train(m, t, tmp_path / "run", data, log=quiet)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs == [pytest.approx(3e-3)] * 2  # cosine would have decayed by step 8 of 8
+
+
 def test_effective_warmup_is_capped_at_five_percent_of_a_known_run():
     assert effective_warmup(1000, 300) == 15
     assert effective_warmup(10, 10_000) == 10

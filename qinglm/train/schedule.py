@@ -9,7 +9,7 @@ from collections.abc import Callable
 from qinglm.errors import QingLMError
 
 
-def cosine_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+def cosine_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
     """Return the lr of 0-based update `step`: linear warmup to peak, cosine down to min_ratio*peak at total."""
     if step < warmup:
         # (step+1)/warmup: the first update already moves (lr 0 would waste a step), the last reaches peak.
@@ -21,17 +21,76 @@ def cosine_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: flo
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# The seam for other schedules (linear, wsd, constant): same keyword signature, picked by name.
-SCHEDULES: dict[str, Callable[..., float]] = {"cosine": cosine_lr}
+def linear_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
+    """Return the lr of 0-based update `step`: linear warmup to peak, linear down to min_ratio*peak at total."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if step >= total:
+        return floor
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * (1.0 - progress)
+
+
+def wsd_lr(
+    step: int,
+    *,
+    peak: float,
+    warmup: int,
+    total: int,
+    min_ratio: float,
+    decay_fraction: float = 0.2,
+    **_: float,
+) -> float:
+    """Return the lr of 0-based update `step`: warmup, stable at peak, then linear decay to min_ratio*peak
+    over the last decay_fraction of the run (warmup-stable-decay, as in MiniCPM)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if step >= total:
+        return floor
+    decay_start = max(warmup, total - max(1, round(decay_fraction * total)))
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return floor + (peak - floor) * (1.0 - progress)
+
+
+def constant_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
+    """Return the lr of 0-based update `step`: linear warmup to peak, then peak for good."""
+    return peak * (step + 1) / warmup if step < warmup else peak
+
+
+# Schedules by name: same keyword signature (extra keywords such as decay_fraction are ignored where unused).
+SCHEDULES: dict[str, Callable[..., float]] = {
+    "cosine": cosine_lr,
+    "linear": linear_lr,
+    "wsd": wsd_lr,
+    "constant": constant_lr,
+}
 
 
 def lr_at(
-    step: int, *, peak: float, warmup: int, total: int, min_ratio: float, kind: str = "cosine"
+    step: int,
+    *,
+    peak: float,
+    warmup: int,
+    total: int,
+    min_ratio: float,
+    kind: str = "cosine",
+    decay_fraction: float = 0.2,
 ) -> float:
     """Return the learning rate of 0-based update `step` under schedule `kind` (default: warmup + cosine)."""
     if kind not in SCHEDULES:
         raise QingLMError(f"unknown lr schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[kind](step, peak=peak, warmup=max(1, warmup), total=total, min_ratio=min_ratio)
+    return SCHEDULES[kind](
+        step,
+        peak=peak,
+        warmup=max(1, warmup),
+        total=total,
+        min_ratio=min_ratio,
+        decay_fraction=decay_fraction,
+    )
 
 
 def effective_warmup(warmup_steps: int, total: int | None) -> int:
@@ -62,7 +121,15 @@ class RunLength:
 
     ESTIMATE_AT = (10, 20, 50, 100)
 
-    def __init__(self, total: int | None, max_time_s: float | None, warmup_steps: int):
+    def __init__(
+        self,
+        total: int | None,
+        max_time_s: float | None,
+        warmup_steps: int,
+        kind: str = "cosine",
+        decay_fraction: float = 0.2,
+    ):
+        self.kind, self.decay_fraction = kind, decay_fraction
         self.fixed = total is not None
         self.total = total
         self.max_time_s = max_time_s
@@ -99,4 +166,12 @@ class RunLength:
         """Return the lr of 0-based update `step`; before a time-only run's first estimate, plain warmup."""
         if self.total is None:
             return peak * min(1.0, (step + 1) / self.warmup)
-        return lr_at(step, peak=peak, warmup=self.warmup, total=self.total, min_ratio=min_ratio)
+        return lr_at(
+            step,
+            peak=peak,
+            warmup=self.warmup,
+            total=self.total,
+            min_ratio=min_ratio,
+            kind=self.kind,
+            decay_fraction=self.decay_fraction,
+        )

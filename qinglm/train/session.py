@@ -116,7 +116,11 @@ def setup_run(
     steps_per_epoch = max(1, batches.steps_per_epoch // cfg.grad_accum)
     max_time_s = cfg.max_time * 60 if cfg.max_time is not None else None
     length = RunLength(
-        known_total(cfg.max_steps, cfg.num_epochs, steps_per_epoch), max_time_s, cfg.warmup_steps
+        known_total(cfg.max_steps, cfg.num_epochs, steps_per_epoch),
+        max_time_s,
+        cfg.warmup_steps,
+        kind=cfg.lr_schedule,
+        decay_fraction=cfg.decay_fraction,
     )
     r = Run(
         cfg=cfg,
@@ -176,5 +180,6 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
         f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens per step",
         f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "
         f"{torch.get_num_threads()} CPU threads",
-        f"schedule: {plan}, cosine {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
+        f"schedule: {plan}, {cfg.lr_schedule} {cfg.lr:g} -> "
+        f"{cfg.lr * (1.0 if cfg.lr_schedule == 'constant' else cfg.min_lr_ratio):g}",
     ]
