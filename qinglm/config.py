@@ -79,6 +79,9 @@ class ModelConfig:
     gated_attention: bool = _f(
         False, "sigmoid output gate per head computed from the block input, as in Qwen3-Next"
     )
+    gradient_checkpointing: bool = _f(
+        False, "recompute each block's activations in the backward pass: less memory, ~30%% more time"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +116,12 @@ class TrainConfig:
     decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying")
     warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
+    optimizer: str = _f(
+        "adamw",
+        "adamw, or muon: Muon for the 2-D weight matrices inside the blocks, AdamW for the rest",
+        ["adamw", "muon"],
+    )
+    muon_lr: float = _f(0.02, "Muon learning rate for the hidden 2-D weight matrices")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
 
@@ -251,8 +252,14 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.drop(x)
+        # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
+        # pass; checkpoint() restores the RNG state, so dropout draws the same masks both times.
+        recompute = self.training and self.cfg.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, start)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, i, start, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i, start)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

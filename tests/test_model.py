@@ -223,3 +223,41 @@ def test_init_choices_set_the_documented_stds():
     assert emb.std().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding's N(0, 1)
     with pytest.raises(QingLMError, match="unknown init"):
         resolve_model(ModelConfig(init="weird"))
+
+
+@pytest.mark.parametrize("kw", [dict(family="modern"), dict(family="classic")], ids=["modern", "classic"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kw, monkeypatch):
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            vocab_size=97,
+            d_model=32,
+            n_layers=3,
+            n_heads=4,
+            max_seq_len=64,
+            dropout=0.1,
+            gradient_checkpointing=checkpointing,
+            **kw,
+        )
+        model = Transformer(cfg).train()
+        g = torch.Generator().manual_seed(1)
+        idx, targets = torch.randint(0, 97, (2, 24), generator=g), torch.randint(0, 97, (2, 24), generator=g)
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_a, grads_a = loss_and_grads(False)
+    assert not calls
+    loss_b, grads_b = loss_and_grads(True)
+    assert len(calls) == 3  # one per block
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -78,11 +78,15 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    oa, ob = (load_trainer_state(latest_checkpoint(r))["optimizer"]["state"] for r in (a, b))
-    assert oa.keys() == ob.keys()
-    for i in oa:
-        for k in oa[i]:
-            assert torch.equal(oa[i][k], ob[i][k]), (i, k)
+    sa, sb = (load_trainer_state(latest_checkpoint(r))["optimizer"] for r in (a, b))
+    # a combined optimizer (Muon + AdamW) stores {"optimizers": [state_dict, ...]}
+    sa, sb = (sd.get("optimizers", [sd]) for sd in (sa, sb))
+    assert len(sa) == len(sb)
+    for j, (oa, ob) in enumerate(zip((sd["state"] for sd in sa), (sd["state"] for sd in sb))):
+        assert oa.keys() == ob.keys()
+        for i in oa:
+            for k in oa[i]:
+                assert torch.equal(oa[i][k], ob[i][k]), (j, i, k)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -299,3 +303,76 @@ def test_optimizer_decays_matrices_only_and_holds_a_tied_weight_once(tie):
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert ("head.weight" in decay["names"]) is not tie
+
+
+# ---------------------------------------------------------------------------- Muon
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tie):
+    model = Transformer(
+        ModelConfig(
+            vocab_size=300,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            max_seq_len=16,
+            tie_embeddings=tie,
+            bias=True,
+            gated_attention=True,
+        )
+    )
+    _, cfg = configs(300, optimizer="muon", lr=1e-3, muon_lr=0.02)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    adamw, muon = opt.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # every parameter exactly once
+    adamw_names = {n for g in adamw.param_groups for n in g["names"]}
+    muon_names = {n for g in muon.param_groups for n in g["names"]}
+    assert {"embed.weight", "norm.weight"} <= adamw_names and ("head.weight" in adamw_names) is not tie
+    assert all(
+        not n.startswith("blocks.") or p.dim() == 1 for n, p in model.named_parameters() if n in adamw_names
+    )
+    expected = {
+        f"blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.qkv", "attn.out", "attn.gate", "mlp.up", "mlp.down")
+    }
+    assert muon_names == expected
+    assert all(g["lr_scale"] == pytest.approx(20.0) for g in muon.param_groups)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48)])
+def test_one_muon_step_is_a_near_orthogonal_update(shape):
+    # A gradient with singular values spread over 1 .. 0.03 (condition number ~32).
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    w = torch.nn.Parameter(torch.randn(*shape))
+    w.grad = u @ torch.diag(torch.logspace(0, -1.5, k)) @ v.T
+    before = w.detach().clone()
+    lr = 0.01
+    torch.optim.Muon([w], lr=lr, weight_decay=0.0, adjust_lr_fn="original").step()  # zero momentum
+    adjust = math.sqrt(max(1, shape[0] / shape[1]))  # what "original" multiplies the lr by
+    s = torch.linalg.svdvals((before - w.detach()) / (lr * adjust))
+    # Five quintic Newton-Schulz steps leave the singular values in about 0.68 .. 1.14, not exactly 1.
+    assert ((s > 0.6) & (s < 1.3)).all(), s
+    assert s.mean().item() == pytest.approx(1.0, abs=0.15)
+
+
+def test_muon_training_learns_and_resumes_bit_identically(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab, optimizer="muon", min_lr_ratio=1.0)
+    ra = train(m, t, tmp_path / "a", data, log=quiet)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "a") if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
+    m, t8 = configs(vocab, optimizer="muon", min_lr_ratio=1.0, max_steps=8)
+    assert train(m, t8, tmp_path / "b", data, log=quiet)["step"] == 8
+    trainer = load_trainer_state(latest_checkpoint(tmp_path / "b"))
+    assert len(trainer["optimizer"]["optimizers"]) == 2
+    m, t12 = configs(vocab, optimizer="muon", min_lr_ratio=1.0, resume=True)
+    rb = train(m, t12, tmp_path / "b", data, log=quiet)
+    assert ra["step"] == rb["step"] == 12
+    assert_same_run(tmp_path / "a", tmp_path / "b")
