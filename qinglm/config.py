@@ -82,6 +82,16 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(
         False, "recompute each block's activations in the backward pass: less memory, ~30%% more time"
     )
+    # Mixture of experts (qinglm/moe.py): off while n_experts is 0, so default models are unchanged.
+    n_experts: int = _f(0, "routed experts per MoE feed-forward layer (0 = dense MLP)")
+    experts_per_token: int = _f(2, "MoE: experts each token is routed to (top-k)")
+    shared_experts: int = _f(0, "MoE: always-on experts added to the routed output")
+    moe_every: int = _f(
+        1, "MoE on every k-th block: block i (from 0) is MoE when i %% k == k-1 (1 = every block)"
+    )
+    router: str = _f("softmax", "MoE router scores", ["softmax", "sigmoid"])
+    moe_aux_coef: float = _f(0.01, "MoE: weight of the load-balancing loss (Switch/GShard)")
+    moe_z_coef: float = _f(0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)")
 
     @property
     def head_dim(self) -> int:
@@ -195,6 +205,23 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         raise QingLMError(f"dropout must be in [0, 1), got {c.dropout}")
     if c.init not in ("default", "gpt2", "small"):
         raise QingLMError(f"unknown init {c.init!r}; choose one of default, gpt2, small")
+    if c.n_experts < 0:
+        raise QingLMError(f"n_experts must be 0 (dense) or positive, got {c.n_experts}")
+    if c.n_experts > 0:
+        if not 1 <= c.experts_per_token <= c.n_experts:
+            raise QingLMError(
+                f"experts_per_token must be between 1 and n_experts ({c.n_experts}), got {c.experts_per_token}"
+            )
+        if c.shared_experts < 0:
+            raise QingLMError(f"shared_experts must be 0 or positive, got {c.shared_experts}")
+        if c.moe_every < 1:
+            raise QingLMError(f"moe_every must be positive, got {c.moe_every}")
+        if c.router not in ("softmax", "sigmoid"):
+            raise QingLMError(f"unknown router {c.router!r}; choose one of softmax, sigmoid")
+        if c.moe_aux_coef < 0 or c.moe_z_coef < 0:
+            raise QingLMError("moe_aux_coef and moe_z_coef must not be negative")
+    elif c.shared_experts:
+        raise QingLMError("shared_experts needs n_experts > 0")
     return c
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
+from qinglm.moe import MoE
 
 IGNORE_INDEX = -100  # targets with this value (padding) carry no loss
 
@@ -171,13 +172,18 @@ class MLP(nn.Module):
         return self.down(h)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def is_moe_block(cfg: ModelConfig, i: int) -> bool:
+    """Block i (counting from 0) is a mixture of experts when i % moe_every == moe_every - 1."""
+    return cfg.n_experts > 0 and i % cfg.moe_every == cfg.moe_every - 1
 
-    def __init__(self, cfg: ModelConfig):
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); mlp may be a MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MoE(cfg, MLP) if moe else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache, layer, start):
@@ -204,7 +210,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, is_moe_block(cfg, i)) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -266,9 +272,27 @@ class Transformer(nn.Module):
         logits = self.head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
+        if self.training and self.cfg.n_experts > 0:  # MoE router losses of this forward
+            moes = self.moe_layers()
+            loss = loss + self.cfg.moe_aux_coef * sum(m.aux_loss for m in moes.values())
+            if self.cfg.moe_z_coef:
+                loss = loss + self.cfg.moe_z_coef * sum(m.z_loss for m in moes.values())
+        return loss
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """Return the MoE feed-forward layers by block index (empty for a dense model)."""
+        return {i: b.mlp for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)}
+
+    def moe_stats(self) -> dict[str, list[float]]:
+        """Return each MoE layer's expert utilisation (fraction of token-slots) in the last forward."""
+        return {
+            f"blocks.{i}": m.utilisation.tolist()
+            for i, m in self.moe_layers().items()
+            if m.utilisation is not None
+        }
 
     def param_counts(self) -> dict[str, int]:
         """Return parameter counts by part: embeddings, blocks, head (0 when tied), total."""

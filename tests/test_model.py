@@ -15,6 +15,7 @@ VARIANTS = [
     dict(family="modern", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True),
     dict(family="modern", qk_norm=True),
     dict(family="modern", gated_attention=True, qk_norm=True, n_kv_heads=1),
+    dict(family="modern", n_experts=4, experts_per_token=2, shared_experts=1, moe_every=1),
 ]
 
 
