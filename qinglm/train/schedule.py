@@ -8,65 +8,43 @@ from collections.abc import Callable
 
 from qinglm.errors import QingLMError
 
+# After warmup, a schedule is a shape: the fraction of the way from the floor (min_ratio * peak) up
+# to the peak, as a function of the update's position. Warmup and the floor are shared by all.
 
-def cosine_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
-    """Return the lr of 0-based update `step`: linear warmup to peak, cosine down to min_ratio*peak at total."""
-    if step < warmup:
-        # (step+1)/warmup: the first update already moves (lr 0 would waste a step), the last reaches peak.
-        return peak * (step + 1) / warmup
-    floor = peak * min_ratio
+
+def _progress(step: int, start: int, total: int) -> float:
+    """Return how far step is from start to total, clamped to [0, 1] (1 from total on)."""
     if step >= total:
-        return floor
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return min(1.0, max(0.0, (step - start) / max(1, total - start)))
 
 
-def linear_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
-    """Return the lr of 0-based update `step`: linear warmup to peak, linear down to min_ratio*peak at total."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    floor = peak * min_ratio
-    if step >= total:
-        return floor
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * (1.0 - progress)
+def cosine_shape(step: int, warmup: int, total: int, decay_fraction: float) -> float:
+    """Cosine from peak down to the floor at total."""
+    return 0.5 * (1.0 + math.cos(math.pi * _progress(step, warmup, total)))
 
 
-def wsd_lr(
-    step: int,
-    *,
-    peak: float,
-    warmup: int,
-    total: int,
-    min_ratio: float,
-    decay_fraction: float = 0.2,
-    **_: float,
-) -> float:
-    """Return the lr of 0-based update `step`: warmup, stable at peak, then linear decay to min_ratio*peak
-    over the last decay_fraction of the run (warmup-stable-decay, as in MiniCPM)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    floor = peak * min_ratio
-    if step >= total:
-        return floor
+def linear_shape(step: int, warmup: int, total: int, decay_fraction: float) -> float:
+    """A straight line from peak down to the floor at total (LightweightLM)."""
+    return 1.0 - _progress(step, warmup, total)
+
+
+def wsd_shape(step: int, warmup: int, total: int, decay_fraction: float) -> float:
+    """Stable at peak, then a straight line to the floor over the last decay_fraction of the run (MiniCPM)."""
     decay_start = max(warmup, total - max(1, round(decay_fraction * total)))
-    if step < decay_start:
-        return peak
-    progress = (step - decay_start) / max(1, total - decay_start)
-    return floor + (peak - floor) * (1.0 - progress)
+    return 1.0 - _progress(step, decay_start, total)
 
 
-def constant_lr(step: int, *, peak: float, warmup: int, total: int, min_ratio: float, **_: float) -> float:
-    """Return the lr of 0-based update `step`: linear warmup to peak, then peak for good."""
-    return peak * (step + 1) / warmup if step < warmup else peak
+def constant_shape(step: int, warmup: int, total: int, decay_fraction: float) -> float:
+    """Peak for good."""
+    return 1.0
 
 
-# Schedules by name: same keyword signature (extra keywords such as decay_fraction are ignored where unused).
-SCHEDULES: dict[str, Callable[..., float]] = {
-    "cosine": cosine_lr,
-    "linear": linear_lr,
-    "wsd": wsd_lr,
-    "constant": constant_lr,
+SCHEDULES: dict[str, Callable[[int, int, int, float], float]] = {
+    "cosine": cosine_shape,
+    "linear": linear_shape,
+    "wsd": wsd_shape,
+    "constant": constant_shape,
 }
 
 
@@ -83,14 +61,14 @@ def lr_at(
     """Return the learning rate of 0-based update `step` under schedule `kind` (default: warmup + cosine)."""
     if kind not in SCHEDULES:
         raise QingLMError(f"unknown lr schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[kind](
-        step,
-        peak=peak,
-        warmup=max(1, warmup),
-        total=total,
-        min_ratio=min_ratio,
-        decay_fraction=decay_fraction,
-    )
+    warmup = max(1, warmup)
+    if step < warmup:
+        # (step+1)/warmup: the first update already moves (lr 0 would waste a step), the last reaches peak.
+        return peak * (step + 1) / warmup
+    floor, shape = peak * min_ratio, SCHEDULES[kind](step, warmup, total, decay_fraction)
+    if shape in (0.0, 1.0):  # exactly the floor or the peak, with no rounding in between
+        return peak if shape else floor
+    return floor + (peak - floor) * shape
 
 
 def effective_warmup(warmup_steps: int, total: int | None) -> int:
