@@ -118,7 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name")
     e.add_argument("out")
     e.add_argument("--split", default="all", choices=["all", "train", "val"])
+
+    for module in _command_modules():
+        COMMANDS.update(module.register(sub))
     return parser
+
+
+# Further subcommands live beside the code they drive. Each module has
+# `register(sub) -> {name: handler}`: it adds its parsers to `sub` (importing nothing heavy) and returns
+# the handlers, which take the parsed argparse.Namespace.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _command_modules():
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
 # ---------------------------------------------------------------------------- commands

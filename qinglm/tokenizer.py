@@ -17,6 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from qinglm.chat import CHAT_TEMPLATE
 from qinglm.errors import QingLMError
 from qinglm.io import write_text_atomic
 
@@ -97,9 +98,13 @@ class Tokenizer:
         directory: str | os.PathLike,
         *,
         model_max_length: int | None = None,
-        chat_template: str | None = None,
+        chat_template: str | None = CHAT_TEMPLATE,
     ) -> None:
-        """Return nothing; write tokenizer.json and tokenizer_config.json (transformers-loadable)."""
+        """Return nothing; write tokenizer.json, tokenizer_config.json and chat_template.jinja.
+
+        The files load in transformers (PreTrainedTokenizerFast / AutoTokenizer); the chat template is
+        QingLM's ChatML (`qinglm.chat`) unless another is given, or None for none.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -120,6 +125,8 @@ class Tokenizer:
         # tokenizer.json first: a config next to a stale tokenizer.json would be the worse half-state.
         write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
         write_text_atomic(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+        if chat_template is not None:
+            write_text_atomic(directory / "chat_template.jinja", chat_template)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

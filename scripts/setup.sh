@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install QingLM into the current Python environment (use a venv if you like: python -m venv .venv && . .venv/bin/activate).
 #   bash scripts/setup.sh          the package and what it needs
-#   bash scripts/setup.sh --dev    plus the test tools (pytest, ruff, transformers, pyarrow)
+#   bash scripts/setup.sh --dev    plus every optional extra and the test tools (pytest, ruff, transformers,
+#                                  gguf, fastapi, openai, playwright), and Debian's chromium for the web page test
 # PyTorch is installed first and pinned: a bare `torch` requirement with no torch present pulls a
 # multi-GB CUDA build. An already installed torch (a CUDA build on a GPU machine, say) is kept.
 set -euo pipefail
@@ -20,4 +21,9 @@ extra=""
 [[ "${1:-}" == "--dev" ]] && extra="[dev]"
 echo "setup: installing qinglm$extra"
 "$PY" -m pip install -q -e ".$extra"
+if [[ -n "$extra" ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  echo "setup: installing Debian's chromium (headless browser for the web chat page test)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: warning: could not install chromium; the browser test will be skipped"
+fi
 "$PY" -m qinglm --version

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from qinglm.chat import CHAT_TEMPLATE
 import snownlp
 
 from qinglm.errors import QingLMError
@@ -98,7 +100,11 @@ def test_save_load_gives_identical_tokenizer(tok, tmp_path):
         loaded = Tokenizer.load(path)
         assert loaded.fingerprint() == tok.fingerprint()
         assert loaded.encode_batch(HARD_STRINGS) == tok.encode_batch(HARD_STRINGS)
-    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == [
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
 
 
 def test_tokenizer_config_names_special_tokens_and_takes_a_chat_template(tok, tmp_path):
@@ -107,7 +113,8 @@ def test_tokenizer_config_names_special_tokens_and_takes_a_chat_template(tok, tm
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["pad_token"], config["bos_token"], config["eos_token"]) == ("[PAD]", "[BOS]", "[EOS]")
     assert config["model_max_length"] == 512
-    assert "chat_template" not in config
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert (tmp_path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
     tok.save(tmp_path, chat_template="{{ messages }}")
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}"
 
