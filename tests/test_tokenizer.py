@@ -4,10 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from qinglm.chat import CHAT_TEMPLATE
 import snownlp
 
+from qinglm.chat import CHAT_TEMPLATE
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import (
     BOS_ID,
