@@ -1,7 +1,8 @@
 """Every benchmark in turn, each printing its table: `python -m benchmarks [--minutes 10]`.
 
 Runs the tokenizer comparison, training throughput (tokens/s, MFU, peak RSS) and quality at equal
-wall-clock budget against the nanoGPT-style baseline. Takes about 2 * minutes + 10 minutes.
+wall-clock budget against the nanoGPT-style baseline, then inference speed (KV-cache engine vs no-cache
+loop vs transformers, int8/bf16 vs fp32) and the BPC change of int8. Takes about 2 * minutes + 20 minutes.
 """
 
 import argparse
@@ -29,6 +30,7 @@ def main() -> None:
             "small",
         ],
         ["quality", "--minutes", f"{args.minutes:g}", "--recipes", "baseline:lr=2e-3", "qinglm"],
+        ["inference", "--threads", "1"],
     ]
     for run in runs:
         print(f"\n## python -m benchmarks.{' '.join(run)}\n", flush=True)

@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from qinglm.api import LM
 
 
-def load(run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None = None) -> LM:
+def load(
+    run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None = None, quantize: str = "none"
+) -> LM:
     """Return the trained LM in run_dir (see qinglm.api.load); imports torch on first use."""
     from qinglm.api import load as _load
 
-    return _load(run_dir, device, tokenizer)
+    return _load(run_dir, device, tokenizer, quantize)
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +54,14 @@ class LM:
         repetition_penalty: float = _DEFAULT.repetition_penalty,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        stop: Sequence[str] = (),
     ) -> Iterator[str]:
-        """Return an iterator of text pieces continuing prompt (temperature 0 = greedy)."""
+        """Return an iterator of text pieces continuing prompt (temperature 0 = greedy).
+
+        The text ends before the first of the stop strings, if one is generated.
+        """
+        from qinglm.engine import Generation, Request
+
         cfg = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -65,18 +71,56 @@ class LM:
             seed=seed,
             stop_at_eos=stop_at_eos,
         )
-        ids = generate_ids(
-            self.model,
-            encode_prompt(self.tokenizer, prompt),
-            cfg,
-            eos_id=self.tokenizer.eos_id,
-            device=self.device,
-        )
-        return stream_text(ids, self.tokenizer)
+        request = Request(encode_prompt(self.tokenizer, prompt), cfg, stop)
+        gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
+        return (ev.text for events in gen for ev in events if ev.text)
 
     def generate(self, prompt: str, **sampling: Any) -> str:
         """Return the continuation of prompt, without the prompt; takes stream()'s sampling arguments."""
         return "".join(self.stream(prompt, **sampling))
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = _DEFAULT.max_new_tokens,
+        temperature: float = _DEFAULT.temperature,
+        top_k: int | None = _DEFAULT.top_k,
+        top_p: float | None = _DEFAULT.top_p,
+        repetition_penalty: float = _DEFAULT.repetition_penalty,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Return an iterator of text pieces of the assistant's reply to messages (ChatML, qinglm.chat).
+
+        The reply stops at <|im_end|> or [EOS]. When the chat does not fit the context with room for
+        the reply (up to max_new_tokens, at most half the context), the oldest non-system turns are dropped.
+        """
+        from qinglm.sft.data import fit_history
+
+        reserve = min(max_new_tokens, self.config.max_seq_len // 2)
+        _, ids = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_at_eos=True,
+        )
+        reply = generate_ids(self.model, ids, cfg, eos_id=self.tokenizer.im_end_id, device=self.device)
+        eos = self.tokenizer.eos_id
+
+        def until_eos() -> Iterator[int]:
+            for t in reply:
+                if t == eos:
+                    return
+                yield t
+
+        return stream_text(until_eos(), self.tokenizer)
+
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
+        """Return the assistant's reply to messages; takes stream_chat()'s sampling arguments."""
+        return "".join(self.stream_chat(messages, **sampling))
 
     def evaluate(
         self,
@@ -132,19 +176,26 @@ def _find_run_dir(path: Path) -> tuple[Path, Path | None]:
         raise QingLMError(f"run directory not found: {path}; pass the --out directory of a training run")
     if path.is_dir() and (path / "config.json").is_file():
         return path, None
-    # e.g. RUN/best/model.safetensors or RUN/best: the run is the nearest parent with config.json
-    for parent in list(path.parents)[:2]:
+    # e.g. RUN/best/model.safetensors, RUN/best or RUN/checkpoints/step-N/model.safetensors: the run
+    # is the nearest parent with config.json
+    for parent in list(path.parents)[:3]:
         if (parent / "config.json").is_file():
             return parent, path
     raise QingLMError(f"{path} has no config.json; is it a QingLM run directory?")
 
 
-def load(run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None = None) -> LM:
+def load(
+    run_dir: str | Path,
+    device: str = "auto",
+    tokenizer: str | Path | None = None,
+    quantize: str = "none",
+) -> LM:
     """Return the LM saved in run_dir, in eval mode on device.
 
     run_dir holds config.json, tokenizer/ and weights (best/model.safetensors, else the latest
     checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
-    run's tokenizer directory.
+    run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
+    faster CPU inference (qinglm.quantize; inference only).
     """
     from qinglm.tokenizer import Tokenizer
     from qinglm.train.checkpoint import inference_weights, load_model_weights
@@ -161,6 +212,13 @@ def load(run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None
     if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
         raise QingLMError(f"{run} has no tokenizer/tokenizer.json; the run directory is incomplete")
     tok = Tokenizer.load(tok_dir)
+    own = run / "tokenizer"
+    if tokenizer is not None and (own / "tokenizer.json").is_file():
+        if Tokenizer.load(own).fingerprint() != tok.fingerprint():
+            raise QingLMError(
+                f"the tokenizer in {tok_dir} is not the one {run} was trained with ({own}); "
+                "drop --tokenizer-path or pass that tokenizer"
+            )
     model_cfg = from_dict(ModelConfig, config["model"], where="model config")
     if tok.vocab_size > model_cfg.vocab_size:
         raise QingLMError(
@@ -172,4 +230,8 @@ def load(run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None
     dev = resolve_device(device)
     model = Transformer(model_cfg)
     load_model_weights(model, weights)
+    if quantize != "none":
+        from qinglm.quantize import quantize as quantize_model
+
+        model = quantize_model(model.to(dev), quantize)
     return LM(model, tok, run_dir=run, device=dev)

@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="prompts decoded together (prompts of any lengths)"
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: int8 weights for faster CPU inference",
+    )
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
 
@@ -127,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Further subcommands live beside the code they drive. Each module has
 # `register(sub) -> {name: handler}`: it adds its parsers to `sub` (importing nothing heavy) and returns
 # the handlers, which take the parsed argparse.Namespace.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "qinglm.experiment",
+    "qinglm.serve.cli",
+    "qinglm.tools_cli",
+    "qinglm.sft.cli",
+    "qinglm.export.cli",
+)
 
 
 def _command_modules():
@@ -162,17 +180,30 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import qinglm
+    from qinglm.engine import complete
 
-    lm = qinglm.load(args.model, device=args.device, tokenizer=args.tokenizer_path)
+    prompts = _prompts(args)
+    lm = qinglm.load(args.model, device=args.device, tokenizer=args.tokenizer_path, quantize=args.quantize)
     sampling = {**given(args, SamplingConfig)}
-    for prompt in _prompts(args):
-        if args.stream:
+    if args.stream:
+        for prompt in prompts:
             print(prompt, end="", flush=True)
-            for piece in lm.stream(prompt, **sampling):
+            for piece in lm.stream(prompt, **sampling, stop=args.stop):
                 print(piece, end="", flush=True)
             print()
-        else:
-            print(prompt + lm.generate(prompt, **sampling))
+        return
+    # One line per prompt, in order, each printed as soon as its batch is done.
+    completions = complete(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        SamplingConfig(**sampling),
+        batch_size=args.batch_size,
+        stop=args.stop,
+        device=lm.device,
+    )
+    for prompt, text in zip(prompts, completions):
+        print(prompt + text, flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -53,7 +53,6 @@ class ModelConfig:
     n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (default: n_heads)")
     d_ff: int | None = _f(None, "MLP hidden size (default: 4*d_model for gelu, ~8/3*d_model for swiglu)")
     max_seq_len: int = _f(512, "maximum context length")
-    # The seeds use 0.1; measured on short CPU pretraining runs, 0 learns faster (benchmarks/README.md).
     # The seeds use 0.1; on short pretraining runs 0 learns faster (measured: benchmarks/README.md).
     dropout: float = _f(0.0, "dropout probability (0 is best for short pretraining; try 0.1 for many epochs)")
     family: str = _f(
@@ -124,6 +123,11 @@ class TrainConfig:
         ["cosine", "linear", "wsd", "constant"],
     )
     decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying")
+    seq_len_schedule: str = _f(
+        "",
+        "progressive sequence length: LENGTH:UNTIL stages, e.g. 64:0.2,128:0.5 trains on 64-token rows "
+        "for the first 20%% of steps, 128 until 50%%, then seq_len (same tokens per step)",
+    )
     warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
     optimizer: str = _f(
@@ -153,12 +157,26 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     patience: int | None = _f(None, "early stop after N validations without improvement")
     resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
+    parallel: str = _f(
+        "auto",
+        "multi-process training under torchrun: ddp (replicas), fsdp (sharded, FSDP2); auto = ddp",
+        ["auto", "ddp", "fsdp"],
+    )
+    nproc: int = _f(0, "launch this many processes on this machine with torchrun (0 = no launch)")
     val_fraction: float = _f(0.02, "fraction of documents held out for validation")
     encoding: str | None = _f(None, "text encoding of data files (default: detect)")
     nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
     text_field: str = _f("text", "JSONL/Parquet field holding the text")
     sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
-    sample_tokens: int = _f(60, "tokens to generate per sample prompt")
+    sample_tokens: int = _f(
+        60, "tokens to generate per sample prompt (after training; greedy ones at each validation)"
+    )
+    tracker: str = _f(
+        "none",
+        "experiment tracker besides metrics.jsonl: tensorboard (RUN/tensorboard), wandb or swanlab "
+        "(offline with WANDB_MODE=offline / SWANLAB_MODE=offline)",
+        ["none", "tensorboard", "wandb", "swanlab"],
+    )
 
 
 @dataclass
@@ -242,8 +260,20 @@ def check_train(t: TrainConfig, m: ModelConfig) -> None:
         )
     if not 0.0 < t.decay_fraction <= 1.0:
         raise QingLMError(f"decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    from qinglm.train.schedule import parse_seq_len_schedule
+
+    parse_seq_len_schedule(t.seq_len_schedule, t.seq_len)
     if not 0.0 < t.val_fraction < 1.0:
         raise QingLMError(f"val_fraction must be between 0 and 1, got {t.val_fraction}")
+    if t.parallel not in ("auto", "ddp", "fsdp"):
+        raise QingLMError(f"unknown parallel mode {t.parallel!r}; choose one of auto, ddp, fsdp")
+    if t.nproc < 0:
+        raise QingLMError(f"nproc must be 0 (no launch) or a number of processes, got {t.nproc}")
+    if t.parallel == "fsdp" and t.optimizer != "adamw":
+        raise QingLMError("--parallel fsdp works with --optimizer adamw; use --parallel ddp for Muon")
+    from qinglm.tracking import check_tracker
+
+    check_tracker(t.tracker)  # an unknown tracker or a missing package fails before any slow work
 
 
 # ---------------------------------------------------------------------------- dicts and files

@@ -1,9 +1,10 @@
 """Text generation: the one sampling function and the one decoding loop.
 
-Everything that produces text - ``generate``, ``stream``, the Python API, and later chat and the
-server - goes through ``generate_ids`` (prefill once into a KV cache, then one token per step)
-and picks tokens with ``sample_next``. ``stream_text`` turns the ids into text pieces that never
-end in half a character, so a byte-level tokenizer can be streamed safely.
+Everything that produces text - ``generate``, ``stream``, the Python API, chat and the server -
+goes through the batched engine (``qinglm.engine.Generation``: prefill once into a KV cache, then
+one token per step; ``generate_ids`` is its single-config front end) and picks tokens with
+``sample_next``. ``TextDecoder`` / ``stream_text`` turn the ids into text pieces that never end in
+half a character (so a byte-level tokenizer can be streamed safely) nor in part of a stop string.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.model import KVCache, Transformer
+from qinglm.model import Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -71,18 +72,22 @@ def sample_next(
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
+    use_top_p = cfg.top_p is not None and cfg.top_p < 1.0
+    # Candidates in descending order: the top k only (so top-p sorts k values, not the vocabulary),
+    # or all tokens sorted when top-p needs them, or all tokens as they are.
+    order = None
     if cfg.top_k is not None and 0 < cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        logits, order = torch.topk(logits, cfg.top_k, dim=-1)
+    elif use_top_p:
+        logits, order = logits.sort(dim=-1, descending=True)
+    if use_top_p:
+        probs = logits.softmax(dim=-1)
         # Drop a token when the tokens before it already reach p; the first is always kept.
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
         drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+    return (choice if order is None else order.gather(1, choice)).squeeze(1)
 
 
 # ---------------------------------------------------------------------------- the decoding loop
@@ -111,112 +116,101 @@ def generate_ids(
 def generate_ids(model, prompt_ids, cfg, *, eos_id, device=None):
     """Return an iterator over newly generated token ids, yielded as soon as each is sampled.
 
-    prompt_ids is one prompt (yields ints) or a batch of equally long prompts (yields one list
+    prompt_ids is one prompt (yields ints) or a batch of prompts, of any lengths (yields one list
     per step with an id per row, None for rows that already stopped). Generation stops at EOS
     (which is not yielded) when cfg.stop_at_eos, after cfg.max_new_tokens tokens, or when the
-    model's context is full. The model runs in eval mode and under inference_mode.
+    model's context is full. The model runs in eval mode and under inference_mode. This is
+    ``qinglm.engine.Generation`` with one SamplingConfig for every row.
     """
-    check_sampling(cfg)
+    from qinglm.engine import Generation, Request  # the engine builds on this module's sampling
+
     single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
     rows = [list(prompt_ids)] if single else [list(r) for r in prompt_ids]
-    max_len, vocab = model.cfg.max_seq_len, model.cfg.vocab_size
-    n_prompt = len(rows[0]) if rows else 0
-    if n_prompt == 0:
+    if not rows:
         raise QingLMError("the prompt is empty; encode it as [BOS] + tokens")
-    if any(len(r) != n_prompt for r in rows):
-        # Per-row prompt lengths need left padding or per-row positions; not supported yet.
-        raise QingLMError("all prompts in a batch must have the same number of tokens")
-    if n_prompt > max_len:
-        raise QingLMError(f"prompt is {n_prompt} tokens but the model's context is {max_len}; shorten it")
-    if any(not 0 <= t < vocab for r in rows for t in r):
-        raise QingLMError(
-            f"prompt has token ids outside the model's vocabulary of {vocab}; "
-            "use the tokenizer that was trained with this model"
-        )
-    return _decode_loop(model, rows, cfg, eos_id, device, single)
+    gen = Generation(model, [Request(r, cfg) for r in rows], eos_id=eos_id, device=device)
+    return _ids_per_step(gen, len(rows), single)
 
 
-def _decode_loop(
-    model: Transformer,
-    rows: list[list[int]],
-    cfg: SamplingConfig,
-    eos_id: int | None,
-    device: torch.device | str | None,
-    single: bool,
-) -> Iterator:
-    """Return the generator behind generate_ids (arguments already checked)."""
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
-    max_len = model.cfg.max_seq_len
-    batch, n_prompt = len(rows), len(rows[0])
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if cfg.max_new_tokens == 0:
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        # Tensors are created and touched only inside inference_mode blocks, and yields happen
-        # outside them, so the caller's code never runs in inference mode.
-        with torch.inference_mode():
-            # The token sampled after a full context is still emitted but never fed back, so the
-            # cache needs at most max_len positions.
-            cache = KVCache(
-                model.cfg, batch, min(n_prompt + cfg.max_new_tokens, max_len), device, param.dtype
-            )
-            total = min(n_prompt + cfg.max_new_tokens, max_len + 1)  # prompt + everything emitted
-            context = torch.empty(batch, total, dtype=torch.long, device=device)
-            context[:, :n_prompt] = torch.tensor(rows, dtype=torch.long, device=device)
-            done = torch.zeros(batch, dtype=torch.bool, device=device)
-            logits = model(context[:, :n_prompt], cache=cache, start=0, last_only=True)[:, -1]
-        length = n_prompt
-        for step in range(cfg.max_new_tokens):
-            with torch.inference_mode():
-                nxt = sample_next(logits, cfg, generator, context[:, :length])
-                context[:, length] = nxt
-                is_eos = nxt == eos_id if (cfg.stop_at_eos and eos_id is not None) else torch.zeros_like(done)
-                newly = ~done & ~is_eos
-                done |= is_eos
-                ids = nxt.tolist()
-                emit = newly.tolist()
-                all_done = bool(done.all())
-            length += 1
-            if all_done:  # every row has hit EOS, so nothing new to emit
-                return
-            yield ids[0] if single else [t if e else None for t, e in zip(ids, emit)]
-            # Feeding the token at position length-1 needs length <= max_len positions.
-            if step == cfg.max_new_tokens - 1 or length > max_len:
-                return
-            with torch.inference_mode():
-                logits = model(
-                    context[:, length - 1 : length], cache=cache, start=length - 1, last_only=True
-                )[:, -1]
-    finally:
-        model.train(was_training)
+def _ids_per_step(gen: Iterable, n_rows: int, single: bool) -> Iterator:
+    """Return the generator behind generate_ids: the engine's events as one id (or None) per row."""
+    for events in gen:
+        step: list[int | None] = [None] * n_rows
+        for ev in events:
+            if ev.ids:
+                step[ev.row] = ev.ids[0]
+        if any(t is not None for t in step):
+            yield step[0] if single else step
 
 
 # ---------------------------------------------------------------------------- text
 
 
-def stream_text(ids_iter: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
-    """Return an iterator of text pieces for the ids, none ending in half a character.
+class TextDecoder:
+    """Turns token ids, one at a time, into text that never ends in half a character or a stop string.
 
-    Ids are held back until they decode to text that does not end in U+FFFD (an incomplete
-    UTF-8 sequence); whatever is left is flushed at the end. Splitting only after a complete
-    character keeps "".join(pieces) equal to tokenizer.decode(all ids).
+    Ids are held back until they decode to text that does not end in U+FFFD (an incomplete UTF-8
+    sequence); splitting only after a complete character keeps the joined pieces equal to
+    tokenizer.decode(all ids). Text that might be the start of a stop string is held back too, and
+    a stop string ends the text.
     """
-    pending: list[int] = []
+
+    def __init__(self, tokenizer: Tokenizer, stop: Iterable[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.pending: list[int] = []  # ids that do not decode to whole characters yet
+        self.held = ""  # decoded text that may begin a stop string
+
+    def feed(self, tok: int) -> tuple[str, bool]:
+        """Return (text now safe to emit, True when a stop string ended the text) after one more id."""
+        self.pending.append(tok)
+        text = self.tokenizer.decode(self.pending)
+        if not text or text.endswith(REPLACEMENT):
+            return "", False
+        self.pending = []
+        return self._release(self.held + text, final=False)
+
+    def finish(self) -> str:
+        """Return everything still held back; an unfinished last character decodes to U+FFFD."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return self._release(self.held + text, final=True)[0]
+
+    def _release(self, text: str, final: bool) -> tuple[str, bool]:
+        """Return (the part of text to emit, whether a stop string was found); keep the rest held."""
+        self.held = ""
+        if not self.stop:
+            return text, False
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return text[: min(hits)], True
+        if not final:
+            keep = max((_prefix_overlap(text, s) for s in self.stop), default=0)
+            if keep:
+                text, self.held = text[:-keep], text[-keep:]
+        return text, False
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Return the length of the longest end of text that is a proper beginning of stop."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def stream_text(ids_iter: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
+    """Return an iterator of text pieces for the ids, none ending in half a character (see TextDecoder).
+
+    Whatever is left at the end is flushed, so "".join(pieces) == tokenizer.decode(all ids).
+    """
+    decoder = TextDecoder(tokenizer)
     for tok in ids_iter:
-        pending.append(tok)
-        text = tokenizer.decode(pending)
-        if text and not text.endswith(REPLACEMENT):
-            yield text
-            pending = []
-    if pending:
-        text = tokenizer.decode(pending)
+        text, _ = decoder.feed(tok)
         if text:
             yield text
+    tail = decoder.finish()
+    if tail:
+        yield tail
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:

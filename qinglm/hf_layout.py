@@ -15,6 +15,8 @@ use it. RoPE needs no permutation: QingLM rotates halves, as transformers' Llama
     blocks.N.mlp.down.weight      -> model.layers.N.mlp.down_proj.weight
     norm.weight                   -> model.norm.weight
     head.weight                   -> lm_head.weight (absent when embeddings are tied)
+
+MoE blocks: `hf_moe_parts` names the router and routed experts in Mixtral's or Qwen-MoE's layout.
 """
 
 from __future__ import annotations
@@ -83,3 +85,34 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
         out.append((f"{hf_module(layer, part)}.{kind}", row, row + size))
         row += size
     return out
+
+
+# ---------------------------------------------------------------------------- mixture of experts
+
+# HF MoE block layouts: the block's module path inside a layer and each routed expert's
+# (gate, up, down) names. Mixtral calls them w1 / w3 / w2; Qwen2-MoE and Qwen3-MoE use the dense names.
+MOE_STYLES = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+_MOE = re.compile(r"blocks\.(\d+)\.mlp\.(router|experts\.(\d+)\.(up|down))\.weight")
+
+
+def hf_moe_parts(name: str, cfg: ModelConfig, style: str) -> list[tuple[str, int, int | None]]:
+    """Return [(hf_name, first_row, end_row), ...] for a router or routed-expert parameter of a MoE block.
+
+    style is a key of MOE_STYLES. Like hf_parts: the fused up matrix of an expert gives gate then up.
+    Shared experts are not a row split (HF has one shared expert; the exporter concatenates them), and
+    other names raise KeyError.
+    """
+    m = _MOE.fullmatch(name)
+    if not m:
+        raise KeyError(name)
+    block, (gate, up, down) = MOE_STYLES[style]
+    prefix = hf_module(int(m.group(1)), block)
+    if m.group(2) == "router":
+        return [(f"{prefix}.gate.weight", 0, None)]
+    expert = f"{prefix}.experts.{m.group(3)}"
+    if m.group(4) == "down":
+        return [(f"{expert}.{down}.weight", 0, None)]
+    return [(f"{expert}.{gate}.weight", 0, cfg.d_ff), (f"{expert}.{up}.weight", cfg.d_ff, 2 * cfg.d_ff)]

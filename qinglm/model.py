@@ -4,7 +4,9 @@ Two families share one code path:
   modern  - RoPE (rotate-half layout), RMSNorm, SwiGLU, grouped-query attention, tied embeddings
   classic - sinusoidal positions, LayerNorm, GELU MLP of width 4*d_model (the Andy-LLM style)
 Attention goes through F.scaled_dot_product_attention with the causal mask, which picks the flash /
-memory-efficient kernels on CUDA. A preallocated KV cache makes decoding one token cost one token.
+memory-efficient kernels on CUDA. A preallocated KV cache makes decoding one token cost one token;
+forward(pad=...) takes left-padded batches (per-row positions, pad keys masked) so prompts of
+different lengths prefill and decode together (qinglm.engine).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, head_dim) by the angles of its positions (cos/sin: (T, head_dim))."""
+    """Rotate x (B, H, T, head_dim) by the angles of its positions (cos/sin: (T, head_dim) or (B, 1, T, head_dim))."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -80,6 +82,31 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows given by index (e.g. drop finished sequences); returns None."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+def padded_positions(start: int, length: int, pad: torch.Tensor) -> torch.Tensor:
+    """Return the positions (B, length) of slots start..start+length-1 in rows left-padded by pad (B,).
+
+    Row b's first real token sits in slot pad[b] at position 0; its pad slots get position 0 too.
+    """
+    slots = torch.arange(start, start + length, device=pad.device)
+    return (slots[None, :] - pad[:, None]).clamp(min=0)
+
+
+def padded_causal_mask(start: int, length: int, pad: torch.Tensor) -> torch.Tensor:
+    """Return the attention mask (B, 1, length, start+length) of left-padded rows: True = may attend.
+
+    A query sees earlier slots of its row except pad slots; a pad query sees only itself, so no
+    softmax row is empty (an empty one would put NaN into the cache).
+    """
+    q = torch.arange(start, start + length, device=pad.device)[None, :, None]  # (1, T, 1)
+    k = torch.arange(start + length, device=pad.device)[None, None, :]  # (1, 1, S)
+    first = torch.minimum(pad[:, None, None], q)  # (B, T, 1): the first slot each query may see
+    return ((k <= q) & (k >= first)).unsqueeze(1)
+
 
 # ---------------------------------------------------------------------------- layers
 
@@ -115,6 +142,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         start: int,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -133,7 +161,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)
         # Queries at positions start..start+T-1 see keys 0..their own position.
-        if start == 0 or T == 1:
+        if mask is not None:  # left-padded rows: the caller's mask (B, 1, T, start+T)
+            causal = False
+        elif start == 0 or T == 1:
             mask, causal = None, T > 1
         else:  # a chunk appended after cached positions: causal within the chunk, full over the past
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -186,8 +216,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MoE(cfg, MLP) if moe else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer, start):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, start))
+    def forward(self, x, rope, cache, layer, start, mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, start, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -238,25 +268,36 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         last_only: bool = False,
+        pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return logits (B, T, vocab), or the mean loss over targets != IGNORE_INDEX when targets are given.
 
         idx: (B, T) token ids at positions start..start+T-1. With a cache, keys and values of
         earlier positions come from it and this call's are stored in it. last_only computes the
-        head for the final position only (what decoding needs).
+        head for the final position only (what decoding needs). pad (B,), for batches of prompts
+        of different lengths: row b is left-padded by pad[b] slots, so idx holds slots
+        start..start+T-1, its positions are slot - pad[b] and its pad slots are never attended to.
         """
         B, T = idx.shape
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
+        if pad is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
+            pos, mask = slice(start, start + T), None
+        else:
+            pos, mask = padded_positions(start, T, pad), padded_causal_mask(start, T, pad)
+            if int(pos[:, -1].max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"positions exceed max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, d_model)
         rope = None
         if self.cfg.pos_encoding == "learned":
-            x = x + self.pos_embed.weight[start : start + T]
+            x = x + self.pos_embed.weight[pos]
         elif self.cfg.pos_encoding == "sinusoidal":
             # Scale the embeddings so the fixed table does not drown them (as in the original paper).
-            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[start : start + T]
+            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[pos]
+        elif pad is None:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, head_dim) each
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, head_dim)
         x = self.drop(x)
         # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
         # pass; checkpoint() restores the RNG state, so dropout draws the same masks both times.
@@ -265,7 +306,7 @@ class Transformer(nn.Module):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, i, start, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i, start)
+                x = block(x, rope, cache, i, start, mask)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -308,9 +349,20 @@ class Transformer(nn.Module):
             "total": total,
         }
 
+    def active_matmul_params(self) -> int:
+        """Return the block matrix parameters one token uses: each MoE layer counts k of its experts."""
+        total = 0
+        for block in self.blocks:
+            n = sum(p.numel() for p in block.parameters() if p.dim() == 2)
+            if isinstance(block.mlp, MoE):
+                per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters() if p.dim() == 2)
+                n -= (block.mlp.n_experts - block.mlp.k) * per_expert
+            total += n
+        return total
+
     def flops_per_token(self, seq_len: int) -> int:
         """Return training FLOPs per token (forward + backward = 6 * matmul params + attention)."""
         c = self.cfg
-        matmul = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2) + c.vocab_size * c.d_model
+        matmul = self.active_matmul_params() + c.vocab_size * c.d_model
         attn = 2 * c.n_layers * seq_len * c.d_model  # QK^T and AV, causal half counted in full as usual
         return 6 * matmul + 6 * attn

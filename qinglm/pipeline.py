@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,18 +162,15 @@ def run_train(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the whole pretraining job and print the report; return the run directory."""
-    from qinglm.tokenizer import Tokenizer
-    from qinglm.train import train
-
     out = train_flags.get("out")
-    if train_flags.get("resume") and out and (Path(out) / "config.json").is_file():
+    resuming = bool(train_flags.get("resume") and out and (Path(out) / "config.json").is_file())
+    if resuming:
         run_dir = Path(out)
         model_cfg, train_cfg = read_run_config(run_dir)
         changed = [k for k in model_flags if model_flags[k] != getattr(model_cfg, k)]
         if changed:
             raise QingLMError(f"cannot change model field(s) {', '.join(changed)} when resuming {run_dir}")
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_flags.items()})
-        log(f"resuming {run_dir}")
     else:
         model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file)
         run_dir = Path(train_cfg.out or default_out(train_cfg))
@@ -184,6 +183,83 @@ def run_train(
         probe.unlink()
     except OSError as e:
         raise QingLMError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+    if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
+        _launch_torchrun(train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file)
+        return run_dir
+
+    from qinglm.device import resolve_device
+    from qinglm.train import distributed, train
+
+    dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
+    with distributed.group(dist):
+        if not dist.is_main:
+            log = _quiet
+            distributed.barrier(dist)  # rank 0 trains the tokenizer and prepares the data meanwhile
+        if resuming:
+            log(f"resuming {run_dir}")
+        model_cfg, data_dir = _prepare_run(model_cfg, train_cfg, run_dir, log)
+        if dist.is_main:
+            write_json_atomic(
+                run_dir / "config.json",
+                {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)},
+            )
+            distributed.barrier(dist)
+        result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
+    if dist.is_main:
+        report(run_dir, data_dir, train_cfg, result, log)
+    return run_dir
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _cli_flags(flags: dict[str, Any]) -> list[str]:
+    """Return command-line flags of `qinglm train` that give these config fields (None = not given)."""
+    out: list[str] = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _launch_torchrun(nproc: int, flags: dict[str, Any], config_file: str | None) -> None:
+    """Return nothing after `torchrun --standalone --nproc_per_node N -m qinglm train ...` (these flags
+    minus --nproc) has finished; raise QingLMError if it failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "qinglm", "train", *_cli_flags({k: v for k, v in flags.items() if k != "nproc"})]
+    if config_file:
+        cmd += ["--config", config_file]
+    interrupted = False
+    with subprocess.Popen(cmd) as p:
+        while (rc := _wait(p)) is None:
+            # Ctrl-C reached torchrun and its workers too: wait while they save and stop.
+            interrupted = True
+    if rc != 0 and not interrupted:
+        raise QingLMError(f"the {nproc} training processes failed (torchrun exit status {rc}); see above")
+
+
+def _wait(p: subprocess.Popen) -> int | None:
+    """Return p's exit status, or None if a Ctrl-C interrupted the wait."""
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        return None
+
+
+def _prepare_run(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]
+) -> tuple[ModelConfig, Path]:
+    """Return (the resolved model config, the prepared data directory) after making sure the run has
+    its tokenizer and data (training / preparing them now if needed)."""
+    from qinglm.tokenizer import Tokenizer
 
     # tokenizer: given, already in the run, or trained now on the data
     tok_dir = run_dir / "tokenizer"
@@ -191,6 +267,8 @@ def run_train(
         tokenizer = Tokenizer.load(train_cfg.tokenizer)
         if not (tok_dir / "tokenizer.json").is_file():
             tokenizer.save(tok_dir)
+        elif Tokenizer.load(tok_dir).fingerprint() != tokenizer.fingerprint():
+            raise QingLMError(f"{run_dir} was trained with another tokenizer ({tok_dir}); drop --tokenizer")
     elif (tok_dir / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(tok_dir)
     elif len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):
@@ -209,13 +287,7 @@ def run_train(
 
     model_cfg = resolve_model(model_cfg)
     check_train(train_cfg, model_cfg)
-    write_json_atomic(
-        run_dir / "config.json",
-        {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)},
-    )
-    result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
-    report(run_dir, data_dir, train_cfg, result, log)
-    return run_dir
+    return model_cfg, data_dir
 
 
 def report(

@@ -106,7 +106,6 @@ class Tokenizer:
         QingLM's ChatML (`qinglm.chat`) unless another is given, or None for none.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": SPECIAL_TOKENS[BOS_ID],
@@ -123,10 +122,16 @@ class Tokenizer:
         if chat_template is not None:
             config["chat_template"] = chat_template
         # tokenizer.json first: a config next to a stale tokenizer.json would be the worse half-state.
-        write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
-        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
-        if chat_template is not None:
-            write_text_atomic(directory / "chat_template.jinja", chat_template)
+        try:  # an unwritable directory or a full disk is the user's to fix
+            directory.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
+            write_text_atomic(
+                directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n"
+            )
+            if chat_template is not None:
+                write_text_atomic(directory / "chat_template.jinja", chat_template)
+        except OSError as e:
+            raise QingLMError(f"cannot write the tokenizer to {directory}: {e.strerror or e}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

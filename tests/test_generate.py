@@ -186,3 +186,13 @@ def test_generate_and_stream_give_the_same_text(tok):
     assert isinstance(text, str) and text == "".join(pieces)
     ids = list(generate_ids(model, [tok.bos_id] + tok.encode("今天"), cfg, eos_id=tok.eos_id))
     assert len(ids) == 30 and text == tok.decode(ids)  # random bytes too: chunking never changes the text
+
+
+@pytest.mark.parametrize("family", ["modern", "classic"])
+def test_batch_of_prompts_of_different_lengths(family):
+    model = tiny(family, n_kv_heads=2) if family == "modern" else tiny(family)
+    prompts = [PROMPT, [2, 9], [2, 31, 64, 1]]
+    steps = list(generate_ids(model, prompts, greedy(7, penalty=2.0), eos_id=EOS))
+    assert len(steps) == 7
+    for i, prompt in enumerate(prompts):
+        assert [s[i] for s in steps] == naive_greedy(model, prompt, 7, penalty=2.0)

@@ -108,3 +108,12 @@ def test_dense_default_is_unchanged():
 def test_impossible_moe_settings_are_user_errors(kw, msg):
     with pytest.raises(QingLMError, match=msg):
         cfg(**kw)
+
+
+def test_flops_count_the_active_experts_only():
+    base = dict(vocab_size=100, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, d_ff=96)
+    moe = Transformer(ModelConfig(**base, n_experts=8, experts_per_token=2))
+    dense_same_active = Transformer(ModelConfig(**{**base, "d_ff": 192}))
+    router = 2 * 8 * 64
+    assert moe.active_matmul_params() == dense_same_active.active_matmul_params() + router
+    assert moe.param_counts()["total"] > 3 * dense_same_active.param_counts()["blocks"]

@@ -21,7 +21,14 @@ from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
 from qinglm.train.metrics import TRAIN_KEYS, VAL_KEYS, read_metrics
 from qinglm.train.optim import build_optimizer
-from qinglm.train.schedule import RunLength, effective_warmup, known_total, lr_at
+from qinglm.train.schedule import (
+    RunLength,
+    effective_warmup,
+    known_total,
+    lr_at,
+    parse_seq_len_schedule,
+    seq_len_at,
+)
 
 PHRASES = [
     "今天天气真不错",
@@ -376,3 +383,50 @@ def test_muon_training_learns_and_resumes_bit_identically(corpus, tmp_path):
     rb = train(m, t12, tmp_path / "b", data, log=quiet)
     assert ra["step"] == rb["step"] == 12
     assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------- progressive sequence length
+
+
+def test_seq_len_schedule_parses_and_picks_the_stage_by_fraction_of_the_run():
+    stages = parse_seq_len_schedule("4:0.25, 8:0.5", 16)
+    assert stages == [(0.25, 4), (0.5, 8)]
+    assert [seq_len_at(stages, s, 100, 16) for s in (0, 24, 25, 49, 50, 99)] == [4, 4, 8, 8, 16, 16]
+    assert seq_len_at(stages, 0, None, 16) == 4  # a time-only run before its length is estimated
+    assert seq_len_at([], 5, 100, 16) == 16
+
+
+@pytest.mark.parametrize("bad", ["3:0.2", "16:0.2", "8:0.5,4:0.7", "4:0.5,8:0.4", "4:1.0", "4", "x:0.1"])
+def test_bad_seq_len_schedules_are_user_errors(bad):
+    with pytest.raises(QingLMError, match="seq-len-schedule"):
+        parse_seq_len_schedule(bad, 16)
+
+
+def test_progressive_seq_len_trains_short_rows_first_on_the_same_tokens(corpus, tmp_path, monkeypatch):
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=8, seq_len_schedule="4:0.25,8:0.5")
+    shapes: list[tuple[int, int]] = []
+    real_forward = Transformer.forward
+
+    def spy(self, idx, targets=None, **kw):
+        if targets is not None and self.training:
+            shapes.append(tuple(idx.shape))
+        return real_forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    r = train(m, t, tmp_path / "run", data, log=quiet)
+    assert shapes == [(16, 4)] * 2 + [(8, 8)] * 2 + [(4, 16)] * 4  # batch 4 x 16 tokens every step
+    assert math.isfinite(r["val_loss"])
+
+
+def test_moe_expert_utilisation_goes_into_the_metrics(corpus, tmp_path):
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=4, log_every=2)
+    m.n_experts, m.experts_per_token = 4, 2
+    train(m, t, tmp_path / "run", data, log=quiet)
+    lines = [x for x in read_metrics(tmp_path / "run") if x["kind"] == "train"]
+    for x in lines:
+        assert set(x["expert_util"]) == {"blocks.0", "blocks.1"}
+        for util in x["expert_util"].values():
+            assert len(util) == 4 and sum(util) == pytest.approx(1.0, abs=1e-3)
+        assert x["expert_load_max"] >= 1.0

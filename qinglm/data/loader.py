@@ -27,9 +27,12 @@ def _check_sizes(batch_size: int, seq_len: int) -> None:
 class TrainBatches:
     """Yields (x, y) int64 tensors of shape (batch_size, seq_len) from a TokenShards, epoch by epoch; resumable exactly.
 
-    The iterator never ends: epoch after epoch, each of `steps_per_epoch` batches. The training
-    loop decides when to stop. Every rank sees the same permutation and takes every world_size-th
-    window from it, so ranks are disjoint and all have the same number of steps.
+    The iterator never ends: epoch after epoch, each of `steps_per_epoch` micro-batches. The training
+    loop decides when to stop. All ranks share one permutation of the windows per epoch, and every
+    optimizer step takes the next batch_size x grad_accum x world_size of them (the global batch);
+    micro-batch m of rank r is the (m * world_size + r)-th slice of batch_size windows in it. So a
+    step trains on the same set of windows whatever the split into processes and micro-batches,
+    ranks are disjoint, and all have the same number of micro-batches.
     """
 
     def __init__(
@@ -41,34 +44,39 @@ class TrainBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ):
         _check_sizes(batch_size, seq_len)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, max(1, grad_accum)
         # Window j of a shard covers tokens [j*seq_len, j*seq_len + seq_len + 1).
         per_shard = np.array([max(0, (len(s) - 1) // seq_len) for s in shards.shards], dtype=np.int64)
         self._first = np.concatenate([[0], np.cumsum(per_shard)])  # global id of each shard's window 0
         self.n_windows = int(self._first[-1])
-        if self.n_windows < batch_size * world_size:
+        if self.n_windows < self.global_batch:
             raise QingLMError(
                 f"batch larger than the data: {shards.split} has {self.n_windows} windows of {seq_len} tokens "
-                f"but one step needs {batch_size * world_size}; lower --batch-size or --seq-len"
+                f"but one step needs {self.global_batch}; lower --batch-size or --seq-len"
             )
-        # Same count on every rank (DDP steps must match): the shortest rank's share, in whole batches.
-        self.steps_per_epoch = (self.n_windows // world_size) // batch_size
+        # Whole global batches only, so every epoch starts on a step boundary for any split of the batch.
+        self.steps_per_epoch = (self.n_windows // self.global_batch) * self.grad_accum  # micro-batches
         self._offsets = np.arange(seq_len + 1, dtype=np.int64)
         self.epoch = 0
-        self.position = 0
+        self.position = 0  # micro-batches served by this rank in the current epoch
         self._order_epoch: int | None = None
         self._order = np.empty(0, dtype=np.int64)
 
+    @property
+    def global_batch(self) -> int:
+        """Return the windows one optimizer step takes over all ranks and micro-batches."""
+        return self.batch_size * self.grad_accum * self.world_size
+
     def _epoch_order(self) -> np.ndarray:
-        """Return this rank's window ids for the current epoch, in the order they are served."""
+        """Return every window id of the current epoch, in the order the global batches take them."""
         if self._order_epoch != self.epoch:
-            perm = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
-            self._order = perm[self.rank :: self.world_size]
+            self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
             self._order_epoch = self.epoch
         return self._order
 
@@ -90,7 +98,7 @@ class TrainBatches:
         if self.position >= self.steps_per_epoch:
             self.epoch += 1
             self.position = 0
-        start = self.position * self.batch_size
+        start = (self.position * self.world_size + self.rank) * self.batch_size
         ids = self._epoch_order()[start : start + self.batch_size]
         tokens = self.windows(ids)
         self.position += 1
@@ -98,29 +106,50 @@ class TrainBatches:
         return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
 
     def state_dict(self) -> dict:
-        """Return the iterator's position: enough, with the same data and sizes, to resume exactly."""
+        """Return the iterator's position: enough, with the same data and global batch, to resume exactly."""
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "windows_done": self.position * self.world_size * self.batch_size,  # over all ranks
             "seed": self.seed,
             "n_windows": self.n_windows,
             "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
             "seq_len": self.seq_len,
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Return nothing; continue with exactly the batch that would have come next."""
-        for key in ("n_windows", "batch_size", "seq_len", "world_size"):
-            if key in state and state[key] != getattr(self, key):
+        """Return nothing; continue with exactly the global batch that would have come next.
+
+        The number of processes, micro-batches and rows per micro-batch may change, as long as
+        their product (the global batch) does not.
+        """
+        for key in ("n_windows", "seq_len"):
+            if state[key] != getattr(self, key):
                 raise QingLMError(
                     f"cannot resume the data order: {key} was {state[key]}, now {getattr(self, key)}; "
-                    "resume with the same data, --batch-size and --seq-len, or start a new run"
+                    "resume with the same data and --seq-len, or start a new run"
                 )
+        old_global = saved_global_batch(state)
+        if old_global != self.global_batch:
+            raise QingLMError(
+                f"cannot resume the data order: the global batch (batch_size x grad_accum x processes) was "
+                f"{old_global}, now {self.batch_size} x {self.grad_accum} x {self.world_size} = "
+                f"{self.global_batch}; resume with --batch-size/--grad-accum giving {old_global}"
+            )
+        done = int(
+            state.get("windows_done", state["position"] * state.get("world_size", 1) * state["batch_size"])
+        )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.position = done // (self.world_size * self.batch_size)
         self._order_epoch = None
+
+
+def saved_global_batch(state: dict) -> int:
+    """Return the global batch (windows per optimizer step) of a TrainBatches.state_dict()."""
+    return int(state["batch_size"]) * int(state.get("grad_accum", 1)) * int(state.get("world_size", 1))
 
 
 def eval_batches(

@@ -141,14 +141,17 @@ def prepare_shards(
         if not _SPLIT_NAME.match(split):
             raise QingLMError(f"split name {split!r} must be letters, digits, '_' or '-'")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Drop the old index first: if we are killed midway, the directory must not look complete.
-    (out / INDEX_FILE).unlink(missing_ok=True)
-    dtype = _dtype_for(tokenizer.vocab_size)
-    splits = {}
-    for split, docs in docs_by_split.items():
-        writer = _ShardWriter(out, split, dtype, shard_tokens)
-        splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Drop the old index first: if we are killed midway, the directory must not look complete.
+        (out / INDEX_FILE).unlink(missing_ok=True)
+        dtype = _dtype_for(tokenizer.vocab_size)
+        splits = {}
+        for split, docs in docs_by_split.items():
+            writer = _ShardWriter(out, split, dtype, shard_tokens)
+            splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
+    except OSError as e:  # unwritable directory, full disk
+        raise QingLMError(f"cannot write prepared data to {out}: {e.strerror or e}") from None
     index = {
         "format": FORMAT,
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",

@@ -22,6 +22,10 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TXT_MODES = ("auto", "line", "paragraph")
 # Encoding detection and txt_mode "auto" look at this much of each file, so huge files stay fast.
 SAMPLE_BYTES = 1 << 20
+# A longer document (a whole book on one line, say) is cut into pieces of at most this many
+# characters, at a sentence end where one is near: tokenizing and packing stay fast and bounded.
+MAX_DOC_CHARS = 100_000
+_SENTENCE_ENDS = "。！？!?\n"
 _PARQUET_BATCH_ROWS = 8192
 
 # Full-width forms that are plain ASCII in disguise.  Full-width punctuation that Chinese text
@@ -56,6 +60,7 @@ class ReadStats:
     documents: int = 0
     characters: int = 0
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+    split_long: int = 0  # documents longer than MAX_DOC_CHARS, each cut into pieces
 
     def summary(self) -> str:
         """Return one human line, e.g. 'read 3 files, 12 documents, 345 characters; skipped 2 (empty: 2)'."""
@@ -65,6 +70,9 @@ class ReadStats:
         if total:
             reasons = ", ".join(f"{reason}: {n:,}" for reason, n in self.skipped.most_common())
             line += f"; skipped {total:,} ({reasons})"
+        if self.split_long:
+            docs = "document" if self.split_long == 1 else "documents"
+            line += f"; split {self.split_long:,} {docs} longer than {MAX_DOC_CHARS:,} characters into pieces"
         return line
 
 
@@ -262,25 +270,50 @@ def _iter_documents(
             elif _LONE_SURROGATE.search(doc):
                 stats.skipped["undecodable bytes"] += 1
             else:
-                yielded += 1
-                stats.documents += 1
-                stats.characters += len(doc)
-                yield doc
+                pieces = split_long_document(doc)
+                stats.split_long += len(pieces) > 1
+                for piece in pieces:
+                    yielded += 1
+                    stats.documents += 1
+                    stats.characters += len(piece)
+                    yield piece
         problems = sum(stats.skipped.values()) - stats.skipped["empty"] - problems_before
         if yielded == 0 and problems == 0:
             raise QingLMError(f"{path} is empty (no text in it); remove it from the inputs or add text")
 
 
+def split_long_document(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
+    """Return doc as pieces of at most `limit` characters, cut after a sentence end when one is in the
+    last half of a piece; [doc] when it is short enough. The pieces, joined, give doc back exactly."""
+    if len(doc) <= limit:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > limit:
+        window = doc[start : start + limit]
+        cut = max(window.rfind(ch) for ch in _SENTENCE_ENDS) + 1
+        if cut <= limit // 2:  # no sentence end near: a hard cut (str indexes whole characters)
+            cut = limit
+        pieces.append(doc[start : start + cut])
+        start += cut
+    pieces.append(doc[start:])
+    return pieces
+
+
 def _open_text(path: Path, encoding: str | None) -> TextIO:
     """Return `path` opened for reading text with the given or detected encoding."""
-    if encoding is not None:
-        # The user chose the codec: decode strictly so a wrong choice is reported, not skipped.
-        return open(path, encoding=encoding, errors="strict", newline=None)
-    with open(path, "rb") as f:
-        raw = f.read(SAMPLE_BYTES)
-        truncated = bool(f.read(1))
-    codec = detect_encoding(raw, truncated=truncated, name=str(path))
-    return open(path, encoding=codec, errors="surrogateescape", newline=None)
+    try:
+        if encoding is not None:
+            # The user chose the codec: decode strictly so a wrong choice is reported, not skipped.
+            return open(path, encoding=encoding, errors="strict", newline=None)
+        with open(path, "rb") as f:
+            raw = f.read(SAMPLE_BYTES)
+            truncated = bool(f.read(1))
+        codec = detect_encoding(raw, truncated=truncated, name=str(path))
+        return open(path, encoding=codec, errors="surrogateescape", newline=None)
+    except OSError as e:  # unreadable: permissions, a vanished file
+        raise QingLMError(
+            f"cannot read {path} ({e.strerror or e}); check the path and its permissions"
+        ) from None
 
 
 def _lines(path: Path, encoding: str | None) -> Iterator[str]:

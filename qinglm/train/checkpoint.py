@@ -73,6 +73,15 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_error(e: OSError, tmp: Path, what: str, run_dir: str | Path) -> QingLMError:
+    """Return the user error for a failed checkpoint write, after deleting the half-written tmp directory."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return QingLMError(
+        f"cannot write {what}: {e.strerror or e}; the previous checkpoints are kept - free disk space, "
+        f"then continue with: qinglm train --out {run_dir} --resume"
+    )
+
+
 def _remove_leftovers(parent: Path, prefix: str = "") -> None:
     """Return nothing; delete NAME.tmp-* / NAME.old-* directories left by a crashed writer."""
     if parent.is_dir():
@@ -108,11 +117,15 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_model_file(model: nn.Module, path: str | Path) -> None:
-    """Return nothing; write model's weights (shared tensors once) to a safetensors file at path, fsynced."""
+def save_model_file(model: nn.Module | dict[str, torch.Tensor], path: str | Path) -> None:
+    """Return nothing; write model's weights (shared tensors once) to a safetensors file at path, fsynced.
+
+    model may also be the tensors themselves, e.g. the gathered weights of a sharded (FSDP) model.
+    """
     from safetensors.torch import save
 
-    _fsync_write(Path(path), save(model_tensors(model), metadata={"format": "pt"}))
+    tensors = model if isinstance(model, dict) else model_tensors(model)
+    _fsync_write(Path(path), save(tensors, metadata={"format": "pt"}))
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
@@ -203,8 +216,8 @@ def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     keep: int,
     extra: dict[str, Any] | None = None,
@@ -212,7 +225,8 @@ def save_checkpoint(
     """Return RUN/checkpoints/step-NNNNNNNN after writing weights, trainer.pt and state.json there.
 
     trainer.pt holds the optimizer state, the current RNG states and `extra` (e.g. a GradScaler's
-    state). Only the newest `keep` (at least 1) step checkpoints are kept.
+    state). Only the newest `keep` (at least 1) step checkpoints are kept. model and optimizer may be
+    given as their weights and state dict (what a sharded run gathers).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -220,11 +234,15 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model_file(model, tmp / MODEL_FILE)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}, tmp / TRAINER_FILE)
-    _write_state(tmp, {**state, "step": step}, [MODEL_FILE, TRAINER_FILE])
-    _swap_into_place(tmp, final)
+    try:
+        tmp.mkdir()
+        save_model_file(model, tmp / MODEL_FILE)
+        optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save({"optimizer": optim_state, "rng": rng_state(), **(extra or {})}, tmp / TRAINER_FILE)
+        _write_state(tmp, {**state, "step": step}, [MODEL_FILE, TRAINER_FILE])
+        _swap_into_place(tmp, final)
+    except OSError as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
+        raise _write_error(e, tmp, f"checkpoint {final}", run_dir) from None
     for _, old in checkpoint_dirs(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -278,7 +296,7 @@ def load_trainer_state(directory: str | Path, device: torch.device | str = "cpu"
 # ---------------------------------------------------------------------------- best weights and inference
 
 
-def save_best(run_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
+def save_best(run_dir: str | Path, model: nn.Module | dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
     """Return RUN/best after replacing it with model's weights and state.json.
 
     Written as best.tmp-PID, then the old best is renamed to best.old-PID, the new one into place,
@@ -291,10 +309,13 @@ def save_best(run_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> P
     final = run_dir / "best"
     tmp = run_dir / f"best.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model_file(model, tmp / MODEL_FILE)
-    _write_state(tmp, state, [MODEL_FILE])
-    _swap_into_place(tmp, final)
+    try:
+        tmp.mkdir()
+        save_model_file(model, tmp / MODEL_FILE)
+        _write_state(tmp, state, [MODEL_FILE])
+        _swap_into_place(tmp, final)
+    except OSError as e:
+        raise _write_error(e, tmp, f"best weights {final}", run_dir) from None
     return final
 
 

@@ -15,25 +15,54 @@ import torch
 from tqdm import tqdm
 
 from qinglm.config import ModelConfig, TrainConfig
-from qinglm.device import autocast
+from qinglm.device import autocast, resolve_device
 from qinglm.errors import QingLMError
+from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
+from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
+from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at
 from qinglm.train.session import Run, setup_run
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
+# Every reason _stop_reason can give; when ranks differ, all take the one listed last.
+STOP_REASONS = (None, "finished", "early stop", "time limit", "interrupted")
+
+
+class _SpikeWatch:
+    """Flags a loss spike: a step loss above SPIKE_RATIO x the running mean (EMA) of the loss.
+
+    The first WARM steps of a process only feed the mean; a falling loss never trips it.
+    """
+
+    SPIKE_RATIO, BETA, WARM = 1.3, 0.95, 20
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.seen = 0
+
+    def check(self, loss: float) -> float | None:
+        """Return loss / running mean when this step's loss is a spike, else None; then update the mean."""
+        ratio = loss / self.mean if self.mean else None
+        spike = ratio if (self.seen >= self.WARM and ratio is not None and ratio > self.SPIKE_RATIO) else None
+        self.mean = loss if self.mean is None else self.BETA * self.mean + (1 - self.BETA) * loss
+        self.seen += 1
+        return spike
 
 
 class _StopRequest:
     """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is written.
 
-    A second Ctrl-C raises KeyboardInterrupt at once for a user who does not want to wait.
+    A second Ctrl-C raises KeyboardInterrupt at once for a user who does not want to wait; not under
+    torchrun, whose agent passes on the Ctrl-C that its workers already got from the terminal (and
+    kills workers that do not finish within its timeout).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, second_aborts: bool = True) -> None:
         self.requested = False
+        self.second_aborts = second_aborts
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and self.second_aborts and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -63,20 +92,29 @@ def _optimizer_step(r: Run) -> tuple[float, float, int, bool]:
     """
     cfg, scaler = r.cfg, r.scaler
     loss_sum, tokens = torch.zeros((), device=r.device), 0
-    for _ in range(cfg.grad_accum):
+    # Progressive sequence length: cut each row into shorter rows (same tokens and targets, less context).
+    row_len = seq_len_at(
+        parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len), r.step, r.length.total, cfg.seq_len
+    )
+    for i in range(cfg.grad_accum):
         x, y = next(r.batches)
+        if row_len < x.size(1):
+            x, y = x.reshape(-1, row_len), y.reshape(-1, row_len)
         x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
-        with autocast(r.device, r.dtype):
-            loss = r.forward(x, y) / cfg.grad_accum  # the step's loss is the mean over micro-batches
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        # Several processes: gradients are averaged over ranks once, after the last micro-batch.
+        with distributed.grad_sync(r.wrapped, r.dist, sync=i == cfg.grad_accum - 1):
+            with autocast(r.device, r.dtype):
+                loss = r.forward(x, y) / cfg.grad_accum  # the step's loss is the mean over micro-batches
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
-        tokens += x.numel()
+        tokens += x.numel() * r.dist.world_size
     if scaler is not None:
         scaler.unscale_(r.optimizer)
     params = [p for g in r.optimizer.param_groups for p in g["params"]]
     # 0 disables clipping; an infinite max norm still returns the norm for the log.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-    step_loss = loss_sum.item()
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    step_loss = distributed.mean(r.dist, loss_sum).item()  # every rank then takes the same decision
     ok = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm))
     if ok and scaler is not None:
         scaler.step(r.optimizer)
@@ -100,10 +138,15 @@ def _validate(r: Run) -> dict[str, float]:
         dtype=r.dtype,
         max_tokens=r.cfg.eval_tokens or None,
     )
+    v = distributed.broadcast_object(r.dist, v)  # every rank evaluated; all follow rank 0's numbers
     if math.isfinite(v["loss"]) and (r.best_val_loss is None or v["loss"] < r.best_val_loss):
         r.best_val_loss, r.bad_evals = v["loss"], 0
         best = {"step": r.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_bpc": v["bpc"]}
-        save_best(r.run_dir, r.model, {**best, "tokens_seen": r.tokens_seen})
+        gathered = distributed.full_model_tensors(r.model, r.dist)  # FSDP: every rank takes part
+        if r.dist.is_main:
+            save_best(
+                r.run_dir, r.model if gathered is None else gathered, {**best, "tokens_seen": r.tokens_seen}
+            )
     else:
         r.bad_evals += 1
     r.metrics.log(
@@ -114,6 +157,9 @@ def _validate(r: Run) -> dict[str, float]:
         val_bpc=v["bpc"],
         tokens_seen=r.tokens_seen,
         elapsed_s=round(r.elapsed(), 3),
+        samples=sample_generations(
+            r.model, r.run_dir / "tokenizer", r.cfg.sample_prompts, r.cfg.sample_tokens, r.device
+        ),
     )
     return v
 
@@ -132,9 +178,24 @@ def _checkpoint(r: Run) -> Path:
         "skipped_steps": r.skipped_steps,
     }
     extra = {"scaler": r.scaler.state_dict()} if r.scaler is not None else None
-    return save_checkpoint(
-        r.run_dir, r.step, r.model, r.optimizer, state, r.cfg.keep_checkpoints, extra=extra
-    )
+    # FSDP: every rank helps gather the whole weights and optimizer state; rank 0 alone writes them.
+    gathered = distributed.full_model_tensors(r.model, r.dist)
+    optim_state = distributed.full_optimizer_state(r.optimizer, r.dist)
+    path = None
+    if r.dist.is_main:
+        model = r.model if gathered is None else gathered
+        path = save_checkpoint(
+            r.run_dir, r.step, model, optim_state, state, r.cfg.keep_checkpoints, extra=extra
+        )
+    return distributed.broadcast_object(r.dist, path)  # also keeps the ranks together while rank 0 writes
+
+
+def _agreed_stop_reason(r: Run, stop: _StopRequest) -> str | None:
+    """Return why training should stop now, or None; all ranks agree (a signal may reach one rank first)."""
+    reason = _stop_reason(r, stop)
+    if not r.dist.enabled:
+        return reason
+    return STOP_REASONS[int(distributed.agree_max(r.dist, [STOP_REASONS.index(reason)], r.device)[0])]
 
 
 def _stop_reason(r: Run, stop: _StopRequest) -> str | None:
@@ -150,6 +211,19 @@ def _stop_reason(r: Run, stop: _StopRequest) -> str | None:
     return None
 
 
+def _moe_metrics(r: Run) -> dict[str, Any]:
+    """Return the last micro-batch's expert utilisation of a MoE model (empty for a dense one).
+
+    expert_util maps each MoE block to the fraction of token-slots per expert; expert_load_max is the
+    busiest expert's share relative to a perfectly even split (1.0 = balanced).
+    """
+    stats = r.model.moe_stats()
+    if not stats:
+        return {}
+    peak = max(max(u) * len(u) for u in stats.values())
+    return {"expert_util": {k: [round(f, 4) for f in u] for k, u in stats.items()}, "expert_load_max": peak}
+
+
 def _log_train(r: Run, win: dict[str, float], lr: float, grad_norm: float) -> str:
     """Return the log line of the interval `win` after writing its metrics line."""
     epoch = r.batches.epoch + r.batches.position / r.batches.steps_per_epoch
@@ -163,12 +237,19 @@ def _log_train(r: Run, win: dict[str, float], lr: float, grad_norm: float) -> st
         tokens_seen=r.tokens_seen,
         elapsed_s=round(r.elapsed(), 3),
         grad_norm=grad_norm,
+        memory_mb=round(peak_memory_mb(r.device), 1),
+        **_moe_metrics(r),
     )
     total = f"/{r.length.total:,}" if r.length.total else ""
     return (
         f"step {r.step:,}{total} | loss {m['loss']:.4f} | lr {lr:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
         f"epoch {epoch:.2f} | grad norm {grad_norm:.2f} | {_fmt_time(m['elapsed_s'])}"
+        + (f" | expert load max {m['expert_load_max']:.2f}x" if "expert_load_max" in m else "")
     )
+
+
+def _quiet(_line: str) -> None:
+    pass
 
 
 def _val_line(r: Run, v: dict[str, float]) -> str:
@@ -191,11 +272,32 @@ def train(
     data_dir: str | Path,
     *,
     log: Callable[[str], None] = print,
+    sinks: list[MetricsSink] | None = None,
 ) -> dict[str, Any]:
     """Return {"step", "train_loss", "val_loss", "val_ppl", "val_bpc", "best_val_loss", "elapsed_s",
     "tokens_per_s", "tokens_seen", "skipped_steps", "stop_reason", "checkpoint"} after training in run_dir.
+
+    sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
-    r = setup_run(model_cfg, train_cfg, Path(run_dir), data_dir, log)
+    dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
+    with distributed.group(dist):
+        return _train(model_cfg, train_cfg, Path(run_dir), data_dir, log, sinks, dist)
+
+
+def _train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    data_dir: str | Path,
+    log: Callable[[str], None],
+    sinks: list[MetricsSink] | None,
+    dist: distributed.Dist,
+) -> dict[str, Any]:
+    """Return train()'s result; the process group, if any, is set up."""
+    log = log if dist.is_main else _quiet  # only rank 0 speaks
+    r = setup_run(model_cfg, train_cfg, run_dir, data_dir, log, dist)
+    for sink in sinks or []:
+        r.metrics.add_sink(sink)
     cfg = r.cfg
     r.model.train()
     last_eval, last_save, bad_in_row = -1, (r.step if cfg.resume and r.step else -1), 0
@@ -203,10 +305,12 @@ def train(
     win = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}  # the current log interval
     session_tokens, session_time, last_loss = 0, 0.0, float("nan")
     r.t_start = time.perf_counter()
-    bar = tqdm(total=r.length.total, initial=r.step, unit="step", disable=None, dynamic_ncols=True)
+    spikes = _SpikeWatch()
+    disable = None if dist.is_main else True  # None: tqdm shows the bar on a terminal only
+    bar = tqdm(total=r.length.total, initial=r.step, unit="step", disable=disable, dynamic_ncols=True)
     say = bar.write if (log is print and not bar.disable) else log  # keep the bar on its own line
-    with contextlib.closing(r.metrics), bar, _StopRequest().installed() as stop:
-        while (reason := _stop_reason(r, stop)) is None:
+    with contextlib.closing(r.metrics), bar, _StopRequest(not dist.enabled).installed() as stop:
+        while (reason := _agreed_stop_reason(r, stop)) is None:
             t0 = time.perf_counter()
             lr = r.length.lr(r.step, cfg.lr, cfg.min_lr_ratio)
             for g in r.optimizer.param_groups:
@@ -227,8 +331,13 @@ def train(
             bad_in_row, r.step, last_loss = 0, r.step + 1, step_loss
             for k, v in (("loss", step_loss), ("steps", 1), ("tokens", tokens), ("time", step_time)):
                 win[k] += v
-            if r.length.observe(r.step, step_time, r.elapsed()):
-                bar.total = r.length.total
+            if (ratio := spikes.check(step_loss)) is not None:
+                r.metrics.log("spike", step=r.step, loss=step_loss, mean_loss=step_loss / ratio, ratio=ratio)
+                say(f"step {r.step:,}: loss spike {step_loss:.4f}, {ratio:.2f}x the running mean")
+            if not r.length.fixed:  # a time-based length: every rank estimates it from the same times
+                step_time, elapsed = distributed.agree_max(r.dist, [step_time, r.elapsed()], r.device)
+                if r.length.observe(r.step, step_time, elapsed):
+                    bar.total = r.length.total
             bar.update(1)
             bar.set_postfix(
                 loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}", refresh=False
@@ -249,7 +358,8 @@ def train(
             say(_val_line(r, val))
         ckpt = _checkpoint(r) if last_save != r.step else latest_checkpoint(r.run_dir)
     if reason == "interrupted":
-        log(f"interrupted; resume with: qinglm train --out {r.run_dir} --resume")
+        launch = " (with the same torchrun launch)" if dist.enabled else ""
+        log(f"interrupted; resume with: qinglm train --out {r.run_dir} --resume{launch}")
     else:
         log(f"stopped at step {r.step:,} ({reason}) after {_fmt_time(r.elapsed())}")
     return {

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 from qinglm.io import atomic_open
 
-TRAIN_KEYS = ("step", "loss", "lr", "tokens_per_s", "epoch", "tokens_seen", "elapsed_s", "grad_norm")
+TRAIN_KEYS = (
+    "step",
+    "loss",
+    "lr",
+    "tokens_per_s",
+    "epoch",
+    "tokens_seen",
+    "elapsed_s",
+    "grad_norm",
+    "memory_mb",
+)
 VAL_KEYS = ("step", "val_loss", "val_ppl", "val_bpc")
 
 
@@ -75,6 +87,55 @@ class MetricsLogger:
         self._close_file()
         for sink in self.sinks:
             sink.close()
+
+
+def peak_memory_mb(device: Any = None) -> float:
+    """Return the peak memory of training in MiB: CUDA max allocated on a CUDA device, else peak RSS."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(directory: str, mtime_ns: int) -> Any:
+    from qinglm.tokenizer import Tokenizer
+
+    return Tokenizer.load(directory)  # cached per (directory, file time): a rewritten tokenizer is reloaded
+
+
+def sample_generations(
+    model: Any, tokenizer_dir: str | Path, prompts: list[str], max_new_tokens: int, device: Any = None
+) -> list[dict[str, str]]:
+    """Return [{"prompt", "text"}]: greedy continuations of the prompts, logged at validation time.
+
+    Empty when there is no tokenizer in tokenizer_dir or max_new_tokens is 0; a prompt longer than
+    the model's context is left out.
+    """
+    from qinglm.config import SamplingConfig
+    from qinglm.errors import QingLMError
+    from qinglm.generate import generate
+
+    file = Path(tokenizer_dir) / "tokenizer.json"
+    if max_new_tokens <= 0 or not prompts or not file.is_file():
+        return []
+    tokenizer = _tokenizer(str(tokenizer_dir), file.stat().st_mtime_ns)
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    samples = []
+    for prompt in prompts:
+        try:
+            samples.append(
+                {"prompt": prompt, "text": generate(model, tokenizer, prompt, greedy, device=device)}
+            )
+        except QingLMError:
+            continue  # longer than the context
+    return samples
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

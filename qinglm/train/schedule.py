@@ -153,3 +153,45 @@ class RunLength:
             kind=self.kind,
             decay_fraction=self.decay_fraction,
         )
+
+
+# ---------------------------------------------------------------------------- progressive sequence length
+
+
+def parse_seq_len_schedule(spec: str, seq_len: int) -> list[tuple[float, int]]:
+    """Return [(until_fraction, length), ...] from "64:0.2,128:0.5" (then seq_len for the rest).
+
+    Each stage trains on `length`-token rows until that fraction of the run; a length must divide
+    seq_len and grow from stage to stage, and the fractions must increase within (0, 1).
+    """
+    stages: list[tuple[float, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            length_s, frac_s = part.split(":")
+            length, frac = int(length_s), float(frac_s)
+        except ValueError:
+            raise QingLMError(
+                f"bad --seq-len-schedule stage {part!r}: write LENGTH:FRACTION stages, e.g. 64:0.2,128:0.5"
+            ) from None
+        if length <= 0 or length >= seq_len or seq_len % length:
+            raise QingLMError(
+                f"--seq-len-schedule length {length} must be below and divide seq_len {seq_len}"
+            )
+        if not 0.0 < frac < 1.0 or (stages and (frac <= stages[-1][0] or length <= stages[-1][1])):
+            raise QingLMError(
+                f"--seq-len-schedule stage {part!r}: fractions must increase within (0, 1) and lengths grow"
+            )
+        stages.append((frac, length))
+    return stages
+
+
+def seq_len_at(stages: list[tuple[float, int]], step: int, total: int | None, seq_len: int) -> int:
+    """Return the row length of 0-based update `step` (the first stage's until the run's length is known)."""
+    if not stages:
+        return seq_len
+    if total is None:
+        return stages[0][1]
+    for frac, length in stages:
+        if step < frac * total:
+            return length
+    return seq_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -12,12 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from qinglm.config import ModelConfig, TrainConfig
-from qinglm.data.loader import TrainBatches
+from qinglm.config import ModelConfig, TrainConfig, to_dict
+from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
 from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
+from qinglm.tracking import make_trackers
+from qinglm.train import distributed
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
     latest_checkpoint,
@@ -47,7 +50,9 @@ class Run:
     metrics: MetricsLogger
     train_data: TokenShards
     val_data: TokenShards | None
-    forward: Callable | None = None  # the model, or its torch.compile'd wrapper
+    forward: Callable | None = None  # the model (or its DDP wrapper), or their torch.compile'd wrapper
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    wrapped: torch.nn.Module | None = None  # the model, DDP(model), or the model sharded by FSDP
     compile: bool = False
     step: int = 0
     tokens_seen: int = 0
@@ -96,23 +101,73 @@ def _find_resume(run_dir: Path, resume: bool, log: Callable[[str], None]) -> Pat
     return found
 
 
+def _fit_global_batch(
+    cfg: TrainConfig, state: dict, world_size: int, log: Callable[[str], None]
+) -> TrainConfig:
+    """Return cfg, with grad_accum changed when a run resumes on another number of processes.
+
+    The global batch (batch_size x grad_accum x processes) stays the checkpoint's, so the data order,
+    the steps per epoch and the schedule continue exactly.
+    """
+    want = saved_global_batch(state["loader"])
+    if cfg.batch_size * cfg.grad_accum * world_size == want:
+        return cfg
+    per_micro_step = cfg.batch_size * world_size
+    if want % per_micro_step:
+        raise QingLMError(
+            f"the checkpoint's global batch is {want} sequences, which {world_size} process(es) x "
+            f"--batch-size {cfg.batch_size} cannot make up; pick --batch-size and --grad-accum with "
+            f"batch_size x grad_accum x {world_size} = {want}"
+        )
+    log(
+        f"{world_size} process(es): grad_accum {cfg.grad_accum} -> {want // per_micro_step} keeps the "
+        f"checkpoint's global batch of {want} sequences"
+    )
+    return dataclasses.replace(cfg, grad_accum=want // per_micro_step)
+
+
 def setup_run(
-    model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_dir: str | Path, log: Callable[[str], None]
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    run_dir: Path,
+    data_dir: str | Path,
+    log: Callable[[str], None],
+    dist: distributed.Dist | None = None,
 ) -> Run:
-    """Return a run ready for its first (or next, when resuming) step: seeded, built, restored."""
+    """Return a run ready for its first (or next, when resuming) step: seeded, built, restored.
+
+    Under torchrun (dist enabled) every rank builds the same run; rank 0 chooses the checkpoint.
+    """
+    dist = dist or distributed.Dist()
     if cfg.max_steps is None and cfg.num_epochs is None and cfg.max_time is None:
         raise QingLMError("give the run a length: --max-steps, --num-epochs or --max-time")
-    resume_from = _find_resume(run_dir, cfg.resume, log)
+    found = _find_resume(run_dir, cfg.resume, log) if dist.is_main else None
+    resume_from = distributed.broadcast_object(dist, found)
+    state = read_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        cfg = _fit_global_batch(cfg, state, dist.world_size, log)
+    # Every rank draws the same numbers: equal initial weights (which FSDP shards in place) and dropout.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds every CUDA device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(dist, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log)
     model = Transformer(model_cfg).to(device)
-    batches = TrainBatches(train_data, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    if resume_from is not None:
+        load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
+    wrapped = distributed.wrap(model, dist, device)
+    batches = TrainBatches(
+        train_data,
+        cfg.batch_size,
+        cfg.seq_len,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        grad_accum=cfg.grad_accum,
+    )
     steps_per_epoch = max(1, batches.steps_per_epoch // cfg.grad_accum)
     max_time_s = cfg.max_time * 60 if cfg.max_time is not None else None
     length = RunLength(
@@ -132,27 +187,36 @@ def setup_run(
         batches=batches,
         length=length,
         scaler=torch.amp.GradScaler("cuda") if dtype == "fp16" and device.type == "cuda" else None,
-        metrics=MetricsLogger(run_dir),
+        metrics=distributed.metrics_for(dist, run_dir),
         train_data=train_data,
         val_data=val_data,
+        dist=dist,
+        wrapped=wrapped,
     )
     if resume_from is not None:
-        _resume(r, resume_from)
+        _resume(r, resume_from, state)
         log(f"resuming from {resume_from} (step {r.step:,}, {r.tokens_seen:,} tokens seen)")
     r.metrics.truncate_after(r.step)  # lines of steps after the checkpoint (or of a failed start) are redone
+    if dist.is_main:
+        for sink in make_trackers(
+            cfg.tracker, run_dir, {"model": to_dict(model_cfg), "train": to_dict(cfg)}, r.step
+        ):
+            r.metrics.add_sink(sink)
     r.compile = resolve_compile(cfg.compile, device)
-    r.forward = compiled(model, r.compile, log)
+    # DDP: compile the wrapper (PyTorch's DDPOptimizer splits the graph at gradient buckets).
+    r.forward = compiled(wrapped, r.compile, log)
     for line in _header(r, steps_per_epoch):
         log(line)
     return r
 
 
-def _resume(r: Run, ckpt: Path) -> None:
-    """Return nothing; load weights, optimizer, data position, schedule estimate, counters and RNG states of ckpt into r."""
-    state = read_state(ckpt)
-    load_model_weights(r.model, ckpt)
+def _resume(r: Run, ckpt: Path, state: dict[str, Any]) -> None:
+    """Return nothing; load optimizer, data position, schedule estimate, counters and RNG states of ckpt into r.
+
+    The weights were loaded before the model was wrapped for DDP/FSDP.
+    """
     trainer = load_trainer_state(ckpt)
-    r.optimizer.load_state_dict(trainer["optimizer"])
+    r.optimizer.load_state_dict(distributed.shard_optimizer_state(trainer["optimizer"], r.optimizer, r.dist))
     if r.scaler is not None and "scaler" in trainer:
         r.scaler.load_state_dict(trainer["scaler"])
     r.batches.load_state_dict(state["loader"])
@@ -167,6 +231,7 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
     """Return the lines describing the run that are printed before the first step."""
     cfg, m = r.cfg, {k: v / 1e6 for k, v in r.model.param_counts().items()}
     head = "tied to embeddings" if r.model.cfg.tie_embeddings else f"{m['head']:.2f}M"
+    procs = f" x {r.dist.world_size} processes ({r.dist.mode})" if r.dist.enabled else ""
     if r.length.fixed:
         plan = f"{r.length.total:,} steps, warmup {r.length.warmup}"
     else:
@@ -176,8 +241,8 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
         f"total {m['total']:.2f}M",
         f"tokens: {r.train_data.n_tokens:,} train / {r.val_data.n_tokens if r.val_data else 0:,} val; "
         f"{steps_per_epoch:,} steps per epoch",
-        f"batch: {cfg.batch_size} x {cfg.grad_accum} accum x {cfg.seq_len} tokens = "
-        f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len:,} tokens per step",
+        f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
+        f"{r.batches.global_batch * cfg.seq_len:,} tokens per step",
         f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "
         f"{torch.get_num_threads()} CPU threads",
         f"schedule: {plan}, {cfg.lr_schedule} {cfg.lr:g} -> "

@@ -1,0 +1,140 @@
+"""`qinglm experiment init`: train one model per weight initialisation on the same budget and compare.
+
+Every run is an ordinary run directory (resumable, loadable) under OUT/init-<name>; the first run
+trains the tokenizer and prepares the data, the others reuse both, so the runs differ only in `init`.
+OUT/init_comparison.png overlays their training and validation loss curves and OUT/results.md holds
+the table that is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qinglm.config import ModelConfig, TrainConfig, add_dataclass_args, given
+from qinglm.errors import QingLMError
+
+INITS = ("default", "gpt2", "small")
+DEFAULT_STEPS = 300  # the budget when no --max-steps / --max-time / --epochs is given (~2 min each for tiny)
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
+    p = sub.add_parser("experiment", help="controlled comparisons (e.g. weight initialisations)")
+    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    e = esub.add_parser(
+        "init",
+        help="train one model per initialisation on the same budget; write a loss-curve PNG and a table",
+        description="Train the same model once per weight initialisation (PyTorch default, GPT-2 "
+        "normal(0.02) with scaled residual projections, small init), on the same data, seed and "
+        f"budget (default {DEFAULT_STEPS} steps), and compare their loss curves. Other flags are "
+        "those of `qinglm train`.",
+    )
+    e.add_argument(
+        "--inits", nargs="+", default=list(INITS), choices=INITS, help="initialisations to compare"
+    )
+    e.add_argument("--config", help="YAML or JSON config file; flags override it")
+    add_dataclass_args(e, TrainConfig)
+    add_dataclass_args(e, ModelConfig, skip={"init"})
+    return {"experiment": cmd_experiment}
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    compare_inits(given(args, ModelConfig), given(args, TrainConfig), args.inits, args.config)
+
+
+def compare_inits(
+    model_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    inits: list[str],
+    config_file: str | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Return one result row per init after training each; write the PNG and results.md into OUT."""
+    from qinglm.io import write_text_atomic
+    from qinglm.pipeline import run_train
+    from qinglm.train.metrics import read_metrics
+
+    if len(set(inits)) != len(inits):
+        raise QingLMError("--inits lists an initialisation twice")
+    train_flags = dict(train_flags)
+    if not any(train_flags.get(k) is not None for k in ("max_steps", "max_time", "num_epochs")):
+        train_flags["max_steps"] = DEFAULT_STEPS
+    preset = train_flags.get("preset", "tiny")
+    out = Path(train_flags.pop("out", None) or f"runs/experiment-init-{preset}")
+    rows, first = [], None
+    for name in inits:
+        flags = {**train_flags, "out": str(out / f"init-{name}")}
+        if first is not None:  # same tokenizer and token shards for every run
+            flags.update(data=[str(first / "data")], tokenizer=str(first / "tokenizer"))
+        log(f"\n=== init {name} ===")
+        run_dir = run_train({**model_flags, "init": name}, flags, config_file, log=log)
+        first = first or run_dir
+        records = read_metrics(run_dir)
+        train_recs = [r for r in records if r["kind"] == "train"]
+        val_recs = [r for r in records if r["kind"] == "val"]
+        if not train_recs:
+            raise QingLMError(f"run {run_dir} logged no training steps; give a longer budget")
+        rows.append(
+            {
+                "init": name,
+                "run": str(run_dir),
+                "first_loss": train_recs[0]["loss"],
+                "final_loss": train_recs[-1]["loss"],
+                "val_loss": val_recs[-1]["val_loss"] if val_recs else float("nan"),
+                "val_bpc": val_recs[-1]["val_bpc"] if val_recs else float("nan"),
+                "steps": train_recs[-1]["step"],
+                "elapsed_s": train_recs[-1]["elapsed_s"],
+                "curve": [(r["step"], r["loss"]) for r in train_recs],
+                "val_curve": [(r["step"], r["val_loss"]) for r in val_recs],
+            }
+        )
+    table = results_table(rows)
+    write_text_atomic(out / "results.md", table + "\n")
+    png = plot_curves(rows, out / "init_comparison.png", title=f"weight initialisation, preset {preset}")
+    log("\n" + table)
+    log(f"\nwrote {png} and {out / 'results.md'}")
+    return rows
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """Return a Markdown table: first/final train loss, final val loss and BPC, steps, time per init."""
+    lines = [
+        "| init | first logged loss | final train loss | final val loss | val bits/char | steps | time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['init']} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | {r['val_loss']:.3f} | "
+            f"{r['val_bpc']:.3f} | {r['steps']} | {r['elapsed_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Return path after drawing every row's training loss (lines) and validation loss (markers)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise QingLMError("the plot needs matplotlib: pip install 'qinglm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qinglm.io import atomic_open
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for i, r in enumerate(rows):
+        color = f"C{i}"
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, losses, color=color, label=f"{r['init']} (train)")
+        if r["val_curve"]:
+            vs, vl = zip(*r["val_curve"])
+            ax.plot(vs, vl, "o--", color=color, label=f"{r['init']} (val)")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

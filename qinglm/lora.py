@@ -1,0 +1,259 @@
+"""LoRA: low-rank adapters on the linear layers of a QingLM Transformer, saved in PEFT's format.
+
+    apply_lora(model, rank, alpha, dropout, targets)  the model, linears wrapped, only LoRA trainable
+    save_adapter(model, out_dir, base=...)            writes adapter_config.json + adapter_model.safetensors
+    load_adapter(model, directory)                    applies the adapter in `directory` to a plain model
+    merge_lora(model)                                 folds W += (alpha/rank) * B @ A into plain nn.Linear
+
+QingLM fuses q/k/v into `attn.qkv` and gate/up into `mlp.up`, but each HF part (q_proj, k_proj, ...) gets
+its own A/B pair acting on its own rows of the fused output, so the adapter maps one-to-one onto the
+Hugging Face Llama modules and PEFT can load it onto an exported model. B starts at zero, so applying
+LoRA leaves the model's output unchanged until training moves B.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qinglm.errors import QingLMError
+from qinglm.hf_layout import LINEAR_PARTS, hf_module, row_sizes
+from qinglm.io import write_json_atomic
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# HF short names, in the order they appear in a layer.
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus one low-rank update per targeted row block (HF part) of its output."""
+
+    def __init__(
+        self, base: nn.Linear, parts: Sequence[tuple[str, int]], rank: int, alpha: float, dropout: float
+    ):
+        """parts: (HF short name or None if untargeted, rows) in row order, summing to out_features."""
+        super().__init__()
+        self.base = base
+        self.parts = [(name, rows) for name, rows in parts]
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, rows in self.parts:
+            if name is None:
+                continue
+            a = torch.empty(rank, base.in_features, device=base.weight.device)
+            nn.init.kaiming_uniform_(a, a=5**0.5)  # PEFT's default init of A; B is zero
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(rows, rank, device=base.weight.device))
+
+    def delta_weight(self) -> torch.Tensor:
+        """Return scaling * B @ A for the whole fused matrix (out, in); zero rows where untargeted."""
+        blocks = []
+        for name, rows in self.parts:
+            if name is None:
+                blocks.append(self.base.weight.new_zeros(rows, self.base.in_features))
+            else:
+                blocks.append(self.lora_B[name] @ self.lora_A[name])
+        return torch.cat(blocks, dim=0) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = self.dropout(x)
+        outs = []
+        for name, rows in self.parts:
+            if name is None:
+                outs.append(h.new_zeros(*h.shape[:-1], rows))
+            else:
+                outs.append(h @ self.lora_A[name].to(h.dtype).T @ self.lora_B[name].to(h.dtype).T)
+        return y + torch.cat(outs, dim=-1).to(y.dtype) * self.scaling
+
+
+def _linear_parts(model: nn.Module, module: str) -> tuple[str, ...]:
+    """Return the HF part paths (inside a layer) of a QingLM linear module of this model."""
+    if module == "mlp.up" and model.cfg.mlp != "swiglu":
+        return ("mlp.up_proj",)  # a GELU MLP has one up matrix (no gate)
+    return LINEAR_PARTS[module]
+
+
+def _part_sizes(model: nn.Module, module: str) -> tuple[int, ...]:
+    if module == "mlp.up" and model.cfg.mlp != "swiglu":
+        return (model.cfg.d_ff,)
+    return row_sizes(module, model.cfg)
+
+
+def check_targets(targets: Sequence[str]) -> list[str]:
+    """Return targets as a list of HF short names; raise QingLMError for an unknown one."""
+    targets = list(targets)
+    bad = [t for t in targets if t not in ALL_TARGETS]
+    if bad or not targets:
+        raise QingLMError(
+            f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ALL_TARGETS)}"
+        )
+    return targets
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = ALL_TARGETS,
+) -> nn.Module:
+    """Return model with LoRA on the targeted linears of every block; every other parameter is frozen."""
+    if rank <= 0:
+        raise QingLMError(f"LoRA rank must be positive, got {rank}")
+    if alpha <= 0:
+        raise QingLMError(f"LoRA alpha must be positive, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise QingLMError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    wanted = set(check_targets(targets))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        for module in LINEAR_PARTS:
+            owner_path, _, attr = module.rpartition(".")
+            owner = getattr(block, owner_path)
+            linear = getattr(owner, attr, None)
+            if not isinstance(linear, nn.Linear):  # a MoE feed-forward layer has no dense up/down
+                continue
+            names = [p.rpartition(".")[2] for p in _linear_parts(model, module)]
+            parts = [(n if n in wanted else None, rows) for n, rows in zip(names, _part_sizes(model, module))]
+            if any(n is not None for n, _ in parts):
+                setattr(owner, attr, LoRALinear(linear, parts, rank, alpha, dropout))
+    if not lora_layers(model):
+        raise QingLMError(f"no layer of this model matches the LoRA targets {', '.join(sorted(wanted))}")
+    model.lora_config = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(targets),
+    }
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Return {QingLM module path (blocks.N.attn.qkv): LoRALinear} of a model with LoRA applied."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Return the number of parameters that require gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Return (PEFT name, parameter) of every LoRA weight.
+
+    Names look like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
+    """
+    for path, layer in lora_layers(model).items():
+        _, layer_idx, module = path.split(".", 2)  # blocks.N.attn.qkv
+        part_path = {p.rpartition(".")[2]: p for p in _linear_parts(model, module)}
+        for name in layer.lora_A:
+            hf = _PEFT_PREFIX + hf_module(int(layer_idx), part_path[name])
+            yield f"{hf}.lora_A.weight", layer.lora_A[name]
+            yield f"{hf}.lora_B.weight", layer.lora_B[name]
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the LoRA weights on the CPU under PEFT's names."""
+    return {name: p.detach().cpu().contiguous() for name, p in _adapter_params(model)}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base: str = "") -> Path:
+    """Return out_dir after writing adapter_config.json and adapter_model.safetensors (PEFT's LoRA format)."""
+    from safetensors.torch import save
+
+    from qinglm.io import atomic_open
+
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise QingLMError("this model has no LoRA layers to save; apply_lora first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / ADAPTER_WEIGHTS, "wb") as f:
+        f.write(save(adapter_tensors(model), metadata={"format": "pt"}))
+    write_json_atomic(
+        out / ADAPTER_CONFIG,
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(base),
+            "r": cfg["r"],
+            "lora_alpha": cfg["lora_alpha"],
+            "lora_dropout": cfg["lora_dropout"],
+            "target_modules": cfg["target_modules"],
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "use_rslora": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+        },
+    )
+    return out
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """Return adapter_config.json of an adapter directory; raise QingLMError if missing or not LoRA."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise QingLMError(f"no {ADAPTER_CONFIG} in {directory}; pass a LoRA adapter directory")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise QingLMError(f"cannot parse {path}: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or "r" not in cfg:
+        raise QingLMError(f"{path} is not a LoRA adapter config (peft_type LORA with r)")
+    return cfg
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Return model with the LoRA adapter saved in directory applied (its weights loaded, B included)."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(directory)
+    targets = cfg.get("target_modules") or list(ALL_TARGETS)
+    if isinstance(targets, str):  # PEFT also allows one regex string; we only write lists
+        raise QingLMError(f"target_modules as a regex is not supported: {targets!r}")
+    apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)), targets)
+    try:
+        loaded = load_file(Path(directory) / ADAPTER_WEIGHTS, device="cpu")
+    except Exception as e:  # a missing, truncated or foreign file
+        raise QingLMError(f"cannot read {Path(directory) / ADAPTER_WEIGHTS}: {str(e)[:200]}") from None
+    expected = dict(_adapter_params(model))
+    if set(loaded) != set(expected):
+        detail = sorted(set(expected) ^ set(loaded))[:2]
+        raise QingLMError(f"adapter in {directory} does not fit this model (e.g. {', '.join(detail)})")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if loaded[name].shape != param.shape:
+                raise QingLMError(
+                    f"adapter tensor {name} has shape {tuple(loaded[name].shape)}, this model needs "
+                    f"{tuple(param.shape)}: it was trained on another base model"
+                )
+            param.copy_(loaded[name])
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Return model with every LoRALinear replaced by its base nn.Linear holding W + scaling * B @ A."""
+    for path, layer in lora_layers(model).items():
+        owner_path, _, attr = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        base = layer.base
+        base.weight += layer.delta_weight().to(base.weight.dtype)
+        setattr(owner, attr, base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model

@@ -1,0 +1,5 @@
+"""An OpenAI-compatible HTTP server and a web chat page for a trained QingLM run (`qinglm serve`).
+
+config.py holds ServeConfig, protocol.py the request checks and OpenAI response shapes,
+scheduler.py the worker thread that owns the model, app.py the FastAPI routes, static/ the chat page.
+"""

@@ -1,0 +1,251 @@
+"""The OpenAI wire format: request bodies checked into GenRequests, and response/chunk dicts.
+
+Requests are plain JSON dicts (unknown fields are ignored). A malformed request raises QingLMError,
+which the app answers with status 400 and ``{"error": {"message": ..., "type": "invalid_request_error"}}``.
+
+Limits, as documented for users:
+- ``max_tokens`` (or ``max_completion_tokens``) missing -> ServeConfig.default_max_tokens; any value is
+  clamped to [1, ServeConfig.max_tokens_cap]; generation also stops when the context is full
+  (finish_reason "length").
+- a completion prompt longer than the model's context -> 400, or with ``--truncate-prompt`` its beginning
+  is dropped (the [BOS] token is kept); a chat drops its oldest non-system turns to leave room for the
+  reply, as LM.chat does, and answers 400 only when the system prompt and last message alone do not fit.
+- sampling defaults are QingLM's (SamplingConfig); ``top_k``, ``repetition_penalty`` and ``seed`` are accepted
+  as extensions; ``n`` must be 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qinglm.chat import IM_END
+from qinglm.config import SamplingConfig
+from qinglm.errors import QingLMError
+from qinglm.generate import check_sampling, encode_prompt
+from qinglm.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from qinglm.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 4  # as in the OpenAI API
+ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
+
+
+@dataclass
+class GenRequest:
+    """One checked generation request: what the scheduler needs to run it and the app to answer it."""
+
+    chat: bool
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    stop: list[str] = field(default_factory=list)  # strings that end the reply (not included in it)
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Return the JSON object in raw; raise QingLMError if it is not one."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QingLMError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise QingLMError("the request body must be a JSON object")
+    return body
+
+
+def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """Return body[name] (default when missing or null); raise QingLMError if it has the wrong type."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:  # JSON true is not a number
+        raise QingLMError(f"'{name}' must be {kinds[0].__name__}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise QingLMError(f"'{name}' must be {kinds[0].__name__}, got {value!r:.60}")
+    return value
+
+
+def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
+    """Return the SamplingConfig of a request: its fields over QingLM's defaults, max_tokens clamped."""
+    d = SamplingConfig()
+    max_tokens = _get(
+        body, "max_completion_tokens", int, _get(body, "max_tokens", int, cfg.default_max_tokens)
+    )
+    top_k = _get(body, "top_k", int, d.top_k)
+    sampling = SamplingConfig(
+        max_new_tokens=min(max(max_tokens, 1), cfg.max_tokens_cap),
+        temperature=float(_get(body, "temperature", (int, float), d.temperature)),
+        top_k=top_k if top_k and top_k > 0 else None,
+        top_p=float(_get(body, "top_p", (int, float), d.top_p)),
+        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), d.repetition_penalty)),
+        seed=_get(body, "seed", int, None),
+    )
+    check_sampling(sampling)
+    if _get(body, "n", int, 1) != 1:
+        raise QingLMError("'n' must be 1: this server returns one choice per request")
+    return sampling
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    """Return the stop strings of a request (a string or a list of up to 4)."""
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise QingLMError("'stop' must be a string or a list of strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise QingLMError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    return [s for s in stop if s]
+
+
+def _fit_context(ids: list[int], sampling: SamplingConfig, context: int, truncate: bool) -> list[int]:
+    """Return ids, or with truncate its [BOS] plus the tail that leaves room to generate; else raise."""
+    if len(ids) <= context:
+        return ids
+    if not truncate:
+        raise QingLMError(
+            f"the prompt is {len(ids)} tokens but the model's context is {context}; "
+            "shorten it (or start the server with --truncate-prompt)"
+        )
+    room = min(sampling.max_new_tokens, context // 2)  # keep at least half the context for the prompt
+    return ids[:1] + ids[len(ids) - (context - room - 1) :]
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Return (stream, include_usage) of a request."""
+    stream = bool(_get(body, "stream", bool, False))
+    options = _get(body, "stream_options", dict, {})
+    return stream, bool(options.get("include_usage", False))
+
+
+def parse_completion(
+    body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: ServeConfig
+) -> GenRequest:
+    """Return the GenRequest of a /v1/completions body: the prompt continued as a document."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise QingLMError("'prompt' must be a string (one prompt per request)")
+    sampling = _sampling(body, cfg)
+    ids = _fit_context(encode_prompt(tokenizer, prompt), sampling, context, cfg.truncate_prompt)
+    stream, usage = _stream_flags(body)
+    return GenRequest(False, ids, sampling, _stop(body), stream, usage)
+
+
+def _message(m: Any, i: int) -> dict[str, str]:
+    """Return message i as {"role", "content"}; content given as a list of text parts is joined."""
+    if not isinstance(m, dict):
+        raise QingLMError(f"message {i} must be an object with 'role' and 'content'")
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise QingLMError(f"message {i}: only text content parts are supported")
+        content = "".join(str(p.get("text", "")) for p in content)
+    role = m.get("role")
+    return {"role": ROLE_ALIASES.get(role, role), "content": "" if content is None else content}
+
+
+def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: ServeConfig) -> GenRequest:
+    """Return the GenRequest of a /v1/chat/completions body, rendered with the saved chat template.
+
+    As LM.chat does, the oldest non-system turns are dropped until the prompt leaves room for the
+    reply (max_tokens, at most half the context); the reply ends at <|im_end|>.
+    """
+    from qinglm.sft.data import fit_history
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise QingLMError("'messages' must be a non-empty list of {'role': ..., 'content': ...}")
+    messages = [_message(m, i) for i, m in enumerate(messages)]
+    sampling = _sampling(body, cfg)
+    _, ids = fit_history(tokenizer, messages, context - min(sampling.max_new_tokens, context // 2))
+    stream, usage = _stream_flags(body)
+    return GenRequest(True, ids, sampling, [*_stop(body), IM_END], stream, usage)
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def new_id(chat: bool) -> str:
+    """Return a fresh response id in OpenAI's style."""
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Return the usage object of a response."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def response(
+    req: GenRequest, rid: str, model: str, text: str, finish: str, use: dict[str, int]
+) -> dict[str, Any]:
+    """Return the whole (non-streamed) response body."""
+    if req.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    kind = "chat.completion" if req.chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def chunk(
+    req: GenRequest,
+    rid: str,
+    model: str,
+    *,
+    text: str | None = None,
+    finish: str | None = None,
+    use: dict[str, int] | None = None,
+    role: bool = False,
+) -> dict[str, Any]:
+    """Return one streamed chunk: a text delta, the finish_reason, or (use given) the usage-only chunk.
+
+    A chat stream's first chunk says role=True (delta {"role": "assistant", "content": ""}).
+    """
+    kind = "chat.completion.chunk" if req.chat else "text_completion"
+    out: dict[str, Any] = {"id": rid, "object": kind, "created": int(time.time()), "model": model}
+    if use is not None:
+        out["choices"] = []
+    elif req.chat:
+        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    else:
+        out["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+    if req.include_usage:
+        out["usage"] = use
+    return out
+
+
+def sse(obj: dict[str, Any] | str) -> str:
+    """Return one server-sent event carrying obj as JSON (or a literal like [DONE])."""
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    """Return an OpenAI-style error object."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

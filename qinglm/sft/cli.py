@@ -1,0 +1,59 @@
+"""`qinglm sft`, `qinglm lora merge` and `qinglm chat`: register(sub) adds them to the qinglm command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from qinglm.config import SamplingConfig, add_dataclass_args, given
+from qinglm.sft.config import SFTConfig
+
+SFT_ALIASES = {"num_epochs": ["--epochs"], "lr": ["--learning_rate", "--learning-rate"]}
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Return {command: handler} after adding the sft, lora and chat parsers to sub."""
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning (full or --lora) of a pretrained run on chat data",
+        description="Fine-tune a pretrained run on chat data with the loss on assistant tokens only, "
+        "and write a new run directory (config.json, tokenizer/, checkpoints/) that load/generate/eval "
+        "use unchanged. --data idioms-sft uses the built-in idiom questions and reports held-out figures.",
+    )
+    add_dataclass_args(p, SFTConfig, SFT_ALIASES)
+
+    p = sub.add_parser("lora", help="LoRA adapter tools")
+    lsub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
+    m = lsub.add_parser("merge", help="fold a LoRA adapter into the base weights, as a new run directory")
+    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format) or an SFT --lora run")
+    m.add_argument("--base", help="base run directory (default: the one named in adapter_config.json)")
+    m.add_argument("--out", required=True, help="run directory to write")
+    m.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("chat", help="chat with a fine-tuned model in the terminal (/reset, /exit)")
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
+    p.add_argument("--system", help="system prompt, kept at the start of every turn")
+    p.add_argument("--device", default="auto")
+    add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
+    return {"sft": cmd_sft, "lora": cmd_lora, "chat": cmd_chat}
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from qinglm.sft.train import run_sft
+
+    run_sft(SFTConfig(**given(args, SFTConfig)))
+
+
+def cmd_lora(args: argparse.Namespace) -> None:
+    from qinglm.sft.train import merge_run
+
+    out = merge_run(args.adapter, args.out, base=args.base, device=args.device)
+    print(f"merged {args.adapter} into {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import qinglm
+    from qinglm.chat_repl import chat_loop
+
+    lm = qinglm.load(args.model, device=args.device)
+    chat_loop(lm, system=args.system, sampling=given(args, SamplingConfig))

@@ -1,0 +1,277 @@
+"""SFT data: reading chat JSONL (counting bad lines), tokenising with assistant-only labels, batching.
+
+Two line formats are read, one object per line:
+  minimind:  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  Alpaca:    {"instruction": "...", "input": "...", "output": "..."}  (optional "system")
+A conversation is rendered with qinglm.chat.render_chat and tokenised as one string (so the ids are the
+ones transformers' apply_chat_template gives); labels keep only the tokens of assistant contents and
+their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack samples into full rows
+(a sample attends to the earlier samples of its row; the loss still covers only its own assistant
+tokens) or pad samples of similar length to the longest of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qinglm.chat import IM_END, ROLES, TURN_SUFFIX, check_messages, render_chat, turn_prefix
+from qinglm.errors import QingLMError
+
+if TYPE_CHECKING:
+    import torch
+
+    from qinglm.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # the same value as qinglm.model.IGNORE_INDEX (not imported: that pulls in torch)
+Messages = list[dict[str, str]]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ReadReport:
+    """What reading a JSONL file found: kept conversations and skipped lines by reason."""
+
+    path: str
+    lines: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), the first few
+
+    def summary(self) -> str:
+        """Return one line: how many conversations were read and why lines were skipped."""
+        text = f"{self.path}: {self.kept:,} conversations from {self.lines:,} lines"
+        if self.skipped:
+            reasons = ", ".join(f"{n:,} {why}" for why, n in self.skipped.most_common())
+            where = ", ".join(f"line {n}" for n, _ in self.first_bad)
+            text += f"; skipped {sum(self.skipped.values()):,} bad lines ({reasons}; first at {where})"
+        return text
+
+
+def to_messages(obj: Any) -> Messages:
+    """Return the messages of one parsed JSONL object in either format; raise ValueError(reason) if bad."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if "conversations" in obj:
+        conv = obj["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise ValueError("empty or non-list conversations")
+        msgs = []
+        for m in conv:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError("bad message (role must be system/user/assistant, content a string)")
+            msgs.append({"role": m["role"], "content": m["content"]})
+    elif "instruction" in obj and "output" in obj:
+        parts = [obj.get(k, "") for k in ("system", "instruction", "input", "output")]
+        if not all(isinstance(p, str) for p in parts):
+            raise ValueError("non-string Alpaca field")
+        system, instruction, inp, output = parts
+        user = f"{instruction}\n{inp}" if inp.strip() else instruction
+        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": output},
+        ]
+    else:
+        raise ValueError("neither 'conversations' nor 'instruction'/'output'")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise ValueError("no assistant reply")
+    return msgs
+
+
+def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messages], ReadReport]:
+    """Return (conversations, report) of a JSONL file; bad lines are counted in the report, never kept.
+
+    Raises QingLMError when the file is missing, not UTF-8, or has no usable line at all.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QingLMError(f"SFT data file not found: {p}; give a JSONL file or idioms-sft")
+    report, convs = ReadReport(str(p)), []
+    try:
+        with open(p, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                report.lines += 1
+                try:
+                    convs.append(to_messages(json.loads(line)))
+                except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                    why = "invalid JSON" if isinstance(e, json.JSONDecodeError) else str(e)
+                    report.skipped[why] += 1
+                    if len(report.first_bad) < max_bad_shown:
+                        report.first_bad.append((n, why))
+    except UnicodeDecodeError:
+        raise QingLMError(f"{p} is not UTF-8 text; convert it (e.g. iconv -f gbk -t utf-8)") from None
+    report.kept = len(convs)
+    if not convs:
+        raise QingLMError(f"no usable conversation in {p}: {report.summary()}")
+    return convs, report
+
+
+# ---------------------------------------------------------------------------- tokenising
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+    """Return (ids, labels) of a whole conversation; labels are IGNORE_INDEX except on assistant tokens.
+
+    An assistant token is one that starts inside an assistant content or its closing <|im_end|>; the
+    "\\n" after <|im_end|> and every system/user token carry no loss.
+    """
+    check_messages(messages)
+    text = render_chat(messages)
+    spans, pos = [], len("[BOS]")
+    for m in messages:
+        pos += len(turn_prefix(m["role"]))
+        end = pos + len(m["content"]) + len(IM_END)
+        if m["role"] == "assistant":
+            spans.append((pos, end))
+        pos = end + len(TURN_SUFFIX) - len(IM_END)
+    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    labels, s = [], 0
+    for tok, (start, _) in zip(enc.ids, enc.offsets):
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        inside = s < len(spans) and spans[s][0] <= start < spans[s][1]
+        labels.append(tok if inside else IGNORE_INDEX)
+    return list(enc.ids), labels
+
+
+@dataclass
+class Sample:
+    """One training example: inputs x and next-token targets y (IGNORE_INDEX where no loss), same length."""
+
+    x: list[int]
+    y: list[int]
+
+
+def make_samples(
+    tokenizer: Tokenizer, conversations: Sequence[Messages], seq_len: int
+) -> tuple[list[Sample], Counter]:
+    """Return (samples, counts): conversations cut to seq_len inputs; counts "truncated" and "no_target"."""
+    samples, counts = [], Counter()
+    for msgs in conversations:
+        ids, labels = encode_chat(tokenizer, msgs)
+        if len(ids) - 1 > seq_len:
+            ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
+            counts["truncated"] += 1
+        y = labels[1:]
+        if all(t == IGNORE_INDEX for t in y):  # the reply was cut away entirely
+            counts["no_target"] += 1
+            continue
+        samples.append(Sample(ids[:-1], y))
+    return samples, counts
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def pack_rows(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
+    """Return rows of at most seq_len tokens, each the concatenation of consecutive samples."""
+    rows, cur = [], Sample([], [])
+    for s in samples:
+        if cur.x and len(cur.x) + len(s.x) > seq_len:
+            rows.append(cur)
+            cur = Sample([], [])
+        cur.x.extend(s.x)
+        cur.y.extend(s.y)
+    if cur.x:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x, y) LongTensors (B, T) padded to the longest row: pad_id in x, IGNORE_INDEX in y."""
+    import torch
+
+    T = max(len(r.x) for r in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r.x)] = torch.tensor(r.x, dtype=torch.long)
+        y[i, : len(r.y)] = torch.tensor(r.y, dtype=torch.long)
+    return x, y
+
+
+def epoch_batches(
+    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, pad_id: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return one epoch of (x, y) batches in a seeded random order, packed or padded (mode)."""
+    rng = random.Random(seed)
+    order = list(samples)
+    rng.shuffle(order)
+    if mode == "pack":
+        rows = pack_rows(order, seq_len)
+    elif mode == "pad":
+        # Sort within windows of 64 batches so a batch holds similar lengths, then shuffle the batches.
+        window = 64 * batch_size
+        rows = [
+            r
+            for i in range(0, len(order), window)
+            for r in sorted(order[i : i + window], key=lambda s: len(s.x))
+        ]
+    else:
+        raise QingLMError(f"unknown batching {mode!r}; choose pack or pad")
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    rng.shuffle(batches)
+    return [collate(b, pad_id) for b in batches]
+
+
+def steps_per_epoch(samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str) -> int:
+    """Return the number of batches one epoch gives (packing depends only on lengths, so estimate it)."""
+    if mode == "pack":
+        total = sum(len(s.x) for s in samples)
+        return max(1, -(-total // (seq_len * batch_size)))
+    return max(1, -(-len(samples) // batch_size))
+
+
+def assistant_tokens(samples: Sequence[Sample]) -> int:
+    """Return how many tokens carry loss in samples."""
+    return sum(sum(t != IGNORE_INDEX for t in s.y) for s in samples)
+
+
+def batch_stream(
+    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, pad_id: int, seed: int
+) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Return an endless iterator of (epoch, batch), reshuffled each epoch."""
+    epoch = 0
+    while True:
+        for b in epoch_batches(samples, batch_size, seq_len, mode, pad_id, seed + epoch):
+            yield epoch, b
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------- chat history
+
+
+def fit_history(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], budget: int
+) -> tuple[list[dict[str, str]], list[int]]:
+    """Return (messages, prompt ids) after dropping the oldest non-system turns until the prompt fits budget.
+
+    The prompt is render_chat(messages, add_generation_prompt=True). System messages and the last
+    message are always kept; raises QingLMError when even that is longer than budget tokens.
+    """
+    check_messages(messages)
+    msgs = [dict(m) for m in messages]
+    while True:
+        ids = tokenizer.encode(render_chat(msgs, add_generation_prompt=True))
+        if len(ids) <= budget:
+            return msgs, ids
+        droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+        if not droppable:
+            raise QingLMError(
+                f"the chat prompt is {len(ids)} tokens but only {budget} fit the model's context "
+                "with room for a reply; shorten the message or the system prompt"
+            )
+        del msgs[droppable[0]]
+        # Drop the reply of a dropped question too, so the history still starts with a user turn.
+        rest = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+        if rest and msgs[rest[0]]["role"] == "assistant":
+            del msgs[rest[0]]

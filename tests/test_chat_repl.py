@@ -1,0 +1,140 @@
+"""Chat: history cut to fit the context, the REPL's commands, and `qinglm chat` driven through stdin."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qinglm
+from qinglm.chat import render_chat
+from qinglm.chat_repl import chat_loop
+from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.errors import QingLMError
+from qinglm.model import Transformer
+from qinglm.sft.data import fit_history
+from qinglm.tokenizer import train_tokenizer
+from qinglm.train.checkpoint import save_model_file
+
+SYSTEM = {"role": "system", "content": "你是一个助手。"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(["今天天气很好。", "你好，再见。"] * 50, 300, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok):
+    """Return a run directory with a tiny random model of context 64."""
+    d = tmp_path_factory.mktemp("run")
+    tok.save(d / "tokenizer")
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
+    )
+    (d / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
+    (d / "best").mkdir()
+    save_model_file(Transformer(cfg), d / "best" / "model.safetensors")
+    return d
+
+
+def _history(turns: int) -> list[dict[str, str]]:
+    msgs = [SYSTEM]
+    for i in range(turns):
+        msgs += [
+            {"role": "user", "content": f"问题{i}：今天天气好吗？"},
+            {"role": "assistant", "content": "今天天气很好。"},
+        ]
+    return msgs + [{"role": "user", "content": "再见"}]
+
+
+def test_history_drops_the_oldest_turns_and_keeps_the_system_prompt(tok):
+    msgs = _history(10)
+    full = len(tok.encode(render_chat(msgs, add_generation_prompt=True)))
+    kept, ids = fit_history(tok, msgs, full // 2)
+    assert len(ids) <= full // 2 and ids == tok.encode(render_chat(kept, add_generation_prompt=True))
+    assert kept[0] == SYSTEM and kept[-1] == msgs[-1] and kept[1]["role"] == "user"
+    assert kept[1:] == msgs[len(msgs) - len(kept) + 1 :]  # a suffix of the conversation
+    assert fit_history(tok, msgs, full)[0] == msgs
+    with pytest.raises(QingLMError, match="context"):
+        fit_history(tok, [SYSTEM, {"role": "user", "content": "天气" * 100}], 50)
+
+
+def test_stream_chat_fits_a_long_history_into_the_context(run_dir):
+    lm = qinglm.load(run_dir, device="cpu")
+    reply = lm.chat(_history(20), max_new_tokens=8, seed=0)
+    assert isinstance(reply, str) and "<|im_end|>" not in reply
+    with pytest.raises(QingLMError, match="context"):
+        lm.chat([{"role": "user", "content": "天气" * 200}])
+
+
+class FakeLM:
+    """Replies 'reply N' and records the messages of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def stream_chat(self, messages, **sampling):
+        self.calls.append([dict(m) for m in messages])
+        return iter(["reply ", str(len(self.calls))])
+
+
+def test_repl_keeps_history_and_handles_commands():
+    lm, out = FakeLM(), io.StringIO()
+    lines = iter(["你好", "", "/help", "天气", "/reset", "再见", "/exit", "never read"])
+    history = chat_loop(lm, system="S", read=lambda prompt: next(lines), out=out)
+    assert [m["content"] for m in lm.calls[1]] == ["S", "你好", "reply 1", "天气"]
+    assert [m["content"] for m in lm.calls[2]] == ["S", "再见"]  # /reset forgot the earlier turns
+    assert history == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "再见"},
+        {"role": "assistant", "content": "reply 3"},
+    ]
+    text = out.getvalue()
+    assert "unknown command /help" in text and "(conversation reset)" in text and "reply 2" in text
+
+
+def test_repl_ends_at_end_of_input():
+    def read(prompt):
+        raise EOFError
+
+    assert chat_loop(FakeLM(), read=read, out=io.StringIO()) == []
+
+
+def test_chat_command_through_stdin(run_dir):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qinglm",
+            "chat",
+            "--model",
+            str(run_dir),
+            "--system",
+            "你是一个助手。",
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        input="你好\n/reset\n再见\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2 and "(conversation reset)" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "qinglm", "chat", "--model", str(run_dir / "missing")],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("qinglm: error:")

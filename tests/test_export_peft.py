@@ -1,0 +1,59 @@
+"""A QingLM LoRA adapter loads with PEFT onto the `qinglm export hf` model and computes the same logits."""
+
+import json
+
+import pytest
+import torch
+
+import qinglm
+from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.export.hf import export_hf
+from qinglm.lora import ALL_TARGETS, apply_lora, save_adapter
+from qinglm.model import Transformer
+from qinglm.tokenizer import train_tokenizer
+from qinglm.train.checkpoint import save_model_file
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+VARIANTS = {
+    "llama": dict(tie_embeddings=False),
+    "qwen3": dict(qk_norm=True),
+    "mixtral": dict(n_experts=4, experts_per_token=2),  # LoRA on attention; experts stay as they are
+}
+
+
+@pytest.mark.parametrize("options", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_peft_loads_the_qinglm_adapter_onto_the_exported_model(tmp_path, options):
+    tok = train_tokenizer(
+        [f"今天天气真不错，人工智能的未来。{i}" for i in range(100)], 300, show_progress=False
+    )
+    cfg = resolve_model(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, **options)
+    )
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    tok.save(run / "tokenizer")
+    (run / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
+    (run / "best").mkdir()
+    save_model_file(Transformer(cfg), run / "best" / "model.safetensors")
+
+    lm = qinglm.load(run, device="cpu")
+    ids = torch.tensor([[2] + tok.encode("今天天气真不错，人工智能")])
+    with torch.no_grad():
+        without = lm.model(ids)
+    model = apply_lora(lm.model, rank=4, alpha=8.0, dropout=0.0, targets=ALL_TARGETS)
+    with torch.no_grad():  # B starts at zero; random B makes every adapter matrix count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    adapter = save_adapter(model, tmp_path / "adapter", base=str(run))
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(run, tmp_path / "hf"), dtype=torch.float32
+    )
+    with_lora = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(ids), with_lora(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert (ours - without).abs().max() > 1e-2  # the adapter does change the output

@@ -1,0 +1,113 @@
+"""Weight-only int8 quantization, and `qinglm generate` with --batch-size / --quantize / --stop."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qinglm
+from qinglm.cli import main
+from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, resolve_model, to_dict
+from qinglm.engine import Generation, Request
+from qinglm.errors import QingLMError
+from qinglm.model import Transformer
+from qinglm.quantize import Int8Linear, quantize
+from qinglm.tokenizer import train_tokenizer
+from qinglm.train.checkpoint import save_model_file
+
+
+def test_int8_linear_is_close_to_the_float_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(100, 30)  # odd sizes (the kernel needs in_features padded to 16s), with a bias
+    q = Int8Linear(layer)
+    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (30, 112) and q.scale.shape == (30,)
+    x = torch.randn(3, 5, 100)
+    want, got = layer(x), q(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # int8 weights, bf16 activations
+    w = q.qweight[:, :100].float() * q.scale.float()[:, None]
+    assert (w - layer.weight).abs().max() <= layer.weight.abs().max() / 127  # half a step, plus bf16 scale
+
+
+@pytest.mark.parametrize("family", ["modern", "classic"])
+def test_quantized_model_predicts_like_the_float_model(family):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, family=family)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        want = model(ids).log_softmax(-1)
+        quantize(model, "int8")
+        got = model(ids).log_softmax(-1)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.head, Int8Linear)
+    kl = (want.exp() * (want - got)).sum(-1).mean()
+    assert kl < 1e-3
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
+    events = list(Generation(model, [Request([2, 5, 6], greedy), Request([2, 7], greedy)]))
+    assert len(events) == 5  # the engine decodes with the quantized layers
+
+
+def test_unknown_quantization_is_a_user_error():
+    model = Transformer(ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    with pytest.raises(QingLMError, match="unknown quantization 'int4'"):
+        quantize(model, "int4")
+
+
+# ---------------------------------------------------------------------------- through the CLI
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Return a run directory with a tiny random model, laid out as training leaves it."""
+    run = tmp_path_factory.mktemp("run")
+    lines = [
+        "今天天气真不错，我们一起去公园散步吧。",
+        "人工智能的未来充满了希望和挑战。",
+        "春天来了，花儿都开了。",
+    ]
+    tok = train_tokenizer([f"{lines[i % 3]}{i}" for i in range(150)], 400, show_progress=False)
+    tok.save(run / "tokenizer")
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    )
+    (run / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
+    (run / "best").mkdir()
+    save_model_file(Transformer(cfg), run / "best" / "model.safetensors")
+    return run
+
+
+def generate_lines(capsys, run, prompts_file, *flags) -> list[str]:
+    args = ["generate", "--model", str(run), "--prompts-file", str(prompts_file), "--device", "cpu"]
+    assert main([*args, "--max-new-tokens", "12", "--temperature", "0", *flags]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_cli_batched_generation_keeps_order_and_equals_one_at_a_time(run_dir, tmp_path, capsys):
+    prompts = ["春天", "人工智能的未来充满了", "今天天气", "花儿都开了", "我们"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    one = generate_lines(capsys, run_dir, path, "--batch-size", "1")
+    batched = generate_lines(capsys, run_dir, path, "--batch-size", "3")
+    assert batched == one and len(one) == 5
+    assert all(line.startswith(p) for line, p in zip(one, prompts))
+    lm = qinglm.load(run_dir, device="cpu")
+    assert one[1] == prompts[1] + lm.generate(prompts[1], max_new_tokens=12, temperature=0)
+    int8 = generate_lines(capsys, run_dir, path, "--batch-size", "3", "--quantize", "int8")
+    assert len(int8) == 5 and all(line.startswith(p) for line, p in zip(int8, prompts))
+
+
+def test_cli_stop_string_and_quantized_load(run_dir, tmp_path, capsys):
+    lm = qinglm.load(run_dir, device="cpu", quantize="int8")
+    assert isinstance(lm.model.head, Int8Linear)
+    path = tmp_path / "p.txt"
+    path.write_text("春天\n", encoding="utf-8")
+    full = generate_lines(capsys, run_dir, path)[0][len("春天") :]
+    stop = full[3:5]  # a piece of what the model says anyway
+    cut = generate_lines(capsys, run_dir, path, "--stop", stop)[0][len("春天") :]
+    assert cut == full[: full.index(stop)]
+    assert generate_lines(capsys, run_dir, path, "--stop", stop, "--stream")[0] == "春天" + cut
+    assert main(["generate", "--model", str(run_dir), "--prompt", "x", "--batch-size", "0"]) == 2
+    assert "batch size must be 1 or more" in capsys.readouterr().err

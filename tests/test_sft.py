@@ -1,0 +1,317 @@
+"""SFT: data formats with counted bad lines, assistant-only loss masks, batching, idioms-sft, the sft run."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qinglm
+from qinglm.chat import TURN_SUFFIX, render_chat, turn_prefix
+from qinglm.cli import main
+from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.errors import QingLMError
+from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.sft import data as sft_data
+from qinglm.sft import idioms
+from qinglm.sft.config import SFTConfig
+from qinglm.sft.train import run_sft
+from qinglm.tokenizer import BOS_ID, IM_END_ID, train_tokenizer
+from qinglm.train.checkpoint import save_model_file
+
+CHAT = [
+    {"role": "system", "content": "你是一个助手。"},
+    {"role": "user", "content": "“画蛇添足”是什么意思？"},
+    {"role": "assistant", "content": "比喻做了多余的事。"},
+    {"role": "user", "content": "拼音呢？"},
+    {"role": "assistant", "content": "huà shé tiān zú"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [render_chat(CHAT), "今天天气很好。画蛇添足，多此一举。huà shé tiān zú"] * 30
+    return train_tokenizer(texts, 400, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tok):
+    """Return a run directory holding a tiny random model, laid out as pretraining leaves it."""
+    run_dir = tmp_path_factory.mktemp("base")
+    tok.save(run_dir / "tokenizer")
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    )
+    (run_dir / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
+    (run_dir / "best").mkdir()
+    save_model_file(Transformer(cfg), run_dir / "best" / "model.safetensors")
+    return run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Run with one torch thread (two on a busy 2-core machine are many times slower), then restore."""
+    n = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def test_both_formats_become_messages():
+    mm = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    assert sft_data.to_messages(mm) == mm["conversations"]
+    alpaca = {"instruction": "翻译", "input": "cat", "output": "猫"}
+    assert sft_data.to_messages(alpaca) == [
+        {"role": "user", "content": "翻译\ncat"},
+        {"role": "assistant", "content": "猫"},
+    ]
+    assert sft_data.to_messages({"instruction": "问", "input": "", "output": "答", "system": "S"})[0] == {
+        "role": "system",
+        "content": "S",
+    }
+
+
+def test_bad_lines_are_counted_and_never_kept(tmp_path):
+    good = {"instruction": "问", "output": "答"}
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({"conversations": [{"role": "bot", "content": "x"}]}),
+        json.dumps({"conversations": [{"role": "user", "content": "只有问题"}]}),
+        json.dumps({"text": "预训练格式"}),
+        "",
+        json.dumps(good, ensure_ascii=False),
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    convs, report = sft_data.read_sft_jsonl(path)
+    assert len(convs) == 2 and report.kept == 2 and report.lines == 6
+    assert sum(report.skipped.values()) == 4 and report.skipped["invalid JSON"] == 1
+    assert report.first_bad[0] == (2, "invalid JSON")
+    assert "skipped 4 bad lines" in report.summary() and "line 2" in report.summary()
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    with pytest.raises(QingLMError, match="not found"):
+        sft_data.read_sft_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "gbk.jsonl").write_bytes(
+        json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False).encode("gbk")
+    )
+    with pytest.raises(QingLMError, match="not UTF-8"):
+        sft_data.read_sft_jsonl(tmp_path / "gbk.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{}\n[1]\n", encoding="utf-8")
+    with pytest.raises(QingLMError, match="no usable conversation"):
+        sft_data.read_sft_jsonl(tmp_path / "bad.jsonl")
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def test_labels_cover_exactly_the_assistant_replies_and_their_im_end(tok):
+    ids, labels = sft_data.encode_chat(tok, CHAT)
+    assert ids == tok.encode(render_chat(CHAT))  # the ids transformers' apply_chat_template gives
+    assert ids[0] == BOS_ID and len(labels) == len(ids)
+    kept = [t for t in labels if t != IGNORE_INDEX]
+    assert tok.decode(kept) == "比喻做了多余的事。<|im_end|>huà shé tiān zú<|im_end|>"
+    assert labels[-1] == IGNORE_INDEX and ids[-1] == tok.encode("\n")[0]  # the "\n" after <|im_end|>
+
+
+def test_loss_is_the_mean_over_exactly_the_assistant_tokens(tok, base_run):
+    """Build the sample by hand, piece by piece, and compare with the model's masked loss."""
+    msgs = [{"role": "user", "content": "拼音呢？"}, {"role": "assistant", "content": "huà shé tiān zú"}]
+    prompt = [BOS_ID] + tok.encode(turn_prefix("user") + "拼音呢？" + TURN_SUFFIX + turn_prefix("assistant"))
+    reply = tok.encode("huà shé tiān zú") + [IM_END_ID]
+    ids = prompt + reply + tok.encode("\n")
+    (sample,), _ = sft_data.make_samples(tok, [msgs], seq_len=64)
+    assert sample.x == ids[:-1]
+    model = qinglm.load(base_run, device="cpu").model
+    x = torch.tensor([sample.x])
+    logits = model(x)[0]
+    # Position t predicts ids[t + 1]; the reply's tokens are ids[len(prompt) : len(prompt) + len(reply)].
+    positions = range(len(prompt) - 1, len(prompt) + len(reply) - 1)
+    want = torch.stack([F.cross_entropy(logits[t], torch.tensor(ids[t + 1])) for t in positions]).mean()
+    got = model(x, torch.tensor([sample.y]))
+    torch.testing.assert_close(got, want)
+
+
+def test_packing_and_padding_keep_every_target(tok):
+    convs = [
+        CHAT,
+        CHAT[1:3],
+        [{"role": "user", "content": "好"}, {"role": "assistant", "content": "好的"}],
+    ] * 5
+    samples, counts = sft_data.make_samples(tok, convs, seq_len=48)
+    assert not counts["no_target"]
+    want = sft_data.assistant_tokens(samples)
+    for mode in ("pack", "pad"):
+        batches = sft_data.epoch_batches(samples, 4, 48, mode, tok.pad_id, seed=0)
+        assert sum(int((y != IGNORE_INDEX).sum()) for _, y in batches) == want
+        assert all(x.shape[1] <= 48 and x.shape == y.shape for x, y in batches)
+    rows = sft_data.pack_rows(samples, 48)
+    assert len(rows) < len(samples) and all(len(r.x) <= 48 for r in rows)
+
+
+def test_long_chats_are_cut_and_counted(tok):
+    long = [{"role": "user", "content": "天气" * 80}, {"role": "assistant", "content": "好"}]
+    wordy = [{"role": "user", "content": "好"}, {"role": "assistant", "content": "好的" * 40}]
+    samples, counts = sft_data.make_samples(tok, [long, wordy], seq_len=20)
+    assert counts["no_target"] == 1 and counts["truncated"] == 2 and len(samples) == 1
+    assert len(samples[0].x) == 20 and samples[0].y[-1] != IGNORE_INDEX
+
+
+# ---------------------------------------------------------------------------- idioms-sft
+
+
+def test_idioms_sft_holds_out_whole_idioms():
+    train, held = idioms.idioms_sft("train"), idioms.idioms_sft("heldout")
+    words = lambda chats: {c[0]["content"].split("“")[1].split("”")[0] for c in chats}  # noqa: E731
+    assert not words(train) & words(held)
+    assert 0.01 < len(held) / (len(train) + len(held)) < 0.05
+    kinds = {idioms.question(k, "画蛇添足") for k in idioms.TEMPLATES}
+    assert len(kinds) == 4
+    pinyin = [c for c in held if c[0]["content"] == idioms.question("pinyin", c[0]["content"][1:5])]
+    assert pinyin and all(idioms.pinyin_format_ok(c[1]["content"], c[0]["content"][1:5]) for c in pinyin[:50])
+    assert idioms.idioms_sft("train")[:3] == train[:3]  # deterministic
+    with pytest.raises(QingLMError):
+        idioms.idioms_sft("val")
+
+
+def test_pinyin_format_check():
+    assert idioms.pinyin_format_ok("huà shé tiān zú", "画蛇添足")
+    assert not idioms.pinyin_format_ok("huà shé tiān", "画蛇添足")
+    assert not idioms.pinyin_format_ok("画蛇添足", "画蛇添足")
+
+
+class PinyinLM:
+    """Answers the first held-out idiom right, the second with one syllable wrong, the rest in Chinese."""
+
+    def __init__(self):
+        self.answers = iter(idioms.held_out_idioms()[:2])
+
+    def chat(self, messages, **sampling):
+        assert sampling["temperature"] == 0.0 and messages[0]["content"].endswith(
+            ("拼音是什么？", "怎么读？")
+        )
+        first = next(self.answers, None)
+        if first is None:
+            return "不知道"
+        if first is idioms.held_out_idioms()[0]:
+            return f" {first.pinyin}\n"
+        return "xx " + first.pinyin.split(" ", 1)[1]
+
+
+def test_pinyin_accuracy_counts_exact_answers():
+    res = idioms.pinyin_accuracy(PinyinLM(), n=4)
+    assert res["n"] == 4 and res["exact"] == 1 and res["accuracy"] == 0.25 and res["format_ok"] == 0.5
+    first, second = idioms.held_out_idioms()[:2]
+    want = (1 + (len(second.word) - 1) / len(second.word)) / 4
+    assert abs(res["syllable_accuracy"] - want) < 1e-9
+    assert res["examples"][0] == {"idiom": first.word, "want": first.pinyin, "got": first.pinyin}
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _jsonl(path, n=40):
+    chats = [
+        {"conversations": CHAT[1:3]},
+        {"instruction": "你好", "input": "", "output": "好的"},
+    ]
+    path.write_text(
+        "\n".join(json.dumps(chats[i % 2], ensure_ascii=False) for i in range(n)), encoding="utf-8"
+    )
+    return path
+
+
+def test_full_sft_writes_a_run_that_loads_and_chats(tmp_path, base_run, one_thread):
+    data = _jsonl(tmp_path / "chat.jsonl")
+    out = tmp_path / "sft"
+    cfg = SFTConfig(
+        base=str(base_run),
+        data=str(data),
+        out=str(out),
+        max_steps=60,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=5,
+        device="cpu",
+        dtype="fp32",
+        log_every=100,
+        num_threads=one_thread,
+    )
+    res = run_sft(cfg, log=lambda s: None)
+    assert res["val_loss_after"] < 0.5 * res["val_loss_before"]
+    assert res["trainable_params"] == res["total_params"]
+    assert (out / "config.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert len(list((out / "checkpoints").iterdir())) == 1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["sft"]["lr"] == 3e-3 and saved["sft"]["seq_len"] == 64 and saved["base"] == str(base_run)
+    lm = qinglm.load(out, device="cpu")
+    assert lm.chat([{"role": "user", "content": "你好"}], temperature=0.0) == "好的"  # stops at <|im_end|>
+    pieces = list(lm.stream_chat([{"role": "user", "content": "你好"}], temperature=0.0))
+    assert "".join(pieces) == "好的"
+    with pytest.raises(QingLMError, match="already holds a run"):
+        run_sft(cfg, log=lambda s: None)
+
+
+def test_lora_sft_and_merge_from_the_cli(tmp_path, base_run, capsys, one_thread):
+    data = _jsonl(tmp_path / "chat.jsonl")
+    base_bytes = (base_run / "best" / "model.safetensors").read_bytes()
+    out = tmp_path / "lora"
+    argv = [
+        "sft",
+        "--base",
+        str(base_run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj",
+        "v_proj",
+        "down_proj",
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--num-threads",
+        "1",
+    ]
+    assert main(argv) == 0
+    assert (base_run / "best" / "model.safetensors").read_bytes() == base_bytes  # the base run is untouched
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj", "down_proj"]
+    res = json.loads((out / "sft_results.json").read_text())
+    assert res["trainable_params"] == 2 * (4 * (32 + 32) * 2 + 4 * (128 + 32))  # d_ff 128
+    merged_run = tmp_path / "merged"
+    assert main(["lora", "merge", "--adapter", str(out), "--out", str(merged_run)]) == 0
+    x = torch.tensor([[BOS_ID, 10, 11, 12, 13]])
+    a, b = qinglm.load(out, device="cpu").model(x), qinglm.load(merged_run, device="cpu").model(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, qinglm.load(base_run, device="cpu").model(x))
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "sft",
+                "--base",
+                str(base_run),
+                "--data",
+                str(tmp_path / "nope.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "qinglm: error: SFT data file not found" in capsys.readouterr().err
