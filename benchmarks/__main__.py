@@ -2,7 +2,8 @@
 
 Runs the tokenizer comparison, training throughput (tokens/s, MFU, peak RSS) and quality at equal
 wall-clock budget against the nanoGPT-style baseline, then inference speed (KV-cache engine vs no-cache
-loop vs transformers, int8/bf16 vs fp32) and the BPC change of int8. Takes about 2 * minutes + 20 minutes.
+loop vs transformers, int8/bf16 vs fp32), the BPC change of int8, and every model/training option at
+equal steps (benchmarks/options.py). Takes about 2 * minutes + 80 minutes on 2 CPU cores.
 """
 
 import argparse
@@ -31,6 +32,7 @@ def main() -> None:
         ],
         ["quality", "--minutes", f"{args.minutes:g}", "--recipes", "baseline:lr=2e-3", "qinglm"],
         ["inference", "--threads", "1"],
+        ["options", "--threads", "1"],
     ]
     for run in runs:
         print(f"\n## python -m benchmarks.{' '.join(run)}\n", flush=True)

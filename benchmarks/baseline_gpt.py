@@ -140,8 +140,18 @@ def make_step(model: GPT, opt: torch.optim.Optimizer, data: np.ndarray, batch_si
     return step
 
 
-def train_for(model: GPT, data: np.ndarray, *, seconds: float, lr: float, batch_size: int, block_size: int,
-              warmup_frac: float = 0.05, min_lr_ratio: float = 0.1, est_steps: int = 20) -> dict:
+def train_for(
+    model: GPT,
+    data: np.ndarray,
+    *,
+    seconds: float,
+    lr: float,
+    batch_size: int,
+    block_size: int,
+    warmup_frac: float = 0.05,
+    min_lr_ratio: float = 0.1,
+    est_steps: int = 20,
+) -> dict:
     """Train for a wall-clock budget with warmup + cosine (total steps estimated from the first steps)."""
     opt = make_optimizer(model, lr)
     step = make_step(model, opt, data, batch_size, block_size)

@@ -30,8 +30,10 @@ def chunked_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int = 2
     def part(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy((hc @ w.t()).float(), yc, reduction="sum")
 
-    total = sum(checkpoint(part, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-                for i in range(0, h.size(0), chunk))
+    total = sum(
+        checkpoint(part, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+        for i in range(0, h.size(0), chunk)
+    )
     return total / y.numel()
 
 
@@ -56,8 +58,9 @@ def build(spec: str):
     w = model.embed.weight
     model.head = nn.Identity()  # forward then returns the final hidden states
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3, fused=True)
-    batches = TrainBatches(TokenShards(common.data_dir(throughput.vocab_of(s["base"])), "train"),
-                           s["batch"], s["seq"])
+    batches = TrainBatches(
+        TokenShards(common.data_dir(throughput.vocab_of(s["base"])), "train"), s["batch"], s["seq"]
+    )
 
     def step() -> float:
         x, y = next(batches)
@@ -114,7 +117,9 @@ def main() -> None:
     for v, ts in times.items():
         med = statistics.median(ts)
         first = first or med
-        print(f"| {v} | {med * 1e3:,.0f} | {built[v][2] / med:,.0f} | {first / med:.2f}x | {built[v][3]:.1f} |")
+        print(
+            f"| {v} | {med * 1e3:,.0f} | {built[v][2] / med:,.0f} | {first / med:.2f}x | {built[v][3]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Every model / training option against the plain recipe: loss at equal steps, step time, peak memory.
 
-    python -m benchmarks.options [--steps 200] [--batch-size 16] [--variants NAME ...]
+    python -m benchmarks.options [--steps 150] [--batch-size 16] [--threads 1] [--variants NAME ...]
 
 Each variant trains the `tiny` preset (or `small` where marked) from the same seed on the same pd1998
 token shards (QingLM's 10k / 30k tokenizers) with `qinglm.train.train` for --steps steps, then reports
@@ -99,7 +99,7 @@ def child(name: str, steps: int, batch_size: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

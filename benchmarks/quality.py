@@ -43,8 +43,9 @@ def bpc(model: torch.nn.Module, seq_len: int, dtype: str = "fp32") -> float:
     with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
         for x, y in eval_batches(val, 16, seq_len):
             logits = model(x).float()
-            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
-                                   reduction="sum").item()
+            nll += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum"
+            ).item()
     return nll / math.log(2) / val.n_characters
 
 
@@ -66,8 +67,14 @@ def run_baseline(seconds: float, over: dict) -> dict:
     torch.manual_seed(0)
     vocab = common.qinglm_tokenizer(10_000)[0].vocab_size
     model = bg.GPT(bg.GPTConfig(vocab_size=vocab, block_size=r["seq_len"], dropout=r["dropout"]))
-    res = bg.train_for(model, common.token_stream(10_000, "train"), seconds=seconds, lr=r["lr"],
-                       batch_size=r["batch_size"], block_size=r["seq_len"])
+    res = bg.train_for(
+        model,
+        common.token_stream(10_000, "train"),
+        seconds=seconds,
+        lr=r["lr"],
+        batch_size=r["batch_size"],
+        block_size=r["seq_len"],
+    )
     return {**res, "bpc": bpc(model, r["seq_len"]), "recipe": r}
 
 
@@ -79,9 +86,15 @@ def run_qinglm(seconds: float, over: dict) -> dict:
     model_keys = {"dropout", "family", "max_seq_len"}
     mcfg = ModelConfig(**PRESETS["tiny"], **{k: v for k, v in r.items() if k in model_keys})
     mcfg.vocab_size = common.qinglm_tokenizer(10_000)[0].vocab_size
-    tcfg = TrainConfig(max_time=seconds / 60, eval_every=10**9, save_every=10**9, log_every=10**9,
-                       num_threads=torch.get_num_threads(), sample_prompts=[],
-                       **{k: v for k, v in r.items() if k not in model_keys})
+    tcfg = TrainConfig(
+        max_time=seconds / 60,
+        eval_every=10**9,
+        save_every=10**9,
+        log_every=10**9,
+        num_threads=torch.get_num_threads(),
+        sample_prompts=[],
+        **{k: v for k, v in r.items() if k not in model_keys},
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.perf_counter()
         res = train(mcfg, tcfg, run_dir, common.data_dir(10_000), log=lambda s: None)
@@ -94,10 +107,20 @@ def run_qinglm(seconds: float, over: dict) -> dict:
     from qinglm.device import resolve_compile, resolve_dtype
 
     dev = torch.device("cpu")
-    r = {"lr": tcfg.lr, "dropout": mcfg.dropout, "dtype": resolve_dtype(tcfg.dtype, dev),
-         "compile": resolve_compile(tcfg.compile, dev), **r}
-    return {"steps": res["step"], "train_loss": res["train_loss"], "seconds": seconds_used,
-            "bpc": bpc(model, tcfg.seq_len), "recipe": r}
+    r = {
+        "lr": tcfg.lr,
+        "dropout": mcfg.dropout,
+        "dtype": resolve_dtype(tcfg.dtype, dev),
+        "compile": resolve_compile(tcfg.compile, dev),
+        **r,
+    }
+    return {
+        "steps": res["step"],
+        "train_loss": res["train_loss"],
+        "seconds": seconds_used,
+        "bpc": bpc(model, tcfg.seq_len),
+        "recipe": r,
+    }
 
 
 def main() -> None:
@@ -116,12 +139,16 @@ def main() -> None:
         results[spec] = fn(args.minutes * 60, parse_overrides(over))
         print(f"{spec}: {results[spec]}", flush=True)
     base = next((r["bpc"] for s, r in results.items() if s.startswith("baseline")), None)
-    print(f"\n{args.minutes:g} min per recipe, {torch.get_num_threads()} threads, val = whole pd1998 val split\n")
+    print(
+        f"\n{args.minutes:g} min per recipe, {torch.get_num_threads()} threads, val = whole pd1998 val split\n"
+    )
     print("| recipe | steps | train s | final train loss | val BPC | vs baseline |")
     print("|---|---:|---:|---:|---:|---:|")
     for s, r in results.items():
         rel = f"{r['bpc'] / base:.3f}" if base else "-"
-        print(f"| {s} | {r['steps']:,} | {r['seconds']:.0f} | {r['train_loss']:.3f} | {r['bpc']:.4f} | {rel} |")
+        print(
+            f"| {s} | {r['steps']:,} | {r['seconds']:.0f} | {r['train_loss']:.3f} | {r['bpc']:.4f} | {rel} |"
+        )
 
 
 if __name__ == "__main__":

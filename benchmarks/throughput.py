@@ -28,8 +28,11 @@ import torch
 from benchmarks import common
 
 # The recommended CPU recipe per preset (what `tiny` and `small` alone expand to).
-RECOMMENDED = {"tiny": "+bf16+compile+d0+b32+t256", "small": "+bf16+compile+d0+b32+t256",
-               "medium": "+bf16+compile+d0+b16+t256"}
+RECOMMENDED = {
+    "tiny": "+bf16+compile+d0+b32+t256",
+    "small": "+bf16+compile+d0+b32+t256",
+    "medium": "+bf16+compile+d0+b16+t256",
+}
 PRESET_VOCAB = {"tiny": 10_000, "small": 30_000, "medium": 50_000}
 
 
@@ -38,8 +41,15 @@ def parse(spec: str) -> dict:
     base, *mods = spec.split("+")
     if base in RECOMMENDED and not mods:
         base, *mods = (base + RECOMMENDED[base]).split("+")
-    s = {"base": base, "dtype": "fp32", "compile": False, "dropout": 0.1, "batch": 32, "seq": 256,
-         "optim": "plain" if base == "baseline" else "fused"}
+    s = {
+        "base": base,
+        "dtype": "fp32",
+        "compile": False,
+        "dropout": 0.1,
+        "batch": 32,
+        "seq": 256,
+        "optim": "plain" if base == "baseline" else "fused",
+    }
     for m in mods:
         if m in ("fp32", "bf16"):
             s["dtype"] = m
@@ -63,11 +73,21 @@ def qinglm_model_cfg(s: dict, vocab: int):
     from qinglm.config import PRESETS, ModelConfig
 
     if s["base"] == "classic":
-        return ModelConfig(vocab_size=vocab, d_model=128, n_heads=2, n_layers=2, max_seq_len=s["seq"],
-                           family="classic", pos_encoding="learned", bias=True, tie_embeddings=True,
-                           dropout=s["dropout"])
-    return ModelConfig(**{**PRESETS[s["base"]], "vocab_size": vocab}, max_seq_len=max(512, s["seq"]),
-                       dropout=s["dropout"])
+        return ModelConfig(
+            vocab_size=vocab,
+            d_model=128,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=s["seq"],
+            family="classic",
+            pos_encoding="learned",
+            bias=True,
+            tie_embeddings=True,
+            dropout=s["dropout"],
+        )
+    return ModelConfig(
+        **{**PRESETS[s["base"]], "vocab_size": vocab}, max_seq_len=max(512, s["seq"]), dropout=s["dropout"]
+    )
 
 
 def build(s: dict):
@@ -114,15 +134,32 @@ def child(spec: str, steps: int, warmup: int) -> None:
     s = parse(spec)
     step, flops, params = build(s)
     times, warm_s = common.time_steps(step, warmup, steps)
-    out = {"spec": spec, "times": times, "warm_s": warm_s, "flops_per_token": flops, "params": params,
-           "tokens_per_step": s["batch"] * s["seq"], "dtype": s["dtype"], "rss_mb": common.peak_rss_mb(),
-           "threads": torch.get_num_threads()}
+    out = {
+        "spec": spec,
+        "times": times,
+        "warm_s": warm_s,
+        "flops_per_token": flops,
+        "params": params,
+        "tokens_per_step": s["batch"] * s["seq"],
+        "dtype": s["dtype"],
+        "rss_mb": common.peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
     print("RESULT " + json.dumps(out))
 
 
 def run_child(spec: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--child", spec, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.throughput",
+        "--child",
+        spec,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -155,8 +192,10 @@ def main() -> None:
             results[c].append(run_child(c, args))
             print(f"round {r + 1}/{args.rounds} {c}: done", file=sys.stderr)
     peak = {k: statistics.median(v) for k, v in peaks.items()}
-    print(f"\nthreads {torch.get_num_threads()} | matmul peak 2048^3: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s | {args.rounds} rounds x {args.steps} steps (medians)\n")
+    print(
+        f"\nthreads {torch.get_num_threads()} | matmul peak 2048^3: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s | {args.rounds} rounds x {args.steps} steps (medians)\n"
+    )
     print("| config | params | batch x seq | tokens/s | vs baseline | MFU | warm-up s | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base_tps = None
@@ -168,11 +207,15 @@ def main() -> None:
         mfu = tps * rs[0]["flops_per_token"] / peak[rs[0]["dtype"]]
         rel = f"{tps / base_tps:.2f}x" if base_tps else "-"
         s = parse(c)
-        print(f"| {c} | {rs[0]['params'] / 1e6:.2f}M | {s['batch']} x {s['seq']} | {tps:,.0f} | {rel} | "
-              f"{mfu:.1%} ({rs[0]['dtype']}) | {statistics.median(r['warm_s'] for r in rs):.1f} | "
-              f"{max(r['rss_mb'] for r in rs):,.0f} |")
-    print(f"\n(recipes: {', '.join(f'{k} = {k}{v}' for k, v in RECOMMENDED.items())}; "
-          f"measured {time.strftime('%Y-%m-%d %H:%M')})")
+        print(
+            f"| {c} | {rs[0]['params'] / 1e6:.2f}M | {s['batch']} x {s['seq']} | {tps:,.0f} | {rel} | "
+            f"{mfu:.1%} ({rs[0]['dtype']}) | {statistics.median(r['warm_s'] for r in rs):.1f} | "
+            f"{max(r['rss_mb'] for r in rs):,.0f} |"
+        )
+    print(
+        f"\n(recipes: {', '.join(f'{k} = {k}{v}' for k, v in RECOMMENDED.items())}; "
+        f"measured {time.strftime('%Y-%m-%d %H:%M')})"
+    )
 
 
 if __name__ == "__main__":

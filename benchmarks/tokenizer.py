@@ -22,14 +22,23 @@ from qinglm.data.shards import prepare_shards
 from qinglm.tokenizer import chars_per_token, train_tokenizer
 
 
-def sp_train(docs: list[str], vocab: int, tmp: Path, threads: int) -> tuple[spm.SentencePieceProcessor, float]:
+def sp_train(
+    docs: list[str], vocab: int, tmp: Path, threads: int
+) -> tuple[spm.SentencePieceProcessor, float]:
     corpus = tmp / "train.txt"
     corpus.write_text("\n".join(docs) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp / f"sp{vocab}"), vocab_size=vocab, model_type="bpe",
-        byte_fallback=True, character_coverage=0.9995, max_sentence_length=1 << 16, num_threads=threads,
-        minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(tmp / f"sp{vocab}"),
+        vocab_size=vocab,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        max_sentence_length=1 << 16,
+        num_threads=threads,
+        minloglevel=2,
+    )
     return spm.SentencePieceProcessor(model_file=str(tmp / f"sp{vocab}.model")), time.perf_counter() - t0
 
 
@@ -40,8 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     train, val = builtin_documents("pd1998", "train"), builtin_documents("pd1998", "val")
     val_chars = sum(map(len, val))
-    print(f"pd1998: {len(train):,} train docs ({sum(map(len, train)):,} chars), "
-          f"{len(val):,} val docs ({val_chars:,} chars)\n")
+    print(
+        f"pd1998: {len(train):,} train docs ({sum(map(len, train)):,} chars), "
+        f"{len(val):,} val docs ({val_chars:,} chars)\n"
+    )
     rows, qtoks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocab:
@@ -53,10 +64,14 @@ def main() -> None:
             sp, sp_s = sp_train(train, vocab, Path(tmp), args.threads)
             sp_cpt = val_chars / sum(len(ids) for ids in sp.encode(val))
             rows.append((vocab, q_cpt, q_s, sp_cpt, sp_s))
-        print("| vocab | QingLM chars/token | QingLM train s | sentencepiece BPE chars/token | SP train s | ratio |")
+        print(
+            "| vocab | QingLM chars/token | QingLM train s | sentencepiece BPE chars/token | SP train s | ratio |"
+        )
         print("|---:|---:|---:|---:|---:|---:|")
         for vocab, q_cpt, q_s, sp_cpt, sp_s in rows:
-            print(f"| {vocab:,} | {q_cpt:.3f} | {q_s:.1f} | {sp_cpt:.3f} | {sp_s:.1f} | {q_cpt / sp_cpt:.3f} |")
+            print(
+                f"| {vocab:,} | {q_cpt:.3f} | {q_s:.1f} | {sp_cpt:.3f} | {sp_s:.1f} | {q_cpt / sp_cpt:.3f} |"
+            )
         print("\n| `prepare` (vocab) | MB/s of UTF-8 text | chars/s | seconds |")
         print("|---:|---:|---:|---:|")
         nbytes = sum(len(d.encode("utf-8")) for d in train + val)

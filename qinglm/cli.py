@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: tuple[str, ...] = (
     "qinglm.experiment",
     "qinglm.serve.cli",
-    "qinglm.tools_cli",
+    "qinglm.plot",
+    "qinglm.sweep",
     "qinglm.sft.cli",
     "qinglm.export.cli",
 )

@@ -157,6 +157,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     patience: int | None = _f(None, "early stop after N validations without improvement")
     resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
+    init_from: str | None = _f(
+        None,
+        "start from the weights of this run directory (another run, or one made by `qinglm import hf`) "
+        "instead of random ones; its model config and tokenizer are used",
+    )
     parallel: str = _f(
         "auto",
         "multi-process training under torchrun: ddp (replicas), fsdp (sharded, FSDP2); auto = ddp",

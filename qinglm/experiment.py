@@ -2,8 +2,8 @@
 
 Every run is an ordinary run directory (resumable, loadable) under OUT/init-<name>; the first run
 trains the tokenizer and prepares the data, the others reuse both, so the runs differ only in `init`.
-OUT/init_comparison.png overlays their training and validation loss curves and OUT/results.md holds
-the table that is also printed.
+OUT/init_comparison.png overlays their curves (`qinglm plot`: training and validation loss, learning
+rate, gradient norm, throughput) and OUT/results.md holds the table that is also printed.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def compare_inits(
     """Return one result row per init after training each; write the PNG and results.md into OUT."""
     from qinglm.io import write_text_atomic
     from qinglm.pipeline import run_train
+    from qinglm.plot import plot_runs
     from qinglm.train.metrics import read_metrics
 
     if len(set(inits)) != len(inits):
@@ -85,13 +86,11 @@ def compare_inits(
                 "val_bpc": val_recs[-1]["val_bpc"] if val_recs else float("nan"),
                 "steps": train_recs[-1]["step"],
                 "elapsed_s": train_recs[-1]["elapsed_s"],
-                "curve": [(r["step"], r["loss"]) for r in train_recs],
-                "val_curve": [(r["step"], r["val_loss"]) for r in val_recs],
             }
         )
     table = results_table(rows)
     write_text_atomic(out / "results.md", table + "\n")
-    png = plot_curves(rows, out / "init_comparison.png", title=f"weight initialisation, preset {preset}")
+    png = plot_runs([r["run"] for r in rows], out / "init_comparison.png")
     log("\n" + table)
     log(f"\nwrote {png} and {out / 'results.md'}")
     return rows
@@ -109,32 +108,3 @@ def results_table(rows: list[dict[str, Any]]) -> str:
             f"{r['val_bpc']:.3f} | {r['steps']} | {r['elapsed_s']:.0f} s |"
         )
     return "\n".join(lines)
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Return path after drawing every row's training loss (lines) and validation loss (markers)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise QingLMError("the plot needs matplotlib: pip install 'qinglm[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qinglm.io import atomic_open
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for i, r in enumerate(rows):
-        color = f"C{i}"
-        steps, losses = zip(*r["curve"])
-        ax.plot(steps, losses, color=color, label=f"{r['init']} (train)")
-        if r["val_curve"]:
-            vs, vl = zip(*r["val_curve"])
-            ax.plot(vs, vl, "o--", color=color, label=f"{r['init']} (val)")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path

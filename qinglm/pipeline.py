@@ -173,6 +173,8 @@ def run_train(
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_flags.items()})
     else:
         model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file)
+        if train_cfg.init_from:
+            model_cfg, train_cfg = _from_base(model_cfg, train_cfg, model_flags)
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
@@ -208,6 +210,21 @@ def run_train(
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
+
+
+def _from_base(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, model_flags: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """Return the configs of a run that starts from --init-from's weights: its model and tokenizer."""
+    base = Path(train_cfg.init_from)
+    base_model, _ = read_run_config(base)
+    changed = [k for k, v in model_flags.items() if v is not None and v != getattr(base_model, k)]
+    if changed:
+        raise QingLMError(f"--init-from {base} fixes the model; drop the model flag(s) {', '.join(changed)}")
+    if train_cfg.tokenizer is None:
+        train_cfg.tokenizer = str(base / "tokenizer")
+    train_cfg.init_from = str(base)
+    return base_model, train_cfg
 
 
 def _quiet(_line: str) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qinglm.data.builtin import builtin_documents
 
@@ -265,3 +266,26 @@ def test_shipped_config_files_are_valid(path):
 
     model, train = build_configs({}, {}, str(path))
     check_train(train, resolve_model(model))
+
+
+def test_init_from_continues_pretraining_from_another_runs_weights(run, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from qinglm.train.checkpoint import inference_weights
+
+    base = load_file(inference_weights(run))
+    out = tmp_path / "continued"
+    flags = ["--seq-len", 32, "--batch-size", 4, "--device", "cpu", "--no-compile", "--sample-tokens", 2]
+    proc = qinglm("train", "--data", corpus, "--init-from", run, "--out", out, "--max-steps", 1,
+                  "--lr", "1e-12", "--warmup-steps", 1, *flags)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"starting from the weights of {run}" in proc.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == json.loads((run / "config.json").read_text())["model"]
+    after = load_file(inference_weights(out))
+    assert base.keys() == after.keys()
+    assert all(torch.allclose(base[k], after[k], atol=1e-6) for k in base)  # lr ~0: the base's weights
+    bad = qinglm(
+        "train", "--data", corpus, "--init-from", run, "--out", tmp_path / "x", "--d-model", 64, *flags
+    )
+    assert_user_error(bad, "--init-from")

@@ -212,3 +212,28 @@ def test_cli_export_gguf(tmp_path, tokenizer, capsys):
     assert main(["export", "gguf", str(shared), str(tmp_path / "y.gguf")]) == 2
     assert "qwen2moe" in capsys.readouterr().err
     assert not (tmp_path / "y.gguf").exists() and not list(tmp_path.glob(".y.gguf*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, dict(qk_norm=True, **MOE)], ids=["llama", "qwen3moe"])
+def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options):
+    """Only where llama-cpp-python is installed (an optional CI step: it builds llama.cpp from source)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from qinglm.config import SamplingConfig
+    from qinglm.generate import generate_ids
+
+    run = make_run(tmp_path / "run", tokenizer, init_std=0.1, tie_embeddings=False, **options)
+    path = export_gguf(run, tmp_path / "m.gguf", dtype="f32")
+    lm = qinglm.load(run, device="cpu")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    ids = [2] + tokenizer.encode("今天天气真不错")
+    assert llm.tokenize("今天天气真不错".encode(), add_bos=True, special=False) == ids
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(np.asarray(llm.scores[: len(ids)]), ours, atol=2e-2)  # f16 KV cache
+    cfg = SamplingConfig(max_new_tokens=32, temperature=0, repetition_penalty=1.0, stop_at_eos=False)
+    want = list(generate_ids(lm.model, ids, cfg, eos_id=None))
+    llm.reset()
+    got = [t for _, t in zip(range(32), llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0))]
+    assert got == want

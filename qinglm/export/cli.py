@@ -69,4 +69,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     from qinglm.export.hf import import_hf
 
     out = import_hf(args.src, args.out)
-    print(f"wrote run directory {out}; use it like a trained run, e.g. qinglm sft --base {out} ...")
+    print(
+        f"wrote run directory {out}; use it like a trained run: qinglm sft --base {out} ..., "
+        f"or continue pretraining with qinglm train --init-from {out} ..."
+    )

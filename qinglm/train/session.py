@@ -23,6 +23,7 @@ from qinglm.tracking import make_trackers
 from qinglm.train import distributed
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
+    inference_weights,
     latest_checkpoint,
     load_model_weights,
     load_trainer_state,
@@ -158,6 +159,9 @@ def setup_run(
     model = Transformer(model_cfg).to(device)
     if resume_from is not None:
         load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
+    elif cfg.init_from:  # continued pretraining: another run's (or an imported model's) weights
+        load_model_weights(model, inference_weights(cfg.init_from))
+        log(f"starting from the weights of {cfg.init_from}")
     wrapped = distributed.wrap(model, dist, device)
     batches = TrainBatches(
         train_data,
