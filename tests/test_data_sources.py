@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from qinglm.data.encoding import detect_encoding
 from qinglm.data.sources import (
     ReadStats,
-    detect_encoding,
     expand_paths,
     normalize_text,
     read_documents,
@@ -122,12 +122,12 @@ def test_empty_and_whitespace_files_are_rejected(tmp_path):
 
 
 def test_undecodable_line_is_skipped_in_auto_mode(tmp_path, monkeypatch):
-    import qinglm.data.sources as sources
+    import qinglm.data.encoding as encoding
 
     path = tmp_path / "mixed.txt"
     path.write_bytes("好的\n".encode() + b"bad \xff\xfe line\n" + "再见\n".encode())
     # A bad line beyond the detection sample: emulate a huge file with a tiny sample.
-    monkeypatch.setattr(sources, "SAMPLE_BYTES", 6)
+    monkeypatch.setattr(encoding, "SAMPLE_BYTES", 6)
     stats = ReadStats()
     assert read(path, stats=stats, txt_mode="line") == ["好的", "再见"]
     assert stats.skipped["undecodable bytes"] == 1

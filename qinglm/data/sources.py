@@ -12,16 +12,14 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
+from qinglm.data.encoding import SAMPLE_BYTES, open_text
 from qinglm.errors import QingLMError
 
 PathSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TXT_MODES = ("auto", "line", "paragraph")
-# Encoding detection and txt_mode "auto" look at this much of each file, so huge files stay fast.
-SAMPLE_BYTES = 1 << 20
 # A longer document (a whole book on one line, say) is cut into pieces of at most this many
 # characters, at a sentence end where one is near: tokenizing and packing stay fast and bounded.
 MAX_DOC_CHARS = 100_000
@@ -41,15 +39,7 @@ _NORMALIZE_TABLE = {
 # Undecodable bytes come back as lone surrogates (errors="surrogateescape"); a document with one
 # would crash any later UTF-8 encode, so it is skipped.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTROL_CHARS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
 _BLANK_LINE_BETWEEN_TEXT = re.compile(r"\S[^\S\n]*\n[^\S\n]*\n\s*\S")
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE: its BOM starts with FF FE too
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
 
 
 @dataclass
@@ -149,66 +139,6 @@ def _scan_dir(root: Path) -> list[Path]:
     )
 
 
-def detect_encoding(raw: bytes, *, truncated: bool = False, name: str = "the input") -> str:
-    """Return the codec name that decodes `raw`, the first bytes of a text file.
-
-    Order: BOM (UTF-32, UTF-8, UTF-16); UTF-16 without BOM when NUL bytes sit at one parity;
-    strict UTF-8; strict GB18030 (a superset of GBK and GB2312).  `truncated` says `raw` is
-    only the start of a file, so a multi-byte character cut at its end is not an error.
-    Raises QingLMError when the bytes look binary.
-    """
-    for bom, codec in _BOMS:
-        if raw.startswith(bom):
-            return codec
-    final = not truncated
-    if b"\x00" in raw:
-        codec = _utf16_without_bom(raw, final)
-        if codec is None:
-            raise _binary_error(name, "it contains NUL bytes")
-        return codec
-    for codec in ("utf-8", "gb18030"):
-        text = _try_decode(raw, codec, final)
-        if text is not None:
-            if _mostly_control(text):
-                raise _binary_error(name, "it is full of control characters")
-            return codec
-    raise _binary_error(name, "it is neither UTF-8, UTF-16 nor GB18030")
-
-
-def _binary_error(name: str, why: str) -> QingLMError:
-    """Return the error for a file that does not look like text."""
-    return QingLMError(f"{name} looks like a binary file ({why}); pass --encoding if it is text")
-
-
-def _try_decode(raw: bytes, codec: str, final: bool) -> str | None:
-    """Return `raw` decoded strictly with `codec`, or None when it does not decode."""
-    try:
-        return codecs.getincrementaldecoder(codec)().decode(raw, final=final)
-    except UnicodeDecodeError:
-        return None
-
-
-def _mostly_control(text: str) -> bool:
-    """Return True when more than 1% of the start of `text` are control characters."""
-    sample = text[:65536]
-    return len(_CONTROL_CHARS.findall(sample)) > len(sample) / 100
-
-
-def _utf16_without_bom(raw: bytes, final: bool) -> str | None:
-    """Return "utf-16-le"/"utf-16-be" when `raw` looks like BOM-less UTF-16, else None."""
-    # ASCII characters in UTF-16 carry a NUL high byte: at odd offsets in LE, even ones in BE.
-    # Binary data has NULs at both parities.
-    even, odd = raw[0::2].count(0), raw[1::2].count(0)
-    if odd >= 0.95 * (even + odd):
-        codec = "utf-16-le"
-    elif even >= 0.95 * (even + odd):
-        codec = "utf-16-be"
-    else:
-        return None
-    text = _try_decode(raw, codec, final)
-    return codec if text is not None and not _mostly_control(text) else None
-
-
 def read_documents(
     spec: PathSpec,
     *,
@@ -299,28 +229,11 @@ def split_long_document(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
     return pieces
 
 
-def _open_text(path: Path, encoding: str | None) -> TextIO:
-    """Return `path` opened for reading text with the given or detected encoding."""
-    try:
-        if encoding is not None:
-            # The user chose the codec: decode strictly so a wrong choice is reported, not skipped.
-            return open(path, encoding=encoding, errors="strict", newline=None)
-        with open(path, "rb") as f:
-            raw = f.read(SAMPLE_BYTES)
-            truncated = bool(f.read(1))
-        codec = detect_encoding(raw, truncated=truncated, name=str(path))
-        return open(path, encoding=codec, errors="surrogateescape", newline=None)
-    except OSError as e:  # unreadable: permissions, a vanished file
-        raise QingLMError(
-            f"cannot read {path} ({e.strerror or e}); check the path and its permissions"
-        ) from None
-
-
 def _lines(path: Path, encoding: str | None) -> Iterator[str]:
     """Yield the lines of a text file (CRLF/CR made LF, a leading BOM dropped)."""
     lineno = 0
     try:
-        with _open_text(path, encoding) as f:
+        with open_text(path, encoding) as f:
             for lineno, line in enumerate(f, 1):
                 yield line.lstrip("\ufeff") if lineno == 1 else line
     except UnicodeDecodeError as e:
@@ -333,7 +246,7 @@ def _lines(path: Path, encoding: str | None) -> Iterator[str]:
 def _txt_texts(path: Path, encoding: str | None, txt_mode: str) -> Iterator[str]:
     """Yield the raw documents of a .txt file: lines or blank-line-separated paragraphs."""
     if txt_mode == "auto":
-        with _open_text(path, encoding) as f:
+        with open_text(path, encoding) as f:
             try:
                 sample = f.read(SAMPLE_BYTES)
             except UnicodeDecodeError:
@@ -390,7 +303,7 @@ def _json_texts(path: Path, encoding: str | None, text_field: str, stats: ReadSt
 
 def _json_array(path: Path, encoding: str | None) -> list[tuple[int, str | None, object]] | None:
     """Return the items of a .json file holding one JSON array, or None when it is JSON lines."""
-    with _open_text(path, encoding) as f:
+    with open_text(path, encoding) as f:
         head = f.read(4096).lstrip("\ufeff \t\r\n")
     if not head.startswith("["):
         return None
