@@ -16,7 +16,6 @@ on any mismatch. Kept out of the test suite because of the build time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,11 +24,11 @@ import numpy as np
 import torch
 
 import qinglm
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.export.gguf import export_gguf
 from qinglm.generate import encode_prompt, generate_ids
 from qinglm.model import Transformer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济稳步增长，", "Hello, world 2024"]
 
@@ -62,13 +61,7 @@ def random_run(directory: Path, qk_norm: bool, moe: bool, bias: bool) -> Path:
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
-    tok.save(directory / "tokenizer")
-    (directory / "config.json").write_text(
-        json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())})
-    )
-    (directory / "best").mkdir()
-    save_model_file(model, directory / "best" / "model.safetensors")
-    return directory
+    return save_run(directory, model, tok)
 
 
 def compare(run: Path, gguf_path: Path, n_tokens: int) -> bool:

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qinglm.chat import IM_END
 from qinglm.config import ModelConfig, SamplingConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
-from qinglm.generate import encode_prompt, generate_ids, stream_text
+from qinglm.generate import encode_prompt
 from qinglm.model import Transformer
 
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ class LM:
 
         The text ends before the first of the stop strings, if one is generated.
         """
-        from qinglm.engine import Generation, Request
-
         cfg = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -71,7 +70,13 @@ class LM:
             seed=seed,
             stop_at_eos=stop_at_eos,
         )
-        request = Request(encode_prompt(self.tokenizer, prompt), cfg, stop)
+        return self._stream_ids(encode_prompt(self.tokenizer, prompt), cfg, stop)
+
+    def _stream_ids(self, prompt_ids: list[int], cfg: SamplingConfig, stop: Sequence[str]) -> Iterator[str]:
+        """Return the text pieces the engine produces for one request."""
+        from qinglm.engine import Generation, Request
+
+        request = Request(prompt_ids, cfg, stop)
         gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
         return (ev.text for events in gen for ev in events if ev.text)
 
@@ -107,16 +112,7 @@ class LM:
             seed=seed,
             stop_at_eos=True,
         )
-        reply = generate_ids(self.model, ids, cfg, eos_id=self.tokenizer.im_end_id, device=self.device)
-        eos = self.tokenizer.eos_id
-
-        def until_eos() -> Iterator[int]:
-            for t in reply:
-                if t == eos:
-                    return
-                yield t
-
-        return stream_text(until_eos(), self.tokenizer)
+        return self._stream_ids(ids, cfg, [IM_END])  # [EOS] ends it too, as in stream()
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """Return the assistant's reply to messages; takes stream_chat()'s sampling arguments."""

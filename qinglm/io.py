@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from qinglm.errors import QingLMError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; done once, at import
@@ -47,3 +49,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write obj as indented UTF-8 JSON to path atomically."""
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Return the parsed JSON file at path; a missing file raises QingLMError(missing), a broken one says so."""
+    path = Path(path)
+    if not path.is_file():
+        raise QingLMError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QingLMError(f"cannot parse {path}: {e}") from None

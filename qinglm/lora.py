@@ -13,7 +13,6 @@ LoRA leaves the model's output unchanged until training moves B.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 from qinglm.errors import QingLMError
 from qinglm.hf_layout import LINEAR_PARTS, hf_module, row_sizes
-from qinglm.io import write_json_atomic
+from qinglm.io import read_json, write_json_atomic
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # HF short names, in the order they appear in a layer.
@@ -204,12 +203,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str = "") -> Path:
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """Return adapter_config.json of an adapter directory; raise QingLMError if missing or not LoRA."""
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise QingLMError(f"no {ADAPTER_CONFIG} in {directory}; pass a LoRA adapter directory")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise QingLMError(f"cannot parse {path}: {e}") from None
+    cfg = read_json(path, f"no {ADAPTER_CONFIG} in {directory}; pass a LoRA adapter directory")
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or "r" not in cfg:
         raise QingLMError(f"{path} is not a LoRA adapter config (peft_type LORA with r)")
     return cfg

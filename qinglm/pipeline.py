@@ -8,7 +8,6 @@ only strings them together and keeps the run directory self-contained, so that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from qinglm.config import (
     to_dict,
 )
 from qinglm.errors import QingLMError
-from qinglm.io import write_json_atomic
+from qinglm.io import read_json, write_json_atomic
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 
@@ -136,13 +135,7 @@ def build_configs(
 
 
 def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise QingLMError(f"{run_dir} has no config.json; is it a QingLM run directory?")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise QingLMError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(run_dir / "config.json", f"{run_dir} has no config.json; is it a QingLM run directory?")
     return from_dict(ModelConfig, d["model"], "model config"), from_dict(
         TrainConfig, d["train"], "train config"
     )

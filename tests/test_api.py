@@ -1,6 +1,5 @@
 """qinglm.load and the LM object: a run directory in, text and metrics out."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,11 +9,11 @@ import torch
 
 import qinglm
 from qinglm.api import LM
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 LINES = [
     "今天天气真不错，我们一起去公园散步吧。",
@@ -31,15 +30,12 @@ def run(tmp_path_factory):
     """Return (run_dir, the model saved in it), laid out as training leaves it."""
     run_dir = tmp_path_factory.mktemp("run")
     tok = train_tokenizer([f"{LINES[i % 5]}{i}" for i in range(200)], 400, show_progress=False)
-    tok.save(run_dir / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
     )
     model = Transformer(cfg).eval()
-    (run_dir / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run_dir / "best").mkdir()
-    save_model_file(model, run_dir / "best" / "model.safetensors")
+    save_run(run_dir, model, tok)
     return run_dir, model
 
 

@@ -1,7 +1,6 @@
 """Chat: history cut to fit the context, the REPL's commands, and `qinglm chat` driven through stdin."""
 
 import io
-import json
 import subprocess
 import sys
 
@@ -11,12 +10,12 @@ import torch
 import qinglm
 from qinglm.chat import render_chat
 from qinglm.chat_repl import chat_loop
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.sft.data import fit_history
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 SYSTEM = {"role": "system", "content": "你是一个助手。"}
 
@@ -30,14 +29,11 @@ def tok():
 def run_dir(tmp_path_factory, tok):
     """Return a run directory with a tiny random model of context 64."""
     d = tmp_path_factory.mktemp("run")
-    tok.save(d / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
     )
-    (d / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (d / "best").mkdir()
-    save_model_file(Transformer(cfg), d / "best" / "model.safetensors")
+    save_run(d, Transformer(cfg), tok)
     return d
 
 

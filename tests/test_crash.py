@@ -22,25 +22,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qinglm.data.shards import prepare_shards
 from qinglm.pipeline import _cli_flags, run_train
-from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
 from qinglm.train.metrics import read_metrics
 
-PHRASES = ["今天天气真不错", "我们一起去公园散步", "人工智能改变了世界", "中国经济持续发展", "春天来了花开了"]
 STEPS, KILLS = 60, 4
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(300)]
-    tok = train_tokenizer(docs, 300, show_progress=False)
-    tok.save(root / "tokenizer")
-    prepare_shards({"train": docs[:270], "val": docs[270:]}, tok, root / "data", show_progress=False)
-    return root / "data", root / "tokenizer"
+def corpus(phrase_corpus) -> tuple[Path, Path]:
+    """Return (data_dir, tokenizer_dir) of a small corpus."""
+    return phrase_corpus[:2]
 
 
 def flags(corpus: tuple[Path, Path], out: Path) -> tuple[dict, dict]:

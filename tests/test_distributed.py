@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,29 +19,21 @@ from safetensors.torch import load_file
 
 from qinglm.config import TrainConfig
 from qinglm.data.loader import TrainBatches
-from qinglm.data.shards import TokenShards, prepare_shards
+from qinglm.data.shards import TokenShards
 from qinglm.errors import QingLMError
 from qinglm.pipeline import _cli_flags, run_train
-from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.distributed import fsdp_available
 from qinglm.train.metrics import read_metrics
 from qinglm.train.session import _fit_global_batch
 
-PHRASES = ["今天天气真不错", "我们一起去公园散步", "人工智能改变了世界", "中国经济持续发展", "春天来了花开了"]
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
+def corpus(phrase_corpus) -> tuple[Path, Path]:
     """Return (data_dir, tokenizer_dir) of a small corpus."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(300)]
-    tok = train_tokenizer(docs, 300, show_progress=False)
-    tok.save(root / "tokenizer")
-    prepare_shards({"train": docs[:270], "val": docs[270:]}, tok, root / "data", show_progress=False)
-    return root / "data", root / "tokenizer"
+    return phrase_corpus[:2]
 
 
 def flags(corpus: tuple[Path, Path], out: Path, **kw) -> tuple[dict, dict]:

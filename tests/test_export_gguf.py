@@ -8,13 +8,13 @@ import torch
 
 import qinglm
 from qinglm.cli import main
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gguf import export_gguf, gguf_arch, permute_for_llama_cpp
 from qinglm.export.hf import export_hf
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 gguf = pytest.importorskip("gguf")
 
@@ -37,10 +37,7 @@ def make_run(run_dir, tokenizer, **options):
         for p in model.parameters():
             if p.dim() == 1:  # norm weights of one would hide a layout mistake
                 p.add_(torch.randn_like(p) * 0.2)
-    tokenizer.save(run_dir / "tokenizer")
-    (run_dir / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run_dir / "best").mkdir()
-    save_model_file(model, run_dir / "best" / "model.safetensors")
+    save_run(run_dir, model, tokenizer)
     return run_dir
 
 

@@ -9,14 +9,14 @@ from safetensors.torch import load_file, save_file
 import qinglm
 from qinglm.chat import render_chat
 from qinglm.cli import main
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.hf import export_hf, import_hf, save_hf_tokenizer
 from qinglm.export.hf_config import hf_model_type, same_function
 from qinglm.generate import encode_prompt, generate_ids
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,10 +62,7 @@ def make_run(run_dir, tokenizer, **options):
         for p in model.parameters():
             if p.dim() == 1:  # norm weights (ones) and biases (zeros) would hide a layout mistake
                 p.add_(torch.randn_like(p) * 0.2)
-    tokenizer.save(run_dir / "tokenizer")
-    (run_dir / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run_dir / "best").mkdir()
-    save_model_file(model, run_dir / "best" / "model.safetensors")
+    save_run(run_dir, model, tokenizer)
     return run_dir
 
 

@@ -1,17 +1,15 @@
 """A QingLM LoRA adapter loads with PEFT onto the `qinglm export hf` model and computes the same logits."""
 
-import json
-
 import pytest
 import torch
 
 import qinglm
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.export.hf import export_hf
 from qinglm.lora import ALL_TARGETS, apply_lora, save_adapter
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -34,10 +32,7 @@ def test_peft_loads_the_qinglm_adapter_onto_the_exported_model(tmp_path, options
     )
     torch.manual_seed(0)
     run = tmp_path / "run"
-    tok.save(run / "tokenizer")
-    (run / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run / "best").mkdir()
-    save_model_file(Transformer(cfg), run / "best" / "model.safetensors")
+    save_run(run, Transformer(cfg), tok)
 
     lm = qinglm.load(run, device="cpu")
     ids = torch.tensor([[2] + tok.encode("今天天气真不错，人工智能")])

@@ -1,20 +1,18 @@
 """Weight-only int8 quantization, and `qinglm generate` with --batch-size / --quantize / --stop."""
 
-import json
-
 import pytest
 import torch
 import torch.nn as nn
 
 import qinglm
 from qinglm.cli import main
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.quantize import Int8Linear, quantize
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -68,14 +66,11 @@ def run_dir(tmp_path_factory):
         "春天来了，花儿都开了。",
     ]
     tok = train_tokenizer([f"{lines[i % 3]}{i}" for i in range(150)], 400, show_progress=False)
-    tok.save(run / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
     )
-    (run / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run / "best").mkdir()
-    save_model_file(Transformer(cfg), run / "best" / "model.safetensors")
+    save_run(run, Transformer(cfg), tok)
     return run
 
 

@@ -17,14 +17,14 @@ pytest.importorskip("uvicorn")
 import qinglm  # noqa: E402
 from qinglm.chat import render_chat  # noqa: E402
 from qinglm.cli import main  # noqa: E402
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, resolve_model, to_dict  # noqa: E402
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model  # noqa: E402
 from qinglm.generate import encode_prompt, generate_ids  # noqa: E402
 from qinglm.model import Transformer  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.serve.protocol import parse_completion  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
-from qinglm.train.checkpoint import save_model_file  # noqa: E402
+from qinglm.train.checkpoint import save_run  # noqa: E402
 
 LINES = ["今天天气真不错，我们一起去公园散步吧。", "人工智能的未来充满了希望和挑战。", "中国经济稳步增长。"]
 KEY = "sk-test"
@@ -37,14 +37,11 @@ PROMPTS = ["今天", "人工智能", "中国经济", "我们一起", "春天来�
 def make_run(path):
     """Write a tiny random model as a run directory (config.json, tokenizer/, best/) and return path."""
     tok = train_tokenizer([f"{LINES[i % 3]}{i}" for i in range(120)], 400, show_progress=False)
-    tok.save(path / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX)
     )
-    (path / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (path / "best").mkdir()
-    save_model_file(Transformer(cfg).eval(), path / "best" / "model.safetensors")
+    save_run(path, Transformer(cfg).eval(), tok)
     return path
 
 

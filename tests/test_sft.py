@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import qinglm
 from qinglm.chat import TURN_SUFFIX, render_chat, turn_prefix
 from qinglm.cli import main
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import IGNORE_INDEX, Transformer
 from qinglm.sft import data as sft_data
@@ -17,7 +17,7 @@ from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import run_sft
 from qinglm.tokenizer import BOS_ID, IM_END_ID, train_tokenizer
-from qinglm.train.checkpoint import save_model_file
+from qinglm.train.checkpoint import save_run
 
 CHAT = [
     {"role": "system", "content": "你是一个助手。"},
@@ -38,14 +38,11 @@ def tok():
 def base_run(tmp_path_factory, tok):
     """Return a run directory holding a tiny random model, laid out as pretraining leaves it."""
     run_dir = tmp_path_factory.mktemp("base")
-    tok.save(run_dir / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
     )
-    (run_dir / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run_dir / "best").mkdir()
-    save_model_file(Transformer(cfg), run_dir / "best" / "model.safetensors")
+    save_run(run_dir, Transformer(cfg), tok)
     return run_dir
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import signal
 from pathlib import Path
 
@@ -13,10 +12,8 @@ from safetensors.torch import load_file
 
 import qinglm.train.session as session
 from qinglm.config import ModelConfig, TrainConfig
-from qinglm.data.shards import prepare_shards
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
-from qinglm.tokenizer import train_tokenizer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
 from qinglm.train.metrics import TRAIN_KEYS, VAL_KEYS, read_metrics
@@ -30,26 +27,11 @@ from qinglm.train.schedule import (
     seq_len_at,
 )
 
-PHRASES = [
-    "今天天气真不错",
-    "我们一起去公园散步",
-    "人工智能改变了世界",
-    "中国经济持续发展",
-    "春天来了花开了",
-    "学习使人进步",
-]
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path, int]:
+def corpus(phrase_corpus) -> tuple[Path, Path, int]:
     """Return (data_dir, tokenizer_dir, vocab_size) of a small repetitive corpus."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(300)]
-    tok = train_tokenizer(docs, 300, show_progress=False)
-    tok.save(root / "tokenizer")
-    prepare_shards({"train": docs[:270], "val": docs[270:]}, tok, root / "data", show_progress=False)
-    return root / "data", root / "tokenizer", tok.vocab_size
+    return phrase_corpus
 
 
 def configs(vocab: int, **train_kw) -> tuple[ModelConfig, TrainConfig]:

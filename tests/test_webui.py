@@ -1,6 +1,5 @@
 """The chat page at /, driven in headless Chromium: type a message, see a streamed reply appear."""
 
-import json
 import time
 from pathlib import Path
 
@@ -13,12 +12,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
 import qinglm  # noqa: E402
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict  # noqa: E402
+from qinglm.config import ModelConfig, resolve_model  # noqa: E402
 from qinglm.model import Transformer  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
-from qinglm.train.checkpoint import save_model_file  # noqa: E402
+from qinglm.train.checkpoint import save_run  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -37,14 +36,11 @@ def lm(tmp_path_factory):
     run = tmp_path_factory.mktemp("webui-run")
     lines = ["今天天气真不错，我们一起去公园散步吧。", "人工智能的未来充满了希望和挑战。"]
     tok = train_tokenizer([f"{lines[i % 2]}{i}" for i in range(100)], 400, show_progress=False)
-    tok.save(run / "tokenizer")
     torch.manual_seed(0)
     cfg = resolve_model(
         ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)
     )
-    (run / "config.json").write_text(json.dumps({"model": to_dict(cfg), "train": to_dict(TrainConfig())}))
-    (run / "best").mkdir()
-    save_model_file(Transformer(cfg).eval(), run / "best" / "model.safetensors")
+    save_run(run, Transformer(cfg).eval(), tok)
     return qinglm.load(run, device="cpu")
 
 

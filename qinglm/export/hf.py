@@ -15,12 +15,12 @@ import tokenizers
 import torch
 
 from qinglm.chat import CHAT_TEMPLATE
-from qinglm.config import ModelConfig, TrainConfig, resolve_model, to_dict
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
 from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_config_from_hf
 from qinglm.hf_layout import hf_moe_parts, hf_parts
-from qinglm.io import atomic_open, write_json_atomic
+from qinglm.io import atomic_open, read_json, write_json_atomic
 from qinglm.model import Transformer
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 
@@ -242,18 +242,13 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
     """
     from safetensors.torch import load_file
 
-    from qinglm.train.checkpoint import save_best
+    from qinglm.train.checkpoint import save_run
 
     src, out = Path(hf_dir), Path(out_run)
     if (out / "config.json").exists():
         raise QingLMError(f"{out} already has a config.json; import into a new run directory")
     config_path = src / "config.json"
-    if not config_path.is_file():
-        raise QingLMError(f"{src} has no config.json; pass a transformers model folder")
-    try:
-        hf_cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise QingLMError(f"cannot parse {config_path}: {e}") from None
+    hf_cfg = read_json(config_path, f"{src} has no config.json; pass a transformers model folder")
     if not isinstance(hf_cfg, dict) or not hf_cfg.get("model_type"):
         raise QingLMError(
             f"{config_path} has no model_type; pass a transformers model folder (not a QingLM run)"
@@ -285,10 +280,5 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
             raise QingLMError(f"{src}: {name} is {tuple(tensors[name].shape)}, expected {tuple(want.shape)}")
     alias = {"head.weight": tensors["embed.weight"]} if cfg.tie_embeddings else {}
     model.load_state_dict({**tensors, **alias}, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer", model_max_length=cfg.max_seq_len, chat_template=chat_template_of(src))
-    write_json_atomic(
-        out / "config.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig(out=str(out)))}
-    )
-    save_best(out, model, {"step": 0, "imported_from": str(src.resolve())})
-    return out
+    state = {"step": 0, "imported_from": str(src.resolve())}
+    return save_run(out, model, tok, state=state, chat_template=chat_template_of(src))

@@ -296,7 +296,7 @@ def merge_run(
     """
     import qinglm
     from qinglm.lora import load_adapter, read_adapter_config
-    from qinglm.train.checkpoint import save_best
+    from qinglm.train.checkpoint import save_run
 
     adapter = Path(adapter)
     if (adapter / "adapter").is_dir():
@@ -308,9 +308,5 @@ def merge_run(
     _prepare_out(out)
     lm = qinglm.load(base, device=device)
     model = merge_lora(load_adapter(lm.model, adapter))
-    lm.tokenizer.save(out / "tokenizer", model_max_length=model.cfg.max_seq_len)
-    write_json_atomic(
-        out / "config.json", {"model": to_dict(model.cfg), "base": str(base), "adapter": str(adapter)}
-    )
-    save_best(out, model, {"merged_from": {"base": str(base), "adapter": str(adapter)}})
-    return out
+    merged_from = {"base": str(base), "adapter": str(adapter)}
+    return save_run(out, model, lm.tokenizer, merged_from, {"merged_from": merged_from})

@@ -332,3 +332,37 @@ def inference_weights(run_dir: str | Path) -> Path:
     if latest is not None:
         return latest / MODEL_FILE
     raise QingLMError(f"no weights in {run_dir}; train first (qinglm train --out {run_dir})")
+
+
+def save_run(
+    run_dir: str | Path,
+    model: nn.Module,
+    tokenizer: Any,
+    extra_config: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Return run_dir after writing a run directory without training: what qinglm.load reads.
+
+    tokenizer/ (with chat_template, default QingLM's), config.json ({"model": model.cfg, "train":
+    defaults, **extra_config}) and best/ (the weights + state). Used by import, LoRA merging and tests.
+    """
+    from qinglm.chat import CHAT_TEMPLATE
+    from qinglm.config import TrainConfig, to_dict
+    from qinglm.io import write_json_atomic
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(
+        run_dir / "tokenizer",
+        model_max_length=model.cfg.max_seq_len,
+        chat_template=chat_template or CHAT_TEMPLATE,
+    )
+    config = {
+        "model": to_dict(model.cfg),
+        "train": to_dict(TrainConfig(out=str(run_dir))),
+        **(extra_config or {}),
+    }
+    write_json_atomic(run_dir / "config.json", config)
+    save_best(run_dir, model, state or {"step": 0})
+    return run_dir

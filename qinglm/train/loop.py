@@ -84,21 +84,18 @@ class _StopRequest:
 # ---------------------------------------------------------------------------- step, validation, saving
 
 
-def _optimizer_step(r: Run) -> tuple[float, float, int, bool]:
-    """Return (loss, grad norm, tokens, applied) of one update over cfg.grad_accum micro-batches.
+def _optimizer_step(r: Run, row_len: int) -> tuple[float, float, int, bool]:
+    """Return (loss, grad norm, tokens, applied) of one update over cfg.grad_accum micro-batches of rows
+    of row_len tokens (the batch rows cut shorter while a progressive sequence length says so).
 
     The update is not applied when the loss or, without a GradScaler, the gradient norm is not
     finite; with fp16 the scaler skips inf/nan gradients itself.
     """
     cfg, scaler = r.cfg, r.scaler
     loss_sum, tokens = torch.zeros((), device=r.device), 0
-    # Progressive sequence length: cut each row into shorter rows (same tokens and targets, less context).
-    row_len = seq_len_at(
-        parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len), r.step, r.length.total, cfg.seq_len
-    )
     for i in range(cfg.grad_accum):
         x, y = next(r.batches)
-        if row_len < x.size(1):
+        if row_len < x.size(1):  # progressive sequence length: shorter rows, same tokens and targets
             x, y = x.reshape(-1, row_len), y.reshape(-1, row_len)
         x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
         # Several processes: gradients are averaged over ranks once, after the last micro-batch.
@@ -306,6 +303,7 @@ def _train(
     session_tokens, session_time, last_loss = 0, 0.0, float("nan")
     r.t_start = time.perf_counter()
     spikes = _SpikeWatch()
+    seq_stages = parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len)
     disable = None if dist.is_main else True  # None: tqdm shows the bar on a terminal only
     bar = tqdm(total=r.length.total, initial=r.step, unit="step", disable=disable, dynamic_ncols=True)
     say = bar.write if (log is print and not bar.disable) else log  # keep the bar on its own line
@@ -315,7 +313,8 @@ def _train(
             lr = r.length.lr(r.step, cfg.lr, cfg.min_lr_ratio)
             for g in r.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: per-group multiplier seam (e.g. Muon)
-            step_loss, grad_norm, tokens, ok = _optimizer_step(r)
+            row_len = seq_len_at(seq_stages, r.step, r.length.total, cfg.seq_len)
+            step_loss, grad_norm, tokens, ok = _optimizer_step(r, row_len)
             step_time = time.perf_counter() - t0
             r.tokens_seen += tokens
             session_tokens, session_time = session_tokens + tokens, session_time + step_time
