@@ -87,9 +87,15 @@ def teardown(d: Dist) -> None:
 
 @contextlib.contextmanager
 def group(d: Dist) -> Iterator[Dist]:
-    """Return a context that tears the process group down at its end when d created it."""
+    """Return a context that tears the process group down at its end when d created it.
+
+    On a normal exit the ranks first meet at a barrier, so none destroys its gloo/NCCL connections
+    while another still uses them (gloo can abort the process then); after an error, no waiting.
+    """
     try:
         yield d
+        if d.owns_group and tdist.is_initialized():
+            tdist.barrier()
     finally:
         teardown(d)
 
