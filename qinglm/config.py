@@ -148,6 +148,11 @@ class TrainConfig:
     compile: bool | None = _f(
         None, "torch.compile the model (default: on for CUDA and for CPUs with a C++ compiler)"
     )
+    fp8: bool = _f(
+        False,
+        "float8 matmuls for the block linears through torchao (CUDA, compute capability 8.9+: Ada/Hopper); "
+        "weights, checkpoints and exports stay unchanged",
+    )
     num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     seed: int = _f(0, "random seed")
     eval_every: int = _f(200, "validate every N optimizer steps")

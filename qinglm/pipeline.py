@@ -31,6 +31,7 @@ from qinglm.errors import QingLMError
 from qinglm.io import read_json, write_json_atomic
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
+DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
 
 
 # ---------------------------------------------------------------------------- documents
@@ -130,7 +131,7 @@ def build_configs(
         raise QingLMError(f"unknown preset {train.preset!r}; choose one of {', '.join(PRESETS)}")
     model = from_dict(ModelConfig, {**PRESETS[train.preset], **file_model, **model_flags}, "model config")
     if train.max_steps is None and train.max_time is None and train.num_epochs is None:
-        train.max_time = DEFAULT_MAX_TIME
+        train.max_time, train.num_epochs = DEFAULT_MAX_TIME, DEFAULT_MAX_EPOCHS
     return model, train
 
 
@@ -171,6 +172,8 @@ def run_train(
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
+    if train_cfg.fp8:
+        check_fp8(train_cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -203,6 +206,17 @@ def run_train(
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
+
+
+def check_fp8(cfg: TrainConfig) -> None:
+    """Return nothing if --fp8 can run on the chosen device and dtype; else raise QingLMError in one line."""
+    from qinglm.device import resolve_device, resolve_dtype
+    from qinglm.train.fp8 import fp8_refusal
+
+    device = resolve_device(cfg.device)
+    why = fp8_refusal(device, resolve_dtype(cfg.dtype, device))
+    if why:
+        raise QingLMError(why)
 
 
 def _from_base(

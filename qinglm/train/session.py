@@ -30,6 +30,7 @@ from qinglm.train.checkpoint import (
     read_state,
     set_rng_state,
 )
+from qinglm.train.fp8 import enable_fp8
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
 from qinglm.train.schedule import RunLength, known_total
@@ -162,6 +163,8 @@ def setup_run(
     elif cfg.init_from:  # continued pretraining: another run's (or an imported model's) weights
         load_model_weights(model, inference_weights(cfg.init_from))
         log(f"starting from the weights of {cfg.init_from}")
+    if cfg.fp8:  # before wrapping: FSDP shards the converted modules
+        enable_fp8(model, device, dtype, log)
     wrapped = distributed.wrap(model, dist, device)
     batches = TrainBatches(
         train_data,

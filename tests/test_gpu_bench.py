@@ -1,0 +1,36 @@
+"""benchmarks/gpu.py, the prepared device check, on the CPU: its sections run and its table reads a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.gpu_parts import table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_table_of_the_recorded_gpu_run_shows_every_section():
+    r = json.loads((ROOT / "benchmarks/results/gpu-h200.json").read_text())
+    t = table(r)
+    assert "NVIDIA H200" in t and "| gpt2-124m | 123.6M | 64 x 1024 | 493,691 | 55.5% | 42.6% |" in t
+    assert "| gpt2-124m + fp8 |" in t and "fp8 vs bf16: 0.95x" in t
+    for section in ("main_job: wall 28.0 s", "cuda_tests:", "distributed: plain", "decode: gpt2-124m"):
+        assert section in t
+
+
+def test_quick_check_on_the_cpu_runs_its_sections_and_writes_json(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--quick", "--json", str(out)]
+    cmd += ["--work", str(tmp_path / "work"), "--sections", "cuda_tests,throughput,fp8"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    s = r["sections"]
+    assert s["cuda_tests"]["skipped"] >= 10 and not s["cuda_tests"].get("failed")  # no GPU: skipped
+    tiny = s["throughput"]["tiny"]
+    assert tiny["tokens_per_s"] > 0 and len(tiny["losses"]) == 5
+    assert "needs an NVIDIA GPU" in s["fp8"]["refused"]
+    assert "| tiny | 0.7M | 4 x 64 |" in p.stdout and "fp8: --fp8 needs an NVIDIA GPU" in p.stdout
