@@ -72,11 +72,17 @@ class LM:
         )
         return self._stream_ids(encode_prompt(self.tokenizer, prompt), cfg, stop)
 
-    def _stream_ids(self, prompt_ids: list[int], cfg: SamplingConfig, stop: Sequence[str]) -> Iterator[str]:
+    def _stream_ids(
+        self,
+        prompt_ids: list[int],
+        cfg: SamplingConfig,
+        stop: Sequence[str],
+        counted: Sequence[bool] | None = None,
+    ) -> Iterator[str]:
         """Return the text pieces the engine produces for one request."""
         from qinglm.engine import Generation, Request
 
-        request = Request(prompt_ids, cfg, stop)
+        request = Request(prompt_ids, cfg, stop, counted)
         gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
         return (ev.text for events in gen for ev in events if ev.text)
 
@@ -102,7 +108,7 @@ class LM:
         from qinglm.sft.data import fit_history
 
         reserve = min(max_new_tokens, self.config.max_seq_len // 2)
-        _, ids = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
+        _, prompt = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
         cfg = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -112,7 +118,7 @@ class LM:
             seed=seed,
             stop_at_eos=True,
         )
-        return self._stream_ids(ids, cfg, [IM_END])  # [EOS] ends it too, as in stream()
+        return self._stream_ids(prompt.ids, cfg, [IM_END], prompt.content)  # [EOS] ends it too
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """Return the assistant's reply to messages; takes stream_chat()'s sampling arguments."""

@@ -6,7 +6,7 @@ import torch
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.engine import Event, Generation, Request, complete
 from qinglm.errors import QingLMError
-from qinglm.generate import TextDecoder, generate, generate_ids
+from qinglm.generate import N_CONTROL_IDS, TextDecoder, generate, generate_ids
 from qinglm.model import KVCache, Transformer
 from qinglm.tokenizer import train_tokenizer
 
@@ -37,7 +37,7 @@ def naive_greedy(model: Transformer, prompt: list[int], n: int, penalty: float =
             if len(ids) > CTX:
                 break
             logits = model(torch.tensor([ids]))[0, -1].clone()
-            for t in set(ids):
+            for t in set(ids) - set(range(N_CONTROL_IDS)):  # control tokens are never penalised
                 logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
             ids.append(int(logits.argmax()))
     return ids[len(prompt) :]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qinglm
-from qinglm.chat import render_chat
+from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
@@ -124,7 +124,7 @@ def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
         rendered = render_chat(messages, add_generation_prompt=add)
         assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add) == rendered
         ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add, return_dict=True)
-        assert ids["input_ids"] == tokenizer.encode(rendered)  # one [BOS], from the template
+        assert ids["input_ids"] == encode_chat(tokenizer, messages, add).ids  # one [BOS], from the template
 
 
 @pytest.mark.parametrize("options", [v[1] for v in EXACT], ids=[v[0] for v in EXACT])
