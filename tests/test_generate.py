@@ -9,6 +9,7 @@ from qinglm.generate import (
     N_CONTROL_IDS,
     apply_repetition_penalty,
     generate,
+    encode_prompt,
     generate_ids,
     sample_next,
     stream,
@@ -218,3 +219,14 @@ def test_batch_of_prompts_of_different_lengths(family):
     assert len(steps) == 7
     for i, prompt in enumerate(prompts):
         assert [s[i] for s in steps] == naive_greedy(model, prompt, 7, penalty=2.0)
+
+
+def test_prompts_are_normalised_like_training_text(tok):
+    from qinglm.chat import encode_chat
+    from qinglm.data.sources import normalize_text
+
+    wide, narrow = "ＧＤＰ增长８％，Ａｂｃ　１２３", "GDP增长8%，Abc 123"
+    assert normalize_text(wide) == narrow  # what `prepare` does to training text
+    assert encode_prompt(tok, wide) == encode_prompt(tok, narrow) == [tok.bos_id, *tok.encode(narrow)]
+    chat = [{"role": "user", "content": wide}]
+    assert encode_chat(tok, chat, True) == encode_chat(tok, [{"role": "user", "content": narrow}], True)
