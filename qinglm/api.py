@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qinglm.chat import IM_END
-from qinglm.config import ModelConfig, SamplingConfig, from_dict
+from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
@@ -34,7 +34,9 @@ class LM:
         *,
         run_dir: str | Path | None = None,
         device: torch.device | str | None = None,
+        val_fraction: float = TrainConfig.val_fraction,
     ):
+        self.val_fraction = val_fraction  # the split of built-in corpora the run held out (evaluate)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -135,7 +137,8 @@ class LM:
     ) -> dict[str, float]:
         """Return {"loss", "ppl", "bpc", "tokens"} on source.
 
-        source is a built-in corpus name (its "val" split is used), a path, directory or glob
+        source is a built-in corpus name (its "val" split, at the run's own val_fraction, so no
+        document the run trained on is scored), a path, directory or glob
         that read_documents understands (read with encoding, default: detect), or else the text
         itself (one document, normalised like training data). seq_len defaults to min(512, the model's context).
         """
@@ -143,7 +146,7 @@ class LM:
         from qinglm.data.sources import normalize_text, read_documents
 
         if is_builtin(source):
-            docs = builtin_documents(source, "val")
+            docs = builtin_documents(source, "val", self.val_fraction)
         elif _looks_like_path(source):
             docs = read_documents(source, encoding=encoding)
         else:
@@ -236,4 +239,25 @@ def load(
         from qinglm.quantize import quantize as quantize_model
 
         model = quantize_model(model.to(dev), quantize)
-    return LM(model, tok, run_dir=run, device=dev)
+    return LM(model, tok, run_dir=run, device=dev, val_fraction=_val_fraction(config))
+
+
+def _val_fraction(config: dict[str, Any], hops: int = 4) -> float:
+    """Return the val_fraction the run's pretraining held out: its own, else its SFT base's, else the default.
+
+    A `qinglm sft` run saves its base run's path as "base"; its base's split is what it must not be
+    scored on (the base trained on the rest).
+    """
+    train = config.get("train")
+    value = train.get("val_fraction") if isinstance(train, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0:
+        return float(value)
+    base = config.get("base")
+    if isinstance(base, str) and hops > 0:
+        try:
+            base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            base_config = None
+        if isinstance(base_config, dict):
+            return _val_fraction(base_config, hops - 1)
+    return TrainConfig.val_fraction
