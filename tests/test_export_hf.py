@@ -92,6 +92,25 @@ def test_transformers_computes_the_same_logits_and_greedy_tokens(tmp_path, token
     assert theirs in (ours, ours + [3])  # transformers keeps the [EOS] it stopped at; QingLM drops it
 
 
+def test_generation_config_carries_qinglms_default_sampling(tmp_path, tokenizer):
+    run = make_run(tmp_path / "run", tokenizer)
+    out = export_hf(run, tmp_path / "hf")
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    d = SamplingConfig()  # what `qinglm generate` and LM.generate default to
+    assert gen.do_sample is True and d.temperature > 0
+    assert (gen.temperature, gen.top_k, gen.top_p) == (d.temperature, d.top_k, d.top_p)
+    assert (gen.repetition_penalty, gen.max_new_tokens) == (d.repetition_penalty, d.max_new_tokens)
+    # Greedy under the saved config (its repetition penalty included) picks QingLM's tokens.
+    lm = qinglm.load(run, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = encode_prompt(lm.tokenizer, PROMPTS[-1])
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0, stop_at_eos=False)
+    ours = list(generate_ids(lm.model, ids, cfg, eos_id=None))
+    with torch.no_grad():
+        got = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, eos_token_id=None)
+    assert got[0, len(ids) :].tolist() == ours
+
+
 def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
     run = make_run(tmp_path / "run", tokenizer, rope_theta=50_000.0)
     out = export_hf(run, tmp_path / "hf")
