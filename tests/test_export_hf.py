@@ -281,3 +281,21 @@ def test_import_refuses_what_qinglm_cannot_represent(tmp_path, tokenizer):
     (out / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))  # GPT-2's own tanh GELU
     with pytest.raises(QingLMError, match="differs from QingLM's exact GELU"):
         import_hf(out, tmp_path / "e")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"scale_attn_weights": False}, "scale_attn_weights false"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "attention variants"),
+    ],
+)
+def test_gpt2_import_refuses_attention_it_does_not_compute(tmp_path, tokenizer, change, match):
+    run = make_run(tmp_path / "run", tokenizer, **CLASSIC, pos_encoding="learned")
+    out = export_hf(run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config.get("scale_attn_weights", True)
+    import_hf(out, tmp_path / "ok")  # as exported it imports
+    (out / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(QingLMError, match=match):
+        import_hf(out, tmp_path / "refused")
