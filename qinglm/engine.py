@@ -236,7 +236,9 @@ def _sample_rows(
         if row.cfg.temperature == 0:
             greedy.setdefault(row.cfg.repetition_penalty, []).append(k)
         else:
-            out[k] = sample_next(logits[k : k + 1], row.cfg, row.generator, prev[k : k + 1], counted[k : k + 1])[0]
+            out[k] = sample_next(
+                logits[k : k + 1], row.cfg, row.generator, prev[k : k + 1], counted[k : k + 1]
+            )[0]
     for ks in greedy.values():
         cfg = rows[ks[0]].cfg
         if len(ks) == len(rows):

@@ -46,7 +46,9 @@ def apply_repetition_penalty(
     if penalty == 1.0 or prev_ids.numel() == 0:
         return logits
     prev_ids = prev_ids.to(logits.device, torch.long)
-    weight = torch.ones_like(prev_ids, dtype=torch.float) if counted is None else counted.to(logits.device).float()
+    weight = (
+        torch.ones_like(prev_ids, dtype=torch.float) if counted is None else counted.to(logits.device).float()
+    )
     seen = torch.zeros_like(logits).scatter_add_(1, prev_ids, weight) > 0  # (B, V)
     seen[:, :N_CONTROL_IDS] = False
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)

@@ -44,8 +44,12 @@ class Int8Linear(nn.Module):
         # The kernel dequantizes with a bf16 scale, so quantize with that same scale; rounded up where
         # bf16 rounds down, so the largest weight of a row still fits in 127 steps.
         scale = exact.to(torch.bfloat16)
-        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, 1e30)), scale)
-        self.register_buffer("qweight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        scale = torch.where(
+            scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, 1e30)), scale
+        )
+        self.register_buffer(
+            "qweight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        )
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 

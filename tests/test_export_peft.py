@@ -61,7 +61,9 @@ def test_rslora_adapter_written_by_peft_merges_as_peft_merges_it(tmp_path):
 
     tok = train_tokenizer([f"今天天气真不错。{i}" for i in range(100)], 300, show_progress=False)
     cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+        ModelConfig(
+            vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False
+        )
     )
     torch.manual_seed(0)
     run = save_run(tmp_path / "run", Transformer(cfg), tok)

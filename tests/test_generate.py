@@ -8,8 +8,8 @@ from qinglm.errors import QingLMError
 from qinglm.generate import (
     N_CONTROL_IDS,
     apply_repetition_penalty,
-    generate,
     encode_prompt,
+    generate,
     generate_ids,
     sample_next,
     stream,
@@ -57,7 +57,8 @@ def test_repetition_penalty_lowers_repeated_tokens_of_either_sign():
     p_before, p_after = logits.softmax(-1), out.softmax(-1)
     assert p_after[0, c] < p_before[0, c] and p_after[0, c + 1] < p_before[0, c + 1]
     assert p_after[1, c + 4] < p_before[1, c + 4]
-    torch.testing.assert_close(out[0, c : c + 2], torch.tensor([2.0 / 1.5, -1.0 * 1.5]))  # once, however often
+    # Penalised once, however often seen.
+    torch.testing.assert_close(out[0, c : c + 2], torch.tensor([2.0 / 1.5, -1.0 * 1.5]))
     torch.testing.assert_close(out[1, c + 4], torch.tensor(1.0 / 1.5))
     untouched = [c + 2, c + 3, c + 4, c + 5]
     torch.testing.assert_close(out[0, untouched], logits[0, untouched])  # others keep their logits and order
@@ -71,7 +72,8 @@ def test_repetition_penalty_lowers_repeated_tokens_of_either_sign():
 
 def test_repetition_penalty_never_lowers_control_tokens():
     logits = torch.randn(2, 20)
-    prev = torch.tensor([list(range(N_CONTROL_IDS)) + [7], [3, 5, 5, 4, 0, 2, 8]])  # [EOS] = 3, <|im_end|> = 5
+    # Row 1 has [EOS] (3) and <|im_end|> (5) in its history, as a chat does.
+    prev = torch.tensor([list(range(N_CONTROL_IDS)) + [7], [3, 5, 5, 4, 0, 2, 8]])
     out = apply_repetition_penalty(logits, prev, 2.0)
     assert torch.equal(out[:, :N_CONTROL_IDS], logits[:, :N_CONTROL_IDS])
     assert out[0, 7] < logits[0, 7] and out[1, 8] < logits[1, 8]

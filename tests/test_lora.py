@@ -135,11 +135,11 @@ def test_peft_options_qinglm_does_not_implement_are_refused(tmp_path, option):
 
 def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path):
     plain, rs = apply_lora(model(), rank=4, alpha=8.0), apply_lora(model(), rank=4, alpha=8.0, rslora=True)
-    assert {l.scaling for l in lora_layers(plain).values()} == {2.0}
-    assert {l.scaling for l in lora_layers(rs).values()} == {4.0}
+    assert {layer.scaling for layer in lora_layers(plain).values()} == {2.0}
+    assert {layer.scaling for layer in lora_layers(rs).values()} == {4.0}
     save_adapter(rs, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
-    assert {l.scaling for l in lora_layers(load_adapter(model(), tmp_path)).values()} == {4.0}
+    assert {layer.scaling for layer in lora_layers(load_adapter(model(), tmp_path)).values()} == {4.0}
 
 
 def test_lora_on_a_classic_family_model_is_refused():

@@ -134,7 +134,10 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
             labels += [IGNORE_INDEX] * len(turn.ids)
             continue
         end = turn.ids.index(tokenizer.im_end_id)  # the first one: contents never hold a control id
-        labels += [t if inside or k == end else IGNORE_INDEX for k, (t, inside) in enumerate(zip(turn.ids, turn.content))]
+        labels += [
+            t if inside or k == end else IGNORE_INDEX
+            for k, (t, inside) in enumerate(zip(turn.ids, turn.content))
+        ]
     return ids, labels
 
 
