@@ -75,8 +75,8 @@ def sample_next(
 ) -> torch.Tensor:
     """Return the next token id for each row of logits (B, V) as a (B,) LongTensor.
 
-    Order: repetition penalty over prev_ids where counted (see apply_repetition_penalty), then temperature (0 = argmax), top-k, top-p, and a
-    draw from the softmax with the given generator.
+    Order: repetition penalty over prev_ids where counted (see apply_repetition_penalty), then
+    temperature (0 = argmax), top-k, top-p, and a draw from the softmax with the given generator.
     """
     logits = logits.float()  # softmax and the filters below want fp32 even under bf16 autocast
     if prev_ids is not None:

@@ -1,4 +1,4 @@
-"""No user-supplied string can produce a control id: prompts, chats (LM.chat, the server), SFT data, shards."""
+"""No user-supplied string yields a control id: prompts, chats (LM.chat, the server), SFT data, shards."""
 
 import random
 

@@ -3,11 +3,11 @@
 Two line formats are read, one object per line:
   minimind:  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   Alpaca:    {"instruction": "...", "input": "...", "output": "..."}  (optional "system")
-A conversation is encoded with qinglm.chat (contents as text, control tokens by id: the ids
-transformers' apply_chat_template gives for contents free of control-token text); labels keep only the tokens of assistant contents and
-their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack samples into full rows
-(a sample attends to the earlier samples of its row; the loss still covers only its own assistant
-tokens) or pad samples of similar length to the longest of the batch.
+A conversation is encoded with qinglm.chat (contents as text, control tokens by id: for contents free of
+control-token text, the ids transformers' apply_chat_template gives); labels keep only the tokens of
+assistant contents and their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack
+samples into full rows (a sample attends to the earlier samples of its row; the loss still covers only
+its own assistant tokens) or pad samples of similar length to the longest of the batch.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def fit_history(
     check_messages(messages)
     msgs = [dict(m) for m in messages]
     turns = [encode_turn(tokenizer, m["role"], m["content"]) for m in msgs]
-    fixed = 1 + len(generation_prompt(tokenizer))  # [BOS] and <|im_start|>assistant\\n
+    fixed = 1 + len(generation_prompt(tokenizer))  # [BOS] and the generation prompt
     total = fixed + sum(len(t.ids) for t in turns)
     keep = [True] * len(msgs)
     droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
