@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qinglm.chat import IM_END
-from qinglm.config import ModelConfig, SamplingConfig, from_dict
+from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
@@ -34,7 +34,9 @@ class LM:
         *,
         run_dir: str | Path | None = None,
         device: torch.device | str | None = None,
+        val_fraction: float = TrainConfig.val_fraction,
     ):
+        self.val_fraction = val_fraction  # the split of built-in corpora the run held out (evaluate)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -72,11 +74,17 @@ class LM:
         )
         return self._stream_ids(encode_prompt(self.tokenizer, prompt), cfg, stop)
 
-    def _stream_ids(self, prompt_ids: list[int], cfg: SamplingConfig, stop: Sequence[str]) -> Iterator[str]:
+    def _stream_ids(
+        self,
+        prompt_ids: list[int],
+        cfg: SamplingConfig,
+        stop: Sequence[str],
+        counted: Sequence[bool] | None = None,
+    ) -> Iterator[str]:
         """Return the text pieces the engine produces for one request."""
         from qinglm.engine import Generation, Request
 
-        request = Request(prompt_ids, cfg, stop)
+        request = Request(prompt_ids, cfg, stop, counted)
         gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
         return (ev.text for events in gen for ev in events if ev.text)
 
@@ -102,7 +110,7 @@ class LM:
         from qinglm.sft.data import fit_history
 
         reserve = min(max_new_tokens, self.config.max_seq_len // 2)
-        _, ids = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
+        _, prompt = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
         cfg = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -112,7 +120,7 @@ class LM:
             seed=seed,
             stop_at_eos=True,
         )
-        return self._stream_ids(ids, cfg, [IM_END])  # [EOS] ends it too, as in stream()
+        return self._stream_ids(prompt.ids, cfg, [IM_END], prompt.content)  # [EOS] ends it too
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """Return the assistant's reply to messages; takes stream_chat()'s sampling arguments."""
@@ -129,7 +137,8 @@ class LM:
     ) -> dict[str, float]:
         """Return {"loss", "ppl", "bpc", "tokens"} on source.
 
-        source is a built-in corpus name (its "val" split is used), a path, directory or glob
+        source is a built-in corpus name (its "val" split, at the run's own val_fraction, so no
+        document the run trained on is scored), a path, directory or glob
         that read_documents understands (read with encoding, default: detect), or else the text
         itself (one document, normalised like training data). seq_len defaults to min(512, the model's context).
         """
@@ -137,7 +146,7 @@ class LM:
         from qinglm.data.sources import normalize_text, read_documents
 
         if is_builtin(source):
-            docs = builtin_documents(source, "val")
+            docs = builtin_documents(source, "val", self.val_fraction)
         elif _looks_like_path(source):
             docs = read_documents(source, encoding=encoding)
         else:
@@ -230,4 +239,25 @@ def load(
         from qinglm.quantize import quantize as quantize_model
 
         model = quantize_model(model.to(dev), quantize)
-    return LM(model, tok, run_dir=run, device=dev)
+    return LM(model, tok, run_dir=run, device=dev, val_fraction=_val_fraction(config))
+
+
+def _val_fraction(config: dict[str, Any], hops: int = 4) -> float:
+    """Return the val_fraction the run's pretraining held out: its own, else its SFT base's, else the default.
+
+    A `qinglm sft` run saves its base run's path as "base"; its base's split is what it must not be
+    scored on (the base trained on the rest).
+    """
+    train = config.get("train")
+    value = train.get("val_fraction") if isinstance(train, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0:
+        return float(value)
+    base = config.get("base")
+    if isinstance(base, str) and hops > 0:
+        try:
+            base_config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            base_config = None
+        if isinstance(base_config, dict):
+            return _val_fraction(base_config, hops - 1)
+    return TrainConfig.val_fraction

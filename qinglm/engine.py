@@ -21,7 +21,8 @@ The API (the server, the CLI and ``generate_ids`` all use it)::
 - ``Request(prompt_ids, sampling=SamplingConfig(), stop=())``: the prompt as token ids (start it with
   [BOS] for plain text: ``generate.encode_prompt``; chat prompts come from ``qinglm.chat``); its own
   temperature / top-k / top-p / repetition penalty / max_new_tokens / stop_at_eos / seed; stop
-  strings. Prompts may have different lengths.
+  strings; ``counted``, which prompt tokens the repetition penalty counts (``qinglm.chat.ChatIds.content``
+  for a chat; None: all; control tokens never count). Prompts may have different lengths.
 - ``Event(row, ids, text, finish_reason)``: every unfinished row gets one event per step. ``ids`` are
   the tokens sampled this step (EOS is never included), ``text`` the newly complete text (never half a
   UTF-8 character, never text that might begin a stop string; a stop string and what follows it are
@@ -64,6 +65,8 @@ class Request:
     prompt_ids: list[int]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: Sequence[str] = ()
+    # Which prompt tokens the repetition penalty counts (None: all); a chat counts its contents only.
+    counted: Sequence[bool] | None = None
 
 
 @dataclass
@@ -154,13 +157,19 @@ class Generation:
             with torch.inference_mode():
                 dtype = next(model.parameters()).dtype
                 cache = KVCache(model.cfg, len(rows), n_slots, self.device, dtype)
-                # Pad slots repeat the row's first token: harmless to the repetition penalty, which
-                # counts each token once, and never attended to.
+                # Pad slots repeat the row's first token; never attended to nor counted by the penalty.
                 context = torch.tensor(
                     [[p[0]] * pad + p + [0] * (n_slots + 1 - width) for p, pad in zip(prompts, pads)],
                     dtype=torch.long,
                     device=self.device,
                 )
+                # The repetition penalty counts generated tokens and the prompt's counted ones, not padding.
+                counted = torch.ones_like(context, dtype=torch.bool)
+                for k, (r, n_pad) in enumerate(zip(rows, pads)):
+                    mask = self.requests[r.index].counted
+                    counted[k, :n_pad] = False
+                    if mask is not None:
+                        counted[k, n_pad:width] = torch.tensor(list(mask), dtype=torch.bool)
                 pad = torch.tensor(pads, dtype=torch.long, device=self.device)
                 padded = max(pads) > 0  # without padding the model takes its plain causal path
                 prefill_pad = pad if padded else None
@@ -168,7 +177,7 @@ class Generation:
             slot = width  # slots filled so far; the next token goes into context[:, slot]
             while True:
                 with torch.inference_mode():
-                    nxt = _sample_rows(logits, rows, context[:, :slot])
+                    nxt = _sample_rows(logits, rows, context[:, :slot], counted[:, :slot])
                     context[:, slot] = nxt
                     ids = nxt.tolist()
                 events = first + [self._advance(row, tok, max_len) for row, tok in zip(rows, ids)]
@@ -187,7 +196,7 @@ class Generation:
                     if len(keep) < len(rows):  # drop finished rows from the batch and the cache
                         index = torch.tensor(keep, device=self.device)
                         cache.keep_rows(index)
-                        context, pad = context[index], pad[index]
+                        context, pad, counted = context[index], pad[index], counted[index]
                         rows = [rows[k] for k in keep]
                         padded = bool(pad.any())
                     logits = model(
@@ -217,7 +226,9 @@ class Generation:
         return Event(row.index, [tok], text)
 
 
-def _sample_rows(logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor) -> torch.Tensor:
+def _sample_rows(
+    logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor, counted: torch.Tensor
+) -> torch.Tensor:
     """Return the next token (K,) of each row, each drawn with its own settings and generator."""
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     greedy: dict[float, list[int]] = {}  # greedy rows sharing a penalty are one batched argmax
@@ -225,14 +236,16 @@ def _sample_rows(logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor) -> 
         if row.cfg.temperature == 0:
             greedy.setdefault(row.cfg.repetition_penalty, []).append(k)
         else:
-            out[k] = sample_next(logits[k : k + 1], row.cfg, row.generator, prev[k : k + 1])[0]
+            out[k] = sample_next(
+                logits[k : k + 1], row.cfg, row.generator, prev[k : k + 1], counted[k : k + 1]
+            )[0]
     for ks in greedy.values():
         cfg = rows[ks[0]].cfg
         if len(ks) == len(rows):
-            out = sample_next(logits, cfg, None, prev)
+            out = sample_next(logits, cfg, None, prev, counted)
         else:
             index = torch.tensor(ks, device=logits.device)
-            out[index] = sample_next(logits[index], cfg, None, prev[index])
+            out[index] = sample_next(logits[index], cfg, None, prev[index], counted[index])
     return out
 
 
@@ -250,6 +263,8 @@ def _check_request(req: Request, model: Transformer, tokenizer: Tokenizer | None
             f"prompt has token ids outside the model's vocabulary of {vocab}; "
             "use the tokenizer that was trained with this model"
         )
+    if req.counted is not None and len(req.counted) != n:
+        raise QingLMError(f"counted has {len(req.counted)} flags for a prompt of {n} tokens")
     if isinstance(req.stop, str):
         raise QingLMError("stop must be a list of strings, not one string")
     if any(not isinstance(s, str) or not s for s in req.stop):

@@ -15,32 +15,43 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 from qinglm.config import SamplingConfig
+from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
+from qinglm.tokenizer import SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
 
+N_CONTROL_IDS = len(SPECIAL_TOKENS)  # ids 0..5 in every QingLM tokenizer (qinglm.tokenizer's layout)
 REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence gives
 
 
 # ---------------------------------------------------------------------------- sampling
 
 
-def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Return logits (B, V) with every token in prev_ids (B, L) made less likely (CTRL-style).
+def apply_repetition_penalty(
+    logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float, counted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return logits (B, V) with the tokens in prev_ids (B, L) made less likely (CTRL-style).
 
     A positive logit is divided by the penalty and a negative one multiplied by it, so the token
     loses probability whatever its sign (dividing a negative logit would raise it). Each token is
-    penalised once however often it occurs.
+    penalised once however often it occurs. Only positions where `counted` (B, L) is True count
+    (None: all); callers count the generated text and the prompt's text, not a chat template's
+    structure (role names, the newlines around turns). Control tokens (ids below
+    len(SPECIAL_TOKENS): [BOS], [EOS], <|im_start|>, <|im_end|> ...) are never penalised, so a
+    chat's history never makes the end of a turn less likely.
     """
     if penalty == 1.0 or prev_ids.numel() == 0:
         return logits
     prev_ids = prev_ids.to(logits.device, torch.long)
-    seen = logits.gather(1, prev_ids)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    # Duplicate ids write the same value, so the scatter is well defined.
-    return logits.scatter(1, prev_ids, seen)
+    weight = (
+        torch.ones_like(prev_ids, dtype=torch.float) if counted is None else counted.to(logits.device).float()
+    )
+    seen = torch.zeros_like(logits).scatter_add_(1, prev_ids, weight) > 0  # (B, V)
+    seen[:, :N_CONTROL_IDS] = False
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def check_sampling(cfg: SamplingConfig) -> None:
@@ -60,15 +71,16 @@ def sample_next(
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
     prev_ids: torch.Tensor | None = None,
+    counted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return the next token id for each row of logits (B, V) as a (B,) LongTensor.
 
-    Order: repetition penalty over prev_ids, then temperature (0 = argmax), top-k, top-p, and a
-    draw from the softmax with the given generator.
+    Order: repetition penalty over prev_ids where counted (see apply_repetition_penalty), then
+    temperature (0 = argmax), top-k, top-p, and a draw from the softmax with the given generator.
     """
     logits = logits.float()  # softmax and the filters below want fp32 even under bf16 autocast
     if prev_ids is not None:
-        logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty, counted)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
@@ -214,8 +226,12 @@ def stream_text(ids_iter: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Return the ids of prompt as a document start: [BOS] + encode(prompt), as in training data."""
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+    """Return the ids of prompt as a document start: [BOS] + encode(prompt), as in training data.
+
+    The prompt is normalised as training text is (full-width ASCII made half-width, see
+    qinglm.data.sources.normalize_text) and encoded as text: "[EOS]" in it is not the control token.
+    """
+    return [tokenizer.bos_id] + tokenizer.encode(normalize_text(prompt))
 
 
 def stream(

@@ -3,7 +3,12 @@
     apply_lora(model, rank, alpha, dropout, targets)  the model, linears wrapped, only LoRA trainable
     save_adapter(model, out_dir, base=...)            writes adapter_config.json + adapter_model.safetensors
     load_adapter(model, directory)                    applies the adapter in `directory` to a plain model
-    merge_lora(model)                                 folds W += (alpha/rank) * B @ A into plain nn.Linear
+    merge_lora(model)                                 folds W += scaling * B @ A into plain nn.Linear
+
+scaling is alpha/rank, or alpha/sqrt(rank) with rsLoRA (PEFT's use_rslora). PEFT options that change what
+the weights mean and that QingLM does not implement (DoRA, trained biases, fan_in_fan_out, per-module
+alpha_pattern/rank_pattern, layers_to_transform, modules_to_save) are refused in one line, never ignored.
+The adapter's names are Llama's, so LoRA is refused on classic-family models (exported as GPT-2).
 
 QingLM fuses q/k/v into `attn.qkv` and gate/up into `mlp.up`, but each HF part (q_proj, k_proj, ...) gets
 its own A/B pair acting on its own rows of the fused output, so the adapter maps one-to-one onto the
@@ -13,6 +18,7 @@ LoRA leaves the model's output unchanged until training moves B.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,19 +34,36 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 # HF short names, in the order they appear in a layer.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PEFT_PREFIX = "base_model.model."
+# adapter_config.json keys that change what the weights mean, with the (truthy) value meaning plain LoRA.
+_PLAIN_LORA = {
+    "use_dora": None,
+    "bias": "none",
+    "fan_in_fan_out": None,
+    "alpha_pattern": None,
+    "rank_pattern": None,
+    "layers_to_transform": None,
+    "modules_to_save": None,
+}
 
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus one low-rank update per targeted row block (HF part) of its output."""
 
     def __init__(
-        self, base: nn.Linear, parts: Sequence[tuple[str, int]], rank: int, alpha: float, dropout: float
+        self,
+        base: nn.Linear,
+        parts: Sequence[tuple[str, int]],
+        rank: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool = False,
     ):
         """parts: (HF short name or None if untargeted, rows) in row order, summing to out_features."""
         super().__init__()
         self.base = base
         self.parts = [(name, rows) for name, rows in parts]
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # as PEFT computes it
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -104,8 +127,17 @@ def apply_lora(
     alpha: float = 16.0,
     dropout: float = 0.0,
     targets: Sequence[str] = ALL_TARGETS,
+    rslora: bool = False,
 ) -> nn.Module:
-    """Return model with LoRA on the targeted linears of every block; every other parameter is frozen."""
+    """Return model with LoRA on the targeted linears of every block; every other parameter is frozen.
+
+    rslora scales the update by alpha/sqrt(rank) instead of alpha/rank (PEFT's use_rslora).
+    """
+    if model.cfg.norm == "layernorm":
+        raise QingLMError(
+            "LoRA needs a modern-family model: adapters use Llama module names, which PEFT cannot find "
+            "on a classic-family model's GPT-2 export; fine-tune it fully (without --lora)"
+        )
     if rank <= 0:
         raise QingLMError(f"LoRA rank must be positive, got {rank}")
     if alpha <= 0:
@@ -125,7 +157,7 @@ def apply_lora(
             names = [p.rpartition(".")[2] for p in _linear_parts(model, module)]
             parts = [(n if n in wanted else None, rows) for n, rows in zip(names, _part_sizes(model, module))]
             if any(n is not None for n, _ in parts):
-                setattr(owner, attr, LoRALinear(linear, parts, rank, alpha, dropout))
+                setattr(owner, attr, LoRALinear(linear, parts, rank, alpha, dropout, rslora))
     if not lora_layers(model):
         raise QingLMError(f"no layer of this model matches the LoRA targets {', '.join(sorted(wanted))}")
     model.lora_config = {
@@ -133,6 +165,7 @@ def apply_lora(
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "target_modules": list(targets),
+        "use_rslora": rslora,
     }
     return model
 
@@ -192,7 +225,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str = "") -> Path:
             "bias": "none",
             "fan_in_fan_out": False,
             "inference_mode": True,
-            "use_rslora": False,
+            "use_rslora": bool(cfg.get("use_rslora", False)),
             "init_lora_weights": True,
             "modules_to_save": None,
         },
@@ -206,6 +239,12 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     cfg = read_json(path, f"no {ADAPTER_CONFIG} in {directory}; pass a LoRA adapter directory")
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or "r" not in cfg:
         raise QingLMError(f"{path} is not a LoRA adapter config (peft_type LORA with r)")
+    for key, plain in _PLAIN_LORA.items():
+        if cfg.get(key) and cfg[key] != plain:  # missing, null, false and empty all mean plain LoRA
+            raise QingLMError(
+                f"{path} sets {key}={cfg[key]!r:.60}, which QingLM does not implement; "
+                "merge this adapter with PEFT (merge_and_unload) and import the merged model instead"
+            )
     return cfg
 
 
@@ -217,7 +256,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     targets = cfg.get("target_modules") or list(ALL_TARGETS)
     if isinstance(targets, str):  # PEFT also allows one regex string; we only write lists
         raise QingLMError(f"target_modules as a regex is not supported: {targets!r}")
-    apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)), targets)
+    r, alpha, dropout = int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0))
+    apply_lora(model, r, alpha, dropout, targets, rslora=bool(cfg.get("use_rslora", False)))
     try:
         loaded = load_file(Path(directory) / ADAPTER_WEIGHTS, device="cpu")
     except Exception as e:  # a missing, truncated or foreign file

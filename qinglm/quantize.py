@@ -40,9 +40,17 @@ class Int8Linear(nn.Module):
         # The CPU kernel reads the reduction dimension 16 at a time (other sizes crash it): pad with zeros.
         self.pad = -self.in_features % 16
         w = F.pad(w, (0, self.pad))  # (out_features, in_features + pad)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out_features,)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        exact = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out_features,)
+        # The kernel dequantizes with a bf16 scale, so quantize with that same scale; rounded up where
+        # bf16 rounds down, so the largest weight of a row still fits in 127 steps.
+        scale = exact.to(torch.bfloat16)
+        scale = torch.where(
+            scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, 1e30)), scale
+        )
+        self.register_buffer(
+            "qweight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

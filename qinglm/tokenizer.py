@@ -4,6 +4,11 @@ The backend is the Rust `tokenizers` library. Text is first split with the Qwen2
 never merges across a letter/digit/punctuation boundary, and digits stay single), then mapped to
 bytes, so every Unicode string round-trips exactly and nothing is ever unknown. [UNK] keeps its id
 only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT.
+
+Text is always encoded as text: "[EOS]" or "<|im_end|>" typed by a user or found in a corpus gives
+ordinary byte tokens, never a control id (the backend's `encode_special_tokens`). Control tokens are
+inserted by id (`encode_prompt`, `qinglm.chat.encode_chat`, the shard writer). The flag is not part of
+tokenizer.json, so transformers still matches the control tokens in text, as its chat template needs.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ class Tokenizer:
     im_end_id = IM_END_ID
 
     def __init__(self, backend: tokenizers.Tokenizer):
-        # Must be *special* added tokens, not just vocab entries: only those are matched whole in
-        # text and skipped by decode(skip_special_tokens=True).
+        # Must be *special* added tokens, not just vocab entries: only those are skipped by
+        # decode(skip_special_tokens=True) and matched whole by transformers' chat template.
         added = backend.get_added_tokens_decoder()
         for want_id, token in enumerate(SPECIAL_TOKENS):
             got = added.get(want_id)
@@ -59,6 +64,7 @@ class Tokenizer:
                     f"tokenizer lacks special token {token!r} at id {want_id} (the QingLM layout); "
                     "train a new one with `qinglm tokenizer`"
                 )
+        backend.encode_special_tokens = True  # "[EOS]" in text is text; control ids come only by id
         self._backend = backend
         # encode_batch_fast skips offset tracking (faster); older tokenizers only have encode_batch.
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -74,7 +80,7 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Return the token ids of `text`, with no special tokens added."""
+        """Return the token ids of `text` as text: never a control id, whatever the text holds."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

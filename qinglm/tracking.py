@@ -68,8 +68,10 @@ class TensorBoardSink:
         _require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events after the checkpoint a resumed run restarts from.
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+        # A run resumed from the checkpoint of step N logs again from step N + 1: purge_step hides the
+        # events an earlier session wrote after the checkpoint, and keeps those of step N itself.
+        purge = start_step + 1 if start_step else None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         step = record.get("step", 0)

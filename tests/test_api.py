@@ -81,6 +81,23 @@ def test_evaluate_text_file_and_builtin(run, tmp_path):
     assert builtin["tokens"] >= 300
 
 
+def test_bpc_of_a_uniform_model_is_log2_vocab_times_tokens_per_character(run):
+    import copy
+    import math
+
+    _, saved = run
+    model = copy.deepcopy(saved)
+    with torch.no_grad():
+        model.head.weight.zero_()  # every logit 0: each token costs exactly ln(V) nats
+    lm = LM(model, qinglm.load(run[0], device="cpu").tokenizer)
+    m = lm.evaluate(TEXT)
+    tokens = len(lm.tokenizer.encode(TEXT)) + 1  # the text's tokens and [EOS], each predicted once
+    chars = len(TEXT) + 1  # the document break counts as a character
+    assert m["tokens"] == tokens
+    assert m["loss"] == pytest.approx(math.log(lm.config.vocab_size), rel=1e-6)
+    assert m["bpc"] == pytest.approx(math.log2(lm.config.vocab_size) * tokens / chars, rel=1e-6)
+
+
 def test_lm_can_be_built_without_a_run_directory(run):
     _, saved = run
     tok_dir = run[0] / "tokenizer"
@@ -109,3 +126,25 @@ def test_importing_qinglm_does_not_import_torch():
     code = "import sys, qinglm; assert 'torch' not in sys.modules; print(qinglm.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0.1.0"
+
+
+def test_evaluate_builtin_uses_the_runs_own_val_fraction(run, tmp_path):
+    from qinglm.config import TrainConfig, to_dict
+    from qinglm.data.builtin import builtin_documents
+    from qinglm.data.sources import split_of
+    from qinglm.evaluate import evaluate_documents
+
+    _, model = run
+    tok = qinglm.load(run[0], device="cpu").tokenizer
+    train = to_dict(TrainConfig(data="pd1998", val_fraction=0.01))
+    run_dir = save_run(tmp_path / "run", model, tok, {"train": train})
+    sft_dir = save_run(tmp_path / "sft", model, tok, {"train": None, "sft": {}, "base": str(run_dir)})
+    val = builtin_documents("pd1998", "val", 0.01)
+    assert all(split_of(d, 0.01) == "val" for d in val)
+    assert any(split_of(d, 0.01) == "train" for d in builtin_documents("pd1998", "val"))  # 2% would leak
+    kw = dict(seq_len=64, batch_size=32, max_tokens=2048)
+    want = evaluate_documents(model, tok, val, **kw)
+    assert evaluate_documents(model, tok, builtin_documents("pd1998", "val"), **kw) != want
+    for d in (run_dir, sft_dir):  # an SFT run is held to its base's split
+        lm = qinglm.load(d, device="cpu")
+        assert lm.val_fraction == 0.01 and lm.evaluate("pd1998", **kw) == want

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qinglm.chat import render_chat
+from qinglm.chat import encode_chat, render_chat
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 
@@ -27,9 +27,12 @@ def test_render_is_chatml_with_bos():
     )
 
 
-def test_special_markers_encode_as_single_reserved_ids(tok):
-    ids = tok.encode(render_chat(CHAT[:1]))
-    assert ids[0] == BOS_ID and ids[1] == IM_START_ID and IM_END_ID in ids
+def test_special_markers_are_single_reserved_ids_and_contents_are_text(tok):
+    chat = encode_chat(tok, CHAT[:1])
+    assert chat.ids[:2] == [BOS_ID, IM_START_ID] and chat.ids[-2] == IM_END_ID
+    assert tok.decode(chat.ids) == render_chat(CHAT[:1])
+    content = [t for t, c in zip(chat.ids, chat.content) if c]
+    assert tok.decode(content) == CHAT[0]["content"]
 
 
 @pytest.mark.parametrize("bad", [[], "hi", [{"role": "bot", "content": "x"}], [{"role": "user"}]])
@@ -45,4 +48,4 @@ def test_transformers_renders_the_saved_template_identically(tok, tmp_path, gen)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     hf_text = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
     assert hf_text == render_chat(CHAT, add_generation_prompt=gen)
-    assert hf(hf_text, add_special_tokens=False)["input_ids"] == tok.encode(hf_text)
+    assert hf(hf_text, add_special_tokens=False)["input_ids"] == encode_chat(tok, CHAT, gen).ids

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qinglm
-from qinglm.chat import render_chat
+from qinglm.chat import encode_chat
 from qinglm.chat_repl import chat_loop
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
@@ -49,9 +49,9 @@ def _history(turns: int) -> list[dict[str, str]]:
 
 def test_history_drops_the_oldest_turns_and_keeps_the_system_prompt(tok):
     msgs = _history(10)
-    full = len(tok.encode(render_chat(msgs, add_generation_prompt=True)))
-    kept, ids = fit_history(tok, msgs, full // 2)
-    assert len(ids) <= full // 2 and ids == tok.encode(render_chat(kept, add_generation_prompt=True))
+    full = len(encode_chat(tok, msgs, add_generation_prompt=True).ids)
+    kept, prompt = fit_history(tok, msgs, full // 2)
+    assert len(prompt.ids) <= full // 2 and prompt == encode_chat(tok, kept, add_generation_prompt=True)
     assert kept[0] == SYSTEM and kept[-1] == msgs[-1] and kept[1]["role"] == "user"
     assert kept[1:] == msgs[len(msgs) - len(kept) + 1 :]  # a suffix of the conversation
     assert fit_history(tok, msgs, full)[0] == msgs

@@ -6,7 +6,7 @@ import torch
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.engine import Event, Generation, Request, complete
 from qinglm.errors import QingLMError
-from qinglm.generate import TextDecoder, generate, generate_ids
+from qinglm.generate import N_CONTROL_IDS, TextDecoder, generate, generate_ids
 from qinglm.model import KVCache, Transformer
 from qinglm.tokenizer import train_tokenizer
 
@@ -29,15 +29,19 @@ def greedy(n: int, penalty: float = 1.0) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=penalty, stop_at_eos=False)
 
 
-def naive_greedy(model: Transformer, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
+def naive_greedy(
+    model: Transformer, prompt: list[int], n: int, penalty: float = 1.0, counted: list[bool] | None = None
+) -> list[int]:
     """Recompute the whole sequence every step (no cache, no padding): the reference."""
     ids = list(prompt)
+    counted = list(counted) if counted is not None else [True] * len(prompt)
     with torch.no_grad():
         for _ in range(n):
             if len(ids) > CTX:
                 break
             logits = model(torch.tensor([ids]))[0, -1].clone()
-            for t in set(ids):
+            seen = {t for t, c in zip(ids, counted + [True] * (len(ids) - len(prompt))) if c}
+            for t in seen - set(range(N_CONTROL_IDS)):  # control tokens are never penalised
                 logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
             ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
@@ -80,6 +84,19 @@ def test_batched_greedy_equals_one_at_a_time(family, penalty):
     for prompt, got in zip(PROMPTS, batched):
         alone = list(generate_ids(model, prompt, greedy(8, penalty), eos_id=EOS))
         assert got == alone == naive_greedy(model, prompt, 8, penalty)
+
+
+def test_penalty_counts_only_the_prompt_tokens_marked_counted():
+    model = tiny(**FAMILIES["modern-gqa"])
+    liked = PROMPTS[0] + naive_greedy(model, PROMPTS[0], 6)  # tokens this model likes
+    counted = [k < 3 for k in range(len(liked))]  # the penalty counts only the first three
+    requests = [Request(liked, greedy(12, 3.0), counted=counted), Request(PROMPTS[1], greedy(12, 3.0))]
+    got = run_rows(model, requests)[0]
+    assert got[0] == naive_greedy(model, liked, 12, 3.0, counted)
+    assert got[0] != naive_greedy(model, liked, 12, 3.0)  # the mask matters here
+    assert got[1] == naive_greedy(model, PROMPTS[1], 12, 3.0)
+    with pytest.raises(QingLMError, match="counted"):
+        Generation(model, [Request(liked, counted=[True])])
 
 
 def test_rows_finish_at_their_own_limits_and_the_rest_go_on():

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qinglm
-from qinglm.chat import render_chat
+from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
@@ -86,10 +86,29 @@ def test_transformers_computes_the_same_logits_and_greedy_tokens(tmp_path, token
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, lm.model(ids), rtol=0, atol=1e-4)
     with torch.no_grad():  # greedy decoding with transformers' KV cache picks QingLM's tokens
-        got = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=3, pad_token_id=0)
+        got = hf.generate(ids, max_new_tokens=16, do_sample=False, repetition_penalty=1.0, eos_token_id=3)
     ours, theirs = qinglm_greedy(lm, PROMPTS[-1], 16), got[0].tolist()
     assert len(ours) > ids.shape[1] + 8  # it generated, not stopped at once
     assert theirs in (ours, ours + [3])  # transformers keeps the [EOS] it stopped at; QingLM drops it
+
+
+def test_generation_config_carries_qinglms_default_sampling(tmp_path, tokenizer):
+    run = make_run(tmp_path / "run", tokenizer)
+    out = export_hf(run, tmp_path / "hf")
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    d = SamplingConfig()  # what `qinglm generate` and LM.generate default to
+    assert gen.do_sample is True and d.temperature > 0
+    assert (gen.temperature, gen.top_k, gen.top_p) == (d.temperature, d.top_k, d.top_p)
+    assert (gen.repetition_penalty, gen.max_new_tokens) == (d.repetition_penalty, d.max_new_tokens)
+    # Greedy under the saved config (its repetition penalty included) picks QingLM's tokens.
+    lm = qinglm.load(run, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = encode_prompt(lm.tokenizer, PROMPTS[-1])
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0, stop_at_eos=False)
+    ours = list(generate_ids(lm.model, ids, cfg, eos_id=None))
+    with torch.no_grad():
+        got = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, eos_token_id=None)
+    assert got[0, len(ids) :].tolist() == ours
 
 
 def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
@@ -124,7 +143,7 @@ def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
         rendered = render_chat(messages, add_generation_prompt=add)
         assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add) == rendered
         ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add, return_dict=True)
-        assert ids["input_ids"] == tokenizer.encode(rendered)  # one [BOS], from the template
+        assert ids["input_ids"] == encode_chat(tokenizer, messages, add).ids  # one [BOS], from the template
 
 
 @pytest.mark.parametrize("options", [v[1] for v in EXACT], ids=[v[0] for v in EXACT])
@@ -262,3 +281,21 @@ def test_import_refuses_what_qinglm_cannot_represent(tmp_path, tokenizer):
     (out / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))  # GPT-2's own tanh GELU
     with pytest.raises(QingLMError, match="differs from QingLM's exact GELU"):
         import_hf(out, tmp_path / "e")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"scale_attn_weights": False}, "scale_attn_weights false"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "attention variants"),
+    ],
+)
+def test_gpt2_import_refuses_attention_it_does_not_compute(tmp_path, tokenizer, change, match):
+    run = make_run(tmp_path / "run", tokenizer, **CLASSIC, pos_encoding="learned")
+    out = export_hf(run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config.get("scale_attn_weights", True)
+    import_hf(out, tmp_path / "ok")  # as exported it imports
+    (out / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(QingLMError, match=match):
+        import_hf(out, tmp_path / "refused")

@@ -5,7 +5,16 @@ import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import apply_repetition_penalty, generate, generate_ids, sample_next, stream, stream_text
+from qinglm.generate import (
+    N_CONTROL_IDS,
+    apply_repetition_penalty,
+    encode_prompt,
+    generate,
+    generate_ids,
+    sample_next,
+    stream,
+    stream_text,
+)
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
 
@@ -31,7 +40,7 @@ def naive_greedy(model: Transformer, prompt: list[int], n: int, penalty: float =
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids]))[0, -1].clone()
-            for t in set(ids):
+            for t in set(ids) - set(range(N_CONTROL_IDS)):  # control tokens are never penalised
                 logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
             ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
@@ -41,17 +50,33 @@ PROMPT = [2, 17, 42, 5, 88, 23]
 
 
 def test_repetition_penalty_lowers_repeated_tokens_of_either_sign():
-    logits = torch.tensor([[2.0, -1.0, 0.5, -0.3, 1.0, 0.0], [2.0, -1.0, 0.5, -0.3, 1.0, 0.0]])
-    prev = torch.tensor([[0, 1, 1], [4, 4, 4]])  # row 0: a positive and a negative logit, repeated
+    c = N_CONTROL_IDS  # ids below are control tokens; the penalty leaves them alone (tested below)
+    logits = torch.tensor([[1.0] * c + [2.0, -1.0, 0.5, -0.3, 1.0, 0.0]] * 2)
+    prev = torch.tensor([[c, c + 1, c + 1], [c + 4] * 3])  # row 0: a positive and a negative logit, repeated
     out = apply_repetition_penalty(logits, prev, 1.5)
     p_before, p_after = logits.softmax(-1), out.softmax(-1)
-    assert p_after[0, 0] < p_before[0, 0] and p_after[0, 1] < p_before[0, 1]
-    assert p_after[1, 4] < p_before[1, 4]
-    torch.testing.assert_close(out[0, :2], torch.tensor([2.0 / 1.5, -1.0 * 1.5]))  # once, however often seen
-    torch.testing.assert_close(out[1, 4], torch.tensor(1.0 / 1.5))
-    untouched = [2, 3, 4, 5]
+    assert p_after[0, c] < p_before[0, c] and p_after[0, c + 1] < p_before[0, c + 1]
+    assert p_after[1, c + 4] < p_before[1, c + 4]
+    # Penalised once, however often seen.
+    torch.testing.assert_close(out[0, c : c + 2], torch.tensor([2.0 / 1.5, -1.0 * 1.5]))
+    torch.testing.assert_close(out[1, c + 4], torch.tensor(1.0 / 1.5))
+    untouched = [c + 2, c + 3, c + 4, c + 5]
     torch.testing.assert_close(out[0, untouched], logits[0, untouched])  # others keep their logits and order
     assert torch.equal(apply_repetition_penalty(logits, prev, 1.0), logits)
+    # Positions not counted (a chat template's structure) are not penalised.
+    counted = torch.tensor([[True, False, False], [False] * 3])
+    out = apply_repetition_penalty(logits, prev, 1.5, counted)
+    assert out[0, c] < logits[0, c] and torch.equal(out[0, c + 1 :], logits[0, c + 1 :])
+    assert torch.equal(out[1], logits[1])
+
+
+def test_repetition_penalty_never_lowers_control_tokens():
+    logits = torch.randn(2, 20)
+    # Row 1 has [EOS] (3) and <|im_end|> (5) in its history, as a chat does.
+    prev = torch.tensor([list(range(N_CONTROL_IDS)) + [7], [3, 5, 5, 4, 0, 2, 8]])
+    out = apply_repetition_penalty(logits, prev, 2.0)
+    assert torch.equal(out[:, :N_CONTROL_IDS], logits[:, :N_CONTROL_IDS])
+    assert out[0, 7] < logits[0, 7] and out[1, 8] < logits[1, 8]
 
 
 @pytest.mark.parametrize("family", ["modern", "classic"])
@@ -130,12 +155,12 @@ def test_prompt_longer_than_context_is_a_user_error():
 
 def test_batch_rows_match_single_prompts_and_training_mode_is_restored():
     model = tiny(dropout=0.5).train()  # dropout would make greedy decoding random if left on
-    other = [2, 9, 9, 31, 64, 1]
-    batch = list(generate_ids(model, [PROMPT, other], greedy(8), eos_id=EOS))
+    other = [2, 9, 9, 31, 64, 1, 40, 12, 77]  # longer than PROMPT: the shorter row is left-padded
+    batch = list(generate_ids(model, [PROMPT, other], greedy(8, penalty=2.0), eos_id=EOS))
     assert model.training
     model.eval()
-    assert [row[0] for row in batch] == naive_greedy(model, PROMPT, 8)
-    assert [row[1] for row in batch] == naive_greedy(model, other, 8)
+    assert [row[0] for row in batch] == naive_greedy(model, PROMPT, 8, penalty=2.0)
+    assert [row[1] for row in batch] == naive_greedy(model, other, 8, penalty=2.0)
 
 
 # ---------------------------------------------------------------------------- text
@@ -196,3 +221,14 @@ def test_batch_of_prompts_of_different_lengths(family):
     assert len(steps) == 7
     for i, prompt in enumerate(prompts):
         assert [s[i] for s in steps] == naive_greedy(model, prompt, 7, penalty=2.0)
+
+
+def test_prompts_are_normalised_like_training_text(tok):
+    from qinglm.chat import encode_chat
+    from qinglm.data.sources import normalize_text
+
+    wide, narrow = "ＧＤＰ增长８％，Ａｂｃ　１２３", "GDP增长8%，Abc 123"
+    assert normalize_text(wide) == narrow  # what `prepare` does to training text
+    assert encode_prompt(tok, wide) == encode_prompt(tok, narrow) == [tok.bos_id, *tok.encode(narrow)]
+    chat = [{"role": "user", "content": wide}]
+    assert encode_chat(tok, chat, True) == encode_chat(tok, [{"role": "user", "content": narrow}], True)

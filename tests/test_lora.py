@@ -112,6 +112,42 @@ def test_bad_settings_are_user_errors(tmp_path):
         save_adapter(model(), tmp_path)
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"use_dora": True},
+        {"bias": "lora_only"},
+        {"bias": "all"},
+        {"fan_in_fan_out": True},
+        {"alpha_pattern": {"q_proj": 32}},
+        {"rank_pattern": {"v_proj": 2}},
+        {"layers_to_transform": [0]},
+    ],
+)
+def test_peft_options_qinglm_does_not_implement_are_refused(tmp_path, option):
+    m, _ = trained_lora()
+    save_adapter(m, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **option}))
+    with pytest.raises(QingLMError, match=f"sets {next(iter(option))}="):
+        load_adapter(model(), tmp_path)
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank(tmp_path):
+    plain, rs = apply_lora(model(), rank=4, alpha=8.0), apply_lora(model(), rank=4, alpha=8.0, rslora=True)
+    assert {layer.scaling for layer in lora_layers(plain).values()} == {2.0}
+    assert {layer.scaling for layer in lora_layers(rs).values()} == {4.0}
+    save_adapter(rs, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
+    assert {layer.scaling for layer in lora_layers(load_adapter(model(), tmp_path)).values()} == {4.0}
+
+
+def test_lora_on_a_classic_family_model_is_refused():
+    classic = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, family="classic"))
+    with pytest.raises(QingLMError, match="GPT-2 export"):
+        apply_lora(classic)
+
+
 @pytest.mark.slow  # importing transformers + peft
 def test_peft_loads_the_adapter_onto_the_hf_llama_layout(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import qinglm  # noqa: E402
-from qinglm.chat import render_chat  # noqa: E402
+from qinglm.chat import encode_chat  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model  # noqa: E402
 from qinglm.generate import encode_prompt, generate_ids  # noqa: E402
@@ -84,7 +84,7 @@ def reference(lm, ids, n, stop_id=None):
 
 
 def chat_ids(lm, messages):
-    return lm.tokenizer.encode(render_chat(messages, add_generation_prompt=True))
+    return encode_chat(lm.tokenizer, messages, add_generation_prompt=True).ids
 
 
 def test_openai_client_lists_models_completes_and_chats(client, lm):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import qinglm
-from qinglm.chat import TURN_SUFFIX, render_chat, turn_prefix
+from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
@@ -16,7 +16,7 @@ from qinglm.sft import data as sft_data
 from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import run_sft
-from qinglm.tokenizer import BOS_ID, IM_END_ID, train_tokenizer
+from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 from qinglm.train.checkpoint import save_run
 
 CHAT = [
@@ -109,7 +109,7 @@ def test_unreadable_files_are_user_errors(tmp_path):
 
 def test_labels_cover_exactly_the_assistant_replies_and_their_im_end(tok):
     ids, labels = sft_data.encode_chat(tok, CHAT)
-    assert ids == tok.encode(render_chat(CHAT))  # the ids transformers' apply_chat_template gives
+    assert ids == encode_chat(tok, CHAT).ids  # the ids transformers' apply_chat_template gives
     assert ids[0] == BOS_ID and len(labels) == len(ids)
     kept = [t for t in labels if t != IGNORE_INDEX]
     assert tok.decode(kept) == "比喻做了多余的事。<|im_end|>huà shé tiān zú<|im_end|>"
@@ -119,7 +119,9 @@ def test_labels_cover_exactly_the_assistant_replies_and_their_im_end(tok):
 def test_loss_is_the_mean_over_exactly_the_assistant_tokens(tok, base_run):
     """Build the sample by hand, piece by piece, and compare with the model's masked loss."""
     msgs = [{"role": "user", "content": "拼音呢？"}, {"role": "assistant", "content": "huà shé tiān zú"}]
-    prompt = [BOS_ID] + tok.encode(turn_prefix("user") + "拼音呢？" + TURN_SUFFIX + turn_prefix("assistant"))
+    nl = tok.encode("\n")
+    prompt = [BOS_ID, IM_START_ID, *tok.encode("user\n拼音呢？"), IM_END_ID, *nl, IM_START_ID]
+    prompt += tok.encode("assistant\n")
     reply = tok.encode("huà shé tiān zú") + [IM_END_ID]
     ids = prompt + reply + tok.encode("\n")
     (sample,), _ = sft_data.make_samples(tok, [msgs], seq_len=64)

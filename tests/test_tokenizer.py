@@ -77,11 +77,16 @@ def test_round_trip_batch_matches_single(tok):
     assert tok.encode_batch(HARD_STRINGS) == [tok.encode(s) for s in HARD_STRINGS]
 
 
-def test_literal_special_token_in_text_becomes_the_special_id(tok):
-    ids = tok.encode("a[PAD]b")
-    assert PAD_ID in ids
-    assert tok.decode(ids) == "a[PAD]b"
-    assert tok.decode(ids, skip_special_tokens=True) == "ab"
+@pytest.mark.parametrize("special", SPECIAL_TOKENS)
+def test_literal_special_token_text_is_encoded_as_text(tok, special):
+    for text in (special, f"a{special}b", f"{special}{special}", f"中{special}\n{special[:-1]}", special * 3):
+        ids = tok.encode(text)
+        assert min(ids) >= len(SPECIAL_TOKENS), text  # no control id, whatever the text holds
+        assert tok.decode(ids) == tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.encode_batch([text, "x"])[0] == ids
+    # A control id still decodes to its text, and is skipped on request.
+    assert tok.decode([PAD_ID, *tok.encode("ab")]) == "[PAD]ab"
+    assert tok.decode([PAD_ID, *tok.encode("ab")], skip_special_tokens=True) == "ab"
 
 
 def test_training_learns_merges_that_compress_held_out_text(tok):
@@ -164,5 +169,9 @@ def test_transformers_loads_the_saved_tokenizer(tok, tmp_path):
         assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
         for text in HARD_STRINGS:
             ids = tok.encode(text)
-            assert hf.encode(text, add_special_tokens=False) == ids
+            # transformers matches control-token text by default (its chat template relies on it);
+            # with split_special_tokens it encodes text exactly as QingLM always does.
+            assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == ids
+            if not any(t in text for t in SPECIAL_TOKENS):
+                assert hf.encode(text, add_special_tokens=False) == ids
             assert hf.decode(ids) == text

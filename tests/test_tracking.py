@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -24,8 +25,11 @@ from qinglm.train.metrics import read_metrics
 PHRASES = ["今天天气真不错", "我们一起去公园散步", "人工智能改变了世界", "中国经济持续发展", "学习使人进步"]
 
 
-def tiny_run(root: Path, tracker: str = "none", steps: int = 8) -> Path:
-    """Return a run directory trained for `steps` steps on a small repetitive corpus (about 2 s)."""
+def tiny_run(root: Path, tracker: str = "none", steps: int = 8, resume_to: int | None = None) -> Path:
+    """Return a run directory trained for `steps` steps on a small repetitive corpus (about 2 s).
+
+    With resume_to, a second session resumes the run from its last checkpoint and goes on to that step.
+    """
     rng = random.Random(0)
     docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(200)]
     tok = train_tokenizer(docs, 300, show_progress=False)
@@ -50,6 +54,9 @@ def tiny_run(root: Path, tracker: str = "none", steps: int = 8) -> Path:
         tracker=tracker,
     )
     train(model, cfg, run, root / "data", log=lambda _line: None)
+    if resume_to is not None:
+        cfg = dataclasses.replace(cfg, max_steps=resume_to, resume=True)
+        train(model, cfg, run, root / "data", log=lambda _line: None)
     return run
 
 
@@ -98,6 +105,19 @@ def test_tensorboard_event_files_hold_the_scalars_and_samples(tb_run):
     texts = acc.Tensors("samples/text_summary")  # add_text is stored as a string tensor
     assert [t.step for t in texts] == [4, 8]
     assert "| 今天天气 |" in texts[-1].tensor_proto.string_val[0].decode("utf-8")
+
+
+def test_tensorboard_keeps_the_checkpoint_steps_scalars_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tiny_run(tmp_path, tracker="tensorboard", steps=8, resume_to=12)  # resumes from step 8
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    logged = {r["step"] for r in read_metrics(run) if r["kind"] == "train"}
+    assert logged == {2, 4, 6, 8, 10, 12}
+    assert sorted({e.step for e in acc.Scalars("train/loss")}) == sorted(logged)
+    assert sorted({e.step for e in acc.Scalars("val/val_bpc")}) == [4, 8, 12]
 
 
 @pytest.mark.parametrize("name", ["wandb", "swanlab"])

@@ -107,6 +107,10 @@ def model_config_from_gpt2(d: dict[str, Any], hf: dict[str, torch.Tensor], where
         )
     if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
         raise QingLMError(f"{where}: GPT-2 attention variants are not supported")
+    if not d.get("scale_attn_weights", True):  # attention logits not divided by sqrt(head_dim)
+        raise QingLMError(
+            f"{where}: GPT-2 with scale_attn_weights false (unscaled attention) is not supported"
+        )
     biases = [t for name, t in hf.items() if name.endswith(".bias") and name.startswith("transformer.")]
     n_embd = d.get("n_embd", 768)
     return resolve_model(

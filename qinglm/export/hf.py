@@ -15,7 +15,7 @@ import tokenizers
 import torch
 
 from qinglm.chat import CHAT_TEMPLATE
-from qinglm.config import ModelConfig, resolve_model
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
 from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_config_from_hf
@@ -139,14 +139,29 @@ def hf_to_qinglm(
 # ---------------------------------------------------------------------------- folders
 
 
-def _generation_config() -> dict:
-    # Greedy by default; stop at [EOS] and at <|im_end|>, which ends an assistant turn in chat.
-    return {
+def generation_config() -> dict:
+    """Return generation_config.json's contents: QingLM's default sampling (SamplingConfig).
+
+    transformers' model.generate() without arguments then samples as `qinglm generate` does; it stops
+    at [EOS] and at <|im_end|>, which ends an assistant turn in chat.
+
+    One difference remains: transformers' repetition penalty also counts control tokens and a chat
+    template's structure in the prompt, which QingLM's does not (qinglm.generate.apply_repetition_penalty).
+    """
+    d = SamplingConfig()
+    config = {
         "bos_token_id": BOS_ID,
         "eos_token_id": [EOS_ID, IM_END_ID],
         "pad_token_id": PAD_ID,
-        "do_sample": False,
+        "do_sample": d.temperature > 0,
+        "max_new_tokens": d.max_new_tokens,
+        "repetition_penalty": d.repetition_penalty,
     }
+    if d.temperature > 0:  # transformers warns about sampling settings in a greedy config
+        config["temperature"] = d.temperature
+        config["top_k"] = d.top_k or 0
+        config["top_p"] = d.top_p if d.top_p is not None else 1.0
+    return config
 
 
 def chat_template_of(tok_dir: Path) -> str:
@@ -188,7 +203,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_open(out / HF_WEIGHTS, "wb") as f:
         f.write(save(hf, metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", hf_config(cfg, dtype))
-    write_json_atomic(out / "generation_config.json", _generation_config())
+    write_json_atomic(out / "generation_config.json", generation_config())
     save_hf_tokenizer(lm.tokenizer, out, cfg.max_seq_len, chat_template_of(lm.run_dir / "tokenizer"))
     return out
 

@@ -45,6 +45,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)  # strings that end the reply (not included in it)
     stream: bool = False
     include_usage: bool = False
+    counted: list[bool] | None = None  # prompt tokens the repetition penalty counts (a chat: its contents)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -169,9 +170,9 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: Se
         raise QingLMError("'messages' must be a non-empty list of {'role': ..., 'content': ...}")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     sampling = _sampling(body, cfg)
-    _, ids = fit_history(tokenizer, messages, context - min(sampling.max_new_tokens, context // 2))
+    _, prompt = fit_history(tokenizer, messages, context - min(sampling.max_new_tokens, context // 2))
     stream, usage = _stream_flags(body)
-    return GenRequest(True, ids, sampling, [*_stop(body), IM_END], stream, usage)
+    return GenRequest(True, prompt.ids, sampling, [*_stop(body), IM_END], stream, usage, prompt.content)
 
 
 # ---------------------------------------------------------------------------- responses

@@ -157,7 +157,7 @@ class Scheduler:
     def _start(self, jobs: list[Job]) -> list[_Batch]:
         """Return the Generation of jobs as a _Batch (one per job when one of them is invalid)."""
         lm = self.lm
-        requests = [Request(j.req.prompt_ids, j.req.sampling, j.req.stop) for j in jobs]
+        requests = [Request(j.req.prompt_ids, j.req.sampling, j.req.stop, j.req.counted) for j in jobs]
         try:
             gen = Generation(lm.model, requests, tokenizer=lm.tokenizer, device=lm.device)
         except QingLMError as e:

@@ -3,11 +3,11 @@
 Two line formats are read, one object per line:
   minimind:  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   Alpaca:    {"instruction": "...", "input": "...", "output": "..."}  (optional "system")
-A conversation is rendered with qinglm.chat.render_chat and tokenised as one string (so the ids are the
-ones transformers' apply_chat_template gives); labels keep only the tokens of assistant contents and
-their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack samples into full rows
-(a sample attends to the earlier samples of its row; the loss still covers only its own assistant
-tokens) or pad samples of similar length to the longest of the batch.
+A conversation is encoded with qinglm.chat (contents as text, control tokens by id: for contents free of
+control-token text, the ids transformers' apply_chat_template gives); labels keep only the tokens of
+assistant contents and their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack
+samples into full rows (a sample attends to the earlier samples of its row; the loss still covers only
+its own assistant tokens) or pad samples of similar length to the longest of the batch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import IM_END, ROLES, TURN_SUFFIX, check_messages, render_chat, turn_prefix
+from qinglm.chat import ROLES, ChatIds, check_messages, encode_turn, generation_prompt, join_turns
 from qinglm.errors import QingLMError
 
 if TYPE_CHECKING:
@@ -121,26 +121,24 @@ def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messa
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
     """Return (ids, labels) of a whole conversation; labels are IGNORE_INDEX except on assistant tokens.
 
-    An assistant token is one that starts inside an assistant content or its closing <|im_end|>; the
-    "\\n" after <|im_end|> and every system/user token carry no loss.
+    The ids are qinglm.chat.encode_chat's (contents encoded as text, control tokens by id). An assistant
+    token is one of an assistant content or its closing <|im_end|>; the "\\n" after <|im_end|> and every
+    system/user token carry no loss.
     """
     check_messages(messages)
-    text = render_chat(messages)
-    spans, pos = [], len("[BOS]")
+    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
     for m in messages:
-        pos += len(turn_prefix(m["role"]))
-        end = pos + len(m["content"]) + len(IM_END)
-        if m["role"] == "assistant":
-            spans.append((pos, end))
-        pos = end + len(TURN_SUFFIX) - len(IM_END)
-    enc = tokenizer.backend.encode(text, add_special_tokens=False)
-    labels, s = [], 0
-    for tok, (start, _) in zip(enc.ids, enc.offsets):
-        while s < len(spans) and start >= spans[s][1]:
-            s += 1
-        inside = s < len(spans) and spans[s][0] <= start < spans[s][1]
-        labels.append(tok if inside else IGNORE_INDEX)
-    return list(enc.ids), labels
+        turn = encode_turn(tokenizer, m["role"], m["content"])
+        ids += turn.ids
+        if m["role"] != "assistant":
+            labels += [IGNORE_INDEX] * len(turn.ids)
+            continue
+        end = turn.ids.index(tokenizer.im_end_id)  # the first one: contents never hold a control id
+        labels += [
+            t if inside or k == end else IGNORE_INDEX
+            for k, (t, inside) in enumerate(zip(turn.ids, turn.content))
+        ]
+    return ids, labels
 
 
 @dataclass
@@ -252,26 +250,35 @@ def batch_stream(
 
 def fit_history(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], budget: int
-) -> tuple[list[dict[str, str]], list[int]]:
-    """Return (messages, prompt ids) after dropping the oldest non-system turns until the prompt fits budget.
+) -> tuple[list[dict[str, str]], ChatIds]:
+    """Return (messages, prompt) after dropping the oldest non-system turns until the prompt fits budget.
 
-    The prompt is render_chat(messages, add_generation_prompt=True). System messages and the last
-    message are always kept; raises QingLMError when even that is longer than budget tokens.
+    The prompt is qinglm.chat.encode_chat(messages, add_generation_prompt=True); each turn is encoded
+    once. System messages and the last message are always kept; raises QingLMError when even that is
+    longer than budget tokens.
     """
     check_messages(messages)
     msgs = [dict(m) for m in messages]
-    while True:
-        ids = tokenizer.encode(render_chat(msgs, add_generation_prompt=True))
-        if len(ids) <= budget:
-            return msgs, ids
-        droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-        if not droppable:
+    turns = [encode_turn(tokenizer, m["role"], m["content"]) for m in msgs]
+    fixed = 1 + len(generation_prompt(tokenizer))  # [BOS] and the generation prompt
+    total = fixed + sum(len(t.ids) for t in turns)
+    keep = [True] * len(msgs)
+    droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+    d = 0
+    while total > budget:
+        if d == len(droppable):
             raise QingLMError(
-                f"the chat prompt is {len(ids)} tokens but only {budget} fit the model's context "
+                f"the chat prompt is {total} tokens but only {budget} fit the model's context "
                 "with room for a reply; shorten the message or the system prompt"
             )
-        del msgs[droppable[0]]
+        keep[droppable[d]] = False
+        total -= len(turns[droppable[d]].ids)
+        d += 1
         # Drop the reply of a dropped question too, so the history still starts with a user turn.
-        rest = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-        if rest and msgs[rest[0]]["role"] == "assistant":
-            del msgs[rest[0]]
+        if d < len(droppable) and msgs[droppable[d]]["role"] == "assistant":
+            keep[droppable[d]] = False
+            total -= len(turns[droppable[d]].ids)
+            d += 1
+    kept = [i for i in range(len(msgs)) if keep[i]]
+    prompt = join_turns(tokenizer, [turns[i] for i in kept], add_generation_prompt=True)
+    return [msgs[i] for i in kept], prompt
