@@ -251,27 +251,57 @@ def batch_stream(
 
 
 def fit_history(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], budget: int
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    budget: int,
+    longest_token: int | None = None,
 ) -> tuple[list[dict[str, str]], list[int]]:
     """Return (messages, prompt ids) after dropping the oldest non-system turns until the prompt fits budget.
 
     The prompt is render_chat(messages, add_generation_prompt=True). System messages and the last
-    message are always kept; raises QingLMError when even that is longer than budget tokens.
+    message are always kept; raises QingLMError when even that is longer than budget tokens. If the
+    history had to be cut, it restarts at a user turn. Each turn is encoded once, newest first, and
+    turns that cannot fit are never encoded; with longest_token (the most characters one token
+    covers) a turn too long for the room left is skipped on its length alone.
     """
     check_messages(messages)
     msgs = [dict(m) for m in messages]
-    while True:
-        ids = tokenizer.encode(render_chat(msgs, add_generation_prompt=True))
-        if len(ids) <= budget:
-            return msgs, ids
-        droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-        if not droppable:
+    last = len(msgs) - 1
+    always = [i for i, m in enumerate(msgs) if m["role"] == "system" or i == last]
+    if longest_token is not None:
+        chars = sum(len(msgs[i]["content"]) for i in always)
+        if chars > budget * longest_token:
             raise QingLMError(
-                f"the chat prompt is {len(ids)} tokens but only {budget} fit the model's context "
-                "with room for a reply; shorten the message or the system prompt"
+                f"the chat's system prompt and last message are {chars} characters, more than the "
+                f"{budget} tokens that fit the model's context with room for a reply; shorten them"
             )
-        del msgs[droppable[0]]
-        # Drop the reply of a dropped question too, so the history still starts with a user turn.
-        rest = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-        if rest and msgs[rest[0]]["role"] == "assistant":
-            del msgs[rest[0]]
+    # Turns are separated by control tokens, so the prompt's ids are the concatenation of the parts.
+    parts = {i: _turn_ids(tokenizer, msgs[i]) for i in always}
+    start, end = [tokenizer.bos_id], tokenizer.encode(turn_prefix("assistant"))
+    used = len(start) + len(end) + sum(len(p) for p in parts.values())
+    if used > budget:
+        raise QingLMError(
+            f"the chat prompt is {used} tokens but only {budget} fit the model's context "
+            "with room for a reply; shorten the message or the system prompt"
+        )
+    older = [i for i in range(last - 1, -1, -1) if msgs[i]["role"] != "system"]  # newest first
+    kept = len(older)
+    for n, i in enumerate(older):
+        room = budget - used
+        too_long = longest_token is not None and len(msgs[i]["content"]) > room * longest_token
+        ids = [] if too_long else _turn_ids(tokenizer, msgs[i])
+        if too_long or len(ids) > room:
+            kept = n
+            break
+        parts[i], used = ids, used + len(ids)
+    if kept < len(older):  # some were dropped: start the history at a user turn
+        while kept and msgs[older[kept - 1]]["role"] == "assistant":
+            kept -= 1
+    dropped = set(older[kept:])
+    order = [i for i in range(len(msgs)) if i not in dropped]
+    return [msgs[i] for i in order], start + [t for i in order for t in parts[i]] + end
+
+
+def _turn_ids(tokenizer: Tokenizer, message: Mapping[str, str]) -> list[int]:
+    """Return the ids of one rendered turn: <|im_start|>role\\ncontent<|im_end|>\\n."""
+    return tokenizer.encode(turn_prefix(message["role"]) + message["content"] + TURN_SUFFIX)
