@@ -41,7 +41,7 @@ class ServeConfig:
     max_batch_size: int = _f(32, "most requests decoding at once (1 = one at a time)")
     max_queue: int = _f(256, "most requests waiting or running; more are answered 503")
     max_request_bytes: int = _f(1 << 20, "largest request body in bytes; larger ones are answered 413")
-    max_messages: int = _f(1000, "most messages in one chat request")
+    max_messages: int = _f(4096, "most messages in one chat request")
     request_timeout: float = _f(
         30.0, "seconds a client may take to send one request (headers and body); slower ones are cut off"
     )
