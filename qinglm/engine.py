@@ -28,6 +28,8 @@ The API (the server, the CLI and ``generate_ids`` all use it)::
   UTF-8 character, never text that might begin a stop string; a stop string and what follows it are
   cut). The last event of a row has ``finish_reason`` set (and may carry the held-back text).
   ``"".join(texts of a row)`` is the row's completion; ``sum(len(ids))`` its completion token count.
+- ``Generation(..., isolate_rows=True)`` (the server): a row whose sampling or text decoding raises ends
+  alone with finish_reason ``"error"`` (``ev.error`` holds the exception); the other rows go on.
 - ``gen.cancel(row)``: stop a row early (thread-safe). ``gen.close()`` (or leaving the for loop and
   dropping ``gen``) ends everything.
 - ``complete(model, tokenizer, prompts, sampling, batch_size=8, stop=())``: offline batched
@@ -77,6 +79,7 @@ class Event:
     ids: list[int]
     text: str = ""
     finish_reason: str | None = None
+    error: Exception | None = None  # with finish_reason "error" (isolate_rows only)
 
 
 class _Row:
@@ -102,8 +105,10 @@ class Generation:
         tokenizer: Tokenizer | None = None,
         eos_id: int | None = None,
         device: torch.device | str | None = None,
+        isolate_rows: bool = False,
     ):
         self.model, self.requests, self.tokenizer = model, list(requests), tokenizer
+        self.isolate_rows = isolate_rows
         self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -177,10 +182,18 @@ class Generation:
             slot = width  # slots filled so far; the next token goes into context[:, slot]
             while True:
                 with torch.inference_mode():
-                    nxt = _sample_rows(logits, rows, context[:, :slot], counted[:, :slot])
+                    prev, cnt = context[:, :slot], counted[:, :slot]
+                    nxt, failed = (
+                        _sample_apart(logits, rows, prev, cnt)
+                        if self.isolate_rows
+                        else (_sample_rows(logits, rows, prev, cnt), {})
+                    )
                     context[:, slot] = nxt
                     ids = nxt.tolist()
-                events = first + [self._advance(row, tok, max_len) for row, tok in zip(rows, ids)]
+                events = first + [
+                    self._event(row, tok, max_len, failed.get(k))
+                    for k, (row, tok) in enumerate(zip(rows, ids))
+                ]
                 first = []
                 yield events
                 # Rows cancelled while the caller handled the events (or while the model ran) end here.
@@ -209,6 +222,17 @@ class Generation:
                 slot += 1
         finally:
             model.train(was_training)
+
+    def _event(self, row: _Row, tok: int, max_len: int, error: Exception | None) -> Event:
+        """Return _advance's Event, or with isolate_rows the "error" Event of a row that failed."""
+        if error is None:
+            try:
+                return self._advance(row, tok, max_len)
+            except Exception as e:
+                if not self.isolate_rows:
+                    raise
+                error = e
+        return Event(row.index, [], "", "error", error)
 
     def _advance(self, row: _Row, tok: int, max_len: int) -> Event:
         """Return the Event of row after sampling tok (EOS, max_new_tokens, a full context, stop strings)."""
@@ -247,6 +271,27 @@ def _sample_rows(
             index = torch.tensor(ks, device=logits.device)
             out[index] = sample_next(logits[index], cfg, None, prev[index], counted[index])
     return out
+
+
+def _sample_apart(
+    logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Return _sample_rows' tokens and {k: error} of the rows whose sampling raised (token 0 for them)."""
+    states = [r.generator.get_state() if r.generator is not None else None for r in rows]
+    try:
+        return _sample_rows(logits, rows, prev, counted), {}
+    except Exception:  # find the rows at fault: sample each alone, as if the batched draw never happened
+        pass
+    out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+    failed: dict[int, Exception] = {}
+    for k, (row, state) in enumerate(zip(rows, states)):
+        if state is not None:
+            row.generator.set_state(state)
+        try:
+            out[k] = _sample_rows(logits[k : k + 1], [row], prev[k : k + 1], counted[k : k + 1])[0]
+        except Exception as e:
+            failed[k] = e
+    return out, failed
 
 
 def _check_request(req: Request, model: Transformer, tokenizer: Tokenizer | None) -> None:

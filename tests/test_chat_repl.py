@@ -59,6 +59,31 @@ def test_history_drops_the_oldest_turns_and_keeps_the_system_prompt(tok):
         fit_history(tok, [SYSTEM, {"role": "user", "content": "天气" * 100}], 50)
 
 
+def test_history_is_fitted_in_linear_time(tok):
+    encoded = []
+
+    class Counting:  # the tokenizer, counting the characters it is asked to encode
+        bos_id = tok.bos_id
+
+        def encode(self, text):
+            encoded.append(len(text))
+            return tok.encode(text)
+
+    for turns in (100, 1000):
+        msgs = _history(turns)
+        encoded.clear()
+        kept, ids = fit_history(Counting(), msgs, 200)
+        assert ids == tok.encode(render_chat(kept, add_generation_prompt=True)) and len(ids) <= 200
+        assert kept[-1] == msgs[-1] and len(kept) < 40
+        assert (
+            len(encoded) <= len(kept) + 3
+        )  # each kept turn once, one more that did not fit, the prompt's end
+    huge = [SYSTEM, {"role": "user", "content": "天气" * 50_000}, *_history(3)[1:]]
+    encoded.clear()
+    kept, _ = fit_history(Counting(), huge, 200, longest_token=40)
+    assert kept == [SYSTEM, *huge[2:]] and max(encoded) < 1000  # too long on its length alone: not encoded
+
+
 def test_stream_chat_fits_a_long_history_into_the_context(run_dir):
     lm = qinglm.load(run_dir, device="cpu")
     reply = lm.chat(_history(20), max_new_tokens=8, seed=0)

@@ -169,7 +169,8 @@ def test_stop_strings_end_the_reply_in_both_modes(client):
 
 def test_bad_requests_get_400_with_a_json_error(url):
     def post(path, content=None, **kw):
-        return httpx.post(url + path, content=content, headers=auth(), timeout=60, **kw)
+        headers = {**auth(), "Content-Type": "application/json"}
+        return httpx.post(url + path, content=content, headers=headers, timeout=60, **kw)
 
     for path in ("/v1/completions", "/v1/chat/completions"):
         r = post(path, content=b"{not json")

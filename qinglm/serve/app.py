@@ -2,6 +2,8 @@
 
 Routes: GET / (chat page), GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 With ServeConfig.api_key set, /v1/* answers 401 unless the request has ``Authorization: Bearer KEY``.
+Every request first passes http.Guard (Host, content type, body size); request text is parsed and
+tokenised on a worker thread, so the event loop (and /health) never waits for it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hmac
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -21,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from qinglm.errors import QingLMError
 from qinglm.serve import protocol
 from qinglm.serve.config import ServeConfig
+from qinglm.serve.http import Guard, uvicorn_config
 from qinglm.serve.protocol import GenRequest
 from qinglm.serve.scheduler import Job, QueueFull, Scheduler
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from qinglm.api import LM
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+PARSE_THREADS = 2  # requests tokenised at once, off the event loop
 
 
 class _Unauthorized(Exception):
@@ -50,7 +55,9 @@ def model_name(lm: LM, cfg: ServeConfig) -> str:
 def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
     """Return the FastAPI app serving lm; its worker thread starts and stops with the app."""
     cfg = cfg or ServeConfig()
+    cfg.check()  # the CLI's checks, for fields changed after the config was made
     scheduler = Scheduler(lm, max_queue=cfg.max_queue, max_batch_size=cfg.max_batch_size)
+    parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="qinglm-serve-parse")
     name = model_name(lm, cfg)
     created = int(time.time())
     context = lm.model.cfg.max_seq_len
@@ -60,9 +67,11 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
         scheduler.start()
         yield
         scheduler.stop()
+        parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="QingLM", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.config = scheduler, cfg
+    app.add_middleware(Guard, cfg=cfg)
 
     def check_key(request: Request) -> None:
         if cfg.api_key:
@@ -74,6 +83,10 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
     async def unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
         message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
         return _error(401, message, "authentication_error", "invalid_api_key")
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:  # logged with its traceback too
+        return _error(500, "internal server error; see the server log", "server_error")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -90,10 +103,13 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
         card = {"id": name, "object": "model", "created": created, "owned_by": "qinglm", "context": context}
         return {"object": "list", "data": [card]}
 
+    def parse_request(raw: bytes, parse: Callable[..., GenRequest]) -> GenRequest:
+        return parse(protocol.parse_body(raw), lm.tokenizer, context, cfg)
+
     async def generate(request: Request, parse: Callable[..., GenRequest]) -> Response:
+        raw = await request.body()  # read whole, within its size limit, by Guard
         try:
-            body = protocol.parse_body(await request.body())
-            req = parse(body, lm.tokenizer, context, cfg)
+            req = await asyncio.get_running_loop().run_in_executor(parser, parse_request, raw, parse)
         except QingLMError as e:
             return _error(400, str(e))
         try:
@@ -171,7 +187,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     """Run app with uvicorn on a background thread; yield its base URL (port 0 = a free port)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.config, host, port))
     thread = threading.Thread(target=server.run, name="qinglm-serve-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

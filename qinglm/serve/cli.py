@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from qinglm.config import add_dataclass_args, given
@@ -15,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a chat page at /",
         description="Serve RUN at http://HOST:PORT: GET /v1/models, POST /v1/completions, "
-        "POST /v1/chat/completions (stream: true for server-sent events), GET /health, and a chat page at /.",
+        "POST /v1/chat/completions (stream: true for server-sent events), GET /health, and a chat page at /. "
+        "It listens on 127.0.0.1 (this machine only) by default; to listen on a network address "
+        "(--host 0.0.0.0 or a LAN address) also set --api-key, or anyone who can reach the port can use it.",
     )
     p.add_argument(
         "--model", "--model_path", dest="model", required=True, help="run directory (or a file in it)"
@@ -29,23 +32,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import qinglm
     from qinglm.errors import QingLMError
 
-    cfg = ServeConfig(**given(args, ServeConfig))
-    if cfg.max_tokens_cap < 1 or cfg.default_max_tokens < 1 or cfg.max_queue < 1 or cfg.max_batch_size < 1:
-        raise QingLMError(
-            "--max-tokens-cap, --default-max-tokens, --max-queue and --max-batch-size must be >= 1"
-        )
-    if not 0 < cfg.port < 65536:
-        raise QingLMError(f"--port must be in 1..65535, got {cfg.port}")
+    cfg = ServeConfig(**given(args, ServeConfig))  # checks itself: QingLMError for bad values
     try:
         import uvicorn
 
         from qinglm.serve.app import create_app
+        from qinglm.serve.http import uvicorn_config
     except ImportError as e:
         raise QingLMError(f"serving needs fastapi and uvicorn ({e}); pip install 'qinglm[serve]'") from None
     lm = qinglm.load(args.model, device=cfg.device)
     app = create_app(lm, cfg)
     print(f"qinglm: serving {lm.run_dir} on http://{cfg.host}:{cfg.port} (chat page at /)", flush=True)
+    if cfg.exposed and not cfg.api_key:
+        print(
+            f"qinglm: warning: {cfg.host} is reachable from the network and there is no --api-key: "
+            "anyone who can reach the port can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.Server(uvicorn_config(app, cfg, cfg.host, cfg.port)).run()
     except OSError as e:  # e.g. the port is taken
         raise QingLMError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None

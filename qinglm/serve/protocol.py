@@ -11,18 +11,25 @@ Limits, as documented for users:
   is dropped (the [BOS] token is kept); a chat drops its oldest non-system turns to leave room for the
   reply, as LM.chat does, and answers 400 only when the system prompt and last message alone do not fit.
 - sampling defaults are QingLM's (SamplingConfig); ``top_k``, ``repetition_penalty`` and ``seed`` are accepted
-  as extensions; ``n`` must be 1.
+  as extensions; ``n`` must be 1. Values the sampler cannot use are answered 400: ``temperature`` must be 0
+  (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], ``top_p`` in (0, 1], ``repetition_penalty`` in
+  [MIN_PENALTY, MAX_PENALTY], ``seed`` an integer of 64 bits (-2**63 <= seed < 2**64); NaN and infinities never.
+- text must be valid Unicode (no lone surrogates); a chat has at most ServeConfig.max_messages messages;
+  text that cannot fit the context even at the tokenizer's longest token is refused (or, with
+  ``--truncate-prompt``, cut to its end) before it is tokenized.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import IM_END
+from qinglm.chat import IM_END, ROLES
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.generate import check_sampling, encode_prompt
@@ -32,6 +39,10 @@ if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+# Below MIN_TEMPERATURE, logits / temperature can overflow float32 and sampling fails: 0 means greedy.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
+MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0  # the same overflow, through the repetition penalty
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
 
 
@@ -57,6 +68,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise QingLMError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise QingLMError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise QingLMError("the request body must be a JSON object")
     return body
@@ -75,6 +88,15 @@ def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default
     return value
 
 
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    """Return body[name] as a float in [low, high] (default when missing); raise QingLMError otherwise."""
+    value = _get(body, name, (float, int), default)
+    value = float(value) if abs(value) <= 1e300 else math.inf  # float(10**400) raises
+    if not low <= value <= high:  # NaN fails too
+        raise QingLMError(f"'{name}' must be a number in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
 def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
     """Return the SamplingConfig of a request: its fields over QingLM's defaults, max_tokens clamped."""
     d = SamplingConfig()
@@ -82,13 +104,26 @@ def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
         body, "max_completion_tokens", int, _get(body, "max_tokens", int, cfg.default_max_tokens)
     )
     top_k = _get(body, "top_k", int, d.top_k)
+    temperature = _number(body, "temperature", d.temperature, 0.0, MAX_TEMPERATURE)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise QingLMError(
+            f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}"
+        )
+    top_p = _number(body, "top_p", d.top_p if d.top_p is not None else 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise QingLMError("'top_p' must be in (0, 1], got 0")
+    seed = _get(body, "seed", int, None)
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise QingLMError(f"'seed' must be a 64-bit integer (-2**63 <= seed < 2**64), got {str(seed):.30}")
     sampling = SamplingConfig(
         max_new_tokens=min(max(max_tokens, 1), cfg.max_tokens_cap),
-        temperature=float(_get(body, "temperature", (int, float), d.temperature)),
+        temperature=temperature,
         top_k=top_k if top_k and top_k > 0 else None,
-        top_p=float(_get(body, "top_p", (int, float), d.top_p)),
-        repetition_penalty=float(_get(body, "repetition_penalty", (int, float), d.repetition_penalty)),
-        seed=_get(body, "seed", int, None),
+        top_p=top_p,
+        repetition_penalty=_number(
+            body, "repetition_penalty", d.repetition_penalty, MIN_PENALTY, MAX_PENALTY
+        ),
+        seed=seed,
     )
     check_sampling(sampling)
     if _get(body, "n", int, 1) != 1:
@@ -106,7 +141,28 @@ def _stop(body: dict[str, Any]) -> list[str]:
         raise QingLMError("'stop' must be a string or a list of strings")
     if len(stop) > MAX_STOP_STRINGS:
         raise QingLMError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    return [s for s in stop if s]
+    return [_text(s, "'stop'") for s in stop if s]
+
+
+def _text(value: Any, what: str) -> str:
+    """Return value if it is a string of valid Unicode; raise QingLMError otherwise."""
+    if not isinstance(value, str):
+        raise QingLMError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\\ud800" decodes to a lone surrogate
+        raise QingLMError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer: Tokenizer) -> int:
+    """Return the most characters one token of tokenizer can cover (its longest vocabulary entry).
+
+    A text of n characters is at least n / longest_token(tokenizer) tokens, which bounds a prompt's
+    length in tokens before it is encoded. Byte-level entries hold one character per byte, an upper bound.
+    """
+    return max(1, max(len(t) for t in tokenizer.backend.get_vocab(with_added_tokens=True)))
 
 
 def _fit_context(ids: list[int], sampling: SamplingConfig, context: int, truncate: bool) -> list[int]:
@@ -138,7 +194,16 @@ def parse_completion(
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise QingLMError("'prompt' must be a string (one prompt per request)")
+    prompt = _text(prompt, "'prompt'")
     sampling = _sampling(body, cfg)
+    most = context * longest_token(tokenizer)  # more characters are surely more tokens than context
+    if len(prompt) > most:
+        if not cfg.truncate_prompt:
+            raise QingLMError(
+                f"the prompt is {len(prompt)} characters, more than the model's context of {context} "
+                "tokens can hold; shorten it (or start the server with --truncate-prompt)"
+            )
+        prompt = prompt[len(prompt) - most :]  # still at least `context` tokens: the end is what is kept
     ids = _fit_context(encode_prompt(tokenizer, prompt), sampling, context, cfg.truncate_prompt)
     stream, usage = _stream_flags(body)
     return GenRequest(False, ids, sampling, _stop(body), stream, usage)
@@ -152,9 +217,12 @@ def _message(m: Any, i: int) -> dict[str, str]:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise QingLMError(f"message {i}: only text content parts are supported")
-        content = "".join(str(p.get("text", "")) for p in content)
+        content = "".join(_text(p.get("text", ""), f"message {i}'s text") for p in content)
     role = m.get("role")
-    return {"role": ROLE_ALIASES.get(role, role), "content": "" if content is None else content}
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if role not in ROLES:
+        raise QingLMError(f"message {i}'s 'role' must be one of {', '.join(ROLES)}, got {role!r:.40}")
+    return {"role": role, "content": _text("" if content is None else content, f"message {i}'s 'content'")}
 
 
 def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: ServeConfig) -> GenRequest:
@@ -168,9 +236,12 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: Se
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise QingLMError("'messages' must be a non-empty list of {'role': ..., 'content': ...}")
+    if len(messages) > cfg.max_messages:
+        raise QingLMError(f"a chat takes at most {cfg.max_messages} messages, got {len(messages)}")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     sampling = _sampling(body, cfg)
-    _, prompt = fit_history(tokenizer, messages, context - min(sampling.max_new_tokens, context // 2))
+    budget = context - min(sampling.max_new_tokens, context // 2)
+    _, prompt = fit_history(tokenizer, messages, budget, longest_token(tokenizer))
     stream, usage = _stream_flags(body)
     return GenRequest(True, prompt.ids, sampling, [*_stop(body), IM_END], stream, usage, prompt.content)
 

@@ -3,8 +3,9 @@
 The app (asyncio) submits a GenRequest and gets a Job; the worker thread pushes the job's events onto
 its asyncio queue: ("text", piece) as text is produced, then ("done", finish_reason) or ("error", message).
 Decoding is qinglm.engine's: each request is one row of a Generation, with its own sampling settings,
-stop strings and KV-cache row, so batched requests never see each other's tokens. A job whose client
-went away is cancelled: the worker checks between decoding steps and the row leaves the batch.
+stop strings and KV-cache row, so batched requests never see each other's tokens, and a row whose
+sampling fails ends alone (the engine's isolate_rows): the other requests of its batch go on. A job
+whose client went away is cancelled: the worker checks between decoding steps and the row leaves the batch.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Scheduler:
         lm = self.lm
         requests = [Request(j.req.prompt_ids, j.req.sampling, j.req.stop, j.req.counted) for j in jobs]
         try:
-            gen = Generation(lm.model, requests, tokenizer=lm.tokenizer, device=lm.device)
+            gen = Generation(lm.model, requests, tokenizer=lm.tokenizer, device=lm.device, isolate_rows=True)
         except QingLMError as e:
             if len(jobs) > 1:  # fail only the job at fault
                 return [b for j in jobs for b in self._start([j])]
@@ -184,7 +185,11 @@ class Scheduler:
             job.completion_tokens += len(ev.ids)
             if ev.text and not job.cancelled:
                 job.put("text", ev.text)
-            if ev.finish_reason:
+            if ev.finish_reason == "error":  # this row alone failed
+                log.error("a request failed while generating", exc_info=ev.error)
+                batch.open.discard(ev.row)
+                self._finish(job, "error", "internal error while generating; see the server log")
+            elif ev.finish_reason:
                 batch.open.discard(ev.row)
                 self._finish(job, ev.finish_reason)
         for row in batch.open:
