@@ -60,24 +60,31 @@ def test_history_drops_the_oldest_turns_and_keeps_the_system_prompt(tok):
 
 
 def test_history_is_fitted_in_linear_time(tok):
+    from qinglm.chat import encode_chat
+
     encoded = []
 
-    class Counting:  # the tokenizer, counting the characters it is asked to encode
-        bos_id = tok.bos_id
+    class Backend:  # the tokenizers backend, counting the characters it is asked to encode
+        def __getattr__(self, name):
+            return getattr(tok.backend, name)
 
-        def encode(self, text):
+        def encode(self, text, *a, **kw):
             encoded.append(len(text))
-            return tok.encode(text)
+            return tok.backend.encode(text, *a, **kw)
+
+    class Counting:
+        backend = Backend()
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
 
     for turns in (100, 1000):
         msgs = _history(turns)
         encoded.clear()
-        kept, ids = fit_history(Counting(), msgs, 200)
-        assert ids == tok.encode(render_chat(kept, add_generation_prompt=True)) and len(ids) <= 200
+        kept, prompt = fit_history(Counting(), msgs, 200)
+        assert prompt.ids == encode_chat(tok, kept, add_generation_prompt=True).ids and len(prompt.ids) <= 200
         assert kept[-1] == msgs[-1] and len(kept) < 40
-        assert (
-            len(encoded) <= len(kept) + 3
-        )  # each kept turn once, one more that did not fit, the prompt's end
+        assert len(encoded) <= len(msgs) + 3  # each turn at most once: linear in the history
     huge = [SYSTEM, {"role": "user", "content": "天气" * 50_000}, *_history(3)[1:]]
     encoded.clear()
     kept, _ = fit_history(Counting(), huge, 200, longest_token=40)
