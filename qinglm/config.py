@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -91,6 +94,9 @@ class ModelConfig:
     router: str = _f("softmax", "MoE router scores", ["softmax", "sigmoid"])
     moe_aux_coef: float = _f(0.01, "MoE: weight of the load-balancing loss (Switch/GShard)")
     moe_z_coef: float = _f(0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +189,9 @@ class TrainConfig:
         ["none", "tensorboard", "wandb", "swanlab"],
     )
 
+    def __post_init__(self) -> None:
+        check_types(self)
+
 
 @dataclass
 class SamplingConfig:
@@ -195,6 +204,51 @@ class SamplingConfig:
     repetition_penalty: float = _f(1.1, "penalty > 1 makes already generated tokens less likely")
     seed: int | None = _f(None, "random seed for sampling")
     stop_at_eos: bool = _f(True, "stop when the model emits [EOS]")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+# ---------------------------------------------------------------------------- types
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _type_problem(value: Any, tp: Any) -> str | None:
+    """Return what is wrong with value for a field annotated tp (None when it fits)."""
+    if value is None:
+        return None if type(None) in get_args(tp) else "must be given"
+    tp = _base_type(tp)
+    if tp is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if tp in (int, float):
+        want = "an integer" if tp is int else "a number"
+        fits = numbers.Integral if tp is int else numbers.Real
+        if isinstance(value, fits) and not isinstance(value, bool):  # bool is an int to Python only
+            return None
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as text; 1.0e-3 is a number
+            return f"must be {want}, got the text {value!r:.40} (drop the quotes; in YAML write 1.0e-3, not 1e-3)"
+        return f"must be {want}"
+    if tp is str:
+        return None if isinstance(value, str) else "must be text"
+    if get_origin(tp) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "must be a list of strings"
+    return None
+
+
+def check_types(cfg: Any) -> None:
+    """Raise QingLMError naming the first field of the config dataclass cfg whose value has the wrong type."""
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem:
+            got = "" if "got" in problem else f", got {reprlib.repr(value)}"
+            raise QingLMError(f"{f.name} {problem}{got}")
 
 
 # ---------------------------------------------------------------------------- resolving
@@ -294,7 +348,10 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise QingLMError(f"unknown {where} key(s): {', '.join(unknown)}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except QingLMError as e:  # a value of the wrong type
+        raise QingLMError(f"{where}: {e}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -302,7 +359,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise QingLMError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QingLMError(f"config file {p} is not UTF-8 text (byte {e.start} is invalid)") from None
     try:
         if p.suffix.lower() == ".json":
             d = json.loads(text)
@@ -321,6 +381,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def split_sections(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a config dict into (model, train) parts; flat keys go where the field lives."""
+    for part in ("model", "train"):
+        if not isinstance(d.get(part) or {}, dict):
+            raise QingLMError(f"the '{part}' section of a config file must be a mapping of keys to values")
     model, train = dict(d.get("model") or {}), dict(d.get("train") or {})
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}

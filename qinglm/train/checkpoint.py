@@ -131,7 +131,8 @@ def save_model_file(model: nn.Module | dict[str, torch.Tensor], path: str | Path
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Return nothing; load a safetensors file (or DIR/model.safetensors) into model.
 
-    Raises QingLMError for a missing, truncated or foreign file, or one of another config/tokenizer.
+    Raises QingLMError for a missing, truncated or foreign file, one of another config/tokenizer, or
+    one holding NaN or inf.
     """
     from safetensors.torch import load_file
 
@@ -165,6 +166,14 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
                 f"{p} belongs to a different model config or tokenizer: {name} is "
                 f"{tuple(loaded[name].shape)} in the file but {tuple(expected[name].shape)} in this model"
             )
+    broken = [
+        name for name in canonical if loaded[name].is_floating_point() and not loaded[name].isfinite().all()
+    ]
+    if broken:
+        raise QingLMError(
+            f"{p} holds non-finite values (NaN or inf) in {', '.join(broken[:3])}; the run diverged or "
+            "the file is damaged - use an earlier checkpoint"
+        )
     model.load_state_dict({name: loaded[alias_of[name]] for name in expected}, strict=True)
 
 
