@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
@@ -262,6 +263,12 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Return a warning as one line on stderr, like the errors."""
+    own = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return f"qinglm: warning: {message}\n" if own else f"warning: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -269,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    warnings.formatwarning = _one_line_warning
     try:
         COMMANDS[args.command](args)
     except QingLMError as e:

@@ -29,6 +29,7 @@ from qinglm.train.checkpoint import (
     load_trainer_state,
     read_state,
     set_rng_state,
+    verify_checkpoint,
 )
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
@@ -88,18 +89,27 @@ def _load_data(
         return train_data, None
 
 
-def _find_resume(run_dir: Path, resume: bool, log: Callable[[str], None]) -> Path | None:
-    """Return the checkpoint to resume from, or None to start fresh; refuse to overwrite a run."""
+def _find_resume(
+    run_dir: Path, resume: bool, log: Callable[[str], None]
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """Return (the checkpoint to resume from, its trainer state), or Nones to start fresh; refuse to
+    overwrite a run. A checkpoint whose trainer.pt cannot be loaded safely is skipped like a truncated one."""
     if not resume:
         if checkpoint_dirs(run_dir):
             raise QingLMError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --out"
             )
-        return None
-    found = latest_checkpoint(run_dir)
+        return None, None
+    trainer: dict[Path, dict[str, Any]] = {}
+
+    def loadable(d: Path) -> None:
+        verify_checkpoint(d)
+        trainer[d] = load_trainer_state(d)
+
+    found = latest_checkpoint(run_dir, loadable)
     if found is None:
         log(f"--resume: no complete checkpoint in {run_dir}; starting a fresh run")
-    return found
+    return found, trainer.get(found)
 
 
 def _fit_global_batch(
@@ -142,7 +152,7 @@ def setup_run(
     dist = dist or distributed.Dist()
     if cfg.max_steps is None and cfg.num_epochs is None and cfg.max_time is None:
         raise QingLMError("give the run a length: --max-steps, --num-epochs or --max-time")
-    found = _find_resume(run_dir, cfg.resume, log) if dist.is_main else None
+    found, trainer = _find_resume(run_dir, cfg.resume, log) if dist.is_main else (None, None)
     resume_from = distributed.broadcast_object(dist, found)
     state = read_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -198,7 +208,7 @@ def setup_run(
         wrapped=wrapped,
     )
     if resume_from is not None:
-        _resume(r, resume_from, state)
+        _resume(r, resume_from, state, trainer)
         log(f"resuming from {resume_from} (step {r.step:,}, {r.tokens_seen:,} tokens seen)")
     r.metrics.truncate_after(r.step)  # lines of steps after the checkpoint (or of a failed start) are redone
     if dist.is_main:
@@ -214,12 +224,14 @@ def setup_run(
     return r
 
 
-def _resume(r: Run, ckpt: Path, state: dict[str, Any]) -> None:
+def _resume(r: Run, ckpt: Path, state: dict[str, Any], trainer: dict[str, Any] | None) -> None:
     """Return nothing; load optimizer, data position, schedule estimate, counters and RNG states of ckpt into r.
 
-    The weights were loaded before the model was wrapped for DDP/FSDP.
+    The weights were loaded before the model was wrapped for DDP/FSDP; trainer is ckpt's trainer.pt
+    when this process already loaded it.
     """
-    trainer = load_trainer_state(ckpt)
+    if trainer is None:
+        trainer = load_trainer_state(ckpt)
     r.optimizer.load_state_dict(distributed.shard_optimizer_state(trainer["optimizer"], r.optimizer, r.dist))
     if r.scaler is not None and "scaler" in trainer:
         r.scaler.load_state_dict(trainer["scaler"])
