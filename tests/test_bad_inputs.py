@@ -8,24 +8,15 @@ import json
 import pickle
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_inputs import TINY, TINY_TRAIN, assert_one_line_error, qinglm
-
-from qinglm.data.builtin import builtin_documents
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "news.txt"
-    path.write_text("\n".join(builtin_documents("pd1998")[:300]) + "\n", encoding="utf-8")
-    return path
+from test_cli import corpus  # noqa: F401  (a fixture)
+from test_inputs import TINY, TINY_TRAIN, assert_one_line_error, qinglm, run_cases
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, corpus) -> Path:
+def run(tmp_path_factory, corpus) -> Path:  # noqa: F811  (corpus: test_cli's fixture)
     """Return a tiny run trained once (4 steps, checkpoints at steps 2 and 4)."""
     from qinglm.pipeline import run_train
 
@@ -152,9 +143,7 @@ def results(tmp_path_factory, run) -> dict:
     """Return case name -> (finished process, expected fragment), the processes run a few at a time."""
     todo = cases(run, tmp_path_factory.mktemp("cases"))
     assert sorted(todo) == sorted(CASES)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(zip(todo, pool.map(lambda args: qinglm(*args), [a for a, _ in todo.values()])))
-    return {name: (procs[name], todo[name][1]) for name in todo}
+    return run_cases(todo)
 
 
 @pytest.mark.parametrize("case", CASES)
