@@ -217,26 +217,25 @@ def _field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
-def _type_problem(value: Any, tp: Any) -> str | None:
-    """Return what is wrong with value for a field annotated tp (None when it fits)."""
-    if value is None:
-        return None if type(None) in get_args(tp) else "must be given"
+def _expected(value: Any, tp: Any) -> str | None:
+    """Return what a field annotated tp must hold when value does not fit it, else None."""
+    if value is None and type(None) in get_args(tp):
+        return None
     tp = _base_type(tp)
     if tp is bool:
-        return None if isinstance(value, bool) else "must be true or false"
+        return None if isinstance(value, bool) else "true or false"
     if tp in (int, float):
-        want = "an integer" if tp is int else "a number"
-        fits = numbers.Integral if tp is int else numbers.Real
-        if isinstance(value, fits) and not isinstance(value, bool):  # bool is an int to Python only
-            return None
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as text; 1.0e-3 is a number
-            return f"must be {want}, got the text {value!r:.40} (drop the quotes; in YAML write 1.0e-3, not 1e-3)"
-        return f"must be {want}"
+        fits = numbers.Integral if tp is int else numbers.Real  # 10000.0 is not an integer
+        ok = isinstance(value, fits) and not isinstance(value, bool)  # bool is an int to Python only
+        return None if ok else "an integer" if tp is int else "a number"
     if tp is str:
-        return None if isinstance(value, str) else "must be text"
+        return None if isinstance(value, str) else "text"
     if get_origin(tp) is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        return None if ok else "must be a list of strings"
+        return (
+            None
+            if isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else "a list of strings"
+        )
     return None
 
 
@@ -245,10 +244,14 @@ def check_types(cfg: Any) -> None:
     hints = _field_types(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        problem = _type_problem(value, hints[f.name])
-        if problem:
-            got = "" if "got" in problem else f", got {reprlib.repr(value)}"
-            raise QingLMError(f"{f.name} {problem}{got}")
+        want = _expected(value, hints[f.name])
+        if want is None:
+            continue
+        if isinstance(value, str) and want in ("an integer", "a number"):
+            # PyYAML reads 1e-3 (no dot) as text; 1.0e-3 is a number
+            yaml = "; in YAML write 1.0e-3, not 1e-3" if want == "a number" else ""
+            raise QingLMError(f"{f.name} must be {want}, got the text {value!r:.40} (drop the quotes{yaml})")
+        raise QingLMError(f"{f.name} must be {want}, got {reprlib.repr(value)}")
 
 
 # ---------------------------------------------------------------------------- resolving
