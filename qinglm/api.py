@@ -16,7 +16,8 @@ from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
 from qinglm.generate import encode_prompt
 from qinglm.io import read_json
-from qinglm.model import Transformer, new_model
+from qinglm.memory import allocating
+from qinglm.model import Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -221,7 +222,8 @@ def load(
     if weights is None:
         weights = inference_weights(run)  # raises QingLMError when the run has no weights yet
     dev = resolve_device(device)
-    model = new_model(model_cfg)
+    with allocating(model_cfg):
+        model = Transformer(model_cfg)
     load_model_weights(model, weights)
     if quantize != "none":
         from qinglm.quantize import quantize as quantize_model

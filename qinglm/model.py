@@ -12,7 +12,6 @@ different lengths prefill and decode together (qinglm.engine).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
-from qinglm.errors import QingLMError
 from qinglm.moe import MoE
 
 IGNORE_INDEX = -100  # targets with this value (padding) carry no loss
@@ -368,43 +366,3 @@ class Transformer(nn.Module):
         matmul = self.active_matmul_params() + c.vocab_size * c.d_model
         attn = 2 * c.n_layers * seq_len * c.d_model  # QK^T and AV, causal half counted in full as usual
         return 6 * matmul + 6 * attn
-
-
-def _memory_bytes() -> int | None:
-    """Return this machine's physical memory in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def check_fits(cfg: ModelConfig) -> str:
-    """Return a description of the model's size; raise QingLMError when it is larger than this machine's memory.
-
-    The size is measured on the meta device (no memory), so a config with an absurd vocab_size or
-    max_seq_len is refused in one line instead of failing (or being killed) while allocating.
-    """
-    with torch.device("meta"):
-        shape = Transformer(cfg)
-    need = sum(t.numel() * t.element_size() for t in (*shape.parameters(), *shape.buffers()))
-    c = shape.cfg
-    size = (
-        f"a model of {shape.param_counts()['total']:,} parameters (vocab_size {c.vocab_size:,}, "
-        f"d_model {c.d_model:,}, n_layers {c.n_layers:,}, max_seq_len {c.max_seq_len:,}) "
-        f"needs {need / 2**30:,.1f} GiB"
-    )
-    ram = _memory_bytes()
-    if ram is not None and need > ram:
-        raise QingLMError(f"{size}, more than this machine's {ram / 2**30:.1f} GiB; check the config")
-    return size
-
-
-def new_model(cfg: ModelConfig) -> Transformer:
-    """Return Transformer(cfg) on the CPU; raise QingLMError when there is not enough memory for it."""
-    size = check_fits(cfg)
-    try:
-        return Transformer(cfg)
-    except (RuntimeError, MemoryError) as e:
-        if isinstance(e, MemoryError) or "allocate" in str(e):
-            raise QingLMError(f"{size}, and allocating it failed; check the config") from None
-        raise

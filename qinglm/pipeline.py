@@ -171,7 +171,7 @@ def run_train(
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
-    from qinglm.model import check_fits
+    from qinglm.memory import check_fits
 
     check_fits(model_cfg)  # a model larger than memory fails now too
     try:

@@ -187,12 +187,14 @@ class _Touch:
 
 def test_a_failed_allocation_is_a_user_error_where_memory_is_unknown(monkeypatch):
     """Where the OS does not report its memory, the allocation itself fails and says so in one line."""
-    import qinglm.model
+    import qinglm.memory
     from qinglm.config import ModelConfig
     from qinglm.errors import QingLMError
+    from qinglm.model import Transformer
 
-    monkeypatch.setattr(qinglm.model, "_memory_bytes", lambda: None)
+    monkeypatch.setattr(qinglm.memory, "_memory_bytes", lambda: None)
     cfg = ModelConfig(vocab_size=10**12, d_model=128, n_heads=2, n_layers=1, max_seq_len=64)  # 512 TB
     with pytest.raises(QingLMError, match="allocating it failed") as err:
-        qinglm.model.new_model(cfg)
+        with qinglm.memory.allocating(cfg):
+            Transformer(cfg)
     assert "\n" not in str(err.value) and "vocab_size 1,000,000,000,000" in str(err.value)

@@ -18,7 +18,8 @@ from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
 from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer, new_model
+from qinglm.memory import allocating
+from qinglm.model import Transformer
 from qinglm.tracking import make_trackers
 from qinglm.train import distributed
 from qinglm.train.checkpoint import (
@@ -166,7 +167,8 @@ def setup_run(
     device = distributed.local_device(dist, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log)
-    model = new_model(model_cfg).to(device)
+    with allocating(model_cfg):
+        model = Transformer(model_cfg).to(device)
     if resume_from is not None:
         load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
     elif cfg.init_from:  # continued pretraining: another run's (or an imported model's) weights
