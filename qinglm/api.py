@@ -16,6 +16,8 @@ from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
 from qinglm.generate import encode_prompt
+from qinglm.io import read_json
+from qinglm.memory import allocating
 from qinglm.model import Transformer
 
 if TYPE_CHECKING:
@@ -207,10 +209,7 @@ def load(
 
     run, weights = _find_run_dir(Path(run_dir).expanduser())
     config_path = run / "config.json"
-    try:
-        config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise QingLMError(f"cannot parse {config_path}: {e}") from None
+    config = read_json(config_path, f"{run} has no config.json; is it a QingLM run directory?")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise QingLMError(f"{config_path} has no 'model' section; is it a QingLM run directory?")
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else run / "tokenizer"
@@ -224,7 +223,7 @@ def load(
                 f"the tokenizer in {tok_dir} is not the one {run} was trained with ({own}); "
                 "drop --tokenizer-path or pass that tokenizer"
             )
-    model_cfg = from_dict(ModelConfig, config["model"], where="model config")
+    model_cfg = from_dict(ModelConfig, config["model"], where=f"model config in {config_path}")
     if tok.vocab_size > model_cfg.vocab_size:
         raise QingLMError(
             f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model only "
@@ -233,7 +232,8 @@ def load(
     if weights is None:
         weights = inference_weights(run)  # raises QingLMError when the run has no weights yet
     dev = resolve_device(device)
-    model = Transformer(model_cfg)
+    with allocating(model_cfg):
+        model = Transformer(model_cfg)
     load_model_weights(model, weights)
     if quantize != "none":
         from qinglm.quantize import quantize as quantize_model

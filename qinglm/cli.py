@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
@@ -225,10 +226,55 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _print_as(staging: str, out: str, line: str) -> None:
+    print(line.replace(staging, out), flush=True)
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
+    """Train in a child process that Ctrl-C kills at once (the Rust trainer ignores it), into a staging
+    directory whose files are moved into --out only when training has succeeded."""
+    import functools
+    import os
+    import shutil
+    import signal
+
+    from qinglm.killable import run_killable
     from qinglm.pipeline import train_tokenizer_on
 
-    train_tokenizer_on(args.data, args.vocab_size, Path(args.out), _data_cfg(args))
+    out = Path(args.out)
+    created = not out.exists()
+    for old in out.glob(".tokenizer.tmp-*") if out.is_dir() else []:  # left by a killed run
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = out / f".tokenizer.tmp-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise QingLMError(f"cannot write the tokenizer to {out}: {e.strerror or e}") from None
+    try:
+        log = functools.partial(_print_as, str(staging), str(out))
+        run_killable(train_tokenizer_on, args.data, args.vocab_size, staging, _data_cfg(args), log)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # all files or none
+        for f in sorted(staging.iterdir(), key=lambda f: f.name != "tokenizer.json"):  # as Tokenizer.save
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -262,6 +308,12 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Return a warning as one line on stderr, like the errors."""
+    own = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return f"qinglm: warning: {message}\n" if own else f"warning: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -269,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    warnings.formatwarning = _one_line_warning
     try:
         COMMANDS[args.command](args)
     except QingLMError as e:

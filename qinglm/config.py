@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from qinglm.errors import QingLMError
+from qinglm.typecheck import check_types
 
 # (vocab_size, d_model, n_heads, n_layers) exactly as the seed projects give them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,6 +92,9 @@ class ModelConfig:
     router: str = _f("softmax", "MoE router scores", ["softmax", "sigmoid"])
     moe_aux_coef: float = _f(0.01, "MoE: weight of the load-balancing loss (Switch/GShard)")
     moe_z_coef: float = _f(0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
     @property
     def head_dim(self) -> int:
@@ -188,6 +192,9 @@ class TrainConfig:
         ["none", "tensorboard", "wandb", "swanlab"],
     )
 
+    def __post_init__(self) -> None:
+        check_types(self)
+
 
 @dataclass
 class SamplingConfig:
@@ -200,6 +207,9 @@ class SamplingConfig:
     repetition_penalty: float = _f(1.1, "penalty > 1 makes already generated tokens less likely")
     seed: int | None = _f(None, "random seed for sampling")
     stop_at_eos: bool = _f(True, "stop when the model emits [EOS]")
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 # ---------------------------------------------------------------------------- resolving
@@ -299,7 +309,10 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise QingLMError(f"unknown {where} key(s): {', '.join(unknown)}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except QingLMError as e:  # a value of the wrong type
+        raise QingLMError(f"{where}: {e}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -307,7 +320,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise QingLMError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QingLMError(f"config file {p} is not UTF-8 text (byte {e.start} is invalid)") from None
     try:
         if p.suffix.lower() == ".json":
             d = json.loads(text)
@@ -326,6 +342,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def split_sections(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a config dict into (model, train) parts; flat keys go where the field lives."""
+    for part in ("model", "train"):
+        if not isinstance(d.get(part) or {}, dict):
+            raise QingLMError(f"the '{part}' section of a config file must be a mapping of keys to values")
     model, train = dict(d.get("model") or {}), dict(d.get("train") or {})
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -58,5 +58,5 @@ def read_json(path: str | os.PathLike, missing: str) -> Any:
         raise QingLMError(missing)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: too deep
         raise QingLMError(f"cannot parse {path}: {e}") from None

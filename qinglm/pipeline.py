@@ -174,6 +174,9 @@ def run_train(
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
     if train_cfg.fp8:
         check_fp8(train_cfg)
+    from qinglm.memory import check_fits
+
+    check_fits(model_cfg)  # a model larger than memory fails now too
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"

@@ -13,11 +13,13 @@ tokenizer.json, so transformers still matches the control tokens in text, as its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -41,6 +43,29 @@ QWEN2_PATTERN = (
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 _HF_NO_MAX_LENGTH = int(1e30)  # what transformers itself writes when a tokenizer has no length limit
+
+
+def _panics_as_user_errors(method: Callable) -> Callable:
+    """Return method with a panic of the Rust backend raised as QingLMError.
+
+    A tokenizer.json whose pre-tokenizer regex backtracks too much makes Oniguruma give up
+    ("retry-limit-in-match over") and the backend panic; pyo3's PanicException is a BaseException.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "a panic"
+            raise QingLMError(
+                f"the tokenizer failed on this text ({why}); its pre-tokenizer regex is too costly - "
+                "use another tokenizer"
+            ) from None
+
+    return wrapper
 
 
 class Tokenizer:
@@ -79,10 +104,12 @@ class Tokenizer:
         """Return the number of token ids, special tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @_panics_as_user_errors
     def encode(self, text: str) -> list[int]:
         """Return the token ids of `text` as text: never a control id, whatever the text holds."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    @_panics_as_user_errors
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Return the token ids of each text (tokenized in parallel by the Rust backend)."""
         return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]

@@ -325,6 +325,11 @@ def cli_errors(tmp_path_factory, files, run, broken_runs, other_tokenizer) -> di
     """Return case name -> (finished process, expected fragment), the processes run a few at a time."""
     cases = error_cases(files, run, broken_runs, other_tokenizer, tmp_path_factory.mktemp("cli"))
     assert sorted(cases) == sorted(CASES)
+    return run_cases(cases)
+
+
+def run_cases(cases: dict[str, tuple[list, str]]) -> dict:
+    """Return case name -> (finished process, expected fragment) for name -> (arguments, fragment)."""
     with ThreadPoolExecutor(max_workers=3) as pool:
         procs = dict(zip(cases, pool.map(lambda args: qinglm(*args), [a for a, _ in cases.values()])))
     return {name: (procs[name], cases[name][1]) for name in cases}

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,8 @@ def save_model_file(model: nn.Module | dict[str, torch.Tensor], path: str | Path
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Return nothing; load a safetensors file (or DIR/model.safetensors) into model.
 
-    Raises QingLMError for a missing, truncated or foreign file, or one of another config/tokenizer.
+    Raises QingLMError for a missing, truncated or foreign file, one of another config/tokenizer, or
+    one holding NaN or inf.
     """
     from safetensors.torch import load_file
 
@@ -165,6 +168,14 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
                 f"{p} belongs to a different model config or tokenizer: {name} is "
                 f"{tuple(loaded[name].shape)} in the file but {tuple(expected[name].shape)} in this model"
             )
+    broken = [
+        name for name in canonical if loaded[name].is_floating_point() and not loaded[name].isfinite().all()
+    ]
+    if broken:
+        raise QingLMError(
+            f"{p} holds non-finite values (NaN or inf) in {', '.join(broken[:3])}; the run diverged or "
+            "the file is damaged - use an earlier checkpoint"
+        )
     model.load_state_dict({name: loaded[alias_of[name]] for name in expected}, strict=True)
 
 
@@ -271,11 +282,12 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Return the highest-step complete checkpoint directory, warning about and skipping broken ones; or None."""
+def latest_checkpoint(run_dir: str | Path, check: Callable[[Path], Any] = verify_checkpoint) -> Path | None:
+    """Return the highest-step checkpoint directory that passes check (raising ValueError when it does not),
+    warning about and skipping the ones that fail; or None."""
     for step, d in reversed(checkpoint_dirs(run_dir)):
         try:
-            verify_checkpoint(d)
+            check(d)
         except ValueError as e:
             warnings.warn(f"skipping checkpoint {d} (step {step}): {e}", stacklevel=2)
             continue
@@ -289,8 +301,21 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 
 def load_trainer_state(directory: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Return trainer.pt of a checkpoint directory (optimizer, rng, extras), loaded with weights_only=True."""
-    return torch.load(Path(directory) / TRAINER_FILE, map_location=device, weights_only=True)
+    """Return trainer.pt of a checkpoint directory (optimizer, rng, extras), loaded with weights_only=True.
+
+    Raises ValueError when it is not a weights-only checkpoint: it is never unpickled.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
+            trainer = torch.load(Path(directory) / TRAINER_FILE, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # RuntimeError: a damaged zip archive
+        raise ValueError(
+            f"{TRAINER_FILE} is not a weights-only checkpoint; refusing to unpickle it"
+        ) from None
+    if not isinstance(trainer, dict) or not {"optimizer", "rng"} <= set(trainer):
+        raise ValueError(f"{TRAINER_FILE} does not hold an optimizer and RNG state")
+    return trainer
 
 
 # ---------------------------------------------------------------------------- best weights and inference

@@ -18,6 +18,7 @@ from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
 from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
+from qinglm.memory import allocating
 from qinglm.model import Transformer
 from qinglm.tracking import make_trackers
 from qinglm.train import distributed
@@ -29,6 +30,7 @@ from qinglm.train.checkpoint import (
     load_trainer_state,
     read_state,
     set_rng_state,
+    verify_checkpoint,
 )
 from qinglm.train.fp8 import enable_fp8
 from qinglm.train.metrics import MetricsLogger
@@ -89,18 +91,27 @@ def _load_data(
         return train_data, None
 
 
-def _find_resume(run_dir: Path, resume: bool, log: Callable[[str], None]) -> Path | None:
-    """Return the checkpoint to resume from, or None to start fresh; refuse to overwrite a run."""
+def _find_resume(
+    run_dir: Path, resume: bool, log: Callable[[str], None]
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """Return (the checkpoint to resume from, its trainer state), or Nones to start fresh; refuse to
+    overwrite a run. A checkpoint whose trainer.pt cannot be loaded safely is skipped like a truncated one."""
     if not resume:
         if checkpoint_dirs(run_dir):
             raise QingLMError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --out"
             )
-        return None
-    found = latest_checkpoint(run_dir)
+        return None, None
+    trainer: dict[Path, dict[str, Any]] = {}
+
+    def loadable(d: Path) -> None:
+        verify_checkpoint(d)
+        trainer[d] = load_trainer_state(d)
+
+    found = latest_checkpoint(run_dir, loadable)
     if found is None:
         log(f"--resume: no complete checkpoint in {run_dir}; starting a fresh run")
-    return found
+    return found, trainer.get(found)
 
 
 def _fit_global_batch(
@@ -143,7 +154,7 @@ def setup_run(
     dist = dist or distributed.Dist()
     if cfg.max_steps is None and cfg.num_epochs is None and cfg.max_time is None:
         raise QingLMError("give the run a length: --max-steps, --num-epochs or --max-time")
-    found = _find_resume(run_dir, cfg.resume, log) if dist.is_main else None
+    found, trainer = _find_resume(run_dir, cfg.resume, log) if dist.is_main else (None, None)
     resume_from = distributed.broadcast_object(dist, found)
     state = read_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -157,7 +168,8 @@ def setup_run(
     device = distributed.local_device(dist, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log)
-    model = Transformer(model_cfg).to(device)
+    with allocating(model_cfg):
+        model = Transformer(model_cfg).to(device)
     if resume_from is not None:
         load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
     elif cfg.init_from:  # continued pretraining: another run's (or an imported model's) weights
@@ -201,7 +213,7 @@ def setup_run(
         wrapped=wrapped,
     )
     if resume_from is not None:
-        _resume(r, resume_from, state)
+        _resume(r, resume_from, state, trainer)
         log(f"resuming from {resume_from} (step {r.step:,}, {r.tokens_seen:,} tokens seen)")
     r.metrics.truncate_after(r.step)  # lines of steps after the checkpoint (or of a failed start) are redone
     if dist.is_main:
@@ -217,12 +229,14 @@ def setup_run(
     return r
 
 
-def _resume(r: Run, ckpt: Path, state: dict[str, Any]) -> None:
+def _resume(r: Run, ckpt: Path, state: dict[str, Any], trainer: dict[str, Any] | None) -> None:
     """Return nothing; load optimizer, data position, schedule estimate, counters and RNG states of ckpt into r.
 
-    The weights were loaded before the model was wrapped for DDP/FSDP.
+    The weights were loaded before the model was wrapped for DDP/FSDP; trainer is ckpt's trainer.pt
+    when this process already loaded it.
     """
-    trainer = load_trainer_state(ckpt)
+    if trainer is None:
+        trainer = load_trainer_state(ckpt)
     r.optimizer.load_state_dict(distributed.shard_optimizer_state(trainer["optimizer"], r.optimizer, r.dist))
     if r.scaler is not None and "scaler" in trainer:
         r.scaler.load_state_dict(trainer["scaler"])

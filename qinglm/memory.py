@@ -1,0 +1,55 @@
+"""Refusing a model larger than memory in one line, before (or while) allocating it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from qinglm.config import ModelConfig
+from qinglm.errors import QingLMError
+from qinglm.model import Transformer
+
+
+def _memory_bytes() -> int | None:
+    """Return this machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(cfg: ModelConfig) -> str:
+    """Return a description of the model's size; raise QingLMError when it is larger than this machine's memory.
+
+    The size is measured on the meta device (no memory), so a config with an absurd vocab_size or
+    max_seq_len is refused in one line instead of failing (or being killed) while allocating.
+    """
+    with torch.device("meta"):
+        shape = Transformer(cfg)
+    need = sum(t.numel() * t.element_size() for t in (*shape.parameters(), *shape.buffers()))
+    c = shape.cfg
+    size = (
+        f"a model of {shape.param_counts()['total']:,} parameters (vocab_size {c.vocab_size:,}, "
+        f"d_model {c.d_model:,}, n_layers {c.n_layers:,}, max_seq_len {c.max_seq_len:,}) "
+        f"needs {need / 2**30:,.1f} GiB"
+    )
+    ram = _memory_bytes()
+    if ram is not None and need > ram:
+        raise QingLMError(f"{size}, more than this machine's {ram / 2**30:.1f} GiB; check the config")
+    return size
+
+
+@contextlib.contextmanager
+def allocating(cfg: ModelConfig) -> Iterator[None]:
+    """Return a context for building the model of cfg: a model larger than memory is refused before, and a
+    failed allocation inside is raised as QingLMError."""
+    size = check_fits(cfg)
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:  # torch: "can't allocate memory", "CUDA out of memory"
+        if isinstance(e, MemoryError) or "allocate" in str(e):
+            raise QingLMError(f"{size}, and allocating it failed; check the config") from None
+        raise
