@@ -113,4 +113,3 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def model_config(path: str | Path) -> ModelConfig:
     """Return the model config of a run of any kind."""
     return from_dict(ModelConfig, read_config(path)["model"], "model config")
-

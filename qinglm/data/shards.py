@@ -148,7 +148,9 @@ def prepare_shards(
             raise QingLMError(f"split name {split!r} must be letters, digits, '_' or '-'")
     out = Path(out_dir)
     try:
-        owned = OwnedDir.claim(out, "data", [INDEX_FILE, LOCK_FILE], overwrite=overwrite, legacy=_legacy_prepared)
+        owned = OwnedDir.claim(
+            out, "data", [INDEX_FILE, LOCK_FILE], overwrite=overwrite, legacy=_legacy_prepared
+        )
         with exclusive_lock(out):
             owned.remove_leftovers()  # temp files of a killed preparation
             # Drop the old index first: if we are killed midway, the directory must not look complete.
