@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True, help="output directory for shards + index.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
+    )
 
     p = sub.add_parser("data", help="built-in corpora")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -235,7 +240,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from qinglm.pipeline import prepare_data
     from qinglm.tokenizer import Tokenizer
 
-    prepare_data(args.data, Tokenizer.load(args.tokenizer), Path(args.out), _data_cfg(args))
+    tokenizer = Tokenizer.load(args.tokenizer)
+    prepare_data(args.data, tokenizer, Path(args.out), _data_cfg(args), overwrite=args.overwrite)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -262,6 +268,10 @@ COMMANDS = {
 }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp files are deleted, locks released
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -269,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # training and the server install their own handlers
     try:
         COMMANDS[args.command](args)
     except QingLMError as e:

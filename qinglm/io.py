@@ -167,11 +167,13 @@ class OwnedDir:
         """
         path = Path(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise QingLMError(f"cannot create directory {path}: {e.strerror or e}") from None
-        if not path.is_dir():
-            raise QingLMError(f"{path} is not a directory; choose another output path")
+            return cls._claim(path, kind, names, overwrite, legacy)
+        except OSError as e:  # not a directory, no permission, read-only or full disk
+            raise QingLMError(f"cannot write to directory {path}: {e.strerror or e}") from None
+
+    @classmethod
+    def _claim(cls, path, kind, names, overwrite, legacy) -> OwnedDir:
+        path.mkdir(parents=True, exist_ok=True)
         owned = cls.read(path)
         if owned is None:
             existing = sorted(p.name for p in path.iterdir())
@@ -186,9 +188,10 @@ class OwnedDir:
                     "directory, or pass --overwrite to let QingLM replace files there"
                 )
             owned = cls(path, kind, adopted or [])
+            owned.add(*names, force=True)
         elif owned.kind != kind:
             raise QingLMError(f"{path} is a QingLM {owned.kind} directory, not a {kind} directory")
-        owned.add(*names, force=True)
+        owned.add(*names)
         return owned
 
     def add(self, *names: str, force: bool = False) -> None:

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     i.add_argument("src", metavar="DIR", help="transformers model folder")
     i.add_argument("out", metavar="OUT_RUN", help="run directory to create")
+    i.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT_RUN that QingLM did not create"
+    )
     return {"export": cmd_export, "import": cmd_import}
 
 
@@ -68,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from qinglm.export.hf import import_hf
 
-    out = import_hf(args.src, args.out)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite)
     print(
         f"wrote run directory {out}; use it like a trained run: qinglm sft --base {out} ..., "
         f"or continue pretraining with qinglm train --init-from {out} ..."

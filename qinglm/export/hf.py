@@ -233,7 +233,7 @@ def load_hf_tokenizer(directory: Path) -> Tokenizer:
         ) from None
 
 
-def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, out_run: str | Path, overwrite: bool = False) -> Path:
     """Return out_run, a QingLM run directory (config.json, tokenizer/, best/) made from an HF model folder.
 
     The folder holds config.json of a Llama / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE / GPT-2 (exact GELU)
@@ -242,11 +242,12 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
     """
     from safetensors.torch import load_file
 
+    from qinglm.run_dir import holds_run
     from qinglm.train.checkpoint import save_run
 
     src, out = Path(hf_dir), Path(out_run)
-    if (out / "config.json").exists():
-        raise QingLMError(f"{out} already has a config.json; import into a new run directory")
+    if holds_run(out):
+        raise QingLMError(f"{out} already holds a run; import into a new run directory")
     config_path = src / "config.json"
     hf_cfg = read_json(config_path, f"{src} has no config.json; pass a transformers model folder")
     if not isinstance(hf_cfg, dict) or not hf_cfg.get("model_type"):
@@ -281,4 +282,6 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
     alias = {"head.weight": tensors["embed.weight"]} if cfg.tie_embeddings else {}
     model.load_state_dict({**tensors, **alias}, strict=True)
     state = {"step": 0, "imported_from": str(src.resolve())}
-    return save_run(out, model, tok, state=state, chat_template=chat_template_of(src))
+    return save_run(
+        out, model, tok, state=state, chat_template=chat_template_of(src), kind="import", overwrite=overwrite
+    )
