@@ -34,6 +34,8 @@ def test_experiment_init_on_a_prepared_data_directory_reuses_it_for_every_run(ph
         "--out", out, "--max-steps", 2, "--eval-every", 2, "--log-every", 1, *TINY,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    configs = [json.loads((out / f"init-{n}" / "config.json").read_text()) for n in ("default", "small", "gpt2")]
+    configs = [
+        json.loads((out / f"init-{n}" / "config.json").read_text()) for n in ("default", "small", "gpt2")
+    ]
     assert [c["data_dir"] for c in configs] == [str(data)] * 3
     assert not (out / "init-default" / "data").exists()  # nothing was prepared again
