@@ -63,10 +63,11 @@ def writing(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if os.environ.get("RANK", "0") != "0":
         yield path
         return
-    claim(path, overwrite)
+    owned = claim(path, overwrite)
     held_by_parent = os.environ.get(LOCK_HELD_ENV) == str(path.resolve())
     lock = contextlib.nullcontext() if held_by_parent else exclusive_lock(path)
     with lock:
+        owned.remove_leftovers()  # temp files of a killed writer (best.tmp-PID, .config.json.tmp-PID-...)
         old = os.environ.get(LOCK_HELD_ENV)
         os.environ[LOCK_HELD_ENV] = str(path.resolve())
         try:

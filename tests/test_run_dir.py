@@ -89,6 +89,17 @@ def test_rotation_and_best_replace_only_what_qinglm_wrote(tmp_path):
     assert names == ["step-00000000", "step-00000003"]  # rotated QingLM's own, kept the user's
     assert (run / "checkpoints" / "step-00000000" / "keep.txt").read_text() == "a copy I made"
     assert (run / "notes.txt").read_text() == "mine"
+    pid = dead_pid()
+    planted = {
+        f"best.tmp-{pid}": False,
+        f".config.json.tmp-{pid}-x1": False,
+        f".notes.txt.tmp-{pid}-x1": True,
+    }
+    for name in planted:
+        (run / name).mkdir()
+    with run_dirs.writing(run):  # the next run removes its killed predecessor's temp files, no others
+        pass
+    assert {name: (run / name).exists() for name in planted} == planted
 
 
 def test_overwrite_lets_a_run_write_into_a_foreign_directory_and_keeps_other_files(tmp_path):
@@ -242,6 +253,38 @@ def test_sigterm_during_prepare_leaves_no_temp_file(tmp_path, phrase_corpus, tex
     assert p.returncode != 0 and "Traceback" not in err, err
     assert not [f for f in os.listdir(out) if "tmp" in f]
     assert not (out / ".qinglm.lock").exists()
+
+
+SLOW_GGUF = """
+import sys, time
+import gguf
+from qinglm.cli import main
+
+real = gguf.GGUFWriter.write_tensors_to_file
+
+def slow(self, *args, **kwargs):
+    real(self, *args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(120)
+
+gguf.GGUFWriter.write_tensors_to_file = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_export_gguf_leaves_no_temp_file(tmp_path, phrase_corpus):
+    from qinglm.tokenizer import Tokenizer
+
+    base = _base(tmp_path, Tokenizer.load(phrase_corpus[1]), 300)
+    out = tmp_path / "exports"
+    cmd = [sys.executable, "-c", SLOW_GGUF, "export", "gguf", str(base), str(out / "m.gguf")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    assert [f for f in os.listdir(out) if f.startswith(".m.gguf.tmp-")]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert os.listdir(out) == []
 
 
 def test_the_next_export_removes_a_dead_writers_temp_file_and_nothing_else(tmp_path, phrase_corpus):
