@@ -102,6 +102,23 @@ def test_rotation_and_best_replace_only_what_qinglm_wrote(tmp_path):
     assert {name: (run / name).exists() for name in planted} == planted
 
 
+def test_export_hf_into_another_models_folder_is_refused_and_a_re_export_works(tmp_path, phrase_corpus):
+    from qinglm.export.hf import export_hf
+    from qinglm.tokenizer import Tokenizer
+
+    base = _base(tmp_path, Tokenizer.load(phrase_corpus[1]), 300)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(QingLMError, match="--overwrite"):
+        export_hf(base, other)
+    assert tree(other) == {"config.json": b'{"model_type": "llama"}'}
+    export_hf(base, tmp_path / "hf")
+    export_hf(base, tmp_path / "hf")  # its own folder: replaced
+    export_hf(base, other, overwrite=True)
+    assert json.loads((other / "config.json").read_text())["vocab_size"] == 300
+
+
 def test_overwrite_lets_a_run_write_into_a_foreign_directory_and_keeps_other_files(tmp_path):
     out = foreign_dir(tmp_path / "mine")
     (out / "notes.txt").write_text("unrelated")

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     hf.add_argument("run", metavar="RUN", help="run directory (or a weights file inside one)")
     hf.add_argument("out", metavar="OUT_DIR", help="folder to write")
+    hf.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT_DIR that QingLM did not create"
+    )
     g = actions.add_parser(
         "gguf",
         help="one GGUF file for llama.cpp, Ollama, LM Studio",
@@ -59,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.export_action == "hf":
         from qinglm.export.hf import export_hf
 
-        out = export_hf(args.run, args.out)
+        out = export_hf(args.run, args.out, overwrite=args.overwrite)
         print(f"wrote a transformers model to {out}")
     else:
         from qinglm.export.gguf import export_gguf

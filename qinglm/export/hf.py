@@ -20,7 +20,7 @@ from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
 from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_config_from_hf
 from qinglm.hf_layout import hf_moe_parts, hf_parts
-from qinglm.io import atomic_open, read_json, write_json_atomic
+from qinglm.io import OwnedDir, atomic_open, read_json, write_json_atomic
 from qinglm.model import Transformer
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 
@@ -165,7 +165,14 @@ def _check_not_a_run(out: Path) -> None:
         raise QingLMError(f"{out} holds a QingLM run; write the export to another directory")
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
+# What an HF export writes into its folder (the only names a later export there replaces).
+HF_EXPORT_FILES = (
+    HF_WEIGHTS, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja",
+)  # fmt: skip
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Return out_dir after writing config.json, model.safetensors, generation_config.json and the tokenizer.
 
     The folder loads with transformers' AutoModelForCausalLM and AutoTokenizer. Raises QingLMError for a
@@ -184,7 +191,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     hf = qinglm_to_hf(tensors, cfg)
     out = Path(out_dir)
     _check_not_a_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # A folder QingLM did not write (e.g. another model's) is refused unless overwrite.
+    OwnedDir.claim(out, "export", HF_EXPORT_FILES, overwrite=overwrite).remove_leftovers()
     with atomic_open(out / HF_WEIGHTS, "wb") as f:
         f.write(save(hf, metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", hf_config(cfg, dtype))
