@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,17 +192,12 @@ def load(
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
     faster CPU inference (qinglm.quantize; inference only).
     """
+    from qinglm.run_dir import read_config
     from qinglm.tokenizer import Tokenizer
     from qinglm.train.checkpoint import inference_weights, load_model_weights
 
     run, weights = _find_run_dir(Path(run_dir).expanduser())
-    config_path = run / "config.json"
-    try:
-        config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise QingLMError(f"cannot parse {config_path}: {e}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise QingLMError(f"{config_path} has no 'model' section; is it a QingLM run directory?")
+    config = read_config(run)  # a run of any kind: pretrained, fine-tuned, imported, merged
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else run / "tokenizer"
     if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
         raise QingLMError(f"{run} has no tokenizer/tokenizer.json; the run directory is incomplete")

@@ -163,16 +163,9 @@ class OwnedDir:
 
         A non-empty directory without a manifest is refused in one line unless legacy(path) recognises
         it as written by an older QingLM (returning the names it wrote), its parent's manifest owns it,
-        or overwrite is set (then its entries count as QingLM's).
+        or overwrite is set (then its entries count as QingLM's). Raises OSError if path is unwritable.
         """
         path = Path(path)
-        try:
-            return cls._claim(path, kind, names, overwrite, legacy)
-        except OSError as e:  # not a directory, no permission, read-only or full disk
-            raise QingLMError(f"cannot write to directory {path}: {e.strerror or e}") from None
-
-    @classmethod
-    def _claim(cls, path, kind, names, overwrite, legacy) -> OwnedDir:
         path.mkdir(parents=True, exist_ok=True)
         owned = cls.read(path)
         if owned is None:

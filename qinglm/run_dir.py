@@ -50,7 +50,10 @@ def claim(path: str | Path, overwrite: bool = False) -> OwnedDir:
 
     A directory of an older QingLM run is recognised; any other non-empty directory needs overwrite.
     """
-    return OwnedDir.claim(path, "run", RUN_NAMES, overwrite=overwrite, legacy=_legacy_run)
+    try:
+        return OwnedDir.claim(path, "run", RUN_NAMES, overwrite=overwrite, legacy=_legacy_run)
+    except OSError as e:  # not a directory, no permission, a read-only or full disk
+        raise QingLMError(f"cannot write to run directory {path}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager

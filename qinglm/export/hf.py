@@ -192,7 +192,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     out = Path(out_dir)
     _check_not_a_run(out)
     # A folder QingLM did not write (e.g. another model's) is refused unless overwrite.
-    OwnedDir.claim(out, "export", HF_EXPORT_FILES, overwrite=overwrite).remove_leftovers()
+    try:
+        OwnedDir.claim(out, "export", HF_EXPORT_FILES, overwrite=overwrite).remove_leftovers()
+    except OSError as e:
+        raise QingLMError(f"cannot write the export to {out}: {e.strerror or e}") from None
     with atomic_open(out / HF_WEIGHTS, "wb") as f:
         f.write(save(hf, metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", hf_config(cfg, dtype))

@@ -226,13 +226,12 @@ def save_checkpoint(
     given as their weights and state dict (what a sharded run gathers).
     """
     claim_run(run_dir)  # refuses a directory that is not QingLM's
-    root = OwnedDir.claim(Path(run_dir) / "checkpoints", "checkpoints")
-    root.remove_leftovers()  # NAME.tmp-PID / NAME.old-PID of a killed writer
-    final = root.path / f"step-{step:08d}"
-    tmp = root.path / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
-        root.add(final.name)
+        root = OwnedDir.claim(final.parent, "checkpoints", [final.name])
+        root.remove_leftovers()  # NAME.tmp-PID / NAME.old-PID of a killed writer
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model_file(model, tmp / MODEL_FILE)
         optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
