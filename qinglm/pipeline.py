@@ -196,7 +196,7 @@ def _run_train(
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
     # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
-    held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite))
+    held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, "pretrain"))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
         _launch_torchrun(train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file)
         return run_dir

@@ -45,19 +45,27 @@ def _legacy_run(path: Path) -> list[str] | None:
     return [name for name in RUN_NAMES if (path / name).exists()]
 
 
-def claim(path: str | Path, overwrite: bool = False) -> OwnedDir:
+def claim(path: str | Path, overwrite: bool = False, kind: str | None = None) -> OwnedDir:
     """Return run directory path (created if needed) as a QingLM run; refuse someone else's directory.
 
     A directory of an older QingLM run is recognised; any other non-empty directory needs overwrite.
+    With kind, a directory that already holds a run of another kind is refused too.
     """
     try:
-        return OwnedDir.claim(path, "run", RUN_NAMES, overwrite=overwrite, legacy=_legacy_run)
+        owned = OwnedDir.claim(path, "run", RUN_NAMES, overwrite=overwrite, legacy=_legacy_run)
     except OSError as e:  # not a directory, no permission, a read-only or full disk
         raise QingLMError(f"cannot write to run directory {path}: {e.strerror or e}") from None
+    if kind is not None and (Path(path) / CONFIG).is_file():
+        found = read_config(path)["kind"]
+        if found != kind:
+            raise QingLMError(
+                f"{path} holds a run of kind {found!r}; write this {kind} run to another directory"
+            )
+    return owned
 
 
 @contextlib.contextmanager
-def writing(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def writing(path: str | Path, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Claim and lock run directory path for this process (and the processes it starts) while the block runs.
 
     Under torchrun only rank 0 claims and locks: the other ranks write nothing into the run.
@@ -66,7 +74,7 @@ def writing(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if os.environ.get("RANK", "0") != "0":
         yield path
         return
-    owned = claim(path, overwrite)
+    owned = claim(path, overwrite, kind)
     held_by_parent = os.environ.get(LOCK_HELD_ENV) == str(path.resolve())
     lock = contextlib.nullcontext() if held_by_parent else exclusive_lock(path)
     with lock:

@@ -119,6 +119,16 @@ def test_export_hf_into_another_models_folder_is_refused_and_a_re_export_works(t
     assert json.loads((other / "config.json").read_text())["vocab_size"] == 300
 
 
+def test_train_out_into_an_imported_run_is_refused(tmp_path, phrase_corpus, text):
+    from qinglm.tokenizer import Tokenizer
+
+    base = _base(tmp_path, Tokenizer.load(phrase_corpus[1]), 300)
+    before = tree(base)
+    proc = qinglm("train", "--data", text, "--out", base, "--max-steps", 1, *TINY)
+    assert_user_error(proc, "holds a run of kind 'import'")
+    assert tree(base) == before
+
+
 def test_overwrite_lets_a_run_write_into_a_foreign_directory_and_keeps_other_files(tmp_path):
     out = foreign_dir(tmp_path / "mine")
     (out / "notes.txt").write_text("unrelated")
