@@ -77,7 +77,7 @@ def read_json(path: str | os.PathLike, missing: str) -> Any:
 MANIFEST = ".qinglm-manifest.json"
 LOCK_FILE = ".qinglm.lock"
 # NAME.tmp-PID / NAME.old-PID (directories) and .NAME.tmp-PID[-random] (files) written by process PID
-_TEMP = re.compile(r"^(?:\.(?P<file>.+)|(?P<dir>[^.].*))\.(?:tmp|old)-(?P<pid>\d+)(?:-\w+)?$")
+_TEMP = re.compile(r"^(?:\.(?P<file>.+)|(?P<dir>[^.].*))\.(?P<what>tmp|old)-(?P<pid>\d+)(?:-\w+)?$")
 
 
 def temp_path(path: Path) -> Path:
@@ -100,7 +100,8 @@ def _pid_alive(pid: int) -> bool:
 def stale_temps(directory: Path, names: Iterable[str] | None = None) -> list[Path]:
     """Return the temp files/dirs in directory left by dead QingLM processes (optionally only of names).
 
-    Their naming pattern and a writer pid that no longer runs prove they are leftovers of ours.
+    Their naming pattern and a writer pid that no longer runs prove they are leftovers of ours. A
+    NAME.old-PID whose NAME is missing is kept: it is the last complete version (see save_best).
     """
     if not directory.is_dir():
         return []
@@ -111,6 +112,8 @@ def stale_temps(directory: Path, names: Iterable[str] | None = None) -> list[Pat
         if not m or _pid_alive(int(m["pid"])):
             continue
         target = m["file"] if m["file"] is not None else m["dir"]
+        if m["what"] == "old" and not (directory / target).exists():
+            continue
         if wanted is None or target in wanted:
             found.append(p)
     return found

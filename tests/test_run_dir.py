@@ -100,6 +100,10 @@ def test_rotation_and_best_replace_only_what_qinglm_wrote(tmp_path):
     with run_dirs.writing(run):  # the next run removes its killed predecessor's temp files, no others
         pass
     assert {name: (run / name).exists() for name in planted} == planted
+    (run / f"best.old-{pid}").mkdir()  # killed between save_best's renames: the only best weights
+    with run_dirs.writing(run):
+        pass
+    assert (run / f"best.old-{pid}").is_dir()
 
 
 def test_export_hf_into_another_models_folder_is_refused_and_a_re_export_works(tmp_path, phrase_corpus):
