@@ -301,7 +301,8 @@ def save_best(run_dir: str | Path, model: nn.Module | dict[str, torch.Tensor], s
     best.old-PID, which inference_weights() falls back to; the next save_best cleans it up.
     """
     run_dir = Path(run_dir)
-    claim_run(run_dir).remove_leftovers()  # best.tmp-PID / best.old-PID of a killed writer
+    owned = claim_run(run_dir)
+    owned.remove_leftovers()  # best.tmp-PID of a killed writer (best.old-PID stays while best is missing)
     final = run_dir / "best"
     tmp = run_dir / f"best.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -312,6 +313,7 @@ def save_best(run_dir: str | Path, model: nn.Module | dict[str, torch.Tensor], s
         _swap_into_place(tmp, final)
     except OSError as e:
         raise _write_error(e, tmp, f"best weights {final}", run_dir) from None
+    owned.remove_leftovers()  # now a killed writer's best.old-PID too
     return final
 
 
