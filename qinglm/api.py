@@ -16,7 +16,6 @@ from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
 from qinglm.generate import encode_prompt
-from qinglm.io import read_json
 from qinglm.memory import allocating
 from qinglm.model import Transformer
 
@@ -204,14 +203,12 @@ def load(
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
     faster CPU inference (qinglm.quantize; inference only).
     """
+    from qinglm.run_dir import read_config
     from qinglm.tokenizer import Tokenizer
     from qinglm.train.checkpoint import inference_weights, load_model_weights
 
     run, weights = _find_run_dir(Path(run_dir).expanduser())
-    config_path = run / "config.json"
-    config = read_json(config_path, f"{run} has no config.json; is it a QingLM run directory?")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise QingLMError(f"{config_path} has no 'model' section; is it a QingLM run directory?")
+    config = read_config(run)  # a run of any kind: pretrained, fine-tuned, imported, merged
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else run / "tokenizer"
     if tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
         raise QingLMError(f"{run} has no tokenizer/tokenizer.json; the run directory is incomplete")
@@ -223,7 +220,7 @@ def load(
                 f"the tokenizer in {tok_dir} is not the one {run} was trained with ({own}); "
                 "drop --tokenizer-path or pass that tokenizer"
             )
-    model_cfg = from_dict(ModelConfig, config["model"], where=f"model config in {config_path}")
+    model_cfg = from_dict(ModelConfig, config["model"], where=f"model config in {run / 'config.json'}")
     if tok.vocab_size > model_cfg.vocab_size:
         raise QingLMError(
             f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model only "

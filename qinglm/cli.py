@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True, help="output directory for shards + index.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
+    )
 
     p = sub.add_parser("data", help="built-in corpora")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -281,7 +286,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from qinglm.pipeline import prepare_data
     from qinglm.tokenizer import Tokenizer
 
-    prepare_data(args.data, Tokenizer.load(args.tokenizer), Path(args.out), _data_cfg(args))
+    tokenizer = Tokenizer.load(args.tokenizer)
+    prepare_data(args.data, tokenizer, Path(args.out), _data_cfg(args), overwrite=args.overwrite)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -314,6 +320,10 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"qinglm: warning: {message}\n" if own else f"warning: {category.__name__}: {message}\n"
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp files are deleted, locks released
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -322,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     warnings.formatwarning = _one_line_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # training and the server install their own handlers
     try:
         COMMANDS[args.command](args)
     except QingLMError as e:

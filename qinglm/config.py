@@ -166,6 +166,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     patience: int | None = _f(None, "early stop after N validations without improvement")
     resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
+    overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
     init_from: str | None = _f(
         None,
         "start from the weights of this run directory (another run, or one made by `qinglm import hf`) "

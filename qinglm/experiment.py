@@ -54,6 +54,7 @@ def compare_inits(
     from qinglm.io import write_text_atomic
     from qinglm.pipeline import run_train
     from qinglm.plot import plot_runs
+    from qinglm.run_dir import read_config
     from qinglm.train.metrics import read_metrics
 
     if len(set(inits)) != len(inits):
@@ -66,8 +67,8 @@ def compare_inits(
     rows, first = [], None
     for name in inits:
         flags = {**train_flags, "out": str(out / f"init-{name}")}
-        if first is not None:  # same tokenizer and token shards for every run
-            flags.update(data=[str(first / "data")], tokenizer=str(first / "tokenizer"))
+        if first is not None:  # same tokenizer and token shards (its own or the given ones) for every run
+            flags.update(data=[read_config(first)["data_dir"]], tokenizer=str(first / "tokenizer"))
         log(f"\n=== init {name} ===")
         run_dir = run_train({**model_flags, "init": name}, flags, config_file, log=log)
         first = first or run_dir

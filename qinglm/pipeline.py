@@ -7,6 +7,7 @@ only strings them together and keeps the run directory self-contained, so that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from qinglm import run_dir as run_dirs
 from qinglm.config import (
     PRESETS,
     ModelConfig,
@@ -28,7 +30,6 @@ from qinglm.config import (
     to_dict,
 )
 from qinglm.errors import QingLMError
-from qinglm.io import read_json, write_json_atomic
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
@@ -88,9 +89,17 @@ def train_tokenizer_on(
 
 
 def prepare_data(
-    specs: list[str], tokenizer, out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print
+    specs: list[str],
+    tokenizer,
+    out_dir: Path,
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize the train and val splits into packed shards under out_dir; return the index."""
+    """Tokenize the train and val splits into packed shards under out_dir; return the index.
+
+    out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_shards.
+    """
     from qinglm.data.shards import prepare_shards
     from qinglm.data.sources import ReadStats
 
@@ -100,6 +109,7 @@ def prepare_data(
         {"train": iter_documents(specs, "train", cfg, stats), "val": iter_documents(specs, "val", cfg)},
         tokenizer,
         out_dir,
+        overwrite=overwrite,
     )
     if stats.files:
         log(stats.summary())
@@ -136,7 +146,10 @@ def build_configs(
 
 
 def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
-    d = read_json(run_dir / "config.json", f"{run_dir} has no config.json; is it a QingLM run directory?")
+    """Return the configs of a pretraining run (the run `qinglm train --resume` continues)."""
+    d = run_dirs.read_config(run_dir)
+    if not isinstance(d.get("train"), dict):
+        raise QingLMError(f"{run_dir} is a {d['kind']} run, not a pretraining run; choose another --out")
     return from_dict(ModelConfig, d["model"], "model config"), from_dict(
         TrainConfig, d["train"], "train config"
     )
@@ -156,6 +169,17 @@ def run_train(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the whole pretraining job and print the report; return the run directory."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, once taken
+        return _run_train(model_flags, train_flags, config_file, log, held)
+
+
+def _run_train(
+    model_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    config_file: str | None,
+    log: Callable[[str], None],
+    held: contextlib.ExitStack,
+) -> Path:
     out = train_flags.get("out")
     resuming = bool(train_flags.get("resume") and out and (Path(out) / "config.json").is_file())
     if resuming:
@@ -177,13 +201,8 @@ def run_train(
     from qinglm.memory import check_fits
 
     check_fits(model_cfg)  # a model larger than memory fails now too
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise QingLMError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+    # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
+    held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, "pretrain"))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
         _launch_torchrun(train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file)
         return run_dir
@@ -200,8 +219,9 @@ def run_train(
             log(f"resuming {run_dir}")
         model_cfg, data_dir = _prepare_run(model_cfg, train_cfg, run_dir, log)
         if dist.is_main:
-            write_json_atomic(
-                run_dir / "config.json",
+            run_dirs.write_config(
+                run_dir,
+                "pretrain",
                 {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)},
             )
             distributed.barrier(dist)
@@ -227,7 +247,7 @@ def _from_base(
 ) -> tuple[ModelConfig, TrainConfig]:
     """Return the configs of a run that starts from --init-from's weights: its model and tokenizer."""
     base = Path(train_cfg.init_from)
-    base_model, _ = read_run_config(base)
+    base_model = run_dirs.model_config(base)  # a run of any kind: pretrained, fine-tuned, imported
     changed = [k for k, v in model_flags.items() if v is not None and v != getattr(base_model, k)]
     if changed:
         raise QingLMError(f"--init-from {base} fixes the model; drop the model flag(s) {', '.join(changed)}")
@@ -302,7 +322,13 @@ def _prepare_run(
         raise QingLMError("prepared data needs the tokenizer it was made with: pass --tokenizer DIR")
     else:
         tokenizer = train_tokenizer_on(train_cfg.data, model_cfg.vocab_size, tok_dir, train_cfg, log)
-    model_cfg.vocab_size = tokenizer.vocab_size
+    if not train_cfg.init_from:
+        model_cfg.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > model_cfg.vocab_size:  # a base may pad its vocabulary, never lack ids
+        raise QingLMError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the --init-from model only "
+            f"{model_cfg.vocab_size}; use the base run's tokenizer"
+        )
 
     # data: a prepared directory, or prepared now into the run
     if len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):

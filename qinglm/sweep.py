@@ -162,8 +162,9 @@ def _run_trial(
     """Return the record of one trial (state complete, pruned or failed) after training it in out/trial-NNN."""
     import optuna
 
+    from qinglm import run_dir as run_dirs
     from qinglm.config import check_train, resolve_model, to_dict
-    from qinglm.io import write_json_atomic, write_text_atomic
+    from qinglm.io import write_text_atomic
     from qinglm.train import train
 
     params = suggest(trial, space)
@@ -179,11 +180,11 @@ def _run_trial(
     try:
         model_cfg = resolve_model(model_cfg)
         check_train(train_cfg, model_cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(run_dir / "tokenizer")
         config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
-        write_json_atomic(run_dir / "config.json", {**config, "data_dir": str(data_dir)})
-        result = train(model_cfg, train_cfg, run_dir, data_dir, log=lines.append, sinks=[sink])
+        with run_dirs.writing(run_dir):
+            tokenizer.save(run_dir / "tokenizer")
+            run_dirs.write_config(run_dir, "pretrain", {**config, "data_dir": str(data_dir)})
+            result = train(model_cfg, train_cfg, run_dir, data_dir, log=lines.append, sinks=[sink])
     except optuna.TrialPruned as e:
         record.update(state="pruned", note=str(e), value=sink.last)
     except QingLMError as e:  # an impossible combination, e.g. n_heads that does not divide d_model

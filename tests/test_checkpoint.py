@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
+from qinglm.io import MANIFEST
 from qinglm.model import Transformer
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
@@ -32,6 +33,11 @@ def tiny(seed: int = 0, vocab: int = 300, **kw) -> Transformer:
     return Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, **kw))
 
 
+def names(directory) -> list[str]:
+    """Return the sorted names in directory, without QingLM's manifest of them."""
+    return sorted(p.name for p in directory.iterdir() if p.name != MANIFEST)
+
+
 def save_steps(run, steps, keep=10):
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -42,7 +48,7 @@ def save_steps(run, steps, keep=10):
 
 def test_save_leaves_no_temp_dirs_and_keeps_the_newest(tmp_path):
     save_steps(tmp_path, [100, 200, 300], keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000200", "step-00000300"]
+    assert names(tmp_path / "checkpoints") == ["step-00000200", "step-00000300"]
     state = json.loads((tmp_path / "checkpoints" / "step-00000300" / "state.json").read_text())
     assert state["step"] == 300 and set(state["files"]) == {"model.safetensors", "trainer.pt"}
     assert (
@@ -76,7 +82,7 @@ def test_directory_without_state_json_is_incomplete(tmp_path):
 
 def test_resaving_a_step_replaces_it(tmp_path):
     save_steps(tmp_path, [5, 5])
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000005"]
+    assert names(tmp_path / "checkpoints") == ["step-00000005"]
     assert latest_checkpoint(tmp_path).name == "step-00000005"
 
 
@@ -102,8 +108,8 @@ def test_load_model_weights_refuses_garbage_truncation_and_other_configs(tmp_pat
         load_model_weights(model, garbage)
     with pytest.raises(QingLMError, match="no model weights"):
         load_model_weights(model, tmp_path / "missing.safetensors")
-    save_best(tmp_path, model, {"step": 1})
-    best = tmp_path / "best" / "model.safetensors"
+    save_best(tmp_path / "run", model, {"step": 1})
+    best = tmp_path / "run" / "best" / "model.safetensors"
     with pytest.raises(QingLMError, match="different model config or tokenizer"):
         load_model_weights(tiny(vocab=400), best)
     with pytest.raises(QingLMError, match="different model config"):
@@ -120,14 +126,14 @@ def test_save_best_replaces_atomically_and_inference_weights_prefers_it(tmp_path
     assert inference_weights(tmp_path) == tmp_path / "checkpoints" / "step-00000003" / "model.safetensors"
     save_best(tmp_path, tiny(seed=1), {"step": 1, "val_loss": 3.0})
     save_best(tmp_path, tiny(seed=2), {"step": 2, "val_loss": 2.0})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints"]
+    assert names(tmp_path) == ["best", "checkpoints"]
     assert json.loads((tmp_path / "best" / "state.json").read_text())["step"] == 2
     assert inference_weights(tmp_path) == tmp_path / "best" / "model.safetensors"
     # a crash between the two renames leaves only best.old-PID: it is still used
     (tmp_path / "best").rename(tmp_path / "best.old-123")
     assert inference_weights(tmp_path) == tmp_path / "best.old-123" / "model.safetensors"
     save_best(tmp_path, tiny(seed=3), {"step": 3})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints"]
+    assert names(tmp_path) == ["best", "checkpoints"]
 
 
 def test_trainer_state_restores_optimizer_and_every_rng(tmp_path):

@@ -24,3 +24,18 @@ def test_experiment_init_trains_each_init_and_writes_png_and_table(corpus, tmp_p
     a, b = ({k: v for k, v in c["model"].items() if k != "init"} for c in configs)
     assert a == b
     assert Path(configs[1]["train"]["tokenizer"]) == out / "init-default" / "tokenizer"
+
+
+def test_experiment_init_on_a_prepared_data_directory_reuses_it_for_every_run(phrase_corpus, tmp_path):
+    data, tokenizer, _ = phrase_corpus
+    out = tmp_path / "exp"
+    proc = qinglm(
+        "experiment", "init", "--inits", "default", "small", "gpt2", "--data", data, "--tokenizer", tokenizer,
+        "--out", out, "--max-steps", 2, "--eval-every", 2, "--log-every", 1, *TINY,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    configs = [
+        json.loads((out / f"init-{n}" / "config.json").read_text()) for n in ("default", "small", "gpt2")
+    ]
+    assert [c["data_dir"] for c in configs] == [str(data)] * 3
+    assert not (out / "init-default" / "data").exists()  # nothing was prepared again

@@ -11,6 +11,7 @@ import torch
 from qinglm.data.loader import TrainBatches, eval_batches
 from qinglm.data.shards import TokenShards, load_index, prepare_shards
 from qinglm.errors import QingLMError
+from qinglm.io import MANIFEST
 from qinglm.model import IGNORE_INDEX
 from qinglm.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
@@ -87,8 +88,8 @@ def test_index_describes_the_files(data_dir, tok, train):
     for s in entry["shards"]:
         assert (data_dir / s["file"]).stat().st_size == 2 * s["tokens"]
     names = {p.name for p in data_dir.iterdir()}
-    expected = {"index.json"} | {s["file"] for e in index["splits"].values() for s in e["shards"]}
-    assert names == expected  # and so no temp files are left behind
+    expected = {"index.json", MANIFEST} | {s["file"] for e in index["splits"].values() for s in e["shards"]}
+    assert names == expected  # and so no temp files or lock are left behind
     train.check_tokenizer(tok)
 
 
@@ -104,7 +105,7 @@ def test_failed_prepare_leaves_no_complete_looking_directory(tmp_path, corpus, t
             {"train": broken()}, tok, tmp_path, shard_tokens=SHARD_TOKENS, batch_docs=8, show_progress=False
         )
     assert not (tmp_path / "index.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != MANIFEST]
     with pytest.raises(QingLMError, match="qinglm prepare"):
         TokenShards(tmp_path, "train")
 
@@ -112,7 +113,34 @@ def test_failed_prepare_leaves_no_complete_looking_directory(tmp_path, corpus, t
 def test_reprepare_removes_stale_shards(tmp_path, corpus, tok):
     prepare_shards({"train": corpus["train"]}, tok, tmp_path, shard_tokens=SHARD_TOKENS, show_progress=False)
     prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "train_0000.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "index.json", "train_0000.bin"]
+
+
+def test_prepare_into_a_foreign_directory_is_refused_and_touches_nothing(tmp_path, corpus, tok):
+    (tmp_path / "train_0009.bin").write_bytes(b"user data")
+    with pytest.raises(QingLMError, match="not written by QingLM.*--overwrite"):
+        prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_0009.bin"]
+    assert (tmp_path / "train_0009.bin").read_bytes() == b"user data"
+    # --overwrite writes there; a user file QingLM does not write itself stays
+    (tmp_path / "notes.txt").write_text("mine")
+    prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "train_0000.bin").is_file()
+
+
+def test_reprepare_keeps_files_qinglm_did_not_write(tmp_path, corpus, tok):
+    prepare_shards({"train": corpus["train"]}, tok, tmp_path, shard_tokens=SHARD_TOKENS, show_progress=False)
+    (tmp_path / "train_0042.bin").write_bytes(b"user data")  # a shard name QingLM never wrote here
+    prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False)
+    assert (tmp_path / "train_0042.bin").read_bytes() == b"user data"
+    assert not (tmp_path / "train_0001.bin").exists()  # QingLM's own stale shard is gone
+
+
+def test_a_directory_prepared_before_manifests_is_still_re_preparable(tmp_path, corpus, tok):
+    prepare_shards({"train": corpus["train"]}, tok, tmp_path, shard_tokens=SHARD_TOKENS, show_progress=False)
+    (tmp_path / MANIFEST).unlink()
+    prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "index.json", "train_0000.bin"]
 
 
 def test_user_errors(tmp_path, corpus, tok, data_dir):

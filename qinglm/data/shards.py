@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qinglm.errors import QingLMError
-from qinglm.io import atomic_open, write_text_atomic
+from qinglm.io import LOCK_FILE, OwnedDir, atomic_open, exclusive_lock, write_text_atomic
 from qinglm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 INDEX_FILE = "index.json"
@@ -39,7 +39,7 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 class _ShardWriter:
     """Accumulates one split's token stream and flushes it as shards of at most `shard_tokens`."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out_dir: OwnedDir, split: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         # Start small and grow: a 100M-token buffer for a 1 MB corpus would waste 200 MB.
         self.buf = np.empty(min(shard_tokens, 1 << 20), dtype=dtype)
@@ -68,7 +68,8 @@ class _ShardWriter:
             return
         name = f"{self.split}_{len(self.shards):04d}.bin"
         data = self.buf[: self.fill]
-        with atomic_open(self.out_dir / name, "wb") as f:
+        self.out_dir.add(name)  # before writing: a later preparation may then replace or delete it
+        with atomic_open(self.out_dir.path / name, "wb") as f:
             data.tofile(f)
         self.shards.append({"file": name, "tokens": int(self.fill)})
         self.fill = 0
@@ -129,8 +130,13 @@ def prepare_shards(
     shard_tokens: int = 100_000_000,
     batch_docs: int = 1024,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Return the index dict after tokenizing every split into packed shards under `out_dir`."""
+    """Return the index dict after tokenizing every split into packed shards under `out_dir`.
+
+    out_dir is new, empty, or a prepared directory; any other non-empty one needs overwrite. Only the
+    files QingLM wrote there (its manifest) are replaced or deleted.
+    """
     if shard_tokens < 1:
         raise QingLMError(f"shard_tokens must be positive, got {shard_tokens}")
     if batch_docs < 1:
@@ -142,16 +148,26 @@ def prepare_shards(
             raise QingLMError(f"split name {split!r} must be letters, digits, '_' or '-'")
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        # Drop the old index first: if we are killed midway, the directory must not look complete.
-        (out / INDEX_FILE).unlink(missing_ok=True)
-        dtype = _dtype_for(tokenizer.vocab_size)
-        splits = {}
-        for split, docs in docs_by_split.items():
-            writer = _ShardWriter(out, split, dtype, shard_tokens)
-            splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
+        owned = OwnedDir.claim(
+            out, "data", [INDEX_FILE, LOCK_FILE], overwrite=overwrite, legacy=_legacy_prepared
+        )
+        with exclusive_lock(out):
+            owned.remove_leftovers()  # temp files of a killed preparation
+            # Drop the old index first: if we are killed midway, the directory must not look complete.
+            (out / INDEX_FILE).unlink(missing_ok=True)
+            splits = {}
+            dtype = _dtype_for(tokenizer.vocab_size)
+            for split, docs in docs_by_split.items():
+                writer = _ShardWriter(owned, split, dtype, shard_tokens)
+                splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
+            index = _finish(owned, splits, dtype, tokenizer)
     except OSError as e:  # unwritable directory, full disk
         raise QingLMError(f"cannot write prepared data to {out}: {e.strerror or e}") from None
+    return index
+
+
+def _finish(owned: OwnedDir, splits: dict, dtype: np.dtype, tokenizer: Tokenizer) -> dict:
+    """Return the index after deleting stale shards and writing index.json (last: it marks completion)."""
     index = {
         "format": FORMAT,
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
@@ -160,19 +176,22 @@ def prepare_shards(
         "bos": True,
         "splits": splits,
     }
-    _remove_stale_shards(out, splits)
-    text = json.dumps(index, indent=2) + "\n"
-    write_text_atomic(out / INDEX_FILE, text)
+    current = {s["file"] for entry in splits.values() for s in entry["shards"]}
+    for name in sorted(owned.names):  # shards of an earlier, larger preparation (only QingLM's)
+        m = _SHARD_NAME.match(name)
+        if m and m["split"] in splits and name not in current:
+            owned.delete(name)
+    write_text_atomic(owned.path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return index
 
 
-def _remove_stale_shards(out: Path, splits: dict) -> None:
-    """Return nothing; delete shards of these splits left by an earlier, larger preparation."""
-    current = {s["file"] for entry in splits.values() for s in entry["shards"]}
-    for path in out.iterdir():
-        m = _SHARD_NAME.match(path.name)
-        if m and m["split"] in splits and path.name not in current:
-            path.unlink()
+def _legacy_prepared(path: Path) -> list[str] | None:
+    """Return index.json and its shards for a directory prepared before manifests existed, else None."""
+    try:
+        index = load_index(path)
+        return [INDEX_FILE, *(s["file"] for e in index["splits"].values() for s in e["shards"])]
+    except (QingLMError, KeyError, TypeError):
+        return None
 
 
 def load_index(data_dir: str | os.PathLike) -> dict:

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     hf.add_argument("run", metavar="RUN", help="run directory (or a weights file inside one)")
     hf.add_argument("out", metavar="OUT_DIR", help="folder to write")
+    hf.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT_DIR that QingLM did not create"
+    )
     g = actions.add_parser(
         "gguf",
         help="one GGUF file for llama.cpp, Ollama, LM Studio",
@@ -49,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     i.add_argument("src", metavar="DIR", help="transformers model folder")
     i.add_argument("out", metavar="OUT_RUN", help="run directory to create")
+    i.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty OUT_RUN that QingLM did not create"
+    )
     return {"export": cmd_export, "import": cmd_import}
 
 
@@ -56,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.export_action == "hf":
         from qinglm.export.hf import export_hf
 
-        out = export_hf(args.run, args.out)
+        out = export_hf(args.run, args.out, overwrite=args.overwrite)
         print(f"wrote a transformers model to {out}")
     else:
         from qinglm.export.gguf import export_gguf
@@ -68,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from qinglm.export.hf import import_hf
 
-    out = import_hf(args.src, args.out)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite)
     print(
         f"wrote run directory {out}; use it like a trained run: qinglm sft --base {out} ..., "
         f"or continue pretraining with qinglm train --init-from {out} ..."

@@ -27,6 +27,7 @@ from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.hf import qinglm_to_hf
 from qinglm.export.hf_config import hf_model_type
+from qinglm.io import remove_stale_temps, temp_path
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -163,7 +164,8 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, dtype: str = "f16") -
     vocab = tokenizer_metadata(lm.tokenizer, cfg.vocab_size)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temps(out.parent, [out.name])  # .OUT.tmp-PID of an export that was killed
+    tmp = temp_path(out)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
         dtype, gguf.LlamaFileType.MOSTLY_Q8_0
     )

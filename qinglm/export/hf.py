@@ -20,7 +20,7 @@ from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
 from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_config_from_hf
 from qinglm.hf_layout import hf_moe_parts, hf_parts
-from qinglm.io import atomic_open, read_json, write_json_atomic
+from qinglm.io import OwnedDir, atomic_open, read_json, write_json_atomic
 from qinglm.model import Transformer
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 
@@ -180,7 +180,14 @@ def _check_not_a_run(out: Path) -> None:
         raise QingLMError(f"{out} holds a QingLM run; write the export to another directory")
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
+# What an HF export writes into its folder (the only names a later export there replaces).
+HF_EXPORT_FILES = (
+    HF_WEIGHTS, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja",
+)  # fmt: skip
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Return out_dir after writing config.json, model.safetensors, generation_config.json and the tokenizer.
 
     The folder loads with transformers' AutoModelForCausalLM and AutoTokenizer. Raises QingLMError for a
@@ -199,7 +206,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     hf = qinglm_to_hf(tensors, cfg)
     out = Path(out_dir)
     _check_not_a_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # A folder QingLM did not write (e.g. another model's) is refused unless overwrite.
+    try:
+        OwnedDir.claim(out, "export", HF_EXPORT_FILES, overwrite=overwrite).remove_leftovers()
+    except OSError as e:
+        raise QingLMError(f"cannot write the export to {out}: {e.strerror or e}") from None
     with atomic_open(out / HF_WEIGHTS, "wb") as f:
         f.write(save(hf, metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", hf_config(cfg, dtype))
@@ -248,7 +259,7 @@ def load_hf_tokenizer(directory: Path) -> Tokenizer:
         ) from None
 
 
-def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, out_run: str | Path, overwrite: bool = False) -> Path:
     """Return out_run, a QingLM run directory (config.json, tokenizer/, best/) made from an HF model folder.
 
     The folder holds config.json of a Llama / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE / GPT-2 (exact GELU)
@@ -257,11 +268,12 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
     """
     from safetensors.torch import load_file
 
+    from qinglm.run_dir import holds_run
     from qinglm.train.checkpoint import save_run
 
     src, out = Path(hf_dir), Path(out_run)
-    if (out / "config.json").exists():
-        raise QingLMError(f"{out} already has a config.json; import into a new run directory")
+    if holds_run(out):
+        raise QingLMError(f"{out} already holds a run; import into a new run directory")
     config_path = src / "config.json"
     hf_cfg = read_json(config_path, f"{src} has no config.json; pass a transformers model folder")
     if not isinstance(hf_cfg, dict) or not hf_cfg.get("model_type"):
@@ -296,4 +308,6 @@ def import_hf(hf_dir: str | Path, out_run: str | Path) -> Path:
     alias = {"head.weight": tensors["embed.weight"]} if cfg.tie_embeddings else {}
     model.load_state_dict({**tensors, **alias}, strict=True)
     state = {"step": 0, "imported_from": str(src.resolve())}
-    return save_run(out, model, tok, state=state, chat_template=chat_template_of(src))
+    return save_run(
+        out, model, tok, state=state, chat_template=chat_template_of(src), kind="import", overwrite=overwrite
+    )

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     m.add_argument("--adapter", required=True, help="adapter directory (PEFT format) or an SFT --lora run")
     m.add_argument("--base", help="base run directory (default: the one named in adapter_config.json)")
     m.add_argument("--out", required=True, help="run directory to write")
+    m.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
+    )
     m.add_argument("--device", default="cpu")
 
     p = sub.add_parser("chat", help="chat with a fine-tuned model in the terminal (/reset, /exit)")
@@ -47,7 +50,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 def cmd_lora(args: argparse.Namespace) -> None:
     from qinglm.sft.train import merge_run
 
-    out = merge_run(args.adapter, args.out, base=args.base, device=args.device)
+    out = merge_run(args.adapter, args.out, base=args.base, device=args.device, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {out}")
 
 

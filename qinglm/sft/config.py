@@ -20,6 +20,7 @@ class SFTConfig:
         "or {'instruction', 'input', 'output'} lines",
     )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-sft or -lora)")
+    overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
     lora: bool = _f(False, "train LoRA adapters only; the base weights stay frozen")
     lora_rank: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")

@@ -7,6 +7,7 @@ on it unchanged. A LoRA run also writes RUN2/adapter/ in PEFT's format.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qinglm import run_dir as run_dirs
 from qinglm.config import TrainConfig, to_dict
 from qinglm.device import autocast, resolve_dtype
 from qinglm.errors import QingLMError
@@ -29,7 +31,7 @@ from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS
 from qinglm.sft.idioms import idioms_sft, pinyin_accuracy
-from qinglm.train.checkpoint import checkpoint_dirs, save_checkpoint
+from qinglm.train.checkpoint import save_checkpoint
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
 from qinglm.train.schedule import RunLength, known_total
@@ -120,11 +122,10 @@ def assistant_loss(
     return total / max(count, 1)
 
 
-def _prepare_out(out: Path) -> None:
-    """Return nothing; create out, refusing to overwrite a directory that already holds a run."""
-    if checkpoint_dirs(out) or (out / "config.json").exists():
+def _refuse_a_run(out: Path) -> None:
+    """Return nothing; raise QingLMError if out already holds a run (a new run never replaces one)."""
+    if run_dirs.holds_run(out):
         raise QingLMError(f"{out} already holds a run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _train_loop(
@@ -190,14 +191,18 @@ def _train_loop(
 
 def run_sft(cfg: SFTConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Return the run's figures (losses before/after, time per epoch, trainable parameters, ...) after SFT."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, once taken
+        return _run_sft(cfg, log, held)
+
+
+def _run_sft(cfg: SFTConfig, log: Callable[[str], None], held: contextlib.ExitStack) -> dict[str, Any]:
     import qinglm
 
     lm = qinglm.load(cfg.base, device=cfg.device)
     model, tok, device = lm.model, lm.tokenizer, lm.device
     cfg = resolve_sft(cfg, model.cfg.max_seq_len)
     out = Path(cfg.out)
-    if checkpoint_dirs(out) or (out / "config.json").exists():  # refuse before the slow part
-        raise QingLMError(f"{out} already holds a run; choose another --out")
+    _refuse_a_run(out)  # before the slow part
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
@@ -220,10 +225,11 @@ def run_sft(cfg: SFTConfig, log: Callable[[str], None] = print) -> dict[str, Any
     n_train, n_total = trainable_parameters(model), sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%)")
 
-    _prepare_out(out)
+    _refuse_a_run(out)
+    held.enter_context(run_dirs.writing(out, cfg.overwrite))
     tok.save(out / "tokenizer", model_max_length=model.cfg.max_seq_len)
-    write_json_atomic(
-        out / "config.json", {"model": to_dict(model.cfg), "sft": to_dict(cfg), "base": str(cfg.base)}
+    run_dirs.write_config(
+        out, "sft", {"model": to_dict(model.cfg), "sft": to_dict(cfg), "base": str(cfg.base)}
     )
     metrics = MetricsLogger(out)
     val_before = assistant_loss(model, val, tok.pad_id, device, dtype) if val else float("nan")
@@ -287,7 +293,11 @@ def run_sft(cfg: SFTConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
 
 def merge_run(
-    adapter: str | Path, out: str | Path, base: str | Path | None = None, device: str = "cpu"
+    adapter: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Return the run directory out after writing base + adapter merged into plain weights (out/best).
 
@@ -305,8 +315,8 @@ def merge_run(
     if not base:
         raise QingLMError(f"{adapter} does not name its base run; pass --base RUN")
     out = Path(out)
-    _prepare_out(out)
+    _refuse_a_run(out)  # before the slow part
     lm = qinglm.load(base, device=device)
     model = merge_lora(load_adapter(lm.model, adapter))
-    merged_from = {"base": str(base), "adapter": str(adapter)}
-    return save_run(out, model, lm.tokenizer, merged_from, {"merged_from": merged_from})
+    merged = {"merged_from": {"base": str(base), "adapter": str(adapter)}}
+    return save_run(out, model, lm.tokenizer, merged, merged, kind="merge", overwrite=overwrite)

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from qinglm.errors import QingLMError
+from qinglm.io import OwnedDir
+from qinglm.run_dir import claim as claim_run
 
 MODEL_FILE, TRAINER_FILE, STATE_FILE = "model.safetensors", "trainer.pt", "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,7 +69,10 @@ def _write_state(directory: Path, state: dict[str, Any], files: list[str]) -> No
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Return nothing; rename directory tmp to final; an existing final is moved aside first and deleted after."""
+    """Return nothing; rename directory tmp to final; an existing final is moved aside first and deleted after.
+
+    The caller owns final's name (its directory's manifest lists it), and so NAME.old-PID.
+    """
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     if final.exists():
         os.rename(final, old)
@@ -82,14 +87,6 @@ def _write_error(e: OSError, tmp: Path, what: str, run_dir: str | Path) -> QingL
         f"cannot write {what}: {e.strerror or e}; the previous checkpoints are kept - free disk space, "
         f"then continue with: qinglm train --out {run_dir} --resume"
     )
-
-
-def _remove_leftovers(parent: Path, prefix: str = "") -> None:
-    """Return nothing; delete NAME.tmp-* / NAME.old-* directories left by a crashed writer."""
-    if parent.is_dir():
-        for p in parent.iterdir():
-            if p.name.startswith(prefix) and re.search(r"\.(tmp|old)-\d+$", p.name) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -239,13 +236,13 @@ def save_checkpoint(
     state). Only the newest `keep` (at least 1) step checkpoints are kept. model and optimizer may be
     given as their weights and state dict (what a sharded run gathers).
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
-    final = root / f"step-{step:08d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    claim_run(run_dir)  # refuses a directory that is not QingLM's
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
+        root = OwnedDir.claim(final.parent, "checkpoints", [final.name])
+        root.remove_leftovers()  # NAME.tmp-PID / NAME.old-PID of a killed writer
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model_file(model, tmp / MODEL_FILE)
         optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -255,7 +252,7 @@ def save_checkpoint(
     except OSError as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
         raise _write_error(e, tmp, f"checkpoint {final}", run_dir) from None
     for _, old in checkpoint_dirs(run_dir)[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        root.delete(old.name)  # only step directories QingLM wrote
     return final
 
 
@@ -329,8 +326,8 @@ def save_best(run_dir: str | Path, model: nn.Module | dict[str, torch.Tensor], s
     best.old-PID, which inference_weights() falls back to; the next save_best cleans it up.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(run_dir, prefix="best.")
+    owned = claim_run(run_dir)
+    owned.remove_leftovers()  # best.tmp-PID of a killed writer (best.old-PID stays while best is missing)
     final = run_dir / "best"
     tmp = run_dir / f"best.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,6 +338,7 @@ def save_best(run_dir: str | Path, model: nn.Module | dict[str, torch.Tensor], s
         _swap_into_place(tmp, final)
     except OSError as e:
         raise _write_error(e, tmp, f"best weights {final}", run_dir) from None
+    owned.remove_leftovers()  # now a killed writer's best.old-PID too
     return final
 
 
@@ -366,28 +364,27 @@ def save_run(
     extra_config: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    kind: str = "import",
+    overwrite: bool = False,
 ) -> Path:
     """Return run_dir after writing a run directory without training: what qinglm.load reads.
 
-    tokenizer/ (with chat_template, default QingLM's), config.json ({"model": model.cfg, "train":
-    defaults, **extra_config}) and best/ (the weights + state). Used by import, LoRA merging and tests.
+    tokenizer/ (with chat_template, default QingLM's), config.json ({"kind": kind, "model": model.cfg,
+    **extra_config}) and best/ (the weights + state). Used by import, LoRA merging and tests.
     """
     from qinglm.chat import CHAT_TEMPLATE
-    from qinglm.config import TrainConfig, to_dict
-    from qinglm.io import write_json_atomic
+    from qinglm.config import to_dict
+    from qinglm.run_dir import holds_run, write_config, writing
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(
-        run_dir / "tokenizer",
-        model_max_length=model.cfg.max_seq_len,
-        chat_template=chat_template or CHAT_TEMPLATE,
-    )
-    config = {
-        "model": to_dict(model.cfg),
-        "train": to_dict(TrainConfig(out=str(run_dir))),
-        **(extra_config or {}),
-    }
-    write_json_atomic(run_dir / "config.json", config)
-    save_best(run_dir, model, state or {"step": 0})
+    if holds_run(run_dir):
+        raise QingLMError(f"{run_dir} already holds a run; write to a new directory")
+    with writing(run_dir, overwrite):
+        tokenizer.save(
+            run_dir / "tokenizer",
+            model_max_length=model.cfg.max_seq_len,
+            chat_template=chat_template or CHAT_TEMPLATE,
+        )
+        write_config(run_dir, kind, {"model": to_dict(model.cfg), **(extra_config or {})})
+        save_best(run_dir, model, state or {"step": 0})
     return run_dir

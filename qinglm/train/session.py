@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, TrainConfig, to_dict
 from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
@@ -75,12 +76,16 @@ def _load_data(
 ) -> tuple[TokenShards, TokenShards | None]:
     """Return (train, val or None) shards after checking they fit the model's vocabulary and tokenizer."""
     train_data = TokenShards(data_dir, "train")
-    if train_data.vocab_size != model_cfg.vocab_size:
+    has_tokenizer = (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    # A model may have more ids than its tokenizer (a padded vocabulary) when the run's tokenizer proves
+    # which one the data was made with.
+    padded = has_tokenizer and train_data.vocab_size < model_cfg.vocab_size
+    if train_data.vocab_size != model_cfg.vocab_size and not padded:
         raise QingLMError(
             f"{data_dir} was prepared with a {train_data.vocab_size}-token vocabulary but the model has "
             f"vocab_size {model_cfg.vocab_size}; prepare the data with the model's tokenizer"
         )
-    if (run_dir / "tokenizer" / "tokenizer.json").is_file():
+    if has_tokenizer:
         from qinglm.tokenizer import Tokenizer
 
         train_data.check_tokenizer(Tokenizer.load(run_dir / "tokenizer"))
@@ -154,6 +159,8 @@ def setup_run(
     dist = dist or distributed.Dist()
     if cfg.max_steps is None and cfg.num_epochs is None and cfg.max_time is None:
         raise QingLMError("give the run a length: --max-steps, --num-epochs or --max-time")
+    if dist.is_main:
+        run_dirs.claim(run_dir, cfg.overwrite)  # refuses a directory that QingLM did not write
     found, trainer = _find_resume(run_dir, cfg.resume, log) if dist.is_main else (None, None)
     resume_from = distributed.broadcast_object(dist, found)
     state = read_state(resume_from) if resume_from is not None else None
