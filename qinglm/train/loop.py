@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from qinglm.config import ModelConfig, TrainConfig
-from qinglm.device import autocast, resolve_device
+from qinglm.device import autocast, deterministic_algorithms, resolve_device
 from qinglm.errors import QingLMError
 from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
@@ -277,7 +277,7 @@ def train(
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
     dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
-    with distributed.group(dist):
+    with distributed.group(dist), deterministic_algorithms():  # same seed, same weights: exact resume
         return _train(model_cfg, train_cfg, Path(run_dir), data_dir, log, sinks, dist)
 
 
