@@ -32,7 +32,7 @@ from qinglm.sft.idioms import idioms_sft, pinyin_accuracy
 from qinglm.train.checkpoint import checkpoint_dirs, save_checkpoint
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
-from qinglm.train.schedule import RunLength, known_total
+from qinglm.train.schedule import RunLength
 
 
 def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:
@@ -230,9 +230,11 @@ def run_sft(cfg: SFTConfig, log: Callable[[str], None] = print) -> dict[str, Any
     log(f"held-out assistant-token loss before: {val_before:.4f} ({sft_data.assistant_tokens(val):,} tokens)")
     metrics.log("val", step=0, val_loss=val_before)
 
-    per_epoch = sft_data.steps_per_epoch(train, cfg.batch_size, cfg.seq_len, cfg.batching)
+    batching = (train, cfg.batch_size, cfg.seq_len, cfg.batching, cfg.seed)
+    per_epoch = sft_data.steps_per_epoch(*batching)  # batches of the first epoch, counted
+    epochs = sft_data.steps_for_epochs(*batching, cfg.num_epochs) if cfg.num_epochs is not None else None
     length = RunLength(
-        known_total(cfg.max_steps, cfg.num_epochs, per_epoch),
+        min((n for n in (cfg.max_steps, epochs) if n is not None), default=None),
         cfg.max_time * 60 if cfg.max_time is not None else None,
         cfg.warmup_steps,
     )
@@ -240,7 +242,7 @@ def run_sft(cfg: SFTConfig, log: Callable[[str], None] = print) -> dict[str, Any
     optimizer = build_optimizer(model, opt_cfg, device)
     log(
         f"{len(train):,} examples, {sft_data.assistant_tokens(train):,} assistant tokens, "
-        f"~{per_epoch:,} steps per epoch ({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
+        f"{per_epoch:,} steps per epoch ({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
     )
 
     step, tokens, train_s, epoch_times = _train_loop(
