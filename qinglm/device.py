@@ -53,6 +53,11 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def grad_scaler(dtype: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """Return the loss scaler fp16 needs on CUDA (small gradients underflow its range), else None."""
+    return torch.amp.GradScaler("cuda") if dtype == "fp16" and device.type == "cuda" else None
+
+
 def cpu_has_bf16() -> bool:
     """Return True when this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):

@@ -1,5 +1,6 @@
 """SFT: data formats with counted bad lines, assistant-only loss masks, batching, idioms-sft, the sft run."""
 
+import dataclasses
 import json
 import math
 
@@ -303,6 +304,48 @@ def test_one_epoch_of_packed_sft_trains_on_every_batch_exactly_once(
     assert sum(n for _, n in seen) == sft_data.assistant_tokens(train)  # every target, once
     assert any(f"{len(batches):,} steps per epoch" in line for line in lines)
     assert res["time_per_epoch_s"] == pytest.approx(res["train_s"])  # one whole epoch
+
+
+def test_sft_scales_the_loss_when_the_dtype_needs_a_grad_scaler(tmp_path, base_run, one_thread, monkeypatch):
+    # fp16 on CUDA gets the GradScaler pretraining uses; here a CPU scaler stands in for it.
+    import qinglm.sft.train as sft_train
+
+    made: list[torch.amp.GradScaler] = []
+
+    class Scaler(torch.amp.GradScaler):
+        def __init__(self) -> None:
+            super().__init__("cpu", init_scale=1024.0)
+            self.scaled = self.updates = 0
+            made.append(self)
+
+        def scale(self, outputs):
+            self.scaled += 1
+            return super().scale(outputs)
+
+        def update(self, new_scale=None):
+            self.updates += 1
+            super().update(new_scale)
+
+    cfg = SFTConfig(
+        base=str(base_run),
+        data=str(_jsonl(tmp_path / "chat.jsonl")),
+        out=str(tmp_path / "plain"),
+        max_steps=30,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=5,
+        device="cpu",
+        dtype="fp32",
+        log_every=100,
+        num_threads=one_thread,
+    )
+    plain = run_sft(cfg, log=lambda s: None)
+    monkeypatch.setattr(sft_train, "grad_scaler", lambda dtype, device: Scaler())
+    scaled = run_sft(dataclasses.replace(cfg, out=str(tmp_path / "scaled")), log=lambda s: None)
+    assert len(made) == 1 and made[0].scaled == made[0].updates == 30
+    assert made[0].get_scale() == 1024.0  # no overflow in fp32: every update was applied
+    # scaling by a power of two and back is exact: the same training as without a scaler
+    assert scaled["val_loss_after"] == plain["val_loss_after"] < 0.6 * plain["val_loss_before"]
 
 
 def test_lora_sft_and_merge_from_the_cli(tmp_path, base_run, capsys, one_thread):

@@ -225,6 +225,30 @@ def test_ten_non_finite_losses_in_a_row_stop_the_run(corpus, tmp_path, monkeypat
         train(m, t, tmp_path / "run", data, log=quiet)
 
 
+def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(corpus, tmp_path, monkeypatch):
+    # fp16 on CUDA trains with a GradScaler; a CPU scaler stands in for it. A skipped step used to
+    # leave the scaler unscaled-but-not-updated, so the next step's unscale_() raised.
+    class Faulty(Transformer):
+        calls = 0
+
+        def forward(self, idx, targets=None, **kw):
+            out = super().forward(idx, targets, **kw)
+            if targets is not None and self.training:
+                Faulty.calls += 1
+                return out * (float("nan") if Faulty.calls == 5 else 1.0)
+            return out
+
+    monkeypatch.setattr(session, "Transformer", Faulty)
+    monkeypatch.setattr(
+        session, "grad_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", init_scale=1024.0)
+    )
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=10, eval_every=100, save_every=100)
+    r = train(m, t, tmp_path / "run", data, log=quiet)
+    assert r["step"] == 10 and r["skipped_steps"] == 1
+    assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["scaler"]["scale"] == 512.0
+
+
 # ---------------------------------------------------------------------------- schedule
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qinglm.config import TrainConfig, to_dict
-from qinglm.device import autocast, resolve_dtype
+from qinglm.device import autocast, grad_scaler, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
 from qinglm.lora import apply_lora, check_targets, merge_lora, save_adapter, trainable_parameters
@@ -31,7 +31,7 @@ from qinglm.sft.idioms import NAME as IDIOMS
 from qinglm.sft.idioms import idioms_sft, pinyin_accuracy
 from qinglm.train.checkpoint import checkpoint_dirs, save_checkpoint
 from qinglm.train.metrics import MetricsLogger
-from qinglm.train.optim import build_optimizer
+from qinglm.train.optim import build_optimizer, step_optimizer
 from qinglm.train.schedule import RunLength
 
 
@@ -141,6 +141,7 @@ def _train_loop(
     device = next(model.parameters()).device
     dtype = resolve_dtype(cfg.dtype, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = grad_scaler(dtype, device)  # fp16 on CUDA, as in pretraining
     batches = sft_data.batch_stream(train, cfg.batch_size, cfg.seq_len, cfg.batching, pad_id, cfg.seed)
     model.train()
     step, tokens, win_loss, win_n, cur_epoch = 0, 0, 0.0, 0, 0
@@ -160,12 +161,12 @@ def _train_loop(
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if math.isfinite(loss.item()):  # a non-finite loss skips the update
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_optimizer(optimizer, scaler, math.isfinite(loss.item()))  # a non-finite loss skips the update
         step, tokens = step + 1, tokens + x.numel()
         win_loss, win_n = win_loss + loss.item(), win_n + 1
         length.observe(step, time.perf_counter() - ts, time.perf_counter() - t0)

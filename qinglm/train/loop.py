@@ -20,6 +20,7 @@ from qinglm.errors import QingLMError
 from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
 from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
+from qinglm.train.optim import step_optimizer
 from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at
 from qinglm.train.session import Run, setup_run
 
@@ -113,12 +114,7 @@ def _optimizer_step(r: Run, row_len: int) -> tuple[float, float, int, bool]:
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     step_loss = distributed.mean(r.dist, loss_sum).item()  # every rank then takes the same decision
     ok = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm))
-    if ok and scaler is not None:
-        scaler.step(r.optimizer)
-        scaler.update()
-    elif ok:
-        r.optimizer.step()
-    r.optimizer.zero_grad(set_to_none=True)
+    step_optimizer(r.optimizer, scaler, ok)
     return step_loss, grad_norm, tokens, ok
 
 

@@ -16,7 +16,7 @@ import torch
 from qinglm.config import ModelConfig, TrainConfig, to_dict
 from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
-from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
+from qinglm.device import compiled, grad_scaler, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.tracking import make_trackers
@@ -190,7 +190,7 @@ def setup_run(
         optimizer=build_optimizer(model, cfg, device),
         batches=batches,
         length=length,
-        scaler=torch.amp.GradScaler("cuda") if dtype == "fp16" and device.type == "cuda" else None,
+        scaler=grad_scaler(dtype, device),
         metrics=distributed.metrics_for(dist, run_dir),
         train_data=train_data,
         val_data=val_data,
