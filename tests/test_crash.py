@@ -127,25 +127,15 @@ def test_sigkill_at_random_moments_loses_nothing(corpus, tmp_path):
     assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
 
 
-def test_a_non_finite_step_is_skipped_and_a_loss_spike_is_logged(corpus, tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped_and_a_loss_spike_is_logged(
+    corpus, tmp_path, monkeypatch, faulty_transformer
+):
     import qinglm.train.session as session
     from qinglm.config import ModelConfig, TrainConfig
-    from qinglm.model import Transformer
     from qinglm.train import train
 
-    class Faulty(Transformer):
-        """Training forward 25 gives a NaN loss, forward 32 a loss 3x too high."""
-
-        calls = 0
-
-        def forward(self, idx, targets=None, **kw):
-            out = super().forward(idx, targets, **kw)
-            if targets is None or not self.training:
-                return out
-            Faulty.calls += 1
-            return out * {25: float("nan"), 32: 3.0}.get(Faulty.calls, 1.0)
-
-    monkeypatch.setattr(session, "Transformer", Faulty)
+    # training forward 25 gives a NaN loss, forward 32 a loss 3x too high
+    monkeypatch.setattr(session, "Transformer", faulty_transformer({25: float("nan"), 32: 3.0}))
     data, _ = corpus
     model = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
     cfg = TrainConfig(

@@ -225,20 +225,12 @@ def test_ten_non_finite_losses_in_a_row_stop_the_run(corpus, tmp_path, monkeypat
         train(m, t, tmp_path / "run", data, log=quiet)
 
 
-def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(corpus, tmp_path, monkeypatch):
+def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(
+    corpus, tmp_path, monkeypatch, faulty_transformer
+):
     # fp16 on CUDA trains with a GradScaler; a CPU scaler stands in for it. A skipped step used to
     # leave the scaler unscaled-but-not-updated, so the next step's unscale_() raised.
-    class Faulty(Transformer):
-        calls = 0
-
-        def forward(self, idx, targets=None, **kw):
-            out = super().forward(idx, targets, **kw)
-            if targets is not None and self.training:
-                Faulty.calls += 1
-                return out * (float("nan") if Faulty.calls == 5 else 1.0)
-            return out
-
-    monkeypatch.setattr(session, "Transformer", Faulty)
+    monkeypatch.setattr(session, "Transformer", faulty_transformer({5: float("nan")}))
     monkeypatch.setattr(
         session, "grad_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", init_scale=1024.0)
     )
