@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qinglm.train.loop as loop
 import qinglm.train.session as session
 from qinglm.config import ModelConfig, TrainConfig
 from qinglm.device import resolve_compile
@@ -239,6 +240,30 @@ def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(
     r = train(m, t, tmp_path / "run", data, log=quiet)
     assert r["step"] == 10 and r["skipped_steps"] == 1
     assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["scaler"]["scale"] == 512.0
+
+
+def test_each_rank_and_update_draws_its_own_dropout_masks(corpus, tmp_path, monkeypatch):
+    # Under torchrun every rank used to draw the same dropout masks (all seeded alike for equal weights).
+    seeds = {(rank, step): session.step_seed(0, rank, step) for rank in range(4) for step in range(200)}
+    assert len(set(seeds.values())) == len(seeds) and session.step_seed(1, 0, 0) != seeds[0, 0]
+    assert session.step_seed(0, 1, 5) == seeds[1, 5]  # a function of (seed, rank, step) alone
+
+    def mask(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.nn.functional.dropout(torch.ones(1000), 0.5) > 0
+
+    assert not torch.equal(mask(seeds[0, 5]), mask(seeds[1, 5]))
+    calls: list[tuple[int, int, int]] = []
+
+    def spy(seed: int, rank: int, step: int) -> int:
+        calls.append((seed, rank, step))
+        return session.step_seed(seed, rank, step)
+
+    monkeypatch.setattr(loop, "step_seed", spy)
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=6, seed=3, eval_every=100, save_every=100)
+    train(m, t, tmp_path / "run", data, log=quiet)
+    assert calls == [(3, 0, step) for step in range(6)]  # every update, seeded by this process's rank
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -22,7 +22,7 @@ from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoin
 from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
 from qinglm.train.optim import step_optimizer
 from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at
-from qinglm.train.session import Run, setup_run
+from qinglm.train.session import Run, setup_run, step_seed
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
 # Every reason _stop_reason can give; when ranks differ, all take the one listed last.
@@ -310,6 +310,7 @@ def _train(
             for g in r.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: per-group multiplier seam (e.g. Muon)
             row_len = seq_len_at(seq_stages, r.step, r.length.total, cfg.seq_len)
+            torch.manual_seed(step_seed(cfg.seed, dist.rank, r.step))  # this rank's dropout masks
             step_loss, grad_norm, tokens, ok = _optimizer_step(r, row_len)
             step_time = time.perf_counter() - t0
             r.tokens_seen += tokens
