@@ -272,8 +272,9 @@ def train(
 
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
-    dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
-    with distributed.group(dist), deterministic_algorithms():  # same seed, same weights: exact resume
+    device = resolve_device(train_cfg.device)
+    dist = distributed.init(device, train_cfg.parallel)
+    with distributed.group(dist), deterministic_algorithms(device):  # same seed, same weights: exact resume
         return _train(model_cfg, train_cfg, Path(run_dir), data_dir, log, sinks, dist)
 
 
