@@ -30,3 +30,24 @@ def phrase_corpus(tmp_path_factory) -> tuple[Path, Path, int]:
     tok.save(root / "tokenizer")
     prepare_shards({"train": docs[:270], "val": docs[270:]}, tok, root / "data", show_progress=False)
     return root / "data", root / "tokenizer", tok.vocab_size
+
+
+@pytest.fixture
+def faulty_transformer():
+    """Return make(factors): a Transformer class whose n-th training forward multiplies the loss by factors[n]."""
+    from qinglm.model import Transformer
+
+    def make(factors: dict[int, float]) -> type:
+        class Faulty(Transformer):
+            calls = 0  # training forwards so far, counted from 1
+
+            def forward(self, idx, targets=None, **kw):
+                out = super().forward(idx, targets, **kw)
+                if targets is None or not self.training:
+                    return out
+                Faulty.calls += 1
+                return out * factors.get(Faulty.calls, 1.0)
+
+        return Faulty
+
+    return make

@@ -136,7 +136,7 @@ def test_evaluate_builtin_uses_the_runs_own_val_fraction(run, tmp_path):
 
     _, model = run
     tok = qinglm.load(run[0], device="cpu").tokenizer
-    train = to_dict(TrainConfig(data="pd1998", val_fraction=0.01))
+    train = to_dict(TrainConfig(data=["pd1998"], val_fraction=0.01))
     run_dir = save_run(tmp_path / "run", model, tok, {"train": train})
     sft_dir = save_run(tmp_path / "sft", model, tok, {"train": None, "sft": {}, "base": str(run_dir)})
     val = builtin_documents("pd1998", "val", 0.01)

@@ -1,6 +1,8 @@
 """SFT: data formats with counted bad lines, assistant-only loss masks, batching, idioms-sft, the sft run."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from qinglm.model import IGNORE_INDEX, Transformer
 from qinglm.sft import data as sft_data
 from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
-from qinglm.sft.train import run_sft
+from qinglm.sft.train import load_conversations, resolve_sft, run_sft
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 from qinglm.train.checkpoint import save_run
 
@@ -153,6 +155,20 @@ def test_packing_and_padding_keep_every_target(tok):
     assert len(rows) < len(samples) and all(len(r.x) <= 48 for r in rows)
 
 
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_steps_per_epoch_is_the_number_of_batches_an_epoch_gives(tok, mode):
+    # Greedy packing leaves rows part-empty: dividing tokens by the row size undercounted the batches
+    # (the run then stopped before the end of its epoch).
+    convs = [CHAT, CHAT[1:3], [{"role": "user", "content": "好"}, {"role": "assistant", "content": "好的"}]]
+    samples, _ = sft_data.make_samples(tok, [convs[i % 3] for i in range(50)], seq_len=48)
+    batches = [len(sft_data.epoch_batches(samples, 4, 48, mode, tok.pad_id, seed=s)) for s in (7, 8, 9)]
+    assert sft_data.steps_per_epoch(samples, 4, 48, mode, seed=7) == batches[0]
+    assert sft_data.steps_for_epochs(samples, 4, 48, mode, seed=7, num_epochs=1) == batches[0]
+    assert sft_data.steps_for_epochs(samples, 4, 48, mode, seed=7, num_epochs=2.5) == (
+        batches[0] + batches[1] + math.ceil(0.5 * batches[2])
+    )
+
+
 def test_long_chats_are_cut_and_counted(tok):
     long = [{"role": "user", "content": "天气" * 80}, {"role": "assistant", "content": "好"}]
     wordy = [{"role": "user", "content": "好"}, {"role": "assistant", "content": "好的" * 40}]
@@ -254,6 +270,84 @@ def test_full_sft_writes_a_run_that_loads_and_chats(tmp_path, base_run, one_thre
     assert "".join(pieces) == "好的"
     with pytest.raises(QingLMError, match="already holds a run"):
         run_sft(cfg, log=lambda s: None)
+
+
+def test_one_epoch_of_packed_sft_trains_on_every_batch_exactly_once(
+    tmp_path, base_run, one_thread, monkeypatch
+):
+    data = _jsonl(tmp_path / "chat.jsonl", n=60)
+    cfg = SFTConfig(
+        base=str(base_run),
+        data=str(data),
+        out=str(tmp_path / "sft"),
+        batch_size=4,
+        seq_len=40,  # a row holds one or two chats: greedy packing leaves many rows part-empty
+        device="cpu",
+        dtype="fp32",
+        log_every=100,
+        num_threads=one_thread,
+    )  # --num-epochs 1, the default, in pack mode
+    seen: list[tuple[int, int]] = []
+    stream = sft_data.batch_stream
+
+    def counted(*args, **kw):
+        for epoch, (x, y) in stream(*args, **kw):
+            seen.append((epoch, int((y != IGNORE_INDEX).sum())))
+            yield epoch, (x, y)
+
+    monkeypatch.setattr(sft_data, "batch_stream", counted)
+    lines: list[str] = []
+    res = run_sft(cfg, log=lines.append)
+    lm = qinglm.load(base_run, device="cpu")
+    convs, _ = load_conversations(resolve_sft(cfg, 64), lambda _: None)
+    train, _ = sft_data.make_samples(lm.tokenizer, convs, 40)
+    batches = sft_data.epoch_batches(train, 4, 40, "pack", lm.tokenizer.pad_id, cfg.seed)
+    assert res["steps"] == len(batches) == len(seen) and {e for e, _ in seen} == {0}
+    assert sum(n for _, n in seen) == sft_data.assistant_tokens(train)  # every target, once
+    assert any(f"{len(batches):,} steps per epoch" in line for line in lines)
+    assert res["time_per_epoch_s"] == pytest.approx(res["train_s"])  # one whole epoch
+
+
+def test_sft_scales_the_loss_when_the_dtype_needs_a_grad_scaler(tmp_path, base_run, one_thread, monkeypatch):
+    # fp16 on CUDA gets the GradScaler pretraining uses; here a CPU scaler stands in for it.
+    import qinglm.sft.train as sft_train
+
+    made: list[torch.amp.GradScaler] = []
+
+    class Scaler(torch.amp.GradScaler):
+        def __init__(self) -> None:
+            super().__init__("cpu", init_scale=1024.0)
+            self.scaled = self.updates = 0
+            made.append(self)
+
+        def scale(self, outputs):
+            self.scaled += 1
+            return super().scale(outputs)
+
+        def update(self, new_scale=None):
+            self.updates += 1
+            super().update(new_scale)
+
+    cfg = SFTConfig(
+        base=str(base_run),
+        data=str(_jsonl(tmp_path / "chat.jsonl")),
+        out=str(tmp_path / "plain"),
+        max_steps=30,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=5,
+        device="cpu",
+        dtype="fp32",
+        log_every=100,
+        num_threads=one_thread,
+    )
+    plain = run_sft(cfg, log=lambda s: None)
+    monkeypatch.setattr(sft_train, "grad_scaler", lambda dtype, device: Scaler())
+    scaled = run_sft(dataclasses.replace(cfg, out=str(tmp_path / "scaled")), log=lambda s: None)
+    assert len(made) == 1 and made[0].scaled == made[0].updates == 30
+    assert made[0].get_scale() == 1024.0  # no overflow in fp32: every update was applied
+    # scaling by a power of two and back is exact: the same training as without a scaler
+    assert scaled["val_loss_after"] == plain["val_loss_after"] < 0.6 * plain["val_loss_before"]
 
 
 def test_lora_sft_and_merge_from_the_cli(tmp_path, base_run, capsys, one_thread):

@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qinglm.train.loop as loop
 import qinglm.train.session as session
 from qinglm.config import ModelConfig, TrainConfig
+from qinglm.device import resolve_compile
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.train import train
@@ -99,6 +101,47 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(corpus, tmp_path):
     assert steps == [4, 8, 12]
 
 
+@pytest.mark.skipif(not resolve_compile(None, torch.device("cpu")), reason="no C++ compiler: compile is off")
+def test_two_fresh_runs_under_the_default_compile_give_bit_identical_weights(corpus, tmp_path):
+    # Inductor's 2-thread CPU kernels used to add the embedding gradient with atomic adds in a
+    # different order each run (the weights differed by ~1e-4 after 20 steps; 1.3e-3 after 60).
+    data, _, vocab = corpus
+    m, t = configs(
+        vocab, max_steps=20, eval_every=100, save_every=100, compile=None, dtype="auto", num_threads=2
+    )
+    lines: list[str] = []
+    train(m, t, tmp_path / "a", data, log=lines.append)
+    assert any("compile on" in line for line in lines)
+    train(m, t, tmp_path / "b", data, log=quiet)
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is given back
+
+
+def test_a_run_that_dies_in_its_warmup_resumes_onto_the_same_schedule_and_weights(corpus, tmp_path):
+    data, _, vocab = corpus
+    # 60 steps: warmup 3 (5% of the run), then cosine to the floor; the crash comes after step 3,
+    # whose checkpoint is not written yet, so the run resumes from step 2, inside the warmup.
+    m, t = configs(vocab, max_steps=60, log_every=3, save_every=2, eval_every=30)
+    train(m, t, tmp_path / "a", data, log=quiet)
+
+    def crash_at_step_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(m, t, tmp_path / "b", data, log=crash_at_step_3)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000002"
+    m, t = configs(vocab, max_steps=60, log_every=3, save_every=2, eval_every=30, resume=True)
+    assert train(m, t, tmp_path / "b", data, log=quiet)["step"] == 60
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    ra, rb = ([r for r in read_metrics(d) if r["kind"] == "train"] for d in (tmp_path / "a", tmp_path / "b"))
+    assert [(r["step"], r["lr"]) for r in ra] == [(r["step"], r["lr"]) for r in rb]
+    # the losses too, but step 3's: its log window began before the crash
+    assert [r["loss"] for r in ra[1:]] == [r["loss"] for r in rb[1:]]
+    floor_side = 0.1 + 0.45 * (1 + math.cos(math.pi * 56 / 57))  # update 59 of a cosine over 3..60
+    assert ra[0]["lr"] == pytest.approx(3e-3) and ra[-1]["lr"] == pytest.approx(3e-3 * floor_side)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(corpus, tmp_path):
     data, _, vocab = corpus
     m, t = configs(vocab)  # the default cosine schedule over 12 steps
@@ -183,6 +226,46 @@ def test_ten_non_finite_losses_in_a_row_stop_the_run(corpus, tmp_path, monkeypat
         train(m, t, tmp_path / "run", data, log=quiet)
 
 
+def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(
+    corpus, tmp_path, monkeypatch, faulty_transformer
+):
+    # fp16 on CUDA trains with a GradScaler; a CPU scaler stands in for it. A skipped step used to
+    # leave the scaler unscaled-but-not-updated, so the next step's unscale_() raised.
+    monkeypatch.setattr(session, "Transformer", faulty_transformer({5: float("nan")}))
+    monkeypatch.setattr(
+        session, "grad_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", init_scale=1024.0)
+    )
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=10, eval_every=100, save_every=100)
+    r = train(m, t, tmp_path / "run", data, log=quiet)
+    assert r["step"] == 10 and r["skipped_steps"] == 1
+    assert load_trainer_state(latest_checkpoint(tmp_path / "run"))["scaler"]["scale"] == 512.0
+
+
+def test_each_rank_and_update_draws_its_own_dropout_masks(corpus, tmp_path, monkeypatch):
+    # Under torchrun every rank used to draw the same dropout masks (all seeded alike for equal weights).
+    seeds = {(rank, step): session.step_seed(0, rank, step) for rank in range(4) for step in range(200)}
+    assert len(set(seeds.values())) == len(seeds) and session.step_seed(1, 0, 0) != seeds[0, 0]
+    assert session.step_seed(0, 1, 5) == seeds[1, 5]  # a function of (seed, rank, step) alone
+
+    def mask(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.nn.functional.dropout(torch.ones(1000), 0.5) > 0
+
+    assert not torch.equal(mask(seeds[0, 5]), mask(seeds[1, 5]))
+    calls: list[tuple[int, int, int]] = []
+
+    def spy(seed: int, rank: int, step: int) -> int:
+        calls.append((seed, rank, step))
+        return session.step_seed(seed, rank, step)
+
+    monkeypatch.setattr(loop, "step_seed", spy)
+    data, _, vocab = corpus
+    m, t = configs(vocab, max_steps=6, seed=3, eval_every=100, save_every=100)
+    train(m, t, tmp_path / "run", data, log=quiet)
+    assert calls == [(3, 0, step) for step in range(6)]  # every update, seeded by this process's rank
+
+
 # ---------------------------------------------------------------------------- schedule
 
 
@@ -255,7 +338,7 @@ def test_effective_warmup_is_capped_at_five_percent_of_a_known_run():
 
 def test_time_only_run_estimates_its_length_then_freezes_it():
     length = RunLength(None, max_time_s=60.0, warmup_steps=1000)
-    assert length.total is None and length.lr(0, 1.0, 0.1) == pytest.approx(1 / 1000)
+    assert length.total is None and length.lr(0, 1.0, 0.1) == pytest.approx(1 / 20)
     for step in range(1, 10):
         assert not length.observe(step, 0.1, elapsed_s=0.1 * step)
     assert length.observe(10, 0.1, elapsed_s=1.0)
@@ -263,13 +346,57 @@ def test_time_only_run_estimates_its_length_then_freezes_it():
     for step in range(11, 101):
         length.observe(step, 0.2, elapsed_s=1.0 + 0.2 * (step - 10))
     frozen = length.total
+    assert length.warmup == 30  # later estimates move only the end of the run
     assert not length.observe(200, 5.0, elapsed_s=30.0) and length.total == frozen
     resumed = RunLength(None, max_time_s=60.0, warmup_steps=1000)
     resumed.restore(frozen, length.warmup, step=150)
     assert resumed.total == frozen and not resumed.observe(160, 9.0, elapsed_s=40.0)
+    assert [resumed.lr(s, 1.0, 0.1) for s in range(150, 400)] == [
+        length.lr(s, 1.0, 0.1) for s in range(150, 400)
+    ]
     fixed = RunLength(300, max_time_s=60.0, warmup_steps=1000)
     fixed.restore(999, 7, step=10)  # a fixed length follows the config, not the checkpoint
     assert (fixed.total, fixed.warmup) == (300, 15)
+
+
+def _simulate(length: RunLength, step_s: float, start: int, end_s: float) -> list[float]:
+    """Return the lr (fraction of peak) of updates start.. of a simulated time-only run until end_s seconds."""
+    lrs, step = [], start
+    while step * step_s < end_s:
+        lrs.append(length.lr(step, 1.0, 0.1))
+        step += 1
+        length.observe(step, 5.0 if step == 1 else step_s, elapsed_s=step * step_s)  # step 1 compiles
+    return lrs
+
+
+@pytest.mark.parametrize("step_s", [0.3, 1.0, 0.02])
+def test_a_time_only_run_keeps_its_lr_continuous_across_the_estimate(step_s):
+    # The default run: 8 minutes, --warmup-steps 1000. Before the fix the lr jumped at the estimate
+    # (step 10) from 0.01 to 0.14 of the peak at 0.3 s/step and to 0.46 at 1 s/step.
+    length = RunLength(None, max_time_s=8 * 60, warmup_steps=1000)
+    lrs = _simulate(length, step_s, 0, 8 * 60)
+    warmup = length.warmup
+    assert warmup == min(1000, max(20, round(0.05 * length.total)))
+    assert lrs[9] == pytest.approx(10 / 20)  # until the estimate: the slope of a 20-step warmup
+    # The lr rises to the peak at the end of the warmup, then never rises again; no update moves it by
+    # more than a 20-step warmup does, and its growth rate never speeds up: the estimate (after step 10)
+    # can only slow the climb. It used to multiply the lr by 14 (0.3 s/step) or 46 (1 s/step) there.
+    assert all(b > a for a, b in zip(lrs[: warmup - 1], lrs[1:warmup])) and lrs[warmup - 1] == 1.0
+    assert all(b <= a for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))
+    assert max(abs(b - a) for a, b in zip(lrs, lrs[1:])) <= 1 / 20 + 1e-12
+    growth = [b / a for a, b in zip(lrs[:warmup], lrs[1:warmup])]
+    assert all(g2 <= g1 + 1e-12 for g1, g2 in zip(growth, growth[1:])) and growth[9] <= 1.1
+
+
+@pytest.mark.parametrize("at", [15, 60, 400])  # during the ramp, between two estimates, after the last
+def test_a_time_only_run_resumed_from_a_checkpoint_follows_the_same_lrs(at):
+    length = RunLength(None, max_time_s=8 * 60, warmup_steps=1000)
+    lrs = _simulate(length, 0.3, 0, 8 * 60)
+    before = RunLength(None, max_time_s=8 * 60, warmup_steps=1000)
+    _simulate(before, 0.3, 0, at * 0.3)
+    resumed = RunLength(None, max_time_s=8 * 60, warmup_steps=1000)
+    resumed.restore(before.total, before.warmup, step=at)  # what the checkpoint at `at` carries
+    assert _simulate(resumed, 0.3, at, 8 * 60) == lrs[at:]
 
 
 # ---------------------------------------------------------------------------- optimizer

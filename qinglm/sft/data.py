@@ -13,6 +13,7 @@ its own assistant tokens) or pad samples of similar length to the longest of the
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -197,10 +198,10 @@ def collate(rows: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-def epoch_batches(
-    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, pad_id: int, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Return one epoch of (x, y) batches in a seeded random order, packed or padded (mode)."""
+def epoch_rows(
+    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, seed: int
+) -> list[list[Sample]]:
+    """Return one epoch of batches of rows in a seeded random order, packed or padded (mode)."""
     rng = random.Random(seed)
     order = list(samples)
     rng.shuffle(order)
@@ -218,15 +219,32 @@ def epoch_batches(
         raise QingLMError(f"unknown batching {mode!r}; choose pack or pad")
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     rng.shuffle(batches)
-    return [collate(b, pad_id) for b in batches]
+    return batches
 
 
-def steps_per_epoch(samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str) -> int:
-    """Return the number of batches one epoch gives (packing depends only on lengths, so estimate it)."""
-    if mode == "pack":
-        total = sum(len(s.x) for s in samples)
-        return max(1, -(-total // (seq_len * batch_size)))
-    return max(1, -(-len(samples) // batch_size))
+def epoch_batches(
+    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, pad_id: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return one epoch of (x, y) batches in a seeded random order, packed or padded (mode)."""
+    return [collate(b, pad_id) for b in epoch_rows(samples, batch_size, seq_len, mode, seed)]
+
+
+def steps_per_epoch(samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, seed: int) -> int:
+    """Return the number of batches of the epoch shuffled with seed (greedy packing fills rows unevenly
+    and depends on the order, so the rows are counted, not estimated from the tokens)."""
+    return max(1, len(epoch_rows(samples, batch_size, seq_len, mode, seed)))
+
+
+def steps_for_epochs(
+    samples: Sequence[Sample], batch_size: int, seq_len: int, mode: str, seed: int, num_epochs: float
+) -> int:
+    """Return the number of steps of num_epochs epochs of batch_stream(..., seed) (epoch e uses seed + e)."""
+    whole = int(num_epochs)
+    steps = sum(steps_per_epoch(samples, batch_size, seq_len, mode, seed + e) for e in range(whole))
+    if num_epochs > whole:
+        part = steps_per_epoch(samples, batch_size, seq_len, mode, seed + whole)
+        steps += math.ceil((num_epochs - whole) * part)
+    return max(1, steps)
 
 
 def assistant_tokens(samples: Sequence[Sample]) -> int:

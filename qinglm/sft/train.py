@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from qinglm import run_dir as run_dirs
 from qinglm.config import TrainConfig, to_dict
-from qinglm.device import autocast, resolve_dtype
+from qinglm.device import autocast, grad_scaler, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
 from qinglm.lora import apply_lora, check_targets, merge_lora, save_adapter, trainable_parameters
@@ -33,8 +33,8 @@ from qinglm.sft.idioms import NAME as IDIOMS
 from qinglm.sft.idioms import idioms_sft, pinyin_accuracy
 from qinglm.train.checkpoint import save_checkpoint
 from qinglm.train.metrics import MetricsLogger
-from qinglm.train.optim import build_optimizer
-from qinglm.train.schedule import RunLength, known_total
+from qinglm.train.optim import build_optimizer, step_optimizer
+from qinglm.train.schedule import RunLength
 
 
 def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:
@@ -142,6 +142,7 @@ def _train_loop(
     device = next(model.parameters()).device
     dtype = resolve_dtype(cfg.dtype, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = grad_scaler(dtype, device)  # fp16 on CUDA, as in pretraining
     batches = sft_data.batch_stream(train, cfg.batch_size, cfg.seq_len, cfg.batching, pad_id, cfg.seed)
     model.train()
     step, tokens, win_loss, win_n, cur_epoch = 0, 0, 0.0, 0, 0
@@ -161,12 +162,12 @@ def _train_loop(
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if math.isfinite(loss.item()):  # a non-finite loss skips the update
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_optimizer(optimizer, scaler, math.isfinite(loss.item()))  # a non-finite loss skips the update
         step, tokens = step + 1, tokens + x.numel()
         win_loss, win_n = win_loss + loss.item(), win_n + 1
         length.observe(step, time.perf_counter() - ts, time.perf_counter() - t0)
@@ -236,9 +237,11 @@ def _run_sft(cfg: SFTConfig, log: Callable[[str], None], held: contextlib.ExitSt
     log(f"held-out assistant-token loss before: {val_before:.4f} ({sft_data.assistant_tokens(val):,} tokens)")
     metrics.log("val", step=0, val_loss=val_before)
 
-    per_epoch = sft_data.steps_per_epoch(train, cfg.batch_size, cfg.seq_len, cfg.batching)
+    batching = (train, cfg.batch_size, cfg.seq_len, cfg.batching, cfg.seed)
+    per_epoch = sft_data.steps_per_epoch(*batching)  # batches of the first epoch, counted
+    epochs = sft_data.steps_for_epochs(*batching, cfg.num_epochs) if cfg.num_epochs is not None else None
     length = RunLength(
-        known_total(cfg.max_steps, cfg.num_epochs, per_epoch),
+        min((n for n in (cfg.max_steps, epochs) if n is not None), default=None),
         cfg.max_time * 60 if cfg.max_time is not None else None,
         cfg.warmup_steps,
     )
@@ -246,7 +249,7 @@ def _run_sft(cfg: SFTConfig, log: Callable[[str], None], held: contextlib.ExitSt
     optimizer = build_optimizer(model, opt_cfg, device)
     log(
         f"{len(train):,} examples, {sft_data.assistant_tokens(train):,} assistant tokens, "
-        f"~{per_epoch:,} steps per epoch ({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
+        f"{per_epoch:,} steps per epoch ({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
     )
 
     step, tokens, train_s, epoch_times = _train_loop(

@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from qinglm.config import ModelConfig, TrainConfig
-from qinglm.device import autocast, resolve_device
+from qinglm.device import autocast, deterministic_algorithms, resolve_device
 from qinglm.errors import QingLMError
 from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
 from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
+from qinglm.train.optim import step_optimizer
 from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at
-from qinglm.train.session import Run, setup_run
+from qinglm.train.session import Run, setup_run, step_seed
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
 # Every reason _stop_reason can give; when ranks differ, all take the one listed last.
@@ -113,12 +114,7 @@ def _optimizer_step(r: Run, row_len: int) -> tuple[float, float, int, bool]:
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     step_loss = distributed.mean(r.dist, loss_sum).item()  # every rank then takes the same decision
     ok = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm))
-    if ok and scaler is not None:
-        scaler.step(r.optimizer)
-        scaler.update()
-    elif ok:
-        r.optimizer.step()
-    r.optimizer.zero_grad(set_to_none=True)
+    step_optimizer(r.optimizer, scaler, ok)
     return step_loss, grad_norm, tokens, ok
 
 
@@ -276,8 +272,9 @@ def train(
 
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
-    dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
-    with distributed.group(dist):
+    device = resolve_device(train_cfg.device)
+    dist = distributed.init(device, train_cfg.parallel)
+    with distributed.group(dist), deterministic_algorithms(device):  # same seed, same weights: exact resume
         return _train(model_cfg, train_cfg, Path(run_dir), data_dir, log, sinks, dist)
 
 
@@ -314,6 +311,7 @@ def _train(
             for g in r.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: per-group multiplier seam (e.g. Muon)
             row_len = seq_len_at(seq_stages, r.step, r.length.total, cfg.seq_len)
+            torch.manual_seed(step_seed(cfg.seed, dist.rank, r.step))  # this rank's dropout masks
             step_loss, grad_norm, tokens, ok = _optimizer_step(r, row_len)
             step_time = time.perf_counter() - t0
             r.tokens_seen += tokens

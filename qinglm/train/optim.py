@@ -138,3 +138,18 @@ def build_optimizer(
     if name not in OPTIMIZERS:
         raise QingLMError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name](model, cfg, device)
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, scaler: Any, apply: bool) -> None:
+    """Return nothing; apply the update if `apply` (a GradScaler also skips inf/nan gradients), clear gradients.
+
+    A scaler is updated even when the update is skipped: after unscale_() it must be, or the next
+    step's unscale_() fails; a skipped fp16 step then also lowers the scale, as it should.
+    """
+    if scaler is not None:
+        if apply:
+            scaler.step(optimizer)
+        scaler.update()
+    elif apply:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -57,14 +57,20 @@ def lr_at(
     min_ratio: float,
     kind: str = "cosine",
     decay_fraction: float = 0.2,
+    warmup_from: tuple[int, float] = (-1, 0.0),
 ) -> float:
-    """Return the learning rate of 0-based update `step` under schedule `kind` (default: warmup + cosine)."""
+    """Return the learning rate of 0-based update `step` under schedule `kind` (default: warmup + cosine).
+
+    The warmup is a straight line from warmup_from = (step, fraction of peak) to the peak at step
+    warmup - 1; the default (-1, 0) gives (step+1)/warmup: the first update already moves (lr 0 would
+    waste a step). A time-only run starts its line where its first estimate found the lr.
+    """
     if kind not in SCHEDULES:
         raise QingLMError(f"unknown lr schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
     warmup = max(1, warmup)
     if step < warmup:
-        # (step+1)/warmup: the first update already moves (lr 0 would waste a step), the last reaches peak.
-        return peak * (step + 1) / warmup
+        start, ratio = warmup_from
+        return peak * (ratio + (1.0 - ratio) * (step - start) / (warmup - 1 - start))
     floor, shape = peak * min_ratio, SCHEDULES[kind](step, warmup, total, decay_fraction)
     if shape in (0.0, 1.0):  # exactly the floor or the peak, with no rounding in between
         return peak if shape else floor
@@ -95,9 +101,16 @@ class RunLength:
     then freezes it; the estimate is stored in checkpoints so a resumed run keeps the same schedule.
     Time spent in validation/checkpointing is not in the step time, so such runs end a little early
     on the cosine (the lr is then not quite at its floor) - harmless, and never past max_time.
+
+    Until the first estimate the lr climbs as over a warmup of SHORTEST_WARMUP steps (or
+    --warmup-steps if fewer), the shortest such a run ends up with; the estimate fixes the warmup
+    (5% of the run, capped by --warmup-steps, at least SHORTEST_WARMUP) and the lr climbs on in a
+    straight line from where it is to the peak. So the estimate can only slow the climb, never make
+    the lr jump (it used to: 0.01 -> 0.14 of the peak). Later estimates only move the end of the run.
     """
 
     ESTIMATE_AT = (10, 20, 50, 100)
+    SHORTEST_WARMUP = 2 * ESTIMATE_AT[0]
 
     def __init__(
         self,
@@ -121,7 +134,7 @@ class RunLength:
         if self.fixed or total_steps_est is None:
             return
         self.total = int(total_steps_est)
-        self.warmup = int(warmup_eff) if warmup_eff else effective_warmup(self.warmup_steps, self.total)
+        self.warmup = int(warmup_eff) if warmup_eff else self._estimated_warmup()
         self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
 
     def observe(self, step: int, step_time_s: float, elapsed_s: float) -> bool:
@@ -135,15 +148,31 @@ class RunLength:
         times = self._step_times[1:] or self._step_times
         per_step = max(statistics.median(times), 1e-6)
         remaining = max(0.0, self.max_time_s - elapsed_s)
+        first = self.total is None
         self.total = step + max(1, int(remaining / per_step))
-        self.warmup = effective_warmup(self.warmup_steps, self.total)
+        if first:
+            self.warmup = self._estimated_warmup()
         self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
         return True
 
+    def _early_warmup(self) -> int:
+        """Return the warmup a time-only run climbs at until its first estimate."""
+        return max(1, min(self.warmup_steps, self.SHORTEST_WARMUP))
+
+    def _ramp_start(self) -> tuple[int, float]:
+        """Return (step, fraction of peak) of the last update before a time-only run's first estimate."""
+        start = self.ESTIMATE_AT[0] - 1
+        return start, min(1.0, (start + 1) / self._early_warmup())
+
+    def _estimated_warmup(self) -> int:
+        """Return the warmup of a time-only run once its total is estimated (see the class docstring)."""
+        return max(effective_warmup(self.warmup_steps, self.total), self._early_warmup())
+
     def lr(self, step: int, peak: float, min_ratio: float) -> float:
         """Return the lr of 0-based update `step`; before a time-only run's first estimate, plain warmup."""
-        if self.total is None:
-            return peak * min(1.0, (step + 1) / self.warmup)
+        start, ratio = (-1, 0.0) if self.fixed else self._ramp_start()
+        if self.total is None or step <= start:  # a time-only run before its first estimate
+            return peak * min(1.0, (step + 1) / self._early_warmup())
         return lr_at(
             step,
             peak=peak,
@@ -152,6 +181,7 @@ class RunLength:
             min_ratio=min_ratio,
             kind=self.kind,
             decay_fraction=self.decay_fraction,
+            warmup_from=(start, ratio),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, TrainConfig, to_dict
 from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.shards import TokenShards
-from qinglm.device import compiled, resolve_compile, resolve_device, resolve_dtype
+from qinglm.device import compiled, grad_scaler, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.memory import allocating
 from qinglm.model import Transformer
@@ -166,7 +167,7 @@ def setup_run(
     state = read_state(resume_from) if resume_from is not None else None
     if state is not None:
         cfg = _fit_global_batch(cfg, state, dist.world_size, log)
-    # Every rank draws the same numbers: equal initial weights (which FSDP shards in place) and dropout.
+    # Every rank draws the same initial weights (which FSDP shards in place); dropout: see step_seed.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds every CUDA device
@@ -212,7 +213,7 @@ def setup_run(
         optimizer=build_optimizer(model, cfg, device),
         batches=batches,
         length=length,
-        scaler=torch.amp.GradScaler("cuda") if dtype == "fp16" and device.type == "cuda" else None,
+        scaler=grad_scaler(dtype, device),
         metrics=distributed.metrics_for(dist, run_dir),
         train_data=train_data,
         val_data=val_data,
@@ -234,6 +235,17 @@ def setup_run(
     for line in _header(r, steps_per_epoch):
         log(line)
     return r
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Return the seed of the random numbers (dropout) that `rank` draws in 0-based update `step`.
+
+    Ranks draw different dropout masks, as independent samples should; seeding each update from
+    (seed, rank, step) also makes a resumed run draw exactly the masks of an uninterrupted one,
+    whatever drew random numbers in between (validation samples) and whichever rank saved its state.
+    """
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch generator takes it
 
 
 def _resume(r: Run, ckpt: Path, state: dict[str, Any], trainer: dict[str, Any] | None) -> None:
