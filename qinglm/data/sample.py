@@ -34,15 +34,20 @@ class SampleStats:
         )
 
 
-def corpus_bytes(paths: Iterable[Path]) -> int:
-    """Return about how many bytes of text `paths` hold: file sizes, decompressed sizes for .gz/.zst,
-    the uncompressed size of every column for .parquet (an overestimate when other columns are there)."""
+def corpus_bytes(specs: Iterable[str]) -> int:
+    """Return about how many bytes of text `specs` (built-in corpus names or paths) hold: file sizes,
+    decompressed sizes for .gz/.zst, the uncompressed size of every column for .parquet (an
+    overestimate when it has other columns), UTF-8 bytes for built-in corpora."""
+    from qinglm.data.builtin import builtin_documents, is_builtin
+    from qinglm.data.sources import expand_paths
+
     total = 0
-    for path in paths:
-        if format_of(path) == ".parquet":
-            total += _parquet_bytes(path)
-        else:
-            total += stream_size(path)
+    for spec in specs:
+        if is_builtin(spec):
+            total += sum(len(doc.encode("utf-8")) for doc in builtin_documents(spec))
+            continue
+        for path in expand_paths(spec):
+            total += _parquet_bytes(path) if format_of(path) == ".parquet" else stream_size(path)
     return total
 
 
