@@ -136,8 +136,8 @@ def _read_sample(f: BinaryIO, path: Path) -> tuple[bytes, bool]:
     """Return (up to SAMPLE_BYTES from f, whether f holds more or breaks off); raise if nothing is
     readable."""
     parts, size = [], 0
-    try:
-        while size <= SAMPLE_BYTES and (chunk := f.read(min(1 << 16, SAMPLE_BYTES + 1 - size))):
+    try:  # read1: one raw read each, so what came before a break is not dropped with the error
+        while size <= SAMPLE_BYTES and (chunk := f.read1(min(1 << 16, SAMPLE_BYTES + 1 - size))):
             parts.append(chunk)
             size += len(chunk)
     except CorruptInput as e:

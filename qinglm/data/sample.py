@@ -27,10 +27,11 @@ class SampleStats:
     bytes: int = 0
 
     def summary(self) -> str:
-        """Return one human line, e.g. 'tokenizer sample: 12,345 documents, 32.0 MB of about 1,024.0 MB'."""
+        """Return one human line, e.g. 'tokenizer sample: 12,345 documents, 33,554,000 bytes of about
+        1,073,741,824 bytes of text'."""
         return (
-            f"tokenizer sample: {self.documents:,} documents, {self.bytes / 1e6:,.1f} MB "
-            f"of about {self.corpus_bytes / 1e6:,.1f} MB of text"
+            f"tokenizer sample: {self.documents:,} documents, {self.bytes:,} bytes "
+            f"of about {self.corpus_bytes:,} bytes of text"
         )
 
 
