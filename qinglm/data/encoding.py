@@ -60,9 +60,11 @@ def check_codec(raw: bytes, codec: str, *, truncated: bool, name: str) -> None:
     """Return nothing; raise QingLMError when most lines of `raw` do not decode with `codec`."""
     bad = _bad_line_share(raw, codec, not truncated)
     if bad > 0.5:
+        lines = _decode(raw, codec, not truncated).splitlines()
+        first = next(i for i, line in enumerate(lines, 1) if LONE_SURROGATE.search(line))
         raise QingLMError(
-            f"cannot decode {name} as {codec}: {bad:.0%} of the lines in its first MB hold bytes that "
-            f"are not {codec}; pass the right --encoding, or leave it out to detect it"
+            f"cannot decode {name} as {codec}: line {first} and {bad:.0%} of the lines in its first MB "
+            f"hold bytes that are not {codec}; pass the right --encoding, or leave it out to detect it"
         )
 
 
