@@ -100,6 +100,11 @@ def test_a_bad_line_is_skipped_and_counted_wherever_it_is_and_named_by_its_numbe
             assert read(path, txt_mode="line", stats=stats, **how) == expected
             assert stats.skipped == {"undecodable bytes": 1}
             assert f"the first at {path} line 2001 (undecodable bytes)" in stats.summary()
+    book = tmp_path / "book.txt"  # paragraphs: the one holding the bad line is skipped, named by it
+    book.write_bytes("甲一\n甲二\n\n乙一\n".encode() + b"\xff\xfe\n" + "乙三\n\n丙\n".encode())
+    stats = ReadStats()
+    assert read(book, stats=stats) == ["甲一\n甲二", "丙"]
+    assert stats.first_skipped == f"{book} line 5 (undecodable bytes)"
 
 
 def test_a_file_of_undecodable_lines_is_one_clear_error(tmp_path):

@@ -295,7 +295,7 @@ def _txt_texts(path: Path, encoding: str | None, txt_mode: str) -> Iterator[Raw]
     for number, text, more in lines:
         if not in_line and not text.strip():  # a blank line ends the paragraph
             if parts:
-                yield Raw(start, "".join(parts))
+                yield _paragraph(start, parts)
                 parts, size = [], 0
             continue
         start = start if parts else number
@@ -303,10 +303,18 @@ def _txt_texts(path: Path, encoding: str | None, txt_mode: str) -> Iterator[Raw]
         size += len(text)
         in_line = more
         if size >= MAX_LINE_CHARS:  # a paragraph too long to hold: hand it on in pieces
-            yield Raw(start, "".join(parts), more=True)
+            yield _paragraph(start, parts, more=True)
             parts, size = [], 0
     if parts:
-        yield Raw(start, "".join(parts))
+        yield _paragraph(start, parts)
+
+
+def _paragraph(start: int, parts: list[str], more: bool = False) -> Raw:
+    """Return the record of a paragraph starting at line `start`; one with undecodable bytes is
+    placed at the line that holds them, so the skip names that line."""
+    text = "".join(parts)
+    bad = LONE_SURROGATE.search(text)
+    return Raw(start + text.count("\n", 0, bad.start()) if bad else start, text, more=more)
 
 
 def _record_text(record: object, text_field: str) -> tuple[str | None, str]:
