@@ -9,13 +9,12 @@ import sys
 import textwrap
 
 import pytest
+import zstandard
 
 from qinglm.cli import main
 from qinglm.data.sample import SampleStats, corpus_bytes, sample_documents
 from qinglm.data.sources import ReadStats, expand_paths, read_documents, split_of
 from qinglm.errors import QingLMError
-
-zstandard = pytest.importorskip("zstandard")
 
 _RNG = random.Random(0)
 DOCS = [f"第{i}篇：" + "".join(chr(_RNG.randrange(0x4E00, 0x9FA5)) for _ in range(30)) for i in range(300)]
