@@ -170,7 +170,7 @@ def test_the_tokenizer_sample_is_bounded_even_and_reproducible():
     assert len(train_sample) > 0.9 * len(sample)  # independent of the train/val split
     assert list(sample_documents(iter(docs), size, 10 * size)) == docs  # small corpus: all of it
     with pytest.raises(QingLMError, match="at least 1 byte"):
-        list(sample_documents(iter(docs), size, 0))
+        sample_documents(iter(docs), size, 0)  # at once, before the trainer starts
 
 
 def test_tokenizer_train_feeds_only_the_sample(tmp_path, capsys):

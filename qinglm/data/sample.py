@@ -66,12 +66,17 @@ def _parquet_bytes(path: Path) -> int:
 def sample_documents(
     docs: Iterable[str], corpus_size: int, sample_bytes: int, stats: SampleStats | None = None
 ) -> Iterator[str]:
-    """Yield the documents of `docs` whose hash falls below sample_bytes / corpus_size, until
-    `sample_bytes` UTF-8 bytes have been yielded; every document when the corpus is small enough."""
-    if sample_bytes < 1:
+    """Return an iterator over the documents of `docs` whose hash falls below sample_bytes / corpus_size,
+    stopping before `sample_bytes` UTF-8 bytes are exceeded; every document when the corpus is small."""
+    if sample_bytes < 1:  # checked now, not when the trainer first asks for a document
         raise QingLMError(f"the tokenizer sample must be at least 1 byte, got {sample_bytes}")
     stats = stats if stats is not None else SampleStats()
     stats.corpus_bytes = corpus_size
+    return _sample(docs, corpus_size, sample_bytes, stats)
+
+
+def _sample(docs: Iterable[str], corpus_size: int, sample_bytes: int, stats: SampleStats) -> Iterator[str]:
+    """Yield the sample that sample_documents describes, counting it in `stats`."""
     threshold = min(1.0, sample_bytes / max(corpus_size, 1)) * 2**64
     for doc in docs:
         raw = doc.encode("utf-8", errors="surrogatepass")
