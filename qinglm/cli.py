@@ -50,12 +50,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _data_cfg(args: argparse.Namespace) -> TrainConfig:
+    sample = getattr(args, "sample_bytes", None)
     return TrainConfig(
         data=args.data,
         val_fraction=args.val_fraction,
         encoding=args.encoding,
         nfkc=args.nfkc,
         text_field=args.text_field,
+        **({"tokenizer_sample_bytes": sample} if sample is not None else {}),
     )
 
 
@@ -119,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
     _add_data_options(t)
     t.add_argument("--vocab-size", type=int, default=10_000)
+    t.add_argument(
+        "--sample-bytes",
+        type=int,
+        default=None,
+        help="train on an even, reproducible sample of about this many bytes of the corpus (default "
+        f"{TrainConfig.tokenizer_sample_bytes:,}: the trainer needs about 80 bytes of memory per byte "
+        "of Chinese text)",
+    )
     t.add_argument("--out", required=True, help="directory for tokenizer.json")
 
     p = sub.add_parser("prepare", help="tokenize text into packed train/val shards")

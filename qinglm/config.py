@@ -182,6 +182,9 @@ class TrainConfig:
     encoding: str | None = _f(None, "text encoding of data files (default: detect)")
     nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
     text_field: str = _f("text", "JSONL/Parquet field holding the text")
+    tokenizer_sample_bytes: int = _f(
+        32 << 20, "train the tokenizer on an even sample of about this many bytes of the corpus"
+    )
     sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
     sample_tokens: int = _f(
         60, "tokens to generate per sample prompt (after training; greedy ones at each validation)"

@@ -69,15 +69,21 @@ def data_name(specs: list[str]) -> str:
 def train_tokenizer_on(
     specs: list[str], vocab_size: int, out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print
 ):
-    """Train a byte-level BPE tokenizer on the train split, save it, print chars/token on val; return it."""
+    """Train a byte-level BPE tokenizer on an even sample of the train split (cfg.tokenizer_sample_bytes),
+    save it, print chars/token on val; return it."""
+    from qinglm.data.sample import SampleStats, corpus_bytes, sample_documents
     from qinglm.data.sources import ReadStats
     from qinglm.tokenizer import chars_per_token, train_tokenizer
 
     t0 = time.time()
-    stats = ReadStats()
-    tok = train_tokenizer(iter_documents(specs, "train", cfg, stats), vocab_size)
+    stats, sample = ReadStats(), SampleStats()
+    docs = iter_documents(specs, "train", cfg, stats)
+    tok = train_tokenizer(
+        sample_documents(docs, corpus_bytes(specs), cfg.tokenizer_sample_bytes, sample), vocab_size
+    )
     if stats.files:
         log(stats.summary())
+    log(sample.summary())
     tok.save(out_dir)
     val = list(_take(iter_documents(specs, "val", cfg), 2000))
     cpt = chars_per_token(tok, val) if val else float("nan")
@@ -96,21 +102,19 @@ def prepare_data(
     log: Callable[[str], None] = print,
     overwrite: bool = False,
 ) -> dict:
-    """Tokenize the train and val splits into packed shards under out_dir; return the index.
+    """Tokenize the train and val splits into packed shards under out_dir, streaming (bounded memory,
+    reading overlapped with tokenizing on every core); return the index.
 
-    out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_shards.
+    out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_stream.
     """
-    from qinglm.data.shards import prepare_shards
-    from qinglm.data.sources import ReadStats
+    from qinglm.data.shards import prepare_stream
+    from qinglm.data.sources import ReadStats, split_of
 
     t0 = time.time()
     stats = ReadStats()
-    index = prepare_shards(
-        {"train": iter_documents(specs, "train", cfg, stats), "val": iter_documents(specs, "val", cfg)},
-        tokenizer,
-        out_dir,
-        overwrite=overwrite,
-    )
+    docs = iter_documents(specs, "all", cfg, stats)  # one pass: each document goes to its split
+    labelled = ((split_of(doc, cfg.val_fraction), doc) for doc in docs)
+    index = prepare_stream(labelled, ["train", "val"], tokenizer, out_dir, overwrite=overwrite)
     if stats.files:
         log(stats.summary())
     sp = index["splits"]

@@ -232,9 +232,9 @@ def test_parquet_columns(tmp_path):
 def test_parquet_is_read_in_batches(tmp_path, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    import qinglm.data.sources as sources
+    import qinglm.data.parquet as parquet
 
-    monkeypatch.setattr(sources, "_PARQUET_BATCH_ROWS", 3)
+    monkeypatch.setattr(parquet, "_PARQUET_BATCH_ROWS", 3)
     docs = [f"文档{i}" for i in range(10)]
     pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet", row_group_size=4)
     assert read(tmp_path / "a.parquet") == docs

@@ -181,7 +181,7 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
         ),
         "gbk_file_read_as_utf8": (
             ["tokenizer", "train", "--data", files["gbk"], "--encoding", "utf-8", "--out", out],
-            "cannot decode line 1 as utf-8",
+            "as utf-8: line 1 and 100% of the lines",
         ),
         "unknown_encoding": (
             ["tokenizer", "train", "--data", files["utf8"], "--encoding", "klingon", "--out", out],

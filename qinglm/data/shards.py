@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sized
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -29,6 +32,7 @@ FORMAT = 1
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)_\d{4}\.bin$")
 _PREPARE_HINT = "run `qinglm prepare` first"
+T = TypeVar("T")
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -75,11 +79,11 @@ class _ShardWriter:
         self.fill = 0
 
 
-def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Return an iterator over lists of up to `size` consecutive documents."""
-    batch: list[str] = []
-    for doc in docs:
-        batch.append(doc)
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Return an iterator over lists of up to `size` consecutive items."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
@@ -87,43 +91,46 @@ def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _prepare_split(
-    split: str,
-    docs: Iterable[str],
-    tokenizer: Tokenizer,
-    writer: _ShardWriter,
-    batch_docs: int,
-    show_progress: bool,
-) -> dict:
-    """Return the index entry of one split after tokenizing and writing all its shards."""
-    n_docs = n_chars = 0
-    total = len(docs) if isinstance(docs, Sized) else None
-    with tqdm(
-        total=total, desc=f"prepare {split}", unit="doc", disable=None if show_progress else True
-    ) as bar:  # None: only on a terminal
-        for batch in _batches(docs, batch_docs):
-            flat: list[int] = []
-            for ids in tokenizer.encode_batch(batch):
-                flat.append(BOS_ID)
-                flat.extend(ids)
-                flat.append(EOS_ID)
-            writer.add(np.array(flat, dtype=writer.dtype))
-            n_docs += len(batch)
-            n_chars += sum(map(len, batch)) + len(batch)
-            bar.update(len(batch))
-    writer.flush()
-    if n_docs == 0:
-        raise QingLMError(f"split {split!r} has no documents; check the corpus and the split settings")
-    return {
-        "shards": writer.shards,
-        "tokens": sum(s["tokens"] for s in writer.shards),
-        "documents": n_docs,
-        "characters": n_chars,
-    }
+def _read_ahead(items: Iterable[T], size: int, depth: int = 4) -> Iterator[list[T]]:
+    """Yield lists of up to `size` items, read by a background thread at most `depth` lists ahead.
+
+    Reading and parsing the corpus (Python) then overlaps tokenizing (Rust, all cores, GIL released);
+    the queue bounds the memory. An error in the reader is raised here, in the caller's thread.
+    """
+    done, stop = object(), threading.Event()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(x: object) -> None:
+        while not stop.is_set():
+            try:
+                return q.put(x, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def produce() -> None:
+        try:
+            for batch in _batches(items, size):
+                put(batch)
+                if stop.is_set():
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="qinglm-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (batch := q.get()) is not done:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield batch
+    finally:
+        stop.set()
 
 
-def prepare_shards(
-    docs_by_split: Mapping[str, Iterable[str]],
+def prepare_stream(
+    docs: Iterable[tuple[str, str]],
+    splits: Sequence[str],
     tokenizer: Tokenizer,
     out_dir: str | os.PathLike,
     *,
@@ -132,21 +139,25 @@ def prepare_shards(
     show_progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Return the index dict after tokenizing every split into packed shards under `out_dir`.
+    """Return the index dict after tokenizing a stream of (split, document) pairs into packed shards.
 
-    out_dir is new, empty, or a prepared directory; any other non-empty one needs overwrite. Only the
-    files QingLM wrote there (its manifest) are replaced or deleted.
+    One pass over the corpus, whatever the number of splits; memory stays bounded by the shard
+    buffers and a few batches, however large the corpus. out_dir is new, empty, or a prepared
+    directory; any other non-empty one needs overwrite. Only the files QingLM wrote there (its
+    manifest) are replaced or deleted.
     """
     if shard_tokens < 1:
         raise QingLMError(f"shard_tokens must be positive, got {shard_tokens}")
     if batch_docs < 1:
         raise QingLMError(f"batch_docs must be positive, got {batch_docs}")
-    if not docs_by_split:
+    if not splits:
         raise QingLMError("no splits to prepare; give at least a 'train' split")
-    for split in docs_by_split:
+    for split in splits:
         if not _SPLIT_NAME.match(split):
             raise QingLMError(f"split name {split!r} must be letters, digits, '_' or '-'")
     out = Path(out_dir)
+    dtype = _dtype_for(tokenizer.vocab_size)
+    counts = {split: [0, 0] for split in splits}  # documents, characters
     try:
         owned = OwnedDir.claim(
             out, "data", [INDEX_FILE, LOCK_FILE], overwrite=overwrite, legacy=_legacy_prepared
@@ -155,15 +166,40 @@ def prepare_shards(
             owned.remove_leftovers()  # temp files of a killed preparation
             # Drop the old index first: if we are killed midway, the directory must not look complete.
             (out / INDEX_FILE).unlink(missing_ok=True)
-            splits = {}
-            dtype = _dtype_for(tokenizer.vocab_size)
-            for split, docs in docs_by_split.items():
-                writer = _ShardWriter(owned, split, dtype, shard_tokens)
-                splits[split] = _prepare_split(split, docs, tokenizer, writer, batch_docs, show_progress)
-            index = _finish(owned, splits, dtype, tokenizer)
+            writers = {split: _ShardWriter(owned, split, dtype, shard_tokens) for split in splits}
+            with tqdm(desc="prepare", unit="doc", disable=None if show_progress else True) as bar:
+                for batch in _read_ahead(docs, batch_docs):  # bar: None = only on a terminal
+                    flat: dict[str, list[int]] = {split: [] for split in splits}
+                    for (split, doc), ids in zip(batch, tokenizer.encode_batch([d for _, d in batch])):
+                        tokens = flat[split]
+                        tokens.append(BOS_ID)
+                        tokens.extend(ids)
+                        tokens.append(EOS_ID)
+                        counts[split][0] += 1
+                        counts[split][1] += len(doc) + 1
+                    for split, tokens in flat.items():
+                        if tokens:
+                            writers[split].add(np.array(tokens, dtype=dtype))
+                    bar.update(len(batch))
+            for writer in writers.values():
+                writer.flush()
+            for split, (n_docs, _) in counts.items():
+                if n_docs == 0:
+                    raise QingLMError(
+                        f"split {split!r} has no documents; check the corpus and the split settings"
+                    )
+            entries = {
+                split: {
+                    "shards": writers[split].shards,
+                    "tokens": sum(s["tokens"] for s in writers[split].shards),
+                    "documents": counts[split][0],
+                    "characters": counts[split][1],
+                }
+                for split in splits
+            }
+            return _finish(owned, entries, dtype, tokenizer)
     except OSError as e:  # unwritable directory, full disk
         raise QingLMError(f"cannot write prepared data to {out}: {e.strerror or e}") from None
-    return index
 
 
 def _finish(owned: OwnedDir, splits: dict, dtype: np.dtype, tokenizer: Tokenizer) -> dict:
@@ -192,6 +228,18 @@ def _legacy_prepared(path: Path) -> list[str] | None:
         return [INDEX_FILE, *(s["file"] for e in index["splits"].values() for s in e["shards"])]
     except (QingLMError, KeyError, TypeError):
         return None
+
+
+def prepare_shards(
+    docs_by_split: Mapping[str, Iterable[str]],
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    **options: int | bool,
+) -> dict:
+    """Return the index dict after tokenizing every split into packed shards under `out_dir`
+    (options: those of prepare_stream)."""
+    labelled = ((split, doc) for split, docs in docs_by_split.items() for doc in docs)
+    return prepare_stream(labelled, list(docs_by_split), tokenizer, out_dir, **options)
 
 
 def load_index(data_dir: str | os.PathLike) -> dict:

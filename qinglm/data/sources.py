@@ -1,4 +1,4 @@
-"""Read users' text corpora (.txt, .jsonl/.json, .parquet) as a stream of document strings."""
+"""Read users' text corpora (.txt, .jsonl/.json, also .gz/.zst; .parquet) as a stream of document strings."""
 
 from __future__ import annotations
 
@@ -12,19 +12,25 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from qinglm.data.encoding import SAMPLE_BYTES, open_text
+from qinglm.data.encoding import LONE_SURROGATE, SAMPLE_BYTES, open_text, read_lines
+from qinglm.data.files import CorruptInput, format_of
 from qinglm.errors import QingLMError
 
 PathSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.zst", "...")
 TXT_MODES = ("auto", "line", "paragraph")
 # A longer document (a whole book on one line, say) is cut into pieces of at most this many
 # characters, at a sentence end where one is near: tokenizing and packing stay fast and bounded.
 MAX_DOC_CHARS = 100_000
 _SENTENCE_ENDS = "。！？!?\n"
-_PARQUET_BATCH_ROWS = 8192
+# Lines are read at most this many characters at a time, so one huge line cannot take unbounded
+# memory: a longer .txt line is read on in pieces (then cut like any long document); a longer
+# JSON line cannot be parsed in pieces, so it is skipped and counted.
+MAX_LINE_CHARS = 1 << 23  # 8,388,608 characters, about 24 MB of Chinese UTF-8
+MAX_JSON_ARRAY_CHARS = 1 << 26  # a .json file holding one array is parsed whole: at most this big
 
 # Full-width forms that are plain ASCII in disguise.  Full-width punctuation that Chinese text
 # really uses (，！？：；（）［］｛｝＂＇～) is deliberately absent.
@@ -36,9 +42,6 @@ _NORMALIZE_TABLE = {
     **{ord(c) + 0xFEE0: ord(c) for c in _HALF_WIDTH_SYMBOLS},  # ．％－／ ...
     0x3000: 0x20,  # ideographic space
 }
-# Undecodable bytes come back as lone surrogates (errors="surrogateescape"); a document with one
-# would crash any later UTF-8 encode, so it is skipped.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BLANK_LINE_BETWEEN_TEXT = re.compile(r"\S[^\S\n]*\n[^\S\n]*\n\s*\S")
 
 
@@ -51,6 +54,12 @@ class ReadStats:
     characters: int = 0
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     split_long: int = 0  # documents longer than MAX_DOC_CHARS, each cut into pieces
+    first_skipped: str = ""  # where the first skipped record is, e.g. "a.txt line 2001 (undecodable bytes)"
+
+    def skip(self, reason: str, where: str) -> None:
+        """Return nothing; count one skipped record and remember where the first one was."""
+        self.skipped[reason] += 1
+        self.first_skipped = self.first_skipped or f"{where} ({reason})"
 
     def summary(self) -> str:
         """Return one human line, e.g. 'read 3 files, 12 documents, 345 characters; skipped 2 (empty: 2)'."""
@@ -60,6 +69,8 @@ class ReadStats:
         if total:
             reasons = ", ".join(f"{reason}: {n:,}" for reason, n in self.skipped.most_common())
             line += f"; skipped {total:,} ({reasons})"
+            if self.first_skipped:
+                line += f", the first at {self.first_skipped}"
         if self.split_long:
             docs = "document" if self.split_long == 1 else "documents"
             line += f"; split {self.split_long:,} {docs} longer than {MAX_DOC_CHARS:,} characters into pieces"
@@ -91,8 +102,8 @@ def split_of(doc: str, val_fraction: float) -> str:
 def expand_paths(spec: PathSpec) -> list[Path]:
     """Return the input files named by `spec`: files, directories (searched recursively) or globs.
 
-    A directory contributes its *.txt, *.jsonl, *.json and *.parquet files (hidden ones
-    excluded), sorted.  A glob contributes every file it matches, like the shell would.
+    A directory contributes its *.txt, *.jsonl, *.json and *.parquet files, and .txt/.jsonl/.json
+    files compressed as .gz or .zst (hidden ones excluded), sorted.  A glob contributes every file it matches, like the shell would.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -133,7 +144,7 @@ def _scan_dir(root: Path) -> list[Path]:
     return sorted(
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in TEXT_SUFFIXES
+        if format_of(p) is not None
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
@@ -172,6 +183,16 @@ def read_documents(
     )
 
 
+class Raw(NamedTuple):
+    """One record of a file before cleaning: its text, or why it is skipped, and where it starts."""
+
+    number: int  # line, item or row number where the record starts
+    text: str | None  # None: skipped, for `reason`
+    reason: str = ""
+    more: bool = False  # the text goes on in the next record (a line longer than MAX_LINE_CHARS)
+    unit: str = "line"
+
+
 def _iter_documents(
     paths: list[Path], encoding: str | None, nfkc: bool, text_field: str, txt_mode: str, stats: ReadStats
 ) -> Iterator[str]:
@@ -184,32 +205,57 @@ def _iter_documents(
         if size == 0:
             raise QingLMError(f"{path} is empty; remove it from the inputs or add text to it")
         stats.files += 1
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            raw_docs = _parquet_texts(path, text_field, stats)
-        elif suffix in (".jsonl", ".json"):
-            raw_docs = _json_texts(path, encoding, text_field, stats)
+        kind, hint = format_of(path), ""
+        if kind == ".parquet":
+            from qinglm.data.parquet import parquet_texts
+
+            records = (
+                Raw(n, text, reason, unit="row") for n, text, reason in parquet_texts(path, text_field)
+            )
+        elif kind in (".jsonl", ".json"):
+            records = _json_texts(path, encoding, text_field)
+            hint = f"each line must be a JSON object with a string {text_field!r} field (see --text-field)"
         else:
-            raw_docs = _txt_texts(path, encoding, txt_mode)
-        yielded = 0
-        problems_before = sum(stats.skipped.values()) - stats.skipped["empty"]
-        for doc in raw_docs:
-            doc = (normalize_text(doc) if nfkc else doc).strip()
-            if not doc:
-                stats.skipped["empty"] += 1
-            elif _LONE_SURROGATE.search(doc):
-                stats.skipped["undecodable bytes"] += 1
-            else:
+            records = _txt_texts(path, encoding, txt_mode)
+        yield from _documents_of(path, records, nfkc, stats, hint)
+
+
+def _documents_of(
+    path: Path, records: Iterator[Raw], nfkc: bool, stats: ReadStats, hint: str
+) -> Iterator[str]:
+    """Yield the cleaned documents of one file's records; count the skipped ones and where they are.
+    Raise QingLMError, with `hint`, when the file gives no document at all."""
+    yielded, first_problem, continued, last = 0, "", False, 0
+    try:
+        for record in records:
+            last = record.number
+            text, reason = record.text, record.reason
+            if text is not None and LONE_SURROGATE.search(text):
+                text, reason = None, "undecodable bytes"
+            if text is None:
+                stats.skip(reason, f"{path} {record.unit} {record.number}")
+                first_problem = first_problem or f"{record.unit} {record.number}: {reason}"
+            elif doc := (normalize_text(text) if nfkc else text).strip():
                 pieces = split_long_document(doc)
-                stats.split_long += len(pieces) > 1
+                stats.split_long += (len(pieces) > 1 or record.more) and not continued
                 for piece in pieces:
                     yielded += 1
                     stats.documents += 1
                     stats.characters += len(piece)
                     yield piece
-        problems = sum(stats.skipped.values()) - stats.skipped["empty"] - problems_before
-        if yielded == 0 and problems == 0:
-            raise QingLMError(f"{path} is empty (no text in it); remove it from the inputs or add text")
+            elif not (record.more or continued):
+                stats.skipped["empty"] += 1
+            continued = record.more
+    except CorruptInput as e:
+        reason = "truncated or corrupt compressed data"
+        stats.skip(reason, f"{path} after line {last}")
+        first_problem = first_problem or f"after line {last}: {reason} ({e})"
+    if yielded == 0 and first_problem:
+        if "undecodable" in first_problem:
+            hint = "pass the right --encoding"
+        raise QingLMError(f"{path}: no usable record ({first_problem}); {hint or 'check the file'}")
+    if yielded == 0:
+        raise QingLMError(f"{path} is empty (no text in it); remove it from the inputs or add text")
 
 
 def split_long_document(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
@@ -229,142 +275,104 @@ def split_long_document(doc: str, limit: int = MAX_DOC_CHARS) -> list[str]:
     return pieces
 
 
-def _lines(path: Path, encoding: str | None) -> Iterator[str]:
-    """Yield the lines of a text file (CRLF/CR made LF, a leading BOM dropped)."""
-    lineno = 0
-    try:
-        with open_text(path, encoding) as f:
-            for lineno, line in enumerate(f, 1):
-                yield line.lstrip("\ufeff") if lineno == 1 else line
-    except UnicodeDecodeError as e:
-        how = f"as {encoding}" if encoding else "with the detected encoding"
-        raise QingLMError(
-            f"{path}: cannot decode line {lineno + 1} {how} ({e.reason}); pass the right --encoding"
-        ) from None
-
-
-def _txt_texts(path: Path, encoding: str | None, txt_mode: str) -> Iterator[str]:
+def _txt_texts(path: Path, encoding: str | None, txt_mode: str) -> Iterator[Raw]:
     """Yield the raw documents of a .txt file: lines or blank-line-separated paragraphs."""
     if txt_mode == "auto":
         with open_text(path, encoding) as f:
             try:
                 sample = f.read(SAMPLE_BYTES)
-            except UnicodeDecodeError:
-                sample = ""  # _lines reports the decoding problem with its line number
+            except CorruptInput:
+                sample = ""  # reported, with where, when the lines are read
         txt_mode = "paragraph" if _BLANK_LINE_BETWEEN_TEXT.search(sample) else "line"
+    lines = read_lines(path, encoding, MAX_LINE_CHARS)
     if txt_mode == "line":
-        yield from _lines(path, encoding)
+        for number, text, more in lines:
+            yield Raw(number, text, more=more)
         return
-    paragraph: list[str] = []
-    for line in _lines(path, encoding):
-        line = line.rstrip()
-        if line:
-            paragraph.append(line)
-        elif paragraph:
-            yield "\n".join(paragraph)
-            paragraph = []
-    if paragraph:
-        yield "\n".join(paragraph)
+    parts: list[str] = []  # the paragraph so far, its lines rstripped and ended by "\n"
+    start = size = 0
+    in_line = False  # the last piece read ends inside a long line
+    for number, text, more in lines:
+        if not in_line and not text.strip():  # a blank line ends the paragraph
+            if parts:
+                yield _paragraph(start, parts)
+                parts, size = [], 0
+            continue
+        start = start if parts else number
+        parts.append(text if more else text.rstrip() + "\n")
+        size += len(text)
+        in_line = more
+        if size >= MAX_LINE_CHARS:  # a paragraph too long to hold: hand it on in pieces
+            yield _paragraph(start, parts, more=True)
+            parts, size = [], 0
+    if parts:
+        yield _paragraph(start, parts)
 
 
-def _record_text(record: object, text_field: str) -> tuple[str | None, str | None]:
-    """Return (text, None) for a usable JSON record, else (None, the reason it is skipped)."""
+def _paragraph(start: int, parts: list[str], more: bool = False) -> Raw:
+    """Return the record of a paragraph starting at line `start`; one with undecodable bytes is
+    placed at the line that holds them, so the skip names that line."""
+    text = "".join(parts)
+    bad = LONE_SURROGATE.search(text)
+    return Raw(start + text.count("\n", 0, bad.start()) if bad else start, text, more=more)
+
+
+def _record_text(record: object, text_field: str) -> tuple[str | None, str]:
+    """Return (text, "") for a usable JSON record, else (None, the reason it is skipped)."""
     if isinstance(record, str):
-        return record, None
+        return record, ""
     if not isinstance(record, dict):
         return None, "not a JSON object"
     if text_field not in record:
         return None, f"missing '{text_field}' field"
     text = record[text_field]
-    return (text, None) if isinstance(text, str) else (None, "non-string text")
+    return (text, "") if isinstance(text, str) else (None, "non-string text")
 
 
-def _json_texts(path: Path, encoding: str | None, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Yield the text fields of a JSON-lines file (or a .json array); bad records are counted."""
-    records = _json_array(path, encoding) if path.suffix.lower() == ".json" else None
-    where = "item" if records is not None else "line"
-    good = bad = 0
-    first_problem = ""
-    for number, problem, record in records if records is not None else _parsed_lines(path, encoding):
-        text, reason = (None, problem) if problem else _record_text(record, text_field)
-        if text is None:
-            bad += 1
-            stats.skipped[reason] += 1
-            first_problem = first_problem or f"{where} {number}: {reason}"
+def _json_texts(path: Path, encoding: str | None, text_field: str) -> Iterator[Raw]:
+    """Yield the text fields of a JSON-lines file (or of a .json array), or why each is skipped."""
+    items = _json_array(path, encoding) if format_of(path) == ".json" else None
+    if items is not None:
+        for number, item in enumerate(items, 1):
+            yield Raw(number, *_record_text(item, text_field), unit="item")
+        return
+    skipping = False  # inside a line too long to parse
+    for number, line, more in read_lines(path, encoding, MAX_LINE_CHARS):
+        if skipping or more:
+            if not skipping:
+                yield Raw(number, None, f"line longer than {MAX_LINE_CHARS:,} characters")
+            skipping = more
             continue
-        good += 1
-        yield text
-    if good == 0 and bad > 0:
-        raise QingLMError(
-            f"{path}: no usable record ({first_problem}); each line must be a JSON object "
-            f"with a string {text_field!r} field (see --text-field)"
-        )
-
-
-def _json_array(path: Path, encoding: str | None) -> list[tuple[int, str | None, object]] | None:
-    """Return the items of a .json file holding one JSON array, or None when it is JSON lines."""
-    with open_text(path, encoding) as f:
-        head = f.read(4096).lstrip("\ufeff \t\r\n")
-    if not head.startswith("["):
-        return None
-    # A JSON array cannot be streamed with the standard library; such files are usually small.
-    try:
-        items = json.loads("".join(_lines(path, encoding)))
-    except ValueError as e:
-        raise QingLMError(f"{path}: invalid JSON ({e}); fix the file or write it as JSON lines") from None
-    if not isinstance(items, list):
-        return None
-    return [(i, None, item) for i, item in enumerate(items, 1)]
-
-
-def _parsed_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, str | None, object]]:
-    """Yield (line number, problem or None, parsed object) for each non-blank line."""
-    for number, line in enumerate(_lines(path, encoding), 1):
         if not line.strip():
             continue
         try:
-            yield number, None, json.loads(line)
+            record = json.loads(line)
         except ValueError:
-            yield number, "invalid JSON", None
+            yield Raw(number, None, "invalid JSON")
+            continue
+        yield Raw(number, *_record_text(record, text_field))
 
 
-def _parquet_texts(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Yield the text column of a parquet file, one row group batch at a time."""
+def _json_array(path: Path, encoding: str | None) -> list[object] | None:
+    """Return the items of a .json file holding one JSON array, or None when it is JSON lines."""
+    with open_text(path, encoding) as f:
+        try:
+            head = f.read(4096).lstrip("\ufeff \t\r\n")
+            if not head.startswith("["):
+                return None
+            # A JSON array cannot be streamed with the standard library: it is parsed whole, if small.
+            text = head + f.read(MAX_JSON_ARRAY_CHARS)
+        except CorruptInput as e:
+            raise QingLMError(
+                f"{path} is truncated or corrupt ({e}); download or compress it again"
+            ) from None
+        if f.read(1):
+            raise QingLMError(
+                f"{path} holds a JSON array longer than {MAX_JSON_ARRAY_CHARS:,} characters, too big to "
+                "parse at once; write it as JSON lines (one object per line), which is read as a stream"
+            )
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise QingLMError("reading .parquet files needs pyarrow: pip install pyarrow") from None
-    try:
-        parquet = pq.ParquetFile(path)
-        column = _text_column(path, parquet.schema_arrow, text_field)
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                if value is None:
-                    stats.skipped["null text"] += 1
-                else:
-                    yield value
-    except (pa.ArrowException, OSError) as e:
-        raise QingLMError(f"{path} is not a readable parquet file ({e})") from None
-
-
-def _text_column(path: Path, schema: object, text_field: str) -> str:
-    """Return the name of the column holding the text: `text_field`, else the only string column."""
-    import pyarrow as pa
-
-    def is_string(t: object) -> bool:
-        return pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"
-
-    columns = ", ".join(f"{f.name} ({f.type})" for f in schema)
-    if text_field in schema.names:
-        if not is_string(schema.field(text_field).type):
-            raise QingLMError(f"{path}: column {text_field!r} is not text; columns are: {columns}")
-        return text_field
-    strings = [f.name for f in schema if is_string(f.type)]
-    if len(strings) != 1:
-        which = "no" if not strings else "several"
-        raise QingLMError(
-            f"{path}: no {text_field!r} column and {which} string columns; "
-            f"pass --text-field with one of: {columns}"
-        )
-    return strings[0]
+        items = json.loads(text)
+    except ValueError as e:
+        raise QingLMError(f"{path}: invalid JSON ({e}); fix the file or write it as JSON lines") from None
+    return items if isinstance(items, list) else None
