@@ -173,7 +173,7 @@ def test_the_tokenizer_sample_is_bounded_even_and_reproducible():
         sample_documents(iter(docs), size, 0)  # at once, before the trainer starts
 
 
-def test_tokenizer_train_feeds_only_the_sample(tmp_path, capsys):
+def test_tokenizer_train_feeds_only_the_sample(tmp_path, capfd):
     path = tmp_path / "c.jsonl.gz"
     path.write_bytes(gzip.compress(JSONL * 10))
     assert corpus_bytes([str(path)]) == len(JSONL) * 10
@@ -181,7 +181,7 @@ def test_tokenizer_train_feeds_only_the_sample(tmp_path, capsys):
         ["tokenizer", "train", "--data", str(path), "--vocab-size", "300", "--sample-bytes", "20000"]
         + ["--out", str(tmp_path / "tok")]
     )
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert rc == 0
     line = next(x for x in out.splitlines() if x.startswith("tokenizer sample:"))
     fed = int(line.split(", ")[1].split(" bytes")[0].replace(",", ""))
