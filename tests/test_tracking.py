@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, TrainConfig
 from qinglm.data.shards import prepare_shards
 from qinglm.errors import QingLMError
@@ -34,6 +35,7 @@ def tiny_run(root: Path, tracker: str = "none", steps: int = 8, resume_to: int |
     docs = ["，".join(rng.choice(PHRASES) for _ in range(4)) + "。" for _ in range(200)]
     tok = train_tokenizer(docs, 300, show_progress=False)
     run = root / "run"
+    run_dirs.claim(run)  # a QingLM run directory, as `qinglm train` makes it, before its tokenizer goes in
     tok.save(run / "tokenizer")
     prepare_shards({"train": docs[:180], "val": docs[180:]}, tok, root / "data", show_progress=False)
     model = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
