@@ -359,6 +359,24 @@ def test_time_only_run_estimates_its_length_then_freezes_it():
     assert (fixed.total, fixed.warmup) == (300, 15)
 
 
+def test_steps_and_time_together_end_at_whichever_comes_first_without_an_lr_jump():
+    """The default main job: 8 passes or 8 minutes. A slow machine ends by time on the whole cosine."""
+    for step_s, want in ((1.0, 10 + 470), (0.01, 1152)):
+        length = RunLength(1152, max_time_s=480.0, warmup_steps=1000)
+        assert not length.fixed and length.warmup == 58  # 5% of the cap, from the start
+        lrs = []
+        for step in range(1, 11):
+            lrs.append(length.lr(step - 1, 1.0, 0.1))
+            length.observe(step, step_s, elapsed_s=10.0 if step == 10 else step_s * step)
+        assert length.total == min(1152, want)
+        lrs += [length.lr(s, 1.0, 0.1) for s in range(10, length.total)]
+        assert max(abs(b - a) for a, b in zip(lrs, lrs[1:])) < 1 / 50  # continuous
+        assert lrs[-1] == pytest.approx(0.1, abs=1e-3)  # the floor at the run's end, whichever ends it
+        resumed = RunLength(1152, max_time_s=480.0, warmup_steps=1000)
+        resumed.restore(length.total, length.warmup, step=10)
+        assert (resumed.total, resumed.warmup) == (length.total, length.warmup)
+
+
 def _simulate(length: RunLength, step_s: float, start: int, end_s: float) -> list[float]:
     """Return the lr (fraction of peak) of updates start.. of a simulated time-only run until end_s seconds."""
     lrs, step = [], start

@@ -148,7 +148,7 @@ def _train_loop(
     step, tokens, win_loss, win_n, cur_epoch = 0, 0, 0.0, 0, 0
     epoch_times: list[float] = []
     t0 = epoch_start = time.perf_counter()
-    while not (length.fixed and step >= length.total):
+    while not (length.cap is not None and step >= length.total):
         if cfg.max_time is not None and time.perf_counter() - t0 >= cfg.max_time * 60:
             break
         epoch, (x, y) = next(batches)

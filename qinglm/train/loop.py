@@ -195,7 +195,7 @@ def _stop_reason(r: Run, stop: _StopRequest) -> str | None:
     """Return why training should stop now, or None to go on."""
     if stop.requested:
         return "interrupted"
-    if r.length.fixed and r.step >= r.length.total:
+    if r.length.cap is not None and r.step >= min(r.length.cap, r.length.total or r.length.cap):
         return "finished"
     if r.cfg.max_time is not None and r.elapsed() >= r.cfg.max_time * 60:
         return "time limit"

@@ -97,6 +97,9 @@ def known_total(max_steps: int | None, num_epochs: float | None, steps_per_epoch
 class RunLength:
     """The schedule's total steps: fixed when max_steps/num_epochs give it, else estimated from max_time.
 
+    With both, the steps are a cap: the total is the smaller of the cap and the time estimate, and
+    the warmup is the cap's from the start (so no warmup ramp change at the estimate).
+
     A time-only run estimates the total from the median measured step time at steps ESTIMATE_AT,
     then freezes it; the estimate is stored in checkpoints so a resumed run keeps the same schedule.
     Time spent in validation/checkpointing is not in the step time, so such runs end a little early
@@ -121,7 +124,10 @@ class RunLength:
         decay_fraction: float = 0.2,
     ):
         self.kind, self.decay_fraction = kind, decay_fraction
-        self.fixed = total is not None
+        # cap: max_steps / num_epochs. With max_time as well, the time estimate may shorten the run
+        # (the default main job: 8 passes or 8 minutes, whichever comes first).
+        self.cap = total
+        self.fixed = total is not None and max_time_s is None
         self.total = total
         self.max_time_s = max_time_s
         self.warmup_steps = warmup_steps
@@ -132,6 +138,10 @@ class RunLength:
     def restore(self, total_steps_est: int | None, warmup_eff: int | None, step: int) -> None:
         """Return nothing; take the estimate of a checkpoint (time-only runs); fixed lengths follow the current config."""
         if self.fixed or total_steps_est is None:
+            return
+        if self.cap is not None:  # the warmup came from the cap at the start and stays
+            self.total = min(self.cap, int(total_steps_est))
+            self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
             return
         self.total = int(total_steps_est)
         self.warmup = int(warmup_eff) if warmup_eff else self._estimated_warmup()
@@ -150,7 +160,9 @@ class RunLength:
         remaining = max(0.0, self.max_time_s - elapsed_s)
         first = self.total is None
         self.total = step + max(1, int(remaining / per_step))
-        if first:
+        if self.cap is not None:
+            self.total = min(self.cap, self.total)
+        elif first:
             self.warmup = self._estimated_warmup()
         self._last_estimate_done = step >= self.ESTIMATE_AT[-1]
         return True
@@ -170,7 +182,7 @@ class RunLength:
 
     def lr(self, step: int, peak: float, min_ratio: float) -> float:
         """Return the lr of 0-based update `step`; before a time-only run's first estimate, plain warmup."""
-        start, ratio = (-1, 0.0) if self.fixed else self._ramp_start()
+        start, ratio = (-1, 0.0) if self.cap is not None else self._ramp_start()
         if self.total is None or step <= start:  # a time-only run before its first estimate
             return peak * min(1.0, (step + 1) / self._early_warmup())
         return lr_at(

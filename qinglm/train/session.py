@@ -274,6 +274,11 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
     procs = f" x {r.dist.world_size} processes ({r.dist.mode})" if r.dist.enabled else ""
     if r.length.fixed:
         plan = f"{r.length.total:,} steps, warmup {r.length.warmup}"
+    elif r.length.cap is not None:
+        plan = (
+            f"{r.length.cap:,} steps or {cfg.max_time:g} min, whichever comes first (steps re-estimated "
+            f"from the step time after {RunLength.ESTIMATE_AT[0]} steps), warmup {r.length.warmup}"
+        )
     else:
         plan = f"{cfg.max_time:g} min (steps estimated from the step time after {RunLength.ESTIMATE_AT[0]} steps)"
     return [
