@@ -113,7 +113,7 @@ class TrainConfig:
     preset: str = _f("tiny", "model size preset", list(PRESETS))
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
     max_time: float | None = _f(
-        None, "stop after this many minutes of training (default 8 if no other limit)"
+        None, "stop after this many minutes of training (with no limit given: 8 minutes or 8 passes, the first reached)"
     )
     num_epochs: float | None = _f(None, "stop after this many passes over the training data")
     batch_size: int = _f(32, "sequences per micro-batch")
