@@ -274,6 +274,12 @@ def clean_documents(docs: Iterable[str], config: CleanConfig, report: CleanRepor
     checks = [(name, CHECKS[name]) for name in FILTERS if name in on and name in CHECKS]
     if "langid" in on:
         checks.append(("langid", _langid(config.langid)))
+    return _cleaned(docs, config, report, fixes, checks)  # a missing package is reported before any output
+
+
+def _cleaned(
+    docs: Iterable[str], config: CleanConfig, report: CleanReport, fixes: list, checks: list
+) -> Iterator[str]:
     for doc in docs:
         report.documents += 1
         for name, fix in fixes:
