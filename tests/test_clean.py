@@ -126,6 +126,9 @@ def test_clean_command_writes_shards_and_a_report(tmp_path, capsys):
     report = json.loads((out / "clean_report.json").read_text(encoding="utf-8"))
     assert report["kept"] == 40 and sum(report["dropped"].values()) == 7
     assert report["examples"]["length"][0]["text"] == "天气很好。"
+    # the directory is input for the next stage: its shards are read, its report is not
+    assert main(["data", "clean", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert "read 1 file, 40 documents" in capsys.readouterr().out
     # without the repetition filter, its bad documents are kept
     assert main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(out), "--no-repetition"]) == 0
     assert len(_texts(out)) == 43

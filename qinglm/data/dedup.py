@@ -2,7 +2,7 @@
 (MinHash over character n-grams, found by LSH), keeping the first of each group.
 
 One pass; memory grows with the number of documents kept (an 8-byte hash each, and the LSH index:
-about 1 KB per document with rensa), not with their length. Near copies use `rensa` (MinHash in Rust),
+about 2 KB per document with rensa), not with their length. Near copies use `rensa` (MinHash in Rust),
 chosen over datasketch (pure Python) for speed and memory: see README, "Deduplicate".
 """
 

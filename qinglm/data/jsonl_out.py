@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from qinglm.data.sources import REPORT_SUFFIX
 from qinglm.errors import QingLMError
 from qinglm.io import LOCK_FILE, OwnedDir, exclusive_lock, temp_path, write_json_atomic
 
@@ -35,7 +36,7 @@ def write_jsonl_shards(
     if shard_bytes < 1:
         raise QingLMError(f"the shard size must be positive, got {shard_bytes}")
     out = Path(out_dir)
-    report_name = f"{prefix}_report.json"
+    report_name = prefix + REPORT_SUFFIX  # left out when the directory is read as input
     shard_name = re.compile(rf"^{re.escape(prefix)}_\d{{4}}\.jsonl$")
     temps: list[tuple[Path, Path]] = []  # (temp, final)
     try:
