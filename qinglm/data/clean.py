@@ -3,7 +3,7 @@ Simplified) and filters (length, CJK share, Gopher-style repetition, symbols, pu
 each switchable and counted.
 
 The repetition rules of Gopher (Rae et al. 2021, table A1) count words; Chinese has no spaces, so here
-n-grams are of characters, with n chosen about 1.5 times the word n (a Chinese word is 1.5 characters
+n-grams are of characters, with n about 1.5-2 times the word n (a Chinese word is 1.5 characters
 on average). Libraries such as datatrove apply these rules to words from a word segmenter (spaCy +
 jieba for Chinese), which this module does not need.
 """
