@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
     )
 
-    p = sub.add_parser("data", help="built-in corpora; clean and deduplicate corpora")
+    p = sub.add_parser("data", help="built-in corpora; download, clean and deduplicate corpora")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dsub.add_parser("list", help="list the built-in corpora with their sizes")
     e = dsub.add_parser("export", help="write a built-in corpus as text, one document per line")
@@ -305,7 +305,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from qinglm.data.builtin import BUILTINS, builtin_info, export_builtin
 
-    if args.data_command in ("clean", "dedup"):
+    if args.data_command in ("clean", "dedup", "download"):
         from qinglm.data.commands import run
 
         run(args)

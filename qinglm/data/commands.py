@@ -42,11 +42,36 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
         "DIR/dedup_report.json.",
     )
     _add_io(p)
+    add_download_parser(dsub)
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True, help="drop exact copies")
     p.add_argument("--near", action=argparse.BooleanOptionalAction, default=True, help="drop near copies")
     p.add_argument("--threshold", type=float, default=0.7, help="Jaccard similarity of a near copy")
     p.add_argument("--ngram", type=int, default=5, help="characters per n-gram")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+
+
+def add_download_parser(dsub: argparse._SubParsersAction) -> None:
+    """Return nothing; add the download action to the `data` command group."""
+    from qinglm.data.download import CATALOGUE, SOURCES
+
+    names = "; ".join(f"{name}: {c.description}" for name, c in CATALOGUE.items())
+    p = dsub.add_parser(
+        "download",
+        help="download a dataset repository (Hugging Face Hub, a mirror via HF_ENDPOINT, or ModelScope)",
+        description=f"Download a dataset repository, resumably, into --out; its files are ordinary --data "
+        f"input. Named corpora: {names}.",
+    )
+    p.add_argument("name", metavar="NAME", help="a catalogue name or a dataset id (owner/name)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--source", choices=SOURCES, default="hf", help="hf (default; honours HF_ENDPOINT) or modelscope"
+    )
+    p.add_argument(
+        "--include", nargs="+", default=[], metavar="PATTERN", help="only files matching these globs"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="download into a non-empty --out QingLM did not create"
+    )
 
 
 def _add_io(p: argparse.ArgumentParser) -> None:
@@ -66,7 +91,18 @@ def _add_io(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Return nothing; run `data clean` or `data dedup` and print its report."""
+    """Return nothing; run `data download`, `data clean` or `data dedup` and print what it did."""
+    if args.data_command == "download":
+        from qinglm.data.download import download
+
+        files = download(
+            args.name, args.out, source=args.source, include=args.include, overwrite=args.overwrite
+        )
+        shown = "\n".join(f"  {f}" for f in files[:10]) + (
+            f"\n  ... ({len(files)} in all)" if len(files) > 10 else ""
+        )
+        print(f"{len(files)} corpus file(s) in {args.out}:\n{shown}\nuse them with --data {args.out}")
+        return
     from qinglm.data.jsonl_out import drop_table, write_jsonl_shards
     from qinglm.data.sources import ReadStats, read_documents
 
