@@ -10,6 +10,7 @@ jieba for Chinese), which this module does not need.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
@@ -43,14 +44,9 @@ _URL = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>\"'，。！？、；：）�
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"(?<!\d)(?:(?:\+?86[- ]?)?1[3-9]\d{9}|0\d{2,3}-?\d{7,8}|400-?\d{3}-?\d{4})(?!\d)")
 _PARAGRAPHS = re.compile(r"\n\s*\n")
-
-
-def is_cjk(ch: str) -> bool:
-    """Return whether ch is a CJK ideograph (basic block, extension A, compatibility, extensions B+)."""
-    cp = ord(ch)
-    return (
-        0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x3134F
-    )
+_CJK = re.compile(  # CJK ideographs: basic block, extension A, compatibility, extensions B and on
+    "[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0003134f]"
+)
 
 
 @dataclass
@@ -169,11 +165,25 @@ def check_length(text: str, c: CleanConfig) -> str:
 
 
 def _non_space(text: str) -> int:
-    return max(1, len(text) - sum(ch.isspace() for ch in text))
+    return max(1, len("".join(text.split())))
+
+
+@functools.cache
+def _deleting(kind: str) -> dict[int, None]:
+    """Return a str.translate table deleting the characters of a Unicode category class ("S", "P")."""
+    table = dict.fromkeys(cp for cp in range(0x10000) if unicodedata.category(chr(cp))[0] == kind)
+    if kind == "S":
+        table[ord("#")] = None
+    return table
+
+
+def _count(text: str, kind: str) -> int:
+    """Return how many characters of text are in the category class (counted in C, not per character)."""
+    return len(text) - len(text.translate(_deleting(kind)))
 
 
 def check_cjk(text: str, c: CleanConfig) -> str:
-    share = sum(map(is_cjk, text)) / _non_space(text)
+    share = len(_CJK.findall(text)) / _non_space(text)
     return f"CJK share {share:.2f} < {c.min_cjk}" if share < c.min_cjk else ""
 
 
@@ -194,6 +204,8 @@ def dup_ngram_share(text: str, n: int) -> float:
         return 0.0
     grams = [text[i : i + n] for i in range(len(text) - n + 1)]
     counts = Counter(grams)
+    if len(counts) == len(grams):  # nothing repeats (most documents)
+        return 0.0
     covered = bytearray(len(text))
     for i, g in enumerate(grams):
         if counts[g] > 1:
@@ -218,20 +230,24 @@ def check_repetition(text: str, c: CleanConfig) -> str:
             gram, count = Counter(flat[i : i + n] for i in range(len(flat) - n + 1)).most_common(1)[0]
             if count > 2 and count * n / len(flat) > limit:
                 return f"top {n}-gram {gram!r} covers {count * n / len(flat):.2f} > {limit}"
-    for n, limit in c.dup_ngrams:
+    rules = sorted(c.dup_ngrams)
+    for i, (n, limit) in enumerate(rules):
         share = dup_ngram_share(flat, n)
         if share > limit:
             return f"duplicate {n}-grams cover {share:.2f} > {limit}"
+        # repeated longer n-grams cover no more than repeated shorter ones: stop when none can fail
+        if share <= min((lim for _, lim in rules[i + 1 :]), default=1.0):
+            break
     return ""
 
 
 def check_symbols(text: str, c: CleanConfig) -> str:
-    share = sum(unicodedata.category(ch)[0] == "S" or ch == "#" for ch in text) / _non_space(text)
+    share = _count(text, "S") / _non_space(text)
     return f"symbol share {share:.2f} > {c.max_symbols}" if share > c.max_symbols else ""
 
 
 def check_punctuation(text: str, c: CleanConfig) -> str:
-    share = sum(unicodedata.category(ch)[0] == "P" for ch in text) / _non_space(text)
+    share = _count(text, "P") / _non_space(text)
     return f"punctuation share {share:.2f} > {c.max_punctuation}" if share > c.max_punctuation else ""
 
 
