@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
+from qinglm.data.commands import add_parsers as add_corpus_parsers
 from qinglm.errors import QingLMError
 
 # Flag names of the seed projects (Andy-LLM, LightweightLM, Zer02LLM), accepted as aliases.
@@ -139,13 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
     )
 
-    p = sub.add_parser("data", help="built-in corpora")
+    p = sub.add_parser("data", help="built-in corpora; download, clean and deduplicate corpora")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dsub.add_parser("list", help="list the built-in corpora with their sizes")
     e = dsub.add_parser("export", help="write a built-in corpus as text, one document per line")
     e.add_argument("name")
     e.add_argument("out")
     e.add_argument("--split", default="all", choices=["all", "train", "val"])
+    add_corpus_parsers(dsub)
 
     for module in _command_modules():
         COMMANDS.update(module.register(sub))
@@ -303,7 +305,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from qinglm.data.builtin import BUILTINS, builtin_info, export_builtin
 
-    if args.data_command == "list":
+    if args.data_command in ("clean", "dedup", "download"):
+        from qinglm.data.commands import run
+
+        run(args)
+    elif args.data_command == "list":
         print(f"{'name':<8} {'documents':>10} {'characters':>12}  source")
         for name in BUILTINS:
             info = builtin_info(name)

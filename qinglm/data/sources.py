@@ -17,11 +17,13 @@ from typing import NamedTuple
 from qinglm.data.encoding import LONE_SURROGATE, SAMPLE_BYTES, open_text, read_lines
 from qinglm.data.files import CorruptInput, format_of
 from qinglm.errors import QingLMError
+from qinglm.io import OwnedDir
 
 PathSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.zst", "...")
 TXT_MODES = ("auto", "line", "paragraph")
+REPORT_SUFFIX = "_report.json"  # what `data clean` / `data dedup` write beside their shards
 # A longer document (a whole book on one line, say) is cut into pieces of at most this many
 # characters, at a sentence end where one is near: tokenizing and packing stay fast and bounded.
 MAX_DOC_CHARS = 100_000
@@ -140,13 +142,23 @@ def _expand_one(text: str) -> list[Path]:
 
 
 def _scan_dir(root: Path) -> list[Path]:
-    """Return the text files under `root`, recursively, sorted, hidden files and folders excluded."""
+    """Return the text files under `root`, recursively, sorted, hidden files and folders excluded, and
+    the reports QingLM wrote beside its cleaned shards (`data clean`, `data dedup`)."""
+    reports: dict[Path, set[str]] = {}  # folder -> the reports its QingLM manifest lists
+
+    def report(p: Path) -> bool:
+        if p.parent not in reports:
+            owned = OwnedDir.read(p.parent)
+            reports[p.parent] = {n for n in owned.names if n.endswith(REPORT_SUFFIX)} if owned else set()
+        return p.name in reports[p.parent]
+
     return sorted(
         p
         for p in root.rglob("*")
         if format_of(p) is not None
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not report(p)
     )
 
 

@@ -1,0 +1,106 @@
+"""`qinglm data dedup`: planted exact and near copies are found, distinct documents are kept."""
+
+import json
+import random
+import sys
+
+import pytest
+
+from qinglm.cli import main
+from qinglm.data.dedup import DedupConfig, DedupReport, dedup_documents, exact_key, lsh_bands, shingles
+from qinglm.errors import QingLMError
+
+pytest.importorskip("rensa")
+
+
+def planted_corpus(seed=0, n=1000, n_exact=100, n_near=100, edits=3):
+    """Return [(kind, text)]: n distinct documents first, then exact and near copies of some of them,
+    shuffled. Documents are Zipf-distributed "words" (so they share common n-grams, like real text);
+    a near copy has its sentences reordered and `edits` characters replaced."""
+    rng = random.Random(seed)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    words = ["".join(rng.choice(chars) for _ in range(rng.choice((1, 2, 2, 3)))) for _ in range(3000)]
+    weights = [1 / (i + 1) for i in range(len(words))]
+
+    def sentence():
+        return "".join(rng.choices(words, weights, k=rng.randint(6, 14))) + rng.choice("。！？")
+
+    distinct = [[sentence() for _ in range(rng.randint(6, 12))] for _ in range(n)]
+    copies = [("exact", "".join(s)) for s in rng.sample(distinct, n_exact)]
+    for s in rng.sample(distinct, n_near):
+        s = rng.sample(s, len(s))
+        text = list("".join(s))
+        for _ in range(edits):
+            text[rng.randrange(len(text))] = rng.choice(chars)
+        copies.append(("near", "".join(text)))
+    rng.shuffle(copies)
+    return [("distinct", "".join(s)) for s in distinct] + copies
+
+
+def dropped_by_kind(docs, config):
+    report = DedupReport()
+    kept = iter(dedup_documents((text for _, text in docs), config, report))
+    dropped = {"distinct": 0, "exact": 0, "near": 0}
+    following = next(kept, None)
+    for kind, text in docs:
+        if text is following:
+            following = next(kept, None)
+        else:
+            dropped[kind] += 1
+    return dropped, report
+
+
+def test_planted_duplicates_are_found_and_distinct_documents_kept():
+    docs = planted_corpus()
+    dropped, report = dropped_by_kind(docs, DedupConfig())
+    assert dropped["exact"] == 100
+    assert dropped["near"] >= 95  # recall >= 95% on near copies
+    assert dropped["distinct"] <= 10  # <= 1% of distinct documents removed
+    assert report.dropped["exact"] == 100 and report.kept == report.documents - sum(dropped.values())
+    # exact removal alone misses the near copies
+    dropped, _ = dropped_by_kind(docs, DedupConfig(near=False))
+    assert dropped == {"distinct": 0, "exact": 100, "near": 0}
+
+
+def test_copies_differing_in_spaces_punctuation_or_case_are_exact_duplicates():
+    assert exact_key("你好，世界！Hello World.") == exact_key("你好 世界 hello world")
+    assert exact_key("你好，世界") != exact_key("你好，世间")
+
+
+def test_ngrams_do_not_cross_sentences():
+    assert sorted(shingles("甲乙丙丁。戊己庚辛！", 3)) == sorted(shingles("戊己庚辛。甲乙丙丁", 3))
+    assert sorted(shingles("甲乙丙丁。", 3)) == ["乙丙丁", "甲乙丙"]
+
+
+def test_lsh_bands_follow_the_threshold():
+    assert lsh_bands(0.5, 128) > lsh_bands(0.7, 128) > lsh_bands(0.9, 128)
+    with pytest.raises(QingLMError, match="threshold"):
+        DedupConfig(threshold=0)
+    with pytest.raises(QingLMError, match="nothing to do"):
+        DedupConfig(exact=False, near=False)
+
+
+def test_dedup_command_writes_the_kept_documents_and_a_report(tmp_path, capsys):
+    docs = planted_corpus(n=200, n_exact=10, n_near=10)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for _, t in docs), "utf-8")
+    out = tmp_path / "out"
+    assert main(["data", "dedup", str(path), "--out", str(out)]) == 0
+    assert "kept 200 of 220 documents" in capsys.readouterr().out
+    kept = [json.loads(line)["text"] for line in (out / "dedup_0000.jsonl").open(encoding="utf-8")]
+    assert kept == [t for _, t in docs[:200]]
+    report = json.loads((out / "dedup_report.json").read_text(encoding="utf-8"))
+    assert report["dropped"] == {"exact": 10, "near": 10} and report["shards"] == ["dedup_0000.jsonl"]
+    assert report["examples"]["near"][0]["similar_to_kept"] < 200
+    assert main(["data", "dedup", str(path), "--out", str(out), "--threshold", "2"]) == 2
+    assert "threshold" in capsys.readouterr().err
+
+
+def test_without_rensa_near_dedup_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rensa", None)  # import rensa raises ImportError
+    path = tmp_path / "in.txt"
+    path.write_text("第一篇文章的内容在这里。\n第二篇文章的内容在这里。\n", encoding="utf-8")
+    assert main(["data", "dedup", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "pip install 'qinglm[data]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "dedup", str(path), "--out", str(tmp_path / "out"), "--no-near"]) == 0
