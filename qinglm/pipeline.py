@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,13 @@ def train_tokenizer_on(
 ):
     """Train a byte-level BPE tokenizer on an even sample of the train split (cfg.tokenizer_sample_bytes),
     save it, print chars/token on val; return it."""
+    from qinglm.data.mix import source_specs
     from qinglm.data.sample import SampleStats, corpus_bytes, sample_documents
     from qinglm.data.sources import ReadStats
     from qinglm.tokenizer import chars_per_token, train_tokenizer
 
     t0 = time.time()
+    specs = source_specs(specs)  # a mixture's tokenizer learns from all its sources, unweighted
     stats, sample = ReadStats(), SampleStats()
     docs = iter_documents(specs, "train", cfg, stats)
     tok = train_tokenizer(
@@ -106,21 +109,31 @@ def prepare_data(
     reading overlapped with tokenizing on every core); return the index.
 
     out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_stream.
+    A mixture's sources each get their own train split (data/mix.py) and share the val split.
     """
+    from qinglm.data.mix import parse_mixture
     from qinglm.data.shards import prepare_stream
     from qinglm.data.sources import ReadStats, split_of
 
     t0 = time.time()
     stats = ReadStats()
-    docs = iter_documents(specs, "all", cfg, stats)  # one pass: each document goes to its split
-    labelled = ((split_of(doc, cfg.val_fraction), doc) for doc in docs)
-    index = prepare_stream(labelled, ["train", "val"], tokenizer, out_dir, overwrite=overwrite)
+    mix = parse_mixture(specs)
+    groups = [([s], name) for s, name in zip(mix.sources, mix.splits)] if mix else [(specs, "train")]
+    labelled = (  # one pass: each document goes to its split
+        (name if split == "train" else split, doc)
+        for group, name in groups
+        for doc in iter_documents(group, "all", cfg, stats)
+        for split in [split_of(doc, cfg.val_fraction)]
+    )
+    trains = [name for _, name in groups]
+    index = prepare_stream(labelled, [*trains, "val"], tokenizer, out_dir, overwrite=overwrite)
     if stats.files:
         log(stats.summary())
     sp = index["splits"]
+    n_docs, n_tokens = (sum(sp[t][key] for t in trains) for key in ("documents", "tokens"))
     log(
-        f"prepared {sp['train']['documents']:,} train / {sp['val']['documents']:,} val documents, "
-        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}"
+        f"prepared {n_docs:,} train / {sp['val']['documents']:,} val documents, "
+        f"{n_tokens:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}"
     )
     return index
 
@@ -223,16 +236,21 @@ def _run_train(
             log(f"resuming {run_dir}")
         model_cfg, data_dir = _prepare_run(model_cfg, train_cfg, run_dir, log)
         if dist.is_main:
-            run_dirs.write_config(
-                run_dir,
-                "pretrain",
-                {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)},
-            )
+            record = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)}
+            run_dirs.write_config(run_dir, "pretrain", {**record, **_mixture_record(train_cfg, data_dir)})
             distributed.barrier(dist)
         result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
+
+
+def _mixture_record(cfg: TrainConfig, data_dir: Path) -> dict:
+    """Return {"mixture": [each source's spec, weight, split, tokens]} for a mixture's run, else {}."""
+    from qinglm.data.mix import mixture_record, parse_mixture
+
+    mix = parse_mixture(cfg.data)
+    return {"mixture": mixture_record(mix, data_dir)} if mix else {}
 
 
 def check_fp8(cfg: TrainConfig) -> None:
@@ -353,14 +371,17 @@ def report(
     """Print held-out loss / perplexity / BPC on the whole val split and a few generations."""
     import qinglm
     from qinglm.config import SamplingConfig
+    from qinglm.data.mix import train_shards
     from qinglm.data.shards import TokenShards
     from qinglm.evaluate import evaluate_shards, unigram_baseline
 
     lm = qinglm.load(run_dir, device=cfg.device)
-    val, train = TokenShards(data_dir, "val"), TokenShards(data_dir, "train")
+    val, trains = TokenShards(data_dir, "val"), train_shards(data_dir, cfg.data)
     m = evaluate_shards(lm.model, val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=lm.device)
-    unigram = unigram_baseline(train, val, lm.config.vocab_size)
+    every = types.SimpleNamespace(shards=[s for t in trains for s in t.shards])  # all sources
+    unigram = unigram_baseline(every, val, lm.config.vocab_size)
     log("")
+    _report_mixture(cfg, result, log)
     log(
         f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
         f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})"
@@ -377,3 +398,17 @@ def report(
         text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
         log(f"  {prompt} → {prompt}{text}")
     log(f"\nrun directory: {run_dir}   (generate: qinglm generate --model {run_dir} --prompt 你好)")
+
+
+def _report_mixture(cfg: TrainConfig, result: dict, log: Callable[[str], None]) -> None:
+    """Print the tokens trained from each source of a mixture, with their share against its weight."""
+    from qinglm.data.mix import parse_mixture
+    from qinglm.train.checkpoint import read_state
+
+    mix = parse_mixture(cfg.data)
+    if mix is None or not result.get("checkpoint"):
+        return
+    taken = read_state(result["checkpoint"])["loader"]["mixture_taken"]
+    total = max(1, sum(taken))
+    for source, weight, n in zip(mix.sources, mix.weights, taken):
+        log(f"  {source}: {n * cfg.seq_len:,} tokens trained, {n / total:.1%} (weight {weight:.1%})")

@@ -69,6 +69,10 @@ class TrainBatches:
         self._order = np.empty(0, dtype=np.int64)
 
     @property
+    def n_tokens(self) -> int:
+        return self.shards.n_tokens
+
+    @property
     def global_batch(self) -> int:
         """Return the windows one optimizer step takes over all ranks and micro-batches."""
         return self.batch_size * self.grad_accum * self.world_size

@@ -17,6 +17,7 @@ import torch
 from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, TrainConfig, to_dict
 from qinglm.data.loader import TrainBatches, saved_global_batch
+from qinglm.data.mix import MixedBatches, parse_mixture, train_shards
 from qinglm.data.shards import TokenShards
 from qinglm.device import compiled, grad_scaler, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
@@ -50,7 +51,7 @@ class Run:
     dtype: str
     model: Transformer
     optimizer: torch.optim.Optimizer
-    batches: TrainBatches
+    batches: TrainBatches | MixedBatches
     length: RunLength
     scaler: Any  # torch.amp.GradScaler for fp16 on CUDA, else None
     metrics: MetricsLogger
@@ -73,10 +74,14 @@ class Run:
 
 
 def _load_data(
-    data_dir: str | Path, model_cfg: ModelConfig, run_dir: Path, log: Callable[[str], None]
+    data_dir: str | Path,
+    model_cfg: ModelConfig,
+    run_dir: Path,
+    log: Callable[[str], None],
+    cfg_data: list[str],
 ) -> tuple[TokenShards, TokenShards | None]:
-    """Return (train, val or None) shards after checking they fit the model's vocabulary and tokenizer."""
-    train_data = TokenShards(data_dir, "train")
+    """Return (train (a mixture's first source), val or None) shards after checking they fit the model's vocabulary and tokenizer."""
+    train_data = TokenShards(data_dir, mix.splits[0] if (mix := parse_mixture(cfg_data)) else "train")
     has_tokenizer = (run_dir / "tokenizer" / "tokenizer.json").is_file()
     # A model may have more ids than its tokenizer (a padded vocabulary) when the run's tokenizer proves
     # which one the data was made with.
@@ -95,6 +100,18 @@ def _load_data(
     except QingLMError:
         log(f"no 'val' split in {data_dir}: training without validation (no best/ weights)")
         return train_data, None
+
+
+def _batches(
+    cfg: TrainConfig, data_dir: str | Path, train_data: TokenShards, dist: distributed.Dist
+) -> TrainBatches | MixedBatches:
+    """Return the training batches: of the train split, or by weight of a mixture's splits."""
+    mix = parse_mixture(cfg.data)
+    layout = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, grad_accum=cfg.grad_accum)
+    if mix is None:
+        return TrainBatches(train_data, cfg.batch_size, cfg.seq_len, **layout)
+    sources = train_shards(data_dir, cfg.data)
+    return MixedBatches(sources, mix.weights, cfg.batch_size, cfg.seq_len, **layout)
 
 
 def _find_resume(
@@ -175,7 +192,7 @@ def setup_run(
         torch.set_num_threads(cfg.num_threads)
     device = distributed.local_device(dist, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log)
+    train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log, cfg.data)
     with allocating(model_cfg):
         model = Transformer(model_cfg).to(device)
     if resume_from is not None:
@@ -186,15 +203,7 @@ def setup_run(
     if cfg.fp8:  # before wrapping: FSDP shards the converted modules
         enable_fp8(model, device, dtype, log)
     wrapped = distributed.wrap(model, dist, device)
-    batches = TrainBatches(
-        train_data,
-        cfg.batch_size,
-        cfg.seq_len,
-        seed=cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        grad_accum=cfg.grad_accum,
-    )
+    batches = _batches(cfg, data_dir, train_data, dist)
     steps_per_epoch = max(1, batches.steps_per_epoch // cfg.grad_accum)
     max_time_s = cfg.max_time * 60 if cfg.max_time is not None else None
     length = RunLength(
@@ -284,7 +293,7 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
     return [
         f"parameters: embeddings {m['embeddings']:.2f}M | blocks {m['blocks']:.2f}M | head {head} | "
         f"total {m['total']:.2f}M",
-        f"tokens: {r.train_data.n_tokens:,} train / {r.val_data.n_tokens if r.val_data else 0:,} val; "
+        f"tokens: {r.batches.n_tokens:,} train / {r.val_data.n_tokens if r.val_data else 0:,} val; "
         f"{steps_per_epoch:,} steps per epoch",
         f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
         f"{r.batches.global_batch * cfg.seq_len:,} tokens per step",
