@@ -295,9 +295,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from qinglm.data.mix import parse_mixture
     from qinglm.pipeline import prepare_data
     from qinglm.tokenizer import Tokenizer
 
+    if parse_mixture(args.data):
+        raise QingLMError("a weighted mixture is prepared by `qinglm train --data SOURCE:WEIGHT ...` itself")
     tokenizer = Tokenizer.load(args.tokenizer)
     prepare_data(args.data, tokenizer, Path(args.out), _data_cfg(args), overwrite=args.overwrite)
 

@@ -224,6 +224,7 @@ def _run_train(
         _launch_torchrun(train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file)
         return run_dir
 
+    from qinglm.data.mix import mixture_record
     from qinglm.device import resolve_device
     from qinglm.train import distributed, train
 
@@ -237,20 +238,12 @@ def _run_train(
         model_cfg, data_dir = _prepare_run(model_cfg, train_cfg, run_dir, log)
         if dist.is_main:
             record = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)}
-            run_dirs.write_config(run_dir, "pretrain", {**record, **_mixture_record(train_cfg, data_dir)})
+            run_dirs.write_config(run_dir, "pretrain", {**record, **mixture_record(train_cfg.data, data_dir)})
             distributed.barrier(dist)
         result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
-
-
-def _mixture_record(cfg: TrainConfig, data_dir: Path) -> dict:
-    """Return {"mixture": [each source's spec, weight, split, tokens]} for a mixture's run, else {}."""
-    from qinglm.data.mix import mixture_record, parse_mixture
-
-    mix = parse_mixture(cfg.data)
-    return {"mixture": mixture_record(mix, data_dir)} if mix else {}
 
 
 def check_fp8(cfg: TrainConfig) -> None:
@@ -371,7 +364,7 @@ def report(
     """Print held-out loss / perplexity / BPC on the whole val split and a few generations."""
     import qinglm
     from qinglm.config import SamplingConfig
-    from qinglm.data.mix import train_shards
+    from qinglm.data.mix import mixture_lines, parse_mixture, train_shards
     from qinglm.data.shards import TokenShards
     from qinglm.evaluate import evaluate_shards, unigram_baseline
 
@@ -381,7 +374,12 @@ def report(
     every = types.SimpleNamespace(shards=[s for t in trains for s in t.shards])  # all sources
     unigram = unigram_baseline(every, val, lm.config.vocab_size)
     log("")
-    _report_mixture(cfg, result, log)
+    if (mix := parse_mixture(cfg.data)) and result.get("checkpoint"):
+        from qinglm.train.checkpoint import read_state
+
+        taken = read_state(result["checkpoint"])["loader"]["mixture_taken"]
+        for line in mixture_lines(mix, taken, cfg.seq_len):
+            log(line)
     log(
         f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
         f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})"
@@ -398,17 +396,3 @@ def report(
         text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
         log(f"  {prompt} → {prompt}{text}")
     log(f"\nrun directory: {run_dir}   (generate: qinglm generate --model {run_dir} --prompt 你好)")
-
-
-def _report_mixture(cfg: TrainConfig, result: dict, log: Callable[[str], None]) -> None:
-    """Print the tokens trained from each source of a mixture, with their share against its weight."""
-    from qinglm.data.mix import parse_mixture
-    from qinglm.train.checkpoint import read_state
-
-    mix = parse_mixture(cfg.data)
-    if mix is None or not result.get("checkpoint"):
-        return
-    taken = read_state(result["checkpoint"])["loader"]["mixture_taken"]
-    total = max(1, sum(taken))
-    for source, weight, n in zip(mix.sources, mix.weights, taken):
-        log(f"  {source}: {n * cfg.seq_len:,} tokens trained, {n / total:.1%} (weight {weight:.1%})")

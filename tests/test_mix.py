@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_inputs import TINY, TINY_TRAIN
+from test_inputs import TINY, TINY_TRAIN, assert_one_line_error, qinglm
 from test_train import assert_same_run, configs, quiet
 
 from qinglm.data.mix import MixedBatches, parse_mixture
@@ -143,3 +143,14 @@ def test_train_command_prepares_each_source_records_the_mixture_and_reports_shar
     assert np.asarray(TokenShards(run / "data", "train-mix1").shards[0][:50]).max() < tok.vocab_size
     shares = [line for line in lines if "tokens trained" in line]
     assert len(shares) == 2 and "75.0% (weight 75.0%)" in shares[0], shares
+
+
+def test_mixture_mistakes_are_one_line_errors(two_sources, tmp_path):
+    data, _, _ = two_sources
+    tok = data.parent / "tokenizer"
+    proc = qinglm(
+        "prepare", "--data", "pd1998:0.7", "reviews:0.3", "--tokenizer", tok, "--out", tmp_path / "p"
+    )
+    assert_one_line_error(proc, "prepared by `qinglm train")
+    proc = qinglm("train", "--data", "pd1998:0.7", "reviews", "--out", tmp_path / "r")
+    assert_one_line_error(proc, "weighted and unweighted")

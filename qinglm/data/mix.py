@@ -93,11 +93,30 @@ def train_shards(data_dir: str | Path, specs: list[str]) -> list[TokenShards]:
     return [TokenShards(data_dir, split) for split in (mix.splits if mix else ["train"])]
 
 
-def mixture_record(mix: Mixture, data_dir: str | Path) -> list[dict]:
-    """Return what a run's config records of its mixture: source, weight, split and its tokens."""
+def mixture_record(specs: list[str], data_dir: str | Path) -> dict:
+    """Return {"mixture": [each source's spec, weight, split, tokens]} for a run's config, or {}."""
+    mix = parse_mixture(specs)
+    if mix is None:
+        return {}
+    return {
+        "mixture": [
+            {
+                "source": s,
+                "weight": round(w, 6),
+                "split": split,
+                "tokens": TokenShards(data_dir, split).n_tokens,
+            }
+            for s, w, split in zip(mix.sources, mix.weights, mix.splits)
+        ]
+    }
+
+
+def mixture_lines(mix: Mixture, taken: list[int], seq_len: int) -> list[str]:
+    """Return the report's lines: tokens trained from each source (rows taken x seq_len), share vs weight."""
+    total = max(1, sum(taken))
     return [
-        {"source": s, "weight": round(w, 6), "split": split, "tokens": TokenShards(data_dir, split).n_tokens}
-        for s, w, split in zip(mix.sources, mix.weights, mix.splits)
+        f"  {source}: {n * seq_len:,} tokens trained, {n / total:.1%} (weight {weight:.1%})"
+        for source, weight, n in zip(mix.sources, mix.weights, taken)
     ]
 
 

@@ -290,11 +290,20 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
         )
     else:
         plan = f"{cfg.max_time:g} min (steps estimated from the step time after {RunLength.ESTIMATE_AT[0]} steps)"
+    mix = (
+        [
+            f"{s} {w:.0%} of rows ({t.n_tokens:,} tokens)"
+            for s, w, t in zip(parse_mixture(cfg.data).sources, r.batches.weights, r.batches.tables)
+        ]
+        if isinstance(r.batches, MixedBatches)
+        else []
+    )
     return [
         f"parameters: embeddings {m['embeddings']:.2f}M | blocks {m['blocks']:.2f}M | head {head} | "
         f"total {m['total']:.2f}M",
         f"tokens: {r.batches.n_tokens:,} train / {r.val_data.n_tokens if r.val_data else 0:,} val; "
         f"{steps_per_epoch:,} steps per epoch",
+        *(["mixture: " + " | ".join(mix)] if mix else []),
         f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
         f"{r.batches.global_batch * cfg.seq_len:,} tokens per step",
         f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "
