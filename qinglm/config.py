@@ -106,7 +106,9 @@ class TrainConfig:
     """Everything about a training run except the model's shape."""
 
     data: list[str] = _f(
-        ["pd1998"], "built-in corpus name, text file(s), directory, glob, or prepared data dir"
+        ["pd1998"],
+        "built-in corpus name, text file(s), directory, glob, or prepared data dir; "
+        "SOURCE:WEIGHT ... trains on a mixture by weight",
     )
     tokenizer: str | None = _f(None, "tokenizer directory (default: train one on the data into the run dir)")
     out: str | None = _f(None, "run directory (default: runs/<time>-<preset>-<data>)")
