@@ -40,18 +40,11 @@ DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GP
 
 def iter_documents(specs: list[str], split: str, cfg: TrainConfig, stats: Any = None) -> Iterator[str]:
     """Yield the documents of one split ("train" | "val" | "all") of built-in corpora and/or files."""
-    from qinglm.data.builtin import builtin_documents, is_builtin
-    from qinglm.data.sources import read_documents, split_of
+    from qinglm.data.corpus import labelled_documents
 
-    for spec in specs:
-        if is_builtin(spec):
-            yield from builtin_documents(spec, split, val_fraction=cfg.val_fraction)
-            continue
-        for doc in read_documents(
-            spec, encoding=cfg.encoding, nfkc=cfg.nfkc, text_field=cfg.text_field, stats=stats
-        ):
-            if split == "all" or split_of(doc, cfg.val_fraction) == split:
-                yield doc
+    for label, doc in labelled_documents(specs, cfg, stats):
+        if split in ("all", label):
+            yield doc
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -107,20 +100,21 @@ def prepare_data(
 
     out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_stream.
     """
+    from qinglm.data.corpus import describe_split, labelled_documents
     from qinglm.data.shards import prepare_stream
-    from qinglm.data.sources import ReadStats, split_of
+    from qinglm.data.sources import ReadStats
 
     t0 = time.time()
     stats = ReadStats()
-    docs = iter_documents(specs, "all", cfg, stats)  # one pass: each document goes to its split
-    labelled = ((split_of(doc, cfg.val_fraction), doc) for doc in docs)
+    labelled = labelled_documents(specs, cfg, stats)  # one pass: each document goes to its split
     index = prepare_stream(labelled, ["train", "val"], tokenizer, out_dir, overwrite=overwrite)
     if stats.files:
         log(stats.summary())
     sp = index["splits"]
     log(
         f"prepared {sp['train']['documents']:,} train / {sp['val']['documents']:,} val documents, "
-        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}"
+        f"{sp['train']['tokens']:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir} "
+        f"({describe_split(specs, cfg)})"
     )
     return index
 
@@ -360,9 +354,15 @@ def report(
     val, train = TokenShards(data_dir, "val"), TokenShards(data_dir, "train")
     m = evaluate_shards(lm.model, val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=lm.device)
     unigram = unigram_baseline(train, val, lm.config.vocab_size)
+    if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        split = f"the val split prepared in {cfg.data[0]}"
+    else:
+        from qinglm.data.corpus import describe_split
+
+        split = describe_split(cfg.data, cfg)
     log("")
     log(
-        f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
+        f"held-out ({val.n_tokens:,} tokens; {split}): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
         f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})"
     )
     sampling = SamplingConfig(
