@@ -16,6 +16,7 @@ qinglm:   `qinglm.train.train` itself on the tiny preset with the TrainConfig / 
           only periodic eval / checkpoints / samples are switched off (the baseline has none either).
 Extra recipes "qinglm:lr=3e-3,dropout=0.1,dtype=fp32" override TrainConfig/ModelConfig fields, and
 "baseline:lr=6e-4,dropout=0.0" the baseline's (lr sweep: --recipes baseline:lr=6e-4 baseline:lr=2e-3).
+On a busy machine compare at equal steps instead of equal time: "baseline:steps=150", "qinglm:max_steps=300".
 "qinglm:vocab=4000,d_model=192" also changes the tokenizer / preset shape. Both use the same QingLM
 tokenizer (10k unless vocab= says otherwise) and the same prepared data.
 """
@@ -81,6 +82,7 @@ def run_baseline(seconds: float, over: dict, split_by: str) -> dict:
         lr=r["lr"],
         batch_size=r["batch_size"],
         block_size=r["seq_len"],
+        steps=r.get("steps"),
     )
     return {**res, "bpc": bpc(model, r["seq_len"], common.data_dir(10_000, split_by)), "recipe": r}
 

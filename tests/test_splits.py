@@ -124,3 +124,16 @@ def test_prepare_splits_by_file(tmp_path):
         per_file[doc.split("篇", 1)[0]].add(label)
     assert all(len(s) == 1 for s in per_file.values())
     assert {next(iter(s)) for s in per_file.values()} == {"train", "val"}
+
+
+def test_the_split_is_described(tmp_path):
+    from qinglm.data.corpus import describe_split
+
+    specs = _write_corpus(tmp_path, 1, 3000)
+    cfg = TrainConfig(data=["pd1998", "idioms", *specs])
+    assert describe_split(cfg.data, cfg) == (
+        "2% held out: pd1998 by blocks of whole articles (>= 50 paragraphs), idioms by idiom, "
+        "files by blocks of 100 documents (.txt) or by document (records)"
+    )
+    old = TrainConfig(data=["pd1998"], split_by="document", val_fraction=0.05)
+    assert describe_split(old.data, old) == "5% held out: pd1998 by paragraph"
