@@ -151,13 +151,15 @@ def train_for(
     warmup_frac: float = 0.05,
     min_lr_ratio: float = 0.1,
     est_steps: int = 20,
+    steps: int | None = None,
 ) -> dict:
-    """Train for a wall-clock budget with warmup + cosine (total steps estimated from the first steps)."""
+    """Train for a wall-clock budget with warmup + cosine (total steps estimated from the first steps),
+    or for exactly `steps` steps when given (equal-compute comparisons on a busy machine)."""
     opt = make_optimizer(model, lr)
     step = make_step(model, opt, data, batch_size, block_size)
     model.train()
-    t_start, n, total, times = time.perf_counter(), 0, None, []
-    while time.perf_counter() - t_start < seconds:
+    t_start, n, total, times = time.perf_counter(), 0, steps, []
+    while (n < steps) if steps else (time.perf_counter() - t_start < seconds):
         if total is None:
             frac = min(1.0, (n + 1) / 50)  # provisional warmup until the run length is known
             cur = lr * frac
@@ -174,7 +176,7 @@ def train_for(
         loss = step()
         times.append(time.perf_counter() - t0)
         n += 1
-        if n == est_steps:
+        if n == est_steps and not steps:
             per = float(np.median(times[1:]))
             total = n + int((seconds - (time.perf_counter() - t_start)) / per)
     return {"steps": n, "train_loss": loss, "seconds": time.perf_counter() - t_start}

@@ -15,16 +15,19 @@ import torch
 CACHE = Path(os.environ.get("QINGLM_BENCH_CACHE", ".cache/benchmarks"))
 
 
-def qinglm_tokenizer(vocab_size: int):
-    """Return (QingLM tokenizer of `vocab_size` trained on pd1998 train, training seconds); cached on disk."""
+def qinglm_tokenizer(vocab_size: int, split_by: str = "auto"):
+    """Return (QingLM tokenizer of `vocab_size` trained on pd1998 train, training seconds); cached on disk.
+
+    split_by: "auto" is pd1998's honest split (blocks of whole articles), "document" the older split
+    by single paragraphs (qinglm.data.builtin.builtin_labelled)."""
     from qinglm.data.builtin import builtin_documents
     from qinglm.tokenizer import Tokenizer, train_tokenizer
 
-    d = CACHE / f"tok-{vocab_size}"
+    d = CACHE / f"tok-{vocab_size}-{split_by}"
     meta = d / "bench.json"
     if meta.is_file():
         return Tokenizer.load(d), json.loads(meta.read_text())["train_s"]
-    docs = builtin_documents("pd1998", "train")
+    docs = builtin_documents("pd1998", "train", split_by=split_by)
     t0 = time.perf_counter()
     tok = train_tokenizer(docs, vocab_size, show_progress=False)
     train_s = time.perf_counter() - t0
@@ -33,24 +36,24 @@ def qinglm_tokenizer(vocab_size: int):
     return tok, train_s
 
 
-def data_dir(vocab_size: int) -> Path:
+def data_dir(vocab_size: int, split_by: str = "auto") -> Path:
     """Return a prepared (train + val) pd1998 data directory for the QingLM tokenizer of `vocab_size`."""
     from qinglm.data.builtin import builtin_documents
     from qinglm.data.shards import prepare_shards
 
-    out = CACHE / f"data-{vocab_size}"
+    out = CACHE / f"data-{vocab_size}-{split_by}"
     if not (out / "index.json").is_file():
-        tok, _ = qinglm_tokenizer(vocab_size)
-        docs = {s: builtin_documents("pd1998", s) for s in ("train", "val")}
+        tok, _ = qinglm_tokenizer(vocab_size, split_by)
+        docs = {s: builtin_documents("pd1998", s, split_by=split_by) for s in ("train", "val")}
         prepare_shards(docs, tok, out, show_progress=False)
     return out
 
 
-def token_stream(vocab_size: int, split: str) -> np.ndarray:
+def token_stream(vocab_size: int, split: str, split_by: str = "auto") -> np.ndarray:
     """Return the whole split as one int64 token stream (what a nanoGPT-style train.bin holds)."""
     from qinglm.data.shards import TokenShards
 
-    shards = TokenShards(data_dir(vocab_size), split)
+    shards = TokenShards(data_dir(vocab_size, split_by), split)
     return np.concatenate([np.asarray(s, dtype=np.int64) for s in shards.shards])
 
 

@@ -36,8 +36,10 @@ class LM:
         run_dir: str | Path | None = None,
         device: torch.device | str | None = None,
         val_fraction: float = TrainConfig.val_fraction,
+        split_by: str = TrainConfig.split_by,
     ):
         self.val_fraction = val_fraction  # the split of built-in corpora the run held out (evaluate)
+        self.split_by = split_by
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -138,7 +140,7 @@ class LM:
     ) -> dict[str, float]:
         """Return {"loss", "ppl", "bpc", "tokens"} on source.
 
-        source is a built-in corpus name (its "val" split, at the run's own val_fraction, so no
+        source is a built-in corpus name (its "val" split, at the run's own val_fraction and split_by, so no
         document the run trained on is scored), a path, directory or glob
         that read_documents understands (read with encoding, default: detect), or else the text
         itself (one document, normalised like training data). seq_len defaults to min(512, the model's context).
@@ -147,7 +149,7 @@ class LM:
         from qinglm.data.sources import normalize_text, read_documents
 
         if is_builtin(source):
-            docs = builtin_documents(source, "val", self.val_fraction)
+            docs = builtin_documents(source, "val", self.val_fraction, self.split_by)
         elif _looks_like_path(source):
             docs = read_documents(source, encoding=encoding)
         else:
@@ -236,11 +238,13 @@ def load(
         from qinglm.quantize import quantize as quantize_model
 
         model = quantize_model(model.to(dev), quantize)
-    return LM(model, tok, run_dir=run, device=dev, val_fraction=_val_fraction(config))
+    val_fraction, split_by = _held_out(config)
+    return LM(model, tok, run_dir=run, device=dev, val_fraction=val_fraction, split_by=split_by)
 
 
-def _val_fraction(config: dict[str, Any], hops: int = 4) -> float:
-    """Return the val_fraction the run's pretraining held out: its own, else its SFT base's, else the default.
+def _held_out(config: dict[str, Any], hops: int = 4) -> tuple[float, str]:
+    """Return (val_fraction, split_by) the run's pretraining held out: its own, else its SFT base's,
+    else the defaults. A run saved before split_by existed held out single documents ("document").
 
     A `qinglm sft` run saves its base run's path as "base"; its base's split is what it must not be
     scored on (the base trained on the rest).
@@ -248,7 +252,8 @@ def _val_fraction(config: dict[str, Any], hops: int = 4) -> float:
     train = config.get("train")
     value = train.get("val_fraction") if isinstance(train, dict) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0:
-        return float(value)
+        split_by = train.get("split_by", "document")
+        return float(value), split_by if isinstance(split_by, str) else TrainConfig.split_by
     base = config.get("base")
     if isinstance(base, str) and hops > 0:
         try:
@@ -256,5 +261,5 @@ def _val_fraction(config: dict[str, Any], hops: int = 4) -> float:
         except (OSError, ValueError):
             base_config = None
         if isinstance(base_config, dict):
-            return _val_fraction(base_config, hops - 1)
-    return TrainConfig.val_fraction
+            return _held_out(base_config, hops - 1)
+    return TrainConfig.val_fraction, TrainConfig.split_by

@@ -180,7 +180,15 @@ class TrainConfig:
         ["auto", "ddp", "fsdp"],
     )
     nproc: int = _f(0, "launch this many processes on this machine with torchrun (0 = no launch)")
-    val_fraction: float = _f(0.02, "fraction of documents held out for validation")
+    val_fraction: float = _f(0.02, "fraction of the data held out for validation")
+    split_by: str = _f(
+        "auto",
+        "held out whole: document, block (--split-block consecutive documents) or file; auto: block for "
+        ".txt (document if too small for one block), document for JSONL/Parquet (built-in: article "
+        "blocks, reviews, idioms)",
+        ["auto", "document", "block", "file"],
+    )
+    split_block: int = _f(100, "documents per held-out block with --split-by block")
     encoding: str | None = _f(None, "text encoding of data files (default: detect)")
     nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
     text_field: str = _f("text", "JSONL/Parquet field holding the text")

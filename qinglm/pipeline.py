@@ -41,18 +41,11 @@ DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GP
 
 def iter_documents(specs: list[str], split: str, cfg: TrainConfig, stats: Any = None) -> Iterator[str]:
     """Yield the documents of one split ("train" | "val" | "all") of built-in corpora and/or files."""
-    from qinglm.data.builtin import builtin_documents, is_builtin
-    from qinglm.data.sources import read_documents, split_of
+    from qinglm.data.corpus import labelled_documents
 
-    for spec in specs:
-        if is_builtin(spec):
-            yield from builtin_documents(spec, split, val_fraction=cfg.val_fraction)
-            continue
-        for doc in read_documents(
-            spec, encoding=cfg.encoding, nfkc=cfg.nfkc, text_field=cfg.text_field, stats=stats
-        ):
-            if split == "all" or split_of(doc, cfg.val_fraction) == split:
-                yield doc
+    for label, doc in labelled_documents(specs, cfg, stats):
+        if split in ("all", label):
+            yield doc
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -111,9 +104,10 @@ def prepare_data(
     out_dir may hold only earlier prepared data (or anything, with overwrite): see prepare_stream.
     A mixture's sources each get their own train split (data/mix.py) and share the val split.
     """
+    from qinglm.data.corpus import describe_split, labelled_documents
     from qinglm.data.mix import parse_mixture
     from qinglm.data.shards import prepare_stream
-    from qinglm.data.sources import ReadStats, split_of
+    from qinglm.data.sources import ReadStats
 
     t0 = time.time()
     stats = ReadStats()
@@ -122,8 +116,7 @@ def prepare_data(
     labelled = (  # one pass: each document goes to its split
         (name if split == "train" else split, doc)
         for group, name in groups
-        for doc in iter_documents(group, "all", cfg, stats)
-        for split in [split_of(doc, cfg.val_fraction)]
+        for split, doc in labelled_documents(group, cfg, stats)
     )
     trains = [name for _, name in groups]
     index = prepare_stream(labelled, [*trains, "val"], tokenizer, out_dir, overwrite=overwrite)
@@ -133,7 +126,8 @@ def prepare_data(
     n_docs, n_tokens = (sum(sp[t][key] for t in trains) for key in ("documents", "tokens"))
     log(
         f"prepared {n_docs:,} train / {sp['val']['documents']:,} val documents, "
-        f"{n_tokens:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir}"
+        f"{n_tokens:,} / {sp['val']['tokens']:,} tokens in {time.time() - t0:.1f}s -> {out_dir} "
+        f"({describe_split(mix.sources if mix else specs, cfg)})"
     )
     return index
 
@@ -373,6 +367,12 @@ def report(
     m = evaluate_shards(lm.model, val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=lm.device)
     every = types.SimpleNamespace(shards=[s for t in trains for s in t.shards])  # all sources
     unigram = unigram_baseline(every, val, lm.config.vocab_size)
+    if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        split = f"the val split prepared in {cfg.data[0]}"
+    else:
+        from qinglm.data.corpus import describe_split
+
+        split = describe_split(mix.sources if (mix := parse_mixture(cfg.data)) else cfg.data, cfg)
     log("")
     if (mix := parse_mixture(cfg.data)) and result.get("checkpoint"):
         from qinglm.train.checkpoint import read_state
@@ -381,7 +381,7 @@ def report(
         for line in mixture_lines(mix, taken, cfg.seq_len):
             log(line)
     log(
-        f"held-out ({val.n_tokens:,} tokens): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
+        f"held-out ({val.n_tokens:,} tokens; {split}): loss {m['loss']:.4f}  perplexity {m['ppl']:.2f}  "
         f"bits/char {m['bpc']:.4f}   (unigram baseline loss {unigram:.4f})"
     )
     sampling = SamplingConfig(

@@ -203,7 +203,8 @@ def test_prepare_reads_the_corpus_once(tmp_path, monkeypatch):
     real = sources.read_lines
     monkeypatch.setattr(sources, "read_lines", lambda *a: opened.append(a) or real(*a))
     tok = train_tokenizer(DOCS, 300, show_progress=False)
-    index = prepare_data([str(path)], tok, tmp_path / "data", TrainConfig(data=[str(path)]), log=print)
+    cfg = TrainConfig(data=[str(path)], split_by="document")  # "auto" counts a small corpus first
+    index = prepare_data([str(path)], tok, tmp_path / "data", cfg, log=print)
     assert len(opened) == 1
     splits = index["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(DOCS)

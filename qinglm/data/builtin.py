@@ -7,10 +7,12 @@ import functools
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from qinglm.data.sources import normalize_text, split_of
+from qinglm.data.splits import idiom_held_out, is_val_block, pd1998_blocks
 from qinglm.errors import QingLMError
 from qinglm.io import atomic_open
 
@@ -63,17 +65,47 @@ def is_builtin(name: str) -> bool:
     return name in BUILTINS
 
 
-def builtin_documents(name: str, split: str = "all", val_fraction: float = 0.02) -> list[str]:
+def builtin_documents(
+    name: str, split: str = "all", val_fraction: float = 0.02, split_by: str = "auto"
+) -> list[str]:
     """Return the documents of built-in corpus `name`, all of them or its "train"/"val" split.
 
-    The split is decided per document by split_of, so it is deterministic and leak-free.
+    The split is deterministic and shares no article, review or idiom between train and val (see
+    builtin_labelled); split_by="document" gives the older split by a hash of each paragraph.
     """
     if split not in SPLITS:
         raise QingLMError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    docs = _corpus(_check_name(name))
     if split == "all":
-        return list(docs)
-    return [d for d in docs if split_of(d, val_fraction) == split]
+        return list(_corpus(_check_name(name)))
+    return [d for label, d in builtin_labelled(name, val_fraction, split_by) if label == split]
+
+
+def builtin_labelled(
+    name: str, val_fraction: float = 0.02, split_by: str = "auto"
+) -> Iterator[tuple[str, str]]:
+    """Yield ("train" | "val", document) for every document of built-in corpus `name`, in order.
+
+    pd1998 (news paragraphs in date order): blocks of at least PD1998_BLOCK consecutive paragraphs,
+    cut only before a headline, evenly spaced ones held out (qinglm.data.splits), less the few lines
+    that also occur in a training block (bylines, table headers). reviews: by review
+    (one per document). idioms: by idiom, and the idioms SFT holds out (idioms-sft) are always "val".
+    split_by="document": every corpus by a hash of each document (paragraph), as before; the SFT
+    held-out idioms stay "val" there too.
+    """
+    docs = _corpus(_check_name(name))
+    if name == "pd1998" and split_by != "document":
+        blocks = pd1998_blocks(docs)
+        labels = ["val" if is_val_block(b, val_fraction) else "train" for b in blocks]
+        # A line that also occurs in training (a byline, a table header) is not held out: it is seen text.
+        seen = {d for d, label in zip(docs, labels) if label == "train"}
+        labels = ["train" if d in seen else label for d, label in zip(docs, labels)]
+    elif name == "idioms":
+        words = [d.split("（", 1)[0] for d in docs]
+        keys = docs if split_by == "document" else words
+        labels = ["val" if idiom_held_out(w) else split_of(k, val_fraction) for w, k in zip(words, keys)]
+    else:
+        labels = [split_of(d, val_fraction) for d in docs]
+    return zip(labels, docs)
 
 
 def builtin_info(name: str) -> dict[str, object]:

@@ -57,6 +57,7 @@ class ReadStats:
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     split_long: int = 0  # documents longer than MAX_DOC_CHARS, each cut into pieces
     first_skipped: str = ""  # where the first skipped record is, e.g. "a.txt line 2001 (undecodable bytes)"
+    path: Path | None = None  # the file being read now (the file of the document just yielded)
 
     def skip(self, reason: str, where: str) -> None:
         """Return nothing; count one skipped record and remember where the first one was."""
@@ -217,6 +218,7 @@ def _iter_documents(
         if size == 0:
             raise QingLMError(f"{path} is empty; remove it from the inputs or add text to it")
         stats.files += 1
+        stats.path = path
         kind, hint = format_of(path), ""
         if kind == ".parquet":
             from qinglm.data.parquet import parquet_texts

@@ -18,10 +18,11 @@ from typing import Any
 
 from qinglm.data.builtin import _idiom_field, _package_file
 from qinglm.data.sources import normalize_text
+from qinglm.data.splits import IDIOM_HELD_OUT_PERCENT, idiom_held_out
 from qinglm.errors import QingLMError
 
 NAME = "idioms-sft"
-HELD_OUT_PERCENT = 3
+HELD_OUT_PERCENT = IDIOM_HELD_OUT_PERCENT  # also held out of the built-in idioms corpus's train split
 SPLITS = ("train", "heldout")
 
 # kind -> (question phrasings, Idiom field that answers it)
@@ -52,7 +53,7 @@ def _hash(text: str) -> int:
 
 def is_held_out(word: str) -> bool:
     """Return True when the idiom belongs to the held-out split (a hash of the idiom, so stable)."""
-    return _hash(word) % 100 < HELD_OUT_PERCENT
+    return idiom_held_out(word)
 
 
 @functools.cache
