@@ -1,9 +1,10 @@
 """Every benchmark in turn, each printing its table: `python -m benchmarks [--minutes 10]`.
 
 Runs the tokenizer comparison, training throughput (tokens/s, MFU, peak RSS) and quality at equal
-wall-clock budget against the nanoGPT-style baseline, then inference speed (KV-cache engine vs no-cache
-loop vs transformers, int8/bf16 vs fp32), the BPC change of int8, and every model/training option at
-equal steps (benchmarks/options.py). Takes about 2 * minutes + 80 minutes on 2 CPU cores.
+wall-clock budget against the nanoGPT-style baseline (on the honest and the paragraph split), then
+inference speed (KV-cache engine vs no-cache loop vs transformers, int8/bf16 vs fp32), the BPC change
+of int8, and every model/training option at equal steps (benchmarks/options.py). Takes about
+4 * minutes + 80 minutes on 2 CPU cores.
 """
 
 import argparse

@@ -48,6 +48,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         help="normalise full-width Latin letters and digits",
     )
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    for name in ("split_by", "split_block"):  # the same flags as `qinglm train`
+        f = TrainConfig.__dataclass_fields__[name]
+        kind = dict(choices=f.metadata["choices"]) if "choices" in f.metadata else dict(type=int)
+        p.add_argument("--" + name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
 
 
 def _data_cfg(args: argparse.Namespace) -> TrainConfig:
@@ -55,6 +59,8 @@ def _data_cfg(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data,
         val_fraction=args.val_fraction,
+        split_by=args.split_by,
+        split_block=args.split_block,
         encoding=args.encoding,
         nfkc=args.nfkc,
         text_field=args.text_field,

@@ -194,6 +194,15 @@ def test_tokenizer_and_prepare_subcommands(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr
     index = json.loads((data / "index.json").read_text())
     assert index["splits"]["train"]["tokens"] > 0
+    # --split-by block: the 400 lines in blocks of 20, one in ten held out (blocks 4 and 14)
+    blocks = tmp_path / "blocks"
+    proc = qinglm(
+        "prepare", "--data", corpus, "--tokenizer", tok, "--out", blocks, "--split-by", "block",
+        "--split-block", 20, "--val-fraction", 0.1,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "val documents" in proc.stdout and "files by blocks of 20 documents" in proc.stdout
+    assert json.loads((blocks / "index.json").read_text())["splits"]["val"]["documents"] == 40
     # a prepared directory trains directly, with its tokenizer
     proc = qinglm(
         "train",
