@@ -241,22 +241,19 @@ def _jsonl(path, n=40):
     return path
 
 
+def _tiny_sft(base_run, data, out, threads, **kw) -> SFTConfig:
+    """Return the SFT config of these tests: CPU, fp32, batch 4, quiet (kw overrides)."""
+    defaults = dict(max_steps=60, batch_size=4, lr=3e-3, warmup_steps=5, log_every=100)
+    return SFTConfig(
+        base=str(base_run), data=str(data), out=str(out), device="cpu", dtype="fp32",
+        num_threads=threads, **{**defaults, **kw},
+    )  # fmt: skip
+
+
 def test_full_sft_writes_a_run_that_loads_and_chats(tmp_path, base_run, one_thread):
     data = _jsonl(tmp_path / "chat.jsonl")
     out = tmp_path / "sft"
-    cfg = SFTConfig(
-        base=str(base_run),
-        data=str(data),
-        out=str(out),
-        max_steps=60,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=5,
-        device="cpu",
-        dtype="fp32",
-        log_every=100,
-        num_threads=one_thread,
-    )
+    cfg = _tiny_sft(base_run, data, out, one_thread)
     res = run_sft(cfg, log=lambda s: None)
     assert res["val_loss_after"] < 0.5 * res["val_loss_before"]
     assert res["trainable_params"] == res["total_params"]
@@ -328,19 +325,7 @@ def test_sft_scales_the_loss_when_the_dtype_needs_a_grad_scaler(tmp_path, base_r
             self.updates += 1
             super().update(new_scale)
 
-    cfg = SFTConfig(
-        base=str(base_run),
-        data=str(_jsonl(tmp_path / "chat.jsonl")),
-        out=str(tmp_path / "plain"),
-        max_steps=30,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=5,
-        device="cpu",
-        dtype="fp32",
-        log_every=100,
-        num_threads=one_thread,
-    )
+    cfg = _tiny_sft(base_run, _jsonl(tmp_path / "chat.jsonl"), tmp_path / "plain", one_thread, max_steps=30)
     plain = run_sft(cfg, log=lambda s: None)
     monkeypatch.setattr(sft_train, "grad_scaler", lambda dtype, device: Scaler())
     scaled = run_sft(dataclasses.replace(cfg, out=str(tmp_path / "scaled")), log=lambda s: None)
