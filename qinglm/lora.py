@@ -4,6 +4,7 @@
     save_adapter(model, out_dir, base=...)            writes adapter_config.json + adapter_model.safetensors
     load_adapter(model, directory)                    applies the adapter in `directory` to a plain model
     merge_lora(model)                                 folds W += scaling * B @ A into plain nn.Linear
+    adapters_disabled(model)                          a context in which the model acts as its base
 
 scaling is alpha/rank, or alpha/sqrt(rank) with rsLoRA (PEFT's use_rslora). PEFT options that change what
 the weights mean and that QingLM does not implement (DoRA, trained biases, fan_in_fan_out, per-module
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # as PEFT computes it
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False: act as the base linear (see adapters_disabled)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name, rows in self.parts:
@@ -87,6 +90,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = self.dropout(x)
         outs = []
         for name, rows in self.parts:
@@ -173,6 +178,23 @@ def apply_lora(
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Return {QingLM module path (blocks.N.attn.qkv): LoRALinear} of a model with LoRA applied."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Return (as a context) model with every LoRA layer acting as its frozen base; restored on exit.
+
+    This is DPO's reference model under LoRA: the base weights are shared, nothing is copied.
+    """
+    layers = list(lora_layers(model).values())
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.enabled = was
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from qinglm.hf_layout import hf_parts
 from qinglm.lora import (
     ALL_TARGETS,
     LoRALinear,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     lora_layers,
@@ -191,3 +192,18 @@ def test_lora_linear_forward_matches_its_delta_weight():
     torch.nn.init.normal_(layer.lora_B["a"])
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), x @ (lin.weight + layer.delta_weight()).T)
+
+
+def test_adapters_disabled_gives_the_base_model_without_a_copy_and_restores_them():
+    m, _ = trained_lora()
+    base_logits = model()(IDS)
+    tuned = m(IDS)
+    assert not torch.allclose(tuned, base_logits)
+    params = [p.data_ptr() for p in m.parameters()]
+    with adapters_disabled(m) as same:
+        assert same is m and [p.data_ptr() for p in m.parameters()] == params
+        torch.testing.assert_close(m(IDS), base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(m(IDS), tuned, rtol=0, atol=0)
+    with pytest.raises(RuntimeError), adapters_disabled(m):
+        raise RuntimeError("boom")
+    torch.testing.assert_close(m(IDS), tuned, rtol=0, atol=0)

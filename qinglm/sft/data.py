@@ -16,7 +16,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +45,11 @@ class ReadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason), the first few
+    noun: str = "conversations"  # what a kept line is
 
     def summary(self) -> str:
         """Return one line: how many conversations were read and why lines were skipped."""
-        text = f"{self.path}: {self.kept:,} conversations from {self.lines:,} lines"
+        text = f"{self.path}: {self.kept:,} {self.noun} from {self.lines:,} lines"
         if self.skipped:
             reasons = ", ".join(f"{n:,} {why}" for why, n in self.skipped.most_common())
             where = ", ".join(f"line {n}" for n, _ in self.first_bad)
@@ -86,15 +87,23 @@ def to_messages(obj: Any) -> Messages:
     return msgs
 
 
-def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messages], ReadReport]:
-    """Return (conversations, report) of a JSONL file; bad lines are counted in the report, never kept.
+def read_jsonl(
+    path: str | Path,
+    parse: Callable[[Any], Any],
+    what: str,
+    builtin: str,
+    noun: str = "conversations",
+    max_bad_shown: int = 3,
+) -> tuple[list, ReadReport]:
+    """Return (parse(obj) of every good line, report) of a JSONL file; bad lines are counted, never kept.
 
-    Raises QingLMError when the file is missing, not UTF-8, or has no usable line at all.
+    parse raises ValueError(reason) for a bad object. what ("SFT"), builtin ("idioms-sft") and noun
+    ("conversations") name the data in messages. Raises QingLMError when the file is missing, not UTF-8, or has no usable line.
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise QingLMError(f"SFT data file not found: {p}; give a JSONL file or idioms-sft")
-    report, convs = ReadReport(str(p)), []
+        raise QingLMError(f"{what} data file not found: {p}; give a JSONL file or {builtin}")
+    report, items = ReadReport(str(p), noun=noun), []
     try:
         with open(p, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
@@ -102,7 +111,7 @@ def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messa
                     continue
                 report.lines += 1
                 try:
-                    convs.append(to_messages(json.loads(line)))
+                    items.append(parse(json.loads(line)))
                 except ValueError as e:  # json.JSONDecodeError is a ValueError too
                     why = "invalid JSON" if isinstance(e, json.JSONDecodeError) else str(e)
                     report.skipped[why] += 1
@@ -110,10 +119,15 @@ def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messa
                         report.first_bad.append((n, why))
     except UnicodeDecodeError:
         raise QingLMError(f"{p} is not UTF-8 text; convert it (e.g. iconv -f gbk -t utf-8)") from None
-    report.kept = len(convs)
-    if not convs:
-        raise QingLMError(f"no usable conversation in {p}: {report.summary()}")
-    return convs, report
+    report.kept = len(items)
+    if not items:
+        raise QingLMError(f"no usable {noun} in {p}: {report.summary()}")
+    return items, report
+
+
+def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messages], ReadReport]:
+    """Return (conversations, report) of an SFT JSONL file (see read_jsonl)."""
+    return read_jsonl(path, to_messages, "SFT", "idioms-sft", max_bad_shown=max_bad_shown)
 
 
 # ---------------------------------------------------------------------------- tokenising

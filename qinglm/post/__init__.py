@@ -1,0 +1,1 @@
+"""Preference and post-training stages built on a fine-tuned run: DPO."""
