@@ -19,18 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import (
-    PRESETS,
-    ModelConfig,
-    TrainConfig,
-    check_train,
-    from_dict,
-    load_config_file,
-    resolve_model,
-    split_sections,
-    to_dict,
-)
+from qinglm.config import PRESETS, ModelConfig, from_dict, load_config_file, resolve_model, to_dict
 from qinglm.errors import QingLMError
+from qinglm.train.config import TrainConfig, check_train, split_sections
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)

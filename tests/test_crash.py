@@ -131,8 +131,9 @@ def test_a_non_finite_step_is_skipped_and_a_loss_spike_is_logged(
     corpus, tmp_path, monkeypatch, faulty_transformer
 ):
     import qinglm.train.session as session
-    from qinglm.config import ModelConfig, TrainConfig
+    from qinglm.config import ModelConfig
     from qinglm.train import train
+    from qinglm.train.config import TrainConfig
 
     # training forward 25 gives a NaN loss, forward 32 a loss 3x too high
     monkeypatch.setattr(session, "Transformer", faulty_transformer({25: float("nan"), 32: 3.0}))

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 import qinglm.train.loop as loop
 import qinglm.train.session as session
-from qinglm.config import ModelConfig, TrainConfig
+from qinglm.config import ModelConfig
 from qinglm.device import resolve_compile
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import TRAIN_KEYS, VAL_KEYS, read_metrics
 from qinglm.train.optim import build_optimizer
 from qinglm.train.schedule import (

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import TrainConfig, to_dict
+from qinglm.config import to_dict
 from qinglm.device import autocast, grad_scaler, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
@@ -32,6 +32,7 @@ from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS
 from qinglm.sft.idioms import idioms_sft, pinyin_accuracy
 from qinglm.train.checkpoint import save_checkpoint
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer, step_optimizer
 from qinglm.train.schedule import RunLength

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qinglm.config import ModelConfig, TrainConfig
+from qinglm.config import ModelConfig
 from qinglm.device import autocast, deterministic_algorithms, resolve_device
 from qinglm.errors import QingLMError
 from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
 from qinglm.train.optim import step_optimizer
 from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at

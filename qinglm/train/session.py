@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import ModelConfig, TrainConfig, to_dict
+from qinglm.config import ModelConfig, to_dict
 from qinglm.data.loader import TrainBatches, saved_global_batch
 from qinglm.data.mix import MixedBatches, parse_mixture, train_shards
 from qinglm.data.shards import TokenShards
@@ -35,6 +35,7 @@ from qinglm.train.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
+from qinglm.train.config import TrainConfig
 from qinglm.train.fp8 import enable_fp8
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
