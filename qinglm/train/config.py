@@ -186,7 +186,7 @@ class TrackingPart(Part):
 
 
 @dataclass
-class EngineConfig(OptimPart, LengthPart, BatchPart, RuntimePart, RunPart, EvalPart, TrackingPart):
+class EngineConfig(TrackingPart, EvalPart, RuntimePart, OptimPart, BatchPart, LengthPart, RunPart):
     """What the training engine needs from any stage's config: all the shared parts."""
 
 
