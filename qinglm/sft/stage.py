@@ -33,23 +33,21 @@ def load_base(base: str | Path, device: Any) -> nn.Module:
     return qinglm.load(base, device=str(device)).model
 
 
-class SFTStage(Stage):
-    """Fine-tune cfg.base on chat data (cfg resolved by resolve_sft)."""
+class TuningStage(Stage):
+    """What every stage that fine-tunes cfg.base shares (SFT, DPO): the base's model config and tokenizer,
+    the encoded training and held-out examples, LoRA when cfg.lora, and the merged inference weights."""
 
-    kind = "sft"
-
-    def __init__(self, cfg: SFTConfig, log: Any = print):
-        from qinglm.sft.train import load_conversations
+    def __init__(self, cfg: Any, train: list, val: list, encode: Any, log: Any = print):
+        """encode(tokenizer, examples, seq_len) -> (encoded, Counter of "truncated" and "no_target")."""
         from qinglm.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.model_cfg = run_dirs.model_config(cfg.base)
         self.tok = Tokenizer.load(Path(cfg.base) / run_dirs.TOKENIZER)
-        train_convs, val_convs = load_conversations(cfg, log)
-        self.train, counts = sft_data.make_samples(self.tok, train_convs, cfg.seq_len)
-        self.val, _ = sft_data.make_samples(self.tok, val_convs, cfg.seq_len)
+        self.train, counts = encode(self.tok, train, cfg.seq_len)
+        self.val, _ = encode(self.tok, val, cfg.seq_len)
         if not self.train:
-            raise QingLMError("no training example has an assistant token within --seq-len; raise --seq-len")
+            raise QingLMError("no training example has a reply token within --seq-len; raise --seq-len")
         if counts:
             log(
                 f"examples: {counts['truncated']:,} cut to --seq-len {cfg.seq_len}, "
@@ -62,20 +60,57 @@ class SFTStage(Stage):
     def tokenizer(self) -> Any:
         return self.tok
 
-    def build_model(self) -> nn.Module:
-        cfg, log = self.cfg, self.ctx.log
-        model = load_base(cfg.base, self.ctx.device)
-        self.val_before = self.held_out_loss(model) if not self.ctx.resuming else None
-        if self.val_before is not None:
-            n = sft_data.assistant_tokens(self.val)
-            log(f"held-out assistant-token loss before: {self.val_before:.4f} ({n:,} tokens)")
+    def tune(self, model: nn.Module) -> nn.Module:
+        """Return model with LoRA applied when cfg.lora (base frozen), after logging what trains."""
+        cfg = self.cfg
         if cfg.lora:
             apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         self.n_train, self.n_total = trainable_parameters(model), sum(p.numel() for p in model.parameters())
-        log(
+        self.ctx.log(
             f"trainable parameters: {self.n_train:,} of {self.n_total:,} ({100 * self.n_train / self.n_total:.2f}%)"
         )
         return model
+
+    def epoch_batches(self, cfg: Any, items_for_epoch: Any, collate: Any, n_tokens: int) -> EpochBatches:
+        """Return (and keep as self._batches) this rank's EpochBatches of cfg's batch shape."""
+        dist = self.ctx.dist
+        self._batches = EpochBatches(
+            items_for_epoch,
+            collate,
+            cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            n_tokens=n_tokens,
+        )
+        return self._batches
+
+    def inference_weights(self, model: nn.Module) -> nn.Module:
+        return merge_lora(copy.deepcopy(model)) if self.cfg.lora else model
+
+    def save_adapter(self, model: nn.Module) -> None:
+        """Return nothing; write RUN/adapter (PEFT's format) of a LoRA run, on the main process."""
+        if self.cfg.lora and self.ctx.dist.is_main:
+            save_adapter(model, self.ctx.run_dir / "adapter", base=str(self.cfg.base))
+
+
+class SFTStage(TuningStage):
+    """Fine-tune cfg.base on chat data (cfg resolved by resolve_sft)."""
+
+    kind = "sft"
+
+    def __init__(self, cfg: SFTConfig, log: Any = print):
+        from qinglm.sft.train import load_conversations
+
+        super().__init__(cfg, *load_conversations(cfg, log), sft_data.make_samples, log)
+
+    def build_model(self) -> nn.Module:
+        model = load_base(self.cfg.base, self.ctx.device)
+        self.val_before = self.held_out_loss(model) if not self.ctx.resuming else None
+        if self.val_before is not None:
+            n = sft_data.assistant_tokens(self.val)
+            self.ctx.log(f"held-out assistant-token loss before: {self.val_before:.4f} ({n:,} tokens)")
+        return self.tune(model)
 
     def held_out_loss(self, model: nn.Module) -> float:
         from qinglm.sft.train import assistant_loss
@@ -91,17 +126,10 @@ class SFTStage(Stage):
             )
             return [row for b in batches for row in b]
 
-        dist = self.ctx.dist
-        self._batches = EpochBatches(
-            rows,
-            lambda items: sft_data.collate(items, self.tok.pad_id),
-            cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            n_tokens=sft_data.assistant_tokens(self.train),
-        )
-        return self._batches
+        def collate(items: list[sft_data.Sample]) -> Any:
+            return sft_data.collate(items, self.tok.pad_id)
+
+        return self.epoch_batches(cfg, rows, collate, sft_data.assistant_tokens(self.train))
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
@@ -111,9 +139,6 @@ class SFTStage(Stage):
         if not self.val:
             return None
         return {"val_loss": distributed.broadcast_object(self.ctx.dist, self.held_out_loss(model))}
-
-    def inference_weights(self, model: nn.Module) -> nn.Module:
-        return merge_lora(copy.deepcopy(model)) if self.cfg.lora else model
 
     def header(self) -> list[str]:
         cfg, b = self.cfg, self._batches
@@ -136,10 +161,9 @@ class SFTStage(Stage):
             "val_loss_after": self.held_out_loss(model),
         }
         log(f"held-out assistant-token loss after: {result['val_loss_after']:.4f} (before {self.val_before})")
+        self.save_adapter(model)
         if not self.ctx.dist.is_main:
             return result
-        if cfg.lora:
-            save_adapter(model, out / "adapter", base=str(cfg.base))
         if cfg.data == IDIOMS and cfg.eval_pinyin:
             import qinglm
 

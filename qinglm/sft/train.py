@@ -29,12 +29,19 @@ from qinglm.sft.idioms import idioms_sft
 
 
 def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:
-    """Return a copy of cfg with defaults filled in (lr, seq_len, length); raise QingLMError if impossible."""
+    """Return a copy of cfg with defaults filled in (lr 1e-3 full, 3e-3 LoRA; see resolve_tuning)."""
+    return resolve_tuning(cfg, max_seq_len, (1e-3, 3e-3), "lora" if cfg.lora else "sft")
+
+
+def resolve_tuning(cfg: Any, max_seq_len: int, lr: tuple[float, float], name: str) -> Any:
+    """Return a copy of a fine-tuning config (SFT, DPO) with defaults filled in: lr (full, LoRA), seq_len
+    (the model's context), one epoch when no length is given, out (runs/<time>-name); raise QingLMError
+    if impossible."""
     c = dataclasses.replace(cfg, lora_targets=list(cfg.lora_targets))
     if not c.base:
-        raise QingLMError("give the pretrained run to fine-tune with --base RUN")
+        raise QingLMError("give the run to fine-tune with --base RUN")
     if c.lr is None:
-        c.lr = 3e-3 if c.lora else 1e-3
+        c.lr = lr[1] if c.lora else lr[0]
     if c.seq_len is None:
         c.seq_len = max_seq_len
     if c.max_steps is None and c.num_epochs is None and c.max_time is None:
@@ -42,27 +49,41 @@ def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:
     if not 0 < c.seq_len <= max_seq_len:
         raise QingLMError(f"seq_len must be between 1 and the model's context {max_seq_len}, got {c.seq_len}")
     if c.out is None:
-        c.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{'lora' if c.lora else 'sft'}"
+        c.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     c.__post_init__()  # every part's checks, on the filled-in values
     return c
 
 
 def load_conversations(cfg: SFTConfig, log: Callable[[str], None]) -> tuple[list, list]:
-    """Return (train, held-out) conversations of cfg.data; train capped at cfg.max_examples (seeded)."""
-    if cfg.data == IDIOMS:
-        train, val = idioms_sft("train"), idioms_sft("heldout")
-        log(f"{IDIOMS}: {len(train):,} training chats, {len(val):,} chats about held-out idioms")
+    """Return (train, held-out) conversations of cfg.data (see load_examples)."""
+    return load_examples(cfg, IDIOMS, idioms_sft, sft_data.read_sft_jsonl, "chats", log)
+
+
+def load_examples(
+    cfg: Any,
+    builtin: str,
+    splits: Callable[[str], list],
+    read: Callable[[str], tuple[list, Any]],
+    noun: str,
+    log: Callable[[str], None],
+) -> tuple[list, list]:
+    """Return (train, held-out) examples of cfg.data: the built-in data set's "train" and "heldout"
+    splits(), or the examples read(file) gives with a seeded cfg.val_fraction held out (hash-free: the
+    same file and seed hold out the same ones). Then cut to cfg.max_examples and cfg.eval_examples
+    (seeded samples; None/0 = all)."""
+    if cfg.data == builtin:
+        train, val = splits("train"), splits("heldout")
+        log(f"{builtin}: {len(train):,} training {noun}, {len(val):,} {noun} about held-out idioms")
     else:
-        convs, report = sft_data.read_sft_jsonl(cfg.data)
+        items, report = read(cfg.data)
         log(report.summary())
-        # A hash-free, seeded split: the same file and seed give the same held-out conversations.
-        order = list(range(len(convs)))
+        order = list(range(len(items)))
         random.Random(cfg.seed).shuffle(order)
-        n_val = max(1, round(cfg.val_fraction * len(convs))) if len(convs) > 1 else 0
-        val = [convs[i] for i in order[:n_val]]
-        train = [convs[i] for i in sorted(order[n_val:])]
+        n_val = max(1, round(cfg.val_fraction * len(items))) if len(items) > 1 else 0
+        val = [items[i] for i in order[:n_val]]
+        train = [items[i] for i in sorted(order[n_val:])]
         if not train:
-            raise QingLMError(f"{cfg.data} has too few conversations to hold some out; add more")
+            raise QingLMError(f"{cfg.data} has too few {noun} to hold some out; add more")
     if cfg.max_examples is not None and cfg.max_examples < len(train):
         train = random.Random(cfg.seed).sample(train, cfg.max_examples)
     if cfg.eval_examples and cfg.eval_examples < len(val):
