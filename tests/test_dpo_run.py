@@ -13,11 +13,14 @@ from safetensors.torch import load_file
 
 import qinglm
 from qinglm import run_dir as run_dirs
+from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
+from qinglm.model import Transformer
 from qinglm.post.dpo import DPOConfig, run_dpo
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import run_sft
-from qinglm.train.checkpoint import inference_weights, latest_checkpoint
+from qinglm.tokenizer import Tokenizer
+from qinglm.train.checkpoint import inference_weights, latest_checkpoint, save_run
 from qinglm.train.driver import cli_flags
 from qinglm.train.metrics import read_metrics
 
@@ -148,6 +151,25 @@ def test_a_dpo_run_is_the_base_of_sft_dpo_and_init_from(lora_run, pairs, tmp_pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"starting from the weights of {lora_run}" in proc.stdout
+
+
+def test_ref_gives_another_frozen_reference_with_the_same_tokenizer(
+    lora_run, tiny_base_run, pairs, phrase_corpus, tmp_path
+):
+    # the DPO run as the policy, its own base as the reference: they differ, so step 1 is not at log 2
+    run_dpo(
+        DPOConfig(**flags(lora_run, pairs, tmp_path / "r", ref=str(tiny_base_run), max_steps=1)), log=print
+    )
+    first = train_records(tmp_path / "r")[0]
+    assert first["rewards/margins"] != 0.0 and first["loss"] != pytest.approx(math.log(2), abs=1e-4)
+    assert run_dirs.read_config(tmp_path / "r")["dpo"]["ref"] == str(tiny_base_run)
+    tok = Tokenizer.load(phrase_corpus[1])
+    cfg = resolve_model(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
+    )
+    foreign = save_run(tmp_path / "foreign", Transformer(cfg), tok)
+    with pytest.raises(QingLMError, match="another tokenizer"):
+        run_dpo(DPOConfig(**flags(tiny_base_run, pairs, tmp_path / "x", ref=str(foreign))), log=print)
 
 
 @pytest.mark.slow
