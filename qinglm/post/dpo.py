@@ -78,6 +78,8 @@ class DPOConfig(LoRAPart, EngineConfig):
 
 def resolve_dpo(cfg: DPOConfig, max_seq_len: int) -> DPOConfig:
     """Return a copy of cfg with defaults filled in (lr 1e-4 full, 5e-4 LoRA; see resolve_tuning)."""
+    # 10x below SFT's: on a tiny SFT'd model, 1e-3 full / 5e-3 LoRA pushed the held-out DPO loss above
+    # log 2 within 100 steps, while 1e-4 / 5e-4 lowered it (held-out reward accuracy 57% / 56%).
     return resolve_tuning(cfg, max_seq_len, (1e-4, 5e-4), "dpo")
 
 
