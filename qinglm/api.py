@@ -15,9 +15,9 @@ from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
-from qinglm.generate import encode_prompt
 from qinglm.memory import allocating
 from qinglm.model import Transformer
+from qinglm.text import encode_prompt
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

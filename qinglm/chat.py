@@ -3,8 +3,9 @@
     [BOS]<|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
     <|im_start|>assistant\\n{content}<|im_end|>\\n ... and, to ask for a reply, <|im_start|>assistant\\n
 
-`CHAT_TEMPLATE` is the same format as Jinja; it is saved beside every tokenizer (tokenizer_config.json and
-chat_template.jinja) so that transformers' `apply_chat_template` renders exactly what `render_chat` does.
+`CHAT_TEMPLATE` is the same format as Jinja; qinglm.tokenizer defines it, since it is saved beside every
+tokenizer (tokenizer_config.json and chat_template.jinja), so that transformers' `apply_chat_template`
+renders exactly what `render_chat` does.
 
 `encode_chat` gives the ids: the control tokens are inserted by id and message contents are encoded as
 text, so a message that contains "<|im_end|>" or "[EOS]" cannot forge a turn or end a document. For
@@ -15,25 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
-
-if TYPE_CHECKING:
-    from qinglm.tokenizer import Tokenizer
+from qinglm.tokenizer import CHAT_TEMPLATE as CHAT_TEMPLATE  # defined with the tokenizer, which saves it
+from qinglm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def check_messages(messages: Sequence[Mapping[str, str]]) -> None:

@@ -115,7 +115,8 @@ class TrainConfig:
     preset: str = _f("tiny", "model size preset", list(PRESETS))
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
     max_time: float | None = _f(
-        None, "stop after this many minutes of training (with no limit given: 8 minutes or 8 passes, the first reached)"
+        None,
+        "stop after this many minutes of training (with no limit given: 8 minutes or 8 passes, the first reached)",
     )
     num_epochs: float | None = _f(None, "stop after this many passes over the training data")
     batch_size: int = _f(32, "sequences per micro-batch")
@@ -224,6 +225,20 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise QingLMError for settings that make no sense; return None otherwise."""
+        if self.max_new_tokens < 0:
+            raise QingLMError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise QingLMError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise QingLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise QingLMError(
+                f"repetition_penalty must be positive (1.0 = off), got {self.repetition_penalty}"
+            )
 
 
 # ---------------------------------------------------------------------------- resolving

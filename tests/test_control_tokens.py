@@ -10,12 +10,12 @@ import qinglm
 from qinglm.chat import encode_chat
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.data.shards import TokenShards, prepare_shards
-from qinglm.generate import encode_prompt
 from qinglm.model import Transformer
 from qinglm.serve.config import ServeConfig
 from qinglm.serve.protocol import parse_chat, parse_completion
 from qinglm.sft.data import IGNORE_INDEX, fit_history, make_samples
 from qinglm.sft.data import encode_chat as sft_encode_chat
+from qinglm.text import encode_prompt
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, train_tokenizer
 from qinglm.train.checkpoint import save_run
 

@@ -13,8 +13,9 @@ from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.hf import export_hf, import_hf, save_hf_tokenizer
 from qinglm.export.hf_config import hf_model_type, same_function
-from qinglm.generate import encode_prompt, generate_ids
+from qinglm.generate import generate_ids
 from qinglm.model import Transformer
+from qinglm.text import encode_prompt
 from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import save_run
 

@@ -5,17 +5,10 @@ import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import (
-    N_CONTROL_IDS,
-    apply_repetition_penalty,
-    encode_prompt,
-    generate,
-    generate_ids,
-    sample_next,
-    stream,
-    stream_text,
-)
+from qinglm.generate import generate, generate_ids, stream
 from qinglm.model import Transformer
+from qinglm.sampling import N_CONTROL_IDS, apply_repetition_penalty, sample_next
+from qinglm.text import encode_prompt, stream_text
 from qinglm.tokenizer import train_tokenizer
 
 V, CTX, EOS = 97, 64, 3

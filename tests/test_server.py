@@ -18,11 +18,12 @@ import qinglm  # noqa: E402
 from qinglm.chat import encode_chat  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model  # noqa: E402
-from qinglm.generate import encode_prompt, generate_ids  # noqa: E402
+from qinglm.generate import generate_ids  # noqa: E402
 from qinglm.model import Transformer  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.serve.protocol import parse_completion  # noqa: E402
+from qinglm.text import encode_prompt  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
 from qinglm.train.checkpoint import save_run  # noqa: E402
 

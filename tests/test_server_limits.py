@@ -25,9 +25,9 @@ from test_server import CAP, CTX, PROMPTS, lm, reference, run_dir  # noqa: E402,
 import qinglm.engine  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.errors import QingLMError  # noqa: E402
-from qinglm.generate import encode_prompt  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
+from qinglm.text import encode_prompt  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
 

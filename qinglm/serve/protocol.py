@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from qinglm.chat import IM_END, ROLES
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import check_sampling, encode_prompt
 from qinglm.serve.config import ServeConfig
+from qinglm.text import encode_prompt
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -125,7 +125,6 @@ def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
         ),
         seed=seed,
     )
-    check_sampling(sampling)
     if _get(body, "n", int, 1) != 1:
         raise QingLMError("'n' must be 1: this server returns one choice per request")
     return sampling
