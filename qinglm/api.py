@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qinglm.chat import IM_END
+from qinglm.chat import IM_END, fit_history, prompt_budget
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
@@ -110,10 +110,8 @@ class LM:
         The reply stops at <|im_end|> or [EOS]. When the chat does not fit the context with room for
         the reply (up to max_new_tokens, at most half the context), the oldest non-system turns are dropped.
         """
-        from qinglm.sft.data import fit_history
-
-        reserve = min(max_new_tokens, self.config.max_seq_len // 2)
-        _, prompt = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
+        budget = prompt_budget(self.config.max_seq_len, max_new_tokens)
+        _, prompt = fit_history(self.tokenizer, messages, budget)
         cfg = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import qinglm
-from qinglm.chat import encode_chat
+from qinglm.chat import encode_chat, fit_history
 from qinglm.chat_repl import chat_loop
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
-from qinglm.sft.data import fit_history
 from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import save_run
 

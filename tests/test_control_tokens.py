@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import qinglm
-from qinglm.chat import encode_chat
+from qinglm.chat import encode_chat, fit_history
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.data.shards import TokenShards, prepare_shards
 from qinglm.model import Transformer
 from qinglm.serve.config import ServeConfig
 from qinglm.serve.protocol import parse_chat, parse_completion
-from qinglm.sft.data import IGNORE_INDEX, fit_history, make_samples
+from qinglm.sft.data import IGNORE_INDEX, make_samples
 from qinglm.sft.data import encode_chat as sft_encode_chat
 from qinglm.text import encode_prompt
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, train_tokenizer
