@@ -9,7 +9,7 @@ import torch
 
 import qinglm
 from qinglm.api import LM
-from qinglm.config import ModelConfig, resolve_model
+from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
@@ -155,3 +155,15 @@ def test_evaluate_builtin_uses_the_runs_own_val_fraction(run, tmp_path):
     lm = qinglm.load(old_dir, device="cpu")
     assert lm.split_by == "document"
     assert lm.evaluate("pd1998", **kw) == evaluate_documents(model, tok, old_val, **kw)
+
+
+def test_sampling_is_a_config_plus_keyword_overrides(run):
+    lm = qinglm.load(run[0], device="cpu")
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    assert lm.generate("今天", greedy) == lm.generate("今天", max_new_tokens=12, temperature=0)
+    assert lm.generate("今天", greedy, max_new_tokens=5) == lm.generate(
+        "今天", max_new_tokens=5, temperature=0
+    )
+    assert "".join(lm.stream("今天", greedy)) == lm.generate("今天", greedy)
+    with pytest.raises(TypeError, match="temprature"):
+        lm.generate("今天", temprature=0)

@@ -225,3 +225,9 @@ def test_prompts_are_normalised_like_training_text(tok):
     assert encode_prompt(tok, wide) == encode_prompt(tok, narrow) == [tok.bos_id, *tok.encode(narrow)]
     chat = [{"role": "user", "content": wide}]
     assert encode_chat(tok, chat, True) == encode_chat(tok, [{"role": "user", "content": narrow}], True)
+
+
+def test_sampling_settings_are_checked_when_made():
+    for bad in ("max_new_tokens", -1), ("temperature", -1.0), ("top_p", 2.0), ("repetition_penalty", 0.0):
+        with pytest.raises(QingLMError, match=bad[0]):
+            SamplingConfig(**dict([bad]))

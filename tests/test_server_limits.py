@@ -395,6 +395,8 @@ def test_api_posts_must_be_json(url):
 def test_create_app_checks_its_config_as_the_cli_does(lm, tmp_path, capsys):
     with pytest.raises(QingLMError, match="max-queue"):
         ServeConfig(max_queue=0)
+    with pytest.raises(QingLMError, match="port"):
+        ServeConfig(port="8000")  # a wrong type is a user error too, as in every config
     cfg = ServeConfig()
     for field, value in (("max_batch_size", 0), ("port", 70000), ("request_timeout", float("nan"))):
         setattr(cfg, field, value)
