@@ -20,12 +20,12 @@ from typing import Any
 
 from qinglm import run_dir as run_dirs
 from qinglm.config import (
-    PRESETS,
     ModelConfig,
     TrainConfig,
     check_train,
     from_dict,
     load_config_file,
+    preset_model,
     resolve_model,
     split_sections,
     to_dict,
@@ -148,9 +148,9 @@ def build_configs(
     """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig)."""
     file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
     train = from_dict(TrainConfig, {**file_train, **train_flags}, "train config")
-    if train.preset not in PRESETS:
-        raise QingLMError(f"unknown preset {train.preset!r}; choose one of {', '.join(PRESETS)}")
-    model = from_dict(ModelConfig, {**PRESETS[train.preset], **file_model, **model_flags}, "model config")
+    model = from_dict(
+        ModelConfig, {**preset_model(train.preset), **file_model, **model_flags}, "model config"
+    )
     if train.max_steps is None and train.max_time is None and train.num_epochs is None:
         train.max_time, train.num_epochs = DEFAULT_MAX_TIME, DEFAULT_MAX_EPOCHS
     return model, train

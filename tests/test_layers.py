@@ -86,3 +86,15 @@ def test_the_inference_layer_imports_nothing_above_it():
     graph = import_graph()
     bad = {m: sorted(n for n in graph[f"qinglm.{m}"] if n.startswith(ABOVE)) for m in INFERENCE}
     assert not any(bad.values()), bad
+
+
+def test_the_command_line_builds_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom qinglm.cli import main\n"
+        "try:\n    main(['export', 'gguf', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

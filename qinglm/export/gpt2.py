@@ -13,12 +13,13 @@ GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
+
+if TYPE_CHECKING:
+    import torch
 
 # QingLM module inside a block -> GPT-2 module inside transformer.h.N; True where GPT-2 uses Conv1D.
 _BLOCK = {
@@ -74,6 +75,8 @@ def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def qinglm_to_gpt2(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Return GPT-2 weights of a classic-family model (model_tensors(): a tied head appears once)."""
+    import torch
+
     from qinglm.model import sinusoidal_table
 
     embed = tensors["embed.weight"]

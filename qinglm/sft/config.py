@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qinglm.config import _f
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from qinglm.hf_layout import LINEAR_NAMES
 
 
 @dataclass
@@ -25,7 +24,9 @@ class SFTConfig:
     lora_rank: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = _f(LORA_TARGETS, "HF module names that get LoRA (default: every linear layer)")
+    lora_targets: list[str] = _f(
+        list(LINEAR_NAMES), "HF module names that get LoRA (default: every linear layer)"
+    )
     num_epochs: float | None = _f(None, "passes over the training examples (default 1 if no other limit)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
     max_time: float | None = _f(None, "stop after this many minutes of training")
