@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
+from qinglm.export.options import ANY, SHAPE, TRAINING_ONLY, Table, unreproduced
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +30,20 @@ _BLOCK = {
     "norm2": ("ln_2", False),
     "mlp.up": ("mlp.c_fc", True),
     "mlp.down": ("mlp.c_proj", True),
+}
+# What GPT2LMHeadModel reproduces; gpt2_refusal adds the rules between options.
+GPT2_OPTIONS: Table = {
+    **SHAPE,
+    **TRAINING_ONLY,
+    "pos_encoding": ("learned", "sinusoidal"),
+    "norm": ("layernorm",),
+    "mlp": ("gelu",),
+    "tie_embeddings": ANY,
+    "rope_theta": ANY,  # unused without RoPE
+    "bias": ANY,  # none: written as zeros
+    "qk_norm": (False,),
+    "gated_attention": (False,),
+    "n_experts": (0,),
 }
 
 
@@ -46,7 +61,7 @@ def gpt2_refusal(cfg: ModelConfig) -> str | None:
             "sinusoidal positions scale the embeddings by sqrt(d_model) before the table is added, "
             "which GPT-2 can only reproduce with an untied head; train with --no-tie-embeddings"
         )
-    return None
+    return unreproduced(cfg, GPT2_OPTIONS)
 
 
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
