@@ -98,3 +98,13 @@ def test_the_command_line_builds_without_torch():
         "assert 'torch' not in sys.modules, 'torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_only_command_modules_hold_argparse_code():
+    allowed = {"qinglm.cli", "qinglm.data.commands", "qinglm.config"}  # config: flags made from fields
+    holders = {
+        m
+        for m, path in _modules().items()
+        if "argparse" in path.read_text(encoding="utf-8") and not m.endswith(("_cli", ".cli"))
+    }
+    assert holders <= allowed, sorted(holders - allowed)
