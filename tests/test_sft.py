@@ -11,15 +11,13 @@ import torch.nn.functional as F
 import qinglm
 from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
-from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.model import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import load_conversations, resolve_sft, run_sft
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 CHAT = [
     {"role": "system", "content": "你是一个助手。"},
@@ -37,15 +35,9 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, tok):
+def base_run(tmp_path_factory, tok, tiny_run):
     """Return a run directory holding a tiny random model, laid out as pretraining leaves it."""
-    run_dir = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
-    )
-    save_run(run_dir, Transformer(cfg), tok)
-    return run_dir
+    return tiny_run(tmp_path_factory.mktemp("base"), tok, n_heads=2)
 
 
 @pytest.fixture
