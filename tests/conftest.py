@@ -63,6 +63,26 @@ def tiny_run(tiny_model):
     return make
 
 
+@pytest.fixture(scope="session")
+def perturbed_run(tiny_model):
+    """Return make(path, tokenizer, vocab_size=None, **options): tiny_run, with the norm weights and biases
+    moved off their init values (ones and zeros would hide a mistake in an exporter's weight layout)."""
+    import torch
+
+    from qinglm.train.checkpoint import save_run
+
+    def make(path: Path, tokenizer, vocab_size: int | None = None, **options) -> Path:
+        model = tiny_model(vocab_size or tokenizer.vocab_size, **options)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.2)
+        save_run(path, model, tokenizer)
+        return path
+
+    return make
+
+
 @pytest.fixture
 def faulty_transformer():
     """Return make(factors): a Transformer class whose n-th training forward multiplies the loss by factors[n]."""
