@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
-from qinglm.tokenizer import CHAT_TEMPLATE as CHAT_TEMPLATE  # defined with the tokenizer, which saves it
 from qinglm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
