@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import PRESETS, ModelConfig, from_dict, load_config_file, resolve_model, to_dict
+from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model, resolve_model, to_dict
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
 from qinglm.train.driver import launch_torchrun
@@ -141,9 +141,9 @@ def build_configs(
     """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig or a subclass)."""
     file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
     train = from_dict(cls, {**file_train, **train_flags}, "train config")
-    if train.preset not in PRESETS:
-        raise QingLMError(f"unknown preset {train.preset!r}; choose one of {', '.join(PRESETS)}")
-    model = from_dict(ModelConfig, {**PRESETS[train.preset], **file_model, **model_flags}, "model config")
+    model = from_dict(
+        ModelConfig, {**preset_model(train.preset), **file_model, **model_flags}, "model config"
+    )
     if train.max_steps is None and train.max_time is None and train.num_epochs is None:
         train.max_time, train.num_epochs = DEFAULT_MAX_TIME, DEFAULT_MAX_EPOCHS
     return model, train
@@ -155,7 +155,7 @@ JOBS: dict[str, tuple[str, str]] = {"pretrain": ("train", "train"), "distill": (
 
 def _job_config(job: str) -> type:
     if job == "distill":
-        from qinglm.post.distill import DistillConfig
+        from qinglm.post.config import DistillConfig
 
         return DistillConfig
     return TrainConfig

@@ -8,7 +8,6 @@ The teacher runs frozen under no_grad and the run's autocast; it must share the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import _f
 from qinglm.errors import QingLMError
 from qinglm.model import IGNORE_INDEX
-from qinglm.train.config import TrainConfig
+from qinglm.post.config import DistillConfig
 from qinglm.train.pretrain import PretrainStage
 from qinglm.train.stage import StepOut
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    """Pretraining a student (its size from --preset and the model flags) against a teacher run."""
-
-    teacher: str = _f("", "the teacher run directory (any kind); its tokenizer is the student's")
-    alpha: float = _f(0.5, "weight of the distillation loss; 1 - alpha weighs the ordinary next-token loss")
-    temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation loss")
-
-    def check(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise QingLMError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise QingLMError(f"temperature must be positive, got {self.temperature}")
 
 
 def check_teacher(cfg: DistillConfig) -> Path:

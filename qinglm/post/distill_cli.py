@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from qinglm.config import ModelConfig, add_dataclass_args, given
-from qinglm.post.distill import DistillConfig
+from qinglm.post.config import DistillConfig
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
