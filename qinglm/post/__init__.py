@@ -1,0 +1,1 @@
+"""Post-training stages: preference optimisation, RL with verifiable rewards, distillation."""
