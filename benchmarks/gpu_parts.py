@@ -101,9 +101,10 @@ def _fill_batch(model, seq: int, device: torch.device, dtype: str) -> int:
 
 def child_throughput(args: argparse.Namespace, model_kw: dict, seq: int) -> dict:
     """Return tokens/s, MFU inputs, peak memory and losses of the engine's step on one config."""
-    from qinglm.config import ModelConfig, TrainConfig
+    from qinglm.config import ModelConfig
     from qinglm.device import autocast, compiled
     from qinglm.model import Transformer
+    from qinglm.train.config import TrainConfig
     from qinglm.train.fp8 import enable_fp8
     from qinglm.train.optim import build_optimizer
 

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qinglm.chat import IM_END
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, from_dict
+from qinglm.config import ModelConfig, SamplingConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
 from qinglm.generate import encode_prompt
 from qinglm.memory import allocating
 from qinglm.model import Transformer
+from qinglm.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

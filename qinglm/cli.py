@@ -13,9 +13,10 @@ import threading
 import warnings
 from pathlib import Path
 
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
+from qinglm.config import ModelConfig, SamplingConfig, add_dataclass_args, given
 from qinglm.data.commands import add_parsers as add_corpus_parsers
 from qinglm.errors import QingLMError
+from qinglm.train.config import TrainConfig
 
 # Flag names of the seed projects (Andy-LLM, LightweightLM, Zer02LLM), accepted as aliases.
 TRAIN_ALIASES = {

@@ -1,8 +1,7 @@
 """Typed configs, presets, and the merge of config files with command-line flags.
 
-Every command-line flag of `qinglm train` is generated from a field below (``--seq-len`` is
-``TrainConfig.seq_len``), so the resolved config saved as ``config.json`` in a run directory is
-enough to reproduce or resume the run.
+The model's config and the sampling settings live here; training configs are built from parts in
+qinglm/train/config.py. Every command-line flag is generated from a dataclass field.
 """
 
 from __future__ import annotations
@@ -102,115 +101,6 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything about a training run except the model's shape."""
-
-    data: list[str] = _f(
-        ["pd1998"],
-        "built-in corpus name, text file(s), directory, glob, or prepared data dir; "
-        "SOURCE:WEIGHT ... trains on a mixture by weight",
-    )
-    tokenizer: str | None = _f(None, "tokenizer directory (default: train one on the data into the run dir)")
-    out: str | None = _f(None, "run directory (default: runs/<time>-<preset>-<data>)")
-    preset: str = _f("tiny", "model size preset", list(PRESETS))
-    max_steps: int | None = _f(None, "stop after this many optimizer steps")
-    max_time: float | None = _f(
-        None, "stop after this many minutes of training (with no limit given: 8 minutes or 8 passes, the first reached)"
-    )
-    num_epochs: float | None = _f(None, "stop after this many passes over the training data")
-    batch_size: int = _f(32, "sequences per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    seq_len: int = _f(256, "training sequence length (<= max_seq_len)")
-    lr: float = _f(2e-3, "peak learning rate (the seeds' 3e-4 learns far slower for these sizes)")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
-    lr_schedule: str = _f(
-        "cosine",
-        "lr after warmup: cosine or linear decay to the floor, wsd (constant, then linear decay), constant",
-        ["cosine", "linear", "wsd", "constant"],
-    )
-    decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying")
-    seq_len_schedule: str = _f(
-        "",
-        "progressive sequence length: LENGTH:UNTIL stages, e.g. 64:0.2,128:0.5 trains on 64-token rows "
-        "for the first 20%% of steps, 128 until 50%%, then seq_len (same tokens per step)",
-    )
-    warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
-    weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
-    optimizer: str = _f(
-        "adamw",
-        "adamw, or muon: Muon for the 2-D weight matrices inside the blocks, AdamW for the rest",
-        ["adamw", "muon"],
-    )
-    muon_lr: float = _f(0.02, "Muon learning rate for the hidden 2-D weight matrices")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    device: str = _f("auto", "device", ["auto", "cpu", "cuda", "mps"])
-    dtype: str = _f(
-        "auto",
-        "compute precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)",
-        ["auto", "fp32", "bf16", "fp16"],
-    )
-    compile: bool | None = _f(
-        None, "torch.compile the model (default: on for CUDA and for CPUs with a C++ compiler)"
-    )
-    fp8: bool = _f(
-        False,
-        "float8 matmuls for the block linears through torchao (CUDA, compute capability 8.9+: Ada/Hopper); "
-        "weights, checkpoints and exports stay unchanged",
-    )
-    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
-    seed: int = _f(0, "random seed")
-    eval_every: int = _f(200, "validate every N optimizer steps")
-    eval_tokens: int = _f(200_000, "tokens used by each periodic validation (0 = whole split)")
-    log_every: int = _f(50, "log a metrics line every N steps")
-    save_every: int = _f(200, "write a checkpoint every N optimizer steps")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
-    patience: int | None = _f(None, "early stop after N validations without improvement")
-    resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
-    overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
-    init_from: str | None = _f(
-        None,
-        "start from the weights of this run directory (another run, or one made by `qinglm import hf`) "
-        "instead of random ones; its model config and tokenizer are used",
-    )
-    parallel: str = _f(
-        "auto",
-        "multi-process training under torchrun: ddp (replicas), fsdp (sharded, FSDP2); auto = ddp",
-        ["auto", "ddp", "fsdp"],
-    )
-    nproc: int = _f(0, "launch this many processes on this machine with torchrun (0 = no launch)")
-    val_fraction: float = _f(0.02, "fraction of the data held out for validation")
-    split_by: str = _f(
-        "auto",
-        "held out whole: document, block (--split-block consecutive documents) or file; auto: block for "
-        ".txt (document if too small for one block), document for JSONL/Parquet (built-in: article "
-        "blocks, reviews, idioms)",
-        ["auto", "document", "block", "file"],
-    )
-    split_block: int = _f(100, "documents per held-out block with --split-by block")
-    encoding: str | None = _f(None, "text encoding of data files (default: detect)")
-    nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
-    text_field: str = _f("text", "JSONL/Parquet field holding the text")
-    tokenizer_sample_bytes: int = _f(
-        32 << 20, "train the tokenizer on an even sample of about this many bytes of the corpus"
-    )
-    sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
-    sample_tokens: int = _f(
-        60, "tokens to generate per sample prompt (after training; greedy ones at each validation)"
-    )
-    tracker: str = _f(
-        "none",
-        "experiment tracker besides metrics.jsonl: tensorboard (RUN/tensorboard), wandb or swanlab "
-        "(offline with WANDB_MODE=offline / SWANLAB_MODE=offline)",
-        ["none", "tensorboard", "wandb", "swanlab"],
-    )
-
-    def __post_init__(self) -> None:
-        check_types(self)
-
-
-@dataclass
 class SamplingConfig:
     """How to pick the next token; temperature 0 means greedy."""
 
@@ -277,39 +167,6 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     return c
 
 
-def check_train(t: TrainConfig, m: ModelConfig) -> None:
-    """Raise QingLMError for a training config that cannot run with model config m."""
-    if t.preset not in PRESETS:
-        raise QingLMError(f"unknown preset {t.preset!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "save_every"):
-        if getattr(t, name) <= 0:
-            raise QingLMError(f"{name} must be positive, got {getattr(t, name)}")
-    if t.seq_len > m.max_seq_len:
-        raise QingLMError(f"seq_len ({t.seq_len}) is longer than the model's max_seq_len ({m.max_seq_len})")
-    if t.lr <= 0:
-        raise QingLMError(f"lr must be positive, got {t.lr}")
-    if t.lr_schedule not in ("cosine", "linear", "wsd", "constant"):
-        raise QingLMError(
-            f"unknown lr schedule {t.lr_schedule!r}; choose one of cosine, linear, wsd, constant"
-        )
-    if not 0.0 < t.decay_fraction <= 1.0:
-        raise QingLMError(f"decay_fraction must be in (0, 1], got {t.decay_fraction}")
-    from qinglm.train.schedule import parse_seq_len_schedule
-
-    parse_seq_len_schedule(t.seq_len_schedule, t.seq_len)
-    if not 0.0 < t.val_fraction < 1.0:
-        raise QingLMError(f"val_fraction must be between 0 and 1, got {t.val_fraction}")
-    if t.parallel not in ("auto", "ddp", "fsdp"):
-        raise QingLMError(f"unknown parallel mode {t.parallel!r}; choose one of auto, ddp, fsdp")
-    if t.nproc < 0:
-        raise QingLMError(f"nproc must be 0 (no launch) or a number of processes, got {t.nproc}")
-    if t.parallel == "fsdp" and t.optimizer != "adamw":
-        raise QingLMError("--parallel fsdp works with --optimizer adamw; use --parallel ddp for Muon")
-    from qinglm.tracking import check_tracker
-
-    check_tracker(t.tracker)  # an unknown tracker or a missing package fails before any slow work
-
-
 # ---------------------------------------------------------------------------- dicts and files
 
 
@@ -352,27 +209,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise QingLMError(f"config file {p} must hold a mapping of keys to values")
     return d
-
-
-def split_sections(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a config dict into (model, train) parts; flat keys go where the field lives."""
-    for part in ("model", "train"):
-        if not isinstance(d.get(part) or {}, dict):
-            raise QingLMError(f"the '{part}' section of a config file must be a mapping of keys to values")
-    model, train = dict(d.get("model") or {}), dict(d.get("train") or {})
-    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for k, v in d.items():
-        if k in ("model", "train"):
-            continue
-        k = k.replace("-", "_")
-        if k in model_names:
-            model[k] = v
-        elif k in train_names:
-            train[k] = v
-        else:
-            raise QingLMError(f"unknown config key: {k}")
-    return model, train
 
 
 # ---------------------------------------------------------------------------- argparse

@@ -12,8 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qinglm.config import ModelConfig, TrainConfig, add_dataclass_args, given
+from qinglm.config import ModelConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
+from qinglm.train.config import TrainConfig
 
 INITS = ("default", "gpt2", "small")
 DEFAULT_STEPS = 300  # the budget when no --max-steps / --max-time / --epochs is given (~2 min each for tiny)

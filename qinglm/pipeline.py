@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import subprocess
-import sys
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -19,18 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import (
-    PRESETS,
-    ModelConfig,
-    TrainConfig,
-    check_train,
-    from_dict,
-    load_config_file,
-    resolve_model,
-    split_sections,
-    to_dict,
-)
+from qinglm.config import PRESETS, ModelConfig, from_dict, load_config_file, resolve_model, to_dict
 from qinglm.errors import QingLMError
+from qinglm.train.config import TrainConfig, check_train, split_sections
+from qinglm.train.driver import launch_torchrun
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
@@ -215,7 +205,9 @@ def _run_train(
     # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
     held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, "pretrain"))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
-        _launch_torchrun(train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file)
+        launch_torchrun(
+            "train", train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file
+        )
         return run_dir
 
     from qinglm.data.mix import mixture_record
@@ -268,46 +260,6 @@ def _from_base(
 
 def _quiet(_line: str) -> None:
     pass
-
-
-def _cli_flags(flags: dict[str, Any]) -> list[str]:
-    """Return command-line flags of `qinglm train` that give these config fields (None = not given)."""
-    out: list[str] = []
-    for name, value in flags.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, list):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-def _launch_torchrun(nproc: int, flags: dict[str, Any], config_file: str | None) -> None:
-    """Return nothing after `torchrun --standalone --nproc_per_node N -m qinglm train ...` (these flags
-    minus --nproc) has finished; raise QingLMError if it failed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "qinglm", "train", *_cli_flags({k: v for k, v in flags.items() if k != "nproc"})]
-    if config_file:
-        cmd += ["--config", config_file]
-    interrupted = False
-    with subprocess.Popen(cmd) as p:
-        while (rc := _wait(p)) is None:
-            # Ctrl-C reached torchrun and its workers too: wait while they save and stop.
-            interrupted = True
-    if rc != 0 and not interrupted:
-        raise QingLMError(f"the {nproc} training processes failed (torchrun exit status {rc}); see above")
-
-
-def _wait(p: subprocess.Popen) -> int | None:
-    """Return p's exit status, or None if a Ctrl-C interrupted the wait."""
-    try:
-        return p.wait()
-    except KeyboardInterrupt:
-        return None
 
 
 def _prepare_run(

@@ -22,11 +22,20 @@ from qinglm.io import LOCK_FILE, OwnedDir, exclusive_lock, read_json, write_json
 CONFIG, TOKENIZER, BEST, CHECKPOINTS, DATA = "config.json", "tokenizer", "best", "checkpoints", "data"
 METRICS = "metrics.jsonl"
 # What writes each kind of run; its config.json holds "model" plus these sections.
-KINDS = {"pretrain": ("train",), "sft": ("sft", "base"), "import": (), "merge": ("merged_from",)}
+KINDS = {
+    "pretrain": ("train",),
+    "sft": ("sft", "base"),
+    "dpo": ("dpo", "base"),
+    "grpo": ("grpo", "base"),
+    "distill": ("distill", "teacher"),
+    "import": (),
+    "merge": ("merged_from",),
+}
 # Every name a run of any kind writes at its top level (trackers' folders included).
 RUN_NAMES = (
     CONFIG, TOKENIZER, BEST, CHECKPOINTS, DATA, METRICS, LOCK_FILE,
-    "adapter", "sft_results.json", "tensorboard", "wandb", "swanlog",
+    "adapter", "sft_results.json", "dpo_results.json", "grpo_results.json", "distill_results.json",
+    "tensorboard", "wandb", "swanlog", "report.md", "eval_results.json", "plots",
 )  # fmt: skip
 # Set by a process that holds a run's lock for the processes it starts (torchrun workers).
 LOCK_HELD_ENV = "QINGLM_RUN_LOCK_HELD"

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from qinglm.config import ModelConfig, TrainConfig, add_dataclass_args, given
+from qinglm.config import ModelConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
+from qinglm.train.config import TrainConfig
 
 # Fields that decide the data, the tokenizer or the run's bookkeeping, not what is learnt.
 NOT_SEARCHABLE = {
@@ -163,9 +164,10 @@ def _run_trial(
     import optuna
 
     from qinglm import run_dir as run_dirs
-    from qinglm.config import check_train, resolve_model, to_dict
+    from qinglm.config import resolve_model, to_dict
     from qinglm.io import write_text_atomic
     from qinglm.train import train
+    from qinglm.train.config import check_train
 
     params = suggest(trial, space)
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -223,8 +225,9 @@ def run_sweep(
         import optuna
     except ImportError:
         raise QingLMError("qinglm sweep needs optuna: install with pip install optuna") from None
-    from qinglm.config import load_config_file, split_sections
+    from qinglm.config import load_config_file
     from qinglm.pipeline import build_configs
+    from qinglm.train.config import split_sections
 
     if trials < 1:
         raise QingLMError(f"--trials must be at least 1, got {trials}")

@@ -51,3 +51,118 @@ def faulty_transformer():
         return Faulty
 
     return make
+
+
+# ---------------------------------------------------------------------------- post-training stages
+
+CHAT = [
+    {"role": "system", "content": "你是一个助手。"},
+    {"role": "user", "content": "“画蛇添足”是什么意思？"},
+    {"role": "assistant", "content": "比喻做了多余的事。"},
+    {"role": "user", "content": "拼音呢？"},
+    {"role": "assistant", "content": "huà shé tiān zú"},
+]
+
+
+@pytest.fixture(scope="session")
+def chat_tok():
+    """Return a tiny tokenizer trained on chat text and an idiom with its pinyin."""
+    from qinglm.chat import render_chat
+
+    texts = [render_chat(CHAT), "今天天气很好。画蛇添足，多此一举。huà shé tiān zú"] * 30
+    return train_tokenizer(texts, 400, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_run(tmp_path_factory, chat_tok) -> Path:
+    """Return a run directory holding a tiny random model (d 32, 2 layers, context 64) and chat_tok,
+    laid out as pretraining leaves it: the --base of post-training tests (read-only)."""
+    import torch
+
+    from qinglm.config import ModelConfig, resolve_model
+    from qinglm.model import Transformer
+    from qinglm.train.checkpoint import save_run
+
+    run_dir = tmp_path_factory.mktemp("tiny-base") / "run"
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(vocab_size=chat_tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    )
+    save_run(run_dir, Transformer(cfg), chat_tok)
+    return run_dir
+
+
+def run_and_maybe_kill(cmd: list[str], kill_step: int | None, delay: float) -> tuple[int, str, str]:
+    """Return (exit status, output, last line before the kill) of cmd, killed `delay` s after it logs kill_step."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        for line in p.stdout:
+            lines.append(line)
+            m = re.match(r"step ([\d,]+)/", line)
+            if kill_step is not None and m and int(m.group(1).replace(",", "")) >= kill_step:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    last = ""
+    if kill_step is not None and reached.wait(timeout=240):
+        time.sleep(delay)
+        last = lines[-1].strip()
+        p.send_signal(signal.SIGKILL)
+    rc = p.wait(timeout=300)
+    reader.join(timeout=10)
+    return rc, "".join(lines), last
+
+
+@pytest.fixture
+def sigkill_resume():
+    """Return check(cmd, reference_run, killed_run, steps, kills, seed): runs cmd (a `qinglm ... --resume
+    --log-every 1` command writing killed_run) SIGKILLed `kills` times at random moments, then to its end,
+    and asserts its final weights, optimizer state and per-step losses equal reference_run's (the same
+    command run without interruption). Returns the kill descriptions."""
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
+    from qinglm.train.metrics import read_metrics
+
+    def check(cmd: list[str], ref: Path, run: Path, steps: int, kills: int, seed: int) -> list[str]:
+        rng = random.Random(seed)  # random moments: a step to reach, then part of a step's time or more
+        targets = sorted(rng.sample(range(3, steps - 3), kills)) + [None]
+        done: list[str] = []
+        for attempt, target in enumerate(targets):
+            delay = rng.uniform(0.0, 0.1)
+            rc, out, last = run_and_maybe_kill(cmd, target, delay)
+            if attempt > 0:
+                assert "resuming from" in out or "starting a fresh run" in out, out[-2000:]
+            if target is not None:
+                assert rc == -signal.SIGKILL, out[-3000:]
+                torn = sorted(p.name for p in (run / "checkpoints").glob("*.tmp-*"))
+                done.append(f"killed {delay * 1000:.0f} ms after '{last[:30]}'; half-written dirs: {torn}")
+        assert rc == 0 and f"stopped at step {steps}" in out, out[-3000:]
+        a, b = latest_checkpoint(ref), latest_checkpoint(run)
+        assert a.name == b.name == f"step-{steps:08d}"
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        oa, ob = (load_trainer_state(d)["optimizer"]["state"] for d in (a, b))
+        assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+        # the metrics of the killed run hold every step once, with the uninterrupted run's losses
+        ra, rb = ([r for r in read_metrics(d) if r["kind"] == "train"] for d in (ref, run))
+        assert [r["step"] for r in rb] == list(range(1, steps + 1))
+        assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
+        return done
+
+    return check

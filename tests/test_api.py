@@ -129,10 +129,11 @@ def test_importing_qinglm_does_not_import_torch():
 
 
 def test_evaluate_builtin_uses_the_runs_own_val_fraction(run, tmp_path):
-    from qinglm.config import TrainConfig, to_dict
+    from qinglm.config import to_dict
     from qinglm.data.builtin import builtin_documents
     from qinglm.data.sources import split_of
     from qinglm.evaluate import evaluate_documents
+    from qinglm.train.config import TrainConfig
 
     _, model = run
     tok = qinglm.load(run[0], device="cpu").tokenizer

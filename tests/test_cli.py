@@ -272,8 +272,9 @@ def test_training_on_real_text_beats_the_unigram_baseline(tmp_path):
     "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
 )
 def test_shipped_config_files_are_valid(path):
-    from qinglm.config import check_train, resolve_model
+    from qinglm.config import resolve_model
     from qinglm.pipeline import build_configs
+    from qinglm.train.config import check_train
 
     model, train = build_configs({}, {}, str(path))
     check_train(train, resolve_model(model))

@@ -193,9 +193,9 @@ def test_tokenizer_train_feeds_only_the_sample(tmp_path, capfd):
 
 def test_prepare_reads_the_corpus_once(tmp_path, monkeypatch):
     import qinglm.data.sources as sources
-    from qinglm.config import TrainConfig
     from qinglm.pipeline import prepare_data
     from qinglm.tokenizer import train_tokenizer
+    from qinglm.train.config import TrainConfig
 
     path = tmp_path / "c.txt"
     path.write_bytes(TXT)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qinglm.config import ModelConfig, SamplingConfig, TrainConfig
+from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
 from qinglm.generate import generate_ids
 from qinglm.model import KVCache, Transformer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import read_metrics
 
 HAS_CUDA = torch.cuda.is_available()

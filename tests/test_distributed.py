@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qinglm.config import TrainConfig
 from qinglm.data.loader import TrainBatches
 from qinglm.data.shards import TokenShards
 from qinglm.errors import QingLMError
-from qinglm.pipeline import _cli_flags, run_train
+from qinglm.pipeline import run_train
 from qinglm.train.checkpoint import latest_checkpoint
+from qinglm.train.config import TrainConfig
 from qinglm.train.distributed import fsdp_available
+from qinglm.train.driver import cli_flags as _cli_flags
 from qinglm.train.metrics import read_metrics
 from qinglm.train.session import _fit_global_batch
 

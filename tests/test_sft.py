@@ -7,45 +7,28 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CHAT  # noqa: E402
 
 import qinglm
-from qinglm.chat import encode_chat, render_chat
+from qinglm.chat import encode_chat
 from qinglm.cli import main
-from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.model import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import load_conversations, resolve_sft, run_sft
-from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
-from qinglm.train.checkpoint import save_run
-
-CHAT = [
-    {"role": "system", "content": "你是一个助手。"},
-    {"role": "user", "content": "“画蛇添足”是什么意思？"},
-    {"role": "assistant", "content": "比喻做了多余的事。"},
-    {"role": "user", "content": "拼音呢？"},
-    {"role": "assistant", "content": "huà shé tiān zú"},
-]
+from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID
 
 
 @pytest.fixture(scope="module")
-def tok():
-    texts = [render_chat(CHAT), "今天天气很好。画蛇添足，多此一举。huà shé tiān zú"] * 30
-    return train_tokenizer(texts, 400, show_progress=False)
+def tok(chat_tok):
+    return chat_tok
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, tok):
-    """Return a run directory holding a tiny random model, laid out as pretraining leaves it."""
-    run_dir = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
-    )
-    save_run(run_dir, Transformer(cfg), tok)
-    return run_dir
+def base_run(tiny_base_run):
+    return tiny_base_run
 
 
 @pytest.fixture
@@ -285,14 +268,15 @@ def test_one_epoch_of_packed_sft_trains_on_every_batch_exactly_once(
         num_threads=one_thread,
     )  # --num-epochs 1, the default, in pack mode
     seen: list[tuple[int, int]] = []
-    stream = sft_data.batch_stream
+    from qinglm.sft.stage import SFTStage
 
-    def counted(*args, **kw):
-        for epoch, (x, y) in stream(*args, **kw):
-            seen.append((epoch, int((y != IGNORE_INDEX).sum())))
-            yield epoch, (x, y)
+    loss = SFTStage.loss
 
-    monkeypatch.setattr(sft_data, "batch_stream", counted)
+    def counted(self, forward, model, batch):  # every micro-batch the engine trains on
+        seen.append((self._batches.epoch, int((batch[1] != IGNORE_INDEX).sum())))
+        return loss(self, forward, model, batch)
+
+    monkeypatch.setattr(SFTStage, "loss", counted)
     lines: list[str] = []
     res = run_sft(cfg, log=lines.append)
     lm = qinglm.load(base_run, device="cpu")
@@ -307,7 +291,7 @@ def test_one_epoch_of_packed_sft_trains_on_every_batch_exactly_once(
 
 def test_sft_scales_the_loss_when_the_dtype_needs_a_grad_scaler(tmp_path, base_run, one_thread, monkeypatch):
     # fp16 on CUDA gets the GradScaler pretraining uses; here a CPU scaler stands in for it.
-    import qinglm.sft.train as sft_train
+    import qinglm.train.session as session
 
     made: list[torch.amp.GradScaler] = []
 
@@ -327,7 +311,7 @@ def test_sft_scales_the_loss_when_the_dtype_needs_a_grad_scaler(tmp_path, base_r
 
     cfg = _tiny_sft(base_run, _jsonl(tmp_path / "chat.jsonl"), tmp_path / "plain", one_thread, max_steps=30)
     plain = run_sft(cfg, log=lambda s: None)
-    monkeypatch.setattr(sft_train, "grad_scaler", lambda dtype, device: Scaler())
+    monkeypatch.setattr(session, "grad_scaler", lambda dtype, device: Scaler())
     scaled = run_sft(dataclasses.replace(cfg, out=str(tmp_path / "scaled")), log=lambda s: None)
     assert len(made) == 1 and made[0].scaled == made[0].updates == 30
     assert made[0].get_scale() == 1024.0  # no overflow in fp32: every update was applied

@@ -7,13 +7,13 @@ import inspect
 
 import pytest
 
-from qinglm.config import TrainConfig
 from qinglm.data.builtin import builtin_documents, builtin_labelled
 from qinglm.data.corpus import labelled_documents
 from qinglm.data.sources import split_of
 from qinglm.data.splits import PD1998_BLOCK, Splitter, is_val_block, pd1998_blocks
 from qinglm.errors import QingLMError
 from qinglm.pipeline import iter_documents, prepare_data
+from qinglm.train.config import TrainConfig
 
 
 def test_val_blocks_are_evenly_spread_and_exact():

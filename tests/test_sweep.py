@@ -70,8 +70,9 @@ def test_three_trials_write_results_and_a_reusable_best_config(corpus, tmp_path)
 
     complete = [r for r in results if r["state"] == "complete"]
     best = min(complete, key=lambda r: r["value"])
-    from qinglm.config import check_train, resolve_model
+    from qinglm.config import resolve_model
     from qinglm.pipeline import build_configs
+    from qinglm.train.config import check_train
 
     model, train = build_configs({}, {}, str(out / "best_config.json"))
     check_train(train, resolve_model(model))

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import ModelConfig, TrainConfig
+from qinglm.config import ModelConfig
 from qinglm.data.shards import prepare_shards
 from qinglm.errors import QingLMError
 from qinglm.plot import plot_runs
 from qinglm.tokenizer import train_tokenizer
 from qinglm.tracking import check_tracker, make_trackers
 from qinglm.train import train
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import read_metrics
 
 PHRASES = ["今天天气真不错", "我们一起去公园散步", "人工智能改变了世界", "中国经济持续发展", "学习使人进步"]

@@ -11,13 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 import qinglm.train.loop as loop
+import qinglm.train.pretrain as pretrain
 import qinglm.train.session as session
-from qinglm.config import ModelConfig, TrainConfig
+from qinglm.config import ModelConfig
 from qinglm.device import resolve_compile
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
+from qinglm.train.config import TrainConfig
 from qinglm.train.metrics import TRAIN_KEYS, VAL_KEYS, read_metrics
 from qinglm.train.optim import build_optimizer
 from qinglm.train.schedule import (
@@ -214,7 +216,7 @@ def test_ten_non_finite_losses_in_a_row_stop_the_run(corpus, tmp_path, monkeypat
         def forward(self, idx, targets=None, **kw):
             return super().forward(idx, targets, **kw) * float("nan")
 
-    monkeypatch.setattr(session, "Transformer", Diverged)
+    monkeypatch.setattr(pretrain, "Transformer", Diverged)
     data, _, vocab = corpus
     m, t = configs(vocab, max_steps=50)
     with pytest.raises(QingLMError, match="not finite for 10 steps"):
@@ -226,7 +228,7 @@ def test_a_non_finite_step_under_a_grad_scaler_is_skipped_and_lowers_the_scale(
 ):
     # fp16 on CUDA trains with a GradScaler; a CPU scaler stands in for it. A skipped step used to
     # leave the scaler unscaled-but-not-updated, so the next step's unscale_() raised.
-    monkeypatch.setattr(session, "Transformer", faulty_transformer({5: float("nan")}))
+    monkeypatch.setattr(pretrain, "Transformer", faulty_transformer({5: float("nan")}))
     monkeypatch.setattr(
         session, "grad_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", init_scale=1024.0)
     )

@@ -43,8 +43,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from qinglm.sft.train import run_sft
+    from qinglm.train.driver import stage_config
 
-    run_sft(SFTConfig(**given(args, SFTConfig)))
+    flags = given(args, SFTConfig)
+    run_sft(stage_config(SFTConfig, "sft", flags), flags=flags)
 
 
 def cmd_lora(args: argparse.Namespace) -> None:

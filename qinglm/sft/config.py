@@ -1,16 +1,42 @@
-"""SFTConfig: every flag of `qinglm sft` is a field; the resolved config is saved in the run's config.json."""
+"""SFTConfig: the shared training parts plus what fine-tuning adds; every flag of `qinglm sft` is a field
+and the resolved config is saved in the run's config.json."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from qinglm.config import _f
+from qinglm.errors import QingLMError
+from qinglm.lora import ALL_TARGETS, check_targets
+from qinglm.train.config import EngineConfig, Part
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCHING = ("pack", "pad")
 
 
 @dataclass
-class SFTConfig:
+class LoRAPart(Part):
+    """LoRA adapters: which layers, their rank and scale (off unless lora is set)."""
+
+    lora: bool = _f(False, "train LoRA adapters only; the base weights stay frozen")
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = _f(
+        list(ALL_TARGETS), "HF module names that get LoRA (default: every linear layer)"
+    )
+
+    def check(self) -> None:
+        if self.lora_rank <= 0 or self.lora_alpha <= 0:
+            raise QingLMError(
+                f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, {self.lora_alpha}"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise QingLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_targets(self.lora_targets)
+
+
+@dataclass
+class SFTConfig(LoRAPart, EngineConfig):
     """Supervised fine-tuning (full or LoRA) of a pretrained run on chat data."""
 
     base: str = _f("", "the pretrained run directory to start from")
@@ -20,15 +46,7 @@ class SFTConfig:
         "or {'instruction', 'input', 'output'} lines",
     )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-sft or -lora)")
-    overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
-    lora: bool = _f(False, "train LoRA adapters only; the base weights stay frozen")
-    lora_rank: int = _f(8, "LoRA rank r")
-    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = _f(LORA_TARGETS, "HF module names that get LoRA (default: every linear layer)")
     num_epochs: float | None = _f(None, "passes over the training examples (default 1 if no other limit)")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps")
-    max_time: float | None = _f(None, "stop after this many minutes of training")
     max_examples: int | None = _f(None, "use at most this many training examples (a seeded random subset)")
     eval_examples: int = _f(500, "held-out examples for the assistant-token loss (0 = all)")
     eval_pinyin: int = _f(100, "idioms-sft: held-out idioms asked for their pinyin after training (0 = skip)")
@@ -39,15 +57,18 @@ class SFTConfig:
         "pack",
         "pack: samples concatenated into full rows (each attends to the earlier samples of its row); "
         "pad: samples of similar length padded to the longest in the batch",
-        ["pack", "pad"],
+        list(BATCHING),
     )
     lr: float | None = _f(None, "peak learning rate (default: 1e-3 full, 3e-3 LoRA)")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = _f(50, "linear warmup steps (capped at 5%% of the run)")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     log_every: int = _f(20, "log a metrics line every N steps")
-    device: str = _f("auto", "device", ["auto", "cpu", "cuda", "mps"])
-    dtype: str = _f("auto", "compute precision", ["auto", "fp32", "bf16", "fp16"])
-    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     seed: int = _f(0, "random seed (example subset, batch order, LoRA init)")
+
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise QingLMError(f"max_examples must be positive, got {self.max_examples}")
+        if self.batching not in BATCHING:
+            raise QingLMError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")

@@ -1,4 +1,5 @@
-"""The pretraining loop: the optimizer step, validation, checkpoints, logging, clean stopping."""
+"""The one training engine: the optimizer step, validation, checkpoints, logging, clean stopping, for
+any stage (qinglm/train/stage.py): pretraining, SFT, LoRA, DPO, GRPO, distillation."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qinglm.config import ModelConfig, TrainConfig
+from qinglm.config import ModelConfig
 from qinglm.device import autocast, deterministic_algorithms, resolve_device
 from qinglm.errors import QingLMError
 from qinglm.train import distributed
 from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
-from qinglm.train.metrics import MetricsSink, peak_memory_mb, sample_generations
+from qinglm.train.config import EngineConfig, TrainConfig
+from qinglm.train.metrics import MetricsSink, peak_memory_mb
 from qinglm.train.optim import step_optimizer
-from qinglm.train.schedule import parse_seq_len_schedule, seq_len_at
+from qinglm.train.pretrain import PretrainStage
 from qinglm.train.session import Run, setup_run, step_seed
+from qinglm.train.stage import Stage
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
 # Every reason _stop_reason can give; when ranks differ, all take the one listed last.
@@ -85,27 +88,28 @@ class _StopRequest:
 # ---------------------------------------------------------------------------- step, validation, saving
 
 
-def _optimizer_step(r: Run, row_len: int) -> tuple[float, float, int, bool]:
-    """Return (loss, grad norm, tokens, applied) of one update over cfg.grad_accum micro-batches of rows
-    of row_len tokens (the batch rows cut shorter while a progressive sequence length says so).
+def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
+    """Return (loss, grad norm, tokens, applied, the stage's metrics) of one update over cfg.grad_accum
+    micro-batches.
 
     The update is not applied when the loss or, without a GradScaler, the gradient norm is not
     finite; with fp16 the scaler skips inf/nan gradients itself.
     """
     cfg, scaler = r.cfg, r.scaler
     loss_sum, tokens = torch.zeros((), device=r.device), 0
+    extra: dict[str, torch.Tensor] = {}
     for i in range(cfg.grad_accum):
-        x, y = next(r.batches)
-        if row_len < x.size(1):  # progressive sequence length: shorter rows, same tokens and targets
-            x, y = x.reshape(-1, row_len), y.reshape(-1, row_len)
-        x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+        batch = next(r.batches)
         # Several processes: gradients are averaged over ranks once, after the last micro-batch.
         with distributed.grad_sync(r.wrapped, r.dist, sync=i == cfg.grad_accum - 1):
             with autocast(r.device, r.dtype):
-                loss = r.forward(x, y) / cfg.grad_accum  # the step's loss is the mean over micro-batches
+                out = r.stage.loss(r.forward, r.model, batch)
+                loss = out.loss / cfg.grad_accum  # the step's loss is the mean over micro-batches
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
-        tokens += x.numel() * r.dist.world_size
+        tokens += out.tokens * r.dist.world_size
+        for k, v in out.metrics.items():
+            extra[k] = extra.get(k, 0.0) + v.detach().float() / cfg.grad_accum
     if scaler is not None:
         scaler.unscale_(r.optimizer)
     params = [p for g in r.optimizer.param_groups for p in g["params"]]
@@ -115,61 +119,35 @@ def _optimizer_step(r: Run, row_len: int) -> tuple[float, float, int, bool]:
     step_loss = distributed.mean(r.dist, loss_sum).item()  # every rank then takes the same decision
     ok = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm))
     step_optimizer(r.optimizer, scaler, ok)
-    return step_loss, grad_norm, tokens, ok
+    metrics = {}
+    if extra:  # one all-reduce for all of them
+        values = distributed.mean(r.dist, torch.stack([extra[k] for k in extra]).to(r.device)).tolist()
+        metrics = dict(zip(extra, values))
+    return step_loss, grad_norm, tokens, ok, metrics
 
 
-def _validate(r: Run) -> dict[str, float]:
-    """Return the validation metrics; log them, and save best/ when the loss improved."""
-    from qinglm.evaluate import evaluate_shards
-
-    v = evaluate_shards(
-        r.model,
-        r.val_data,
-        batch_size=r.cfg.batch_size,
-        seq_len=r.cfg.seq_len,
-        device=r.device,
-        dtype=r.dtype,
-        max_tokens=r.cfg.eval_tokens or None,
-    )
-    v = distributed.broadcast_object(r.dist, v)  # every rank evaluated; all follow rank 0's numbers
-    if math.isfinite(v["loss"]) and (r.best_val_loss is None or v["loss"] < r.best_val_loss):
-        r.best_val_loss, r.bad_evals = v["loss"], 0
-        best = {"step": r.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_bpc": v["bpc"]}
+def _validate(r: Run) -> dict[str, Any]:
+    """Return the stage's validation metrics (empty without held-out data); log them, and save best/
+    when val_loss improved."""
+    v = r.stage.validate(r.model, r.step)
+    if not v:
+        return {}
+    numbers = {k: x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+    loss = v["val_loss"]
+    if math.isfinite(loss) and (r.best_val_loss is None or loss < r.best_val_loss):
+        r.best_val_loss, r.bad_evals = loss, 0
         gathered = distributed.full_model_tensors(r.model, r.dist)  # FSDP: every rank takes part
         if r.dist.is_main:
-            save_best(
-                r.run_dir, r.model if gathered is None else gathered, {**best, "tokens_seen": r.tokens_seen}
-            )
+            weights = r.stage.inference_weights(r.model) if gathered is None else gathered
+            save_best(r.run_dir, weights, {"step": r.step, **numbers, "tokens_seen": r.tokens_seen})
     else:
         r.bad_evals += 1
-    r.metrics.log(
-        "val",
-        step=r.step,
-        val_loss=v["loss"],
-        val_ppl=v["ppl"],
-        val_bpc=v["bpc"],
-        tokens_seen=r.tokens_seen,
-        elapsed_s=round(r.elapsed(), 3),
-        samples=sample_generations(
-            r.model, r.run_dir / "tokenizer", r.cfg.sample_prompts, r.cfg.sample_tokens, r.device
-        ),
-    )
+    r.metrics.log("val", step=r.step, **v, tokens_seen=r.tokens_seen, elapsed_s=round(r.elapsed(), 3))
     return v
 
 
 def _checkpoint(r: Run) -> Path:
     """Return the directory of a new step checkpoint holding everything needed to resume exactly."""
-    state = {
-        "step": r.step,
-        "tokens_seen": r.tokens_seen,
-        "elapsed_s": r.elapsed(),
-        "loader": r.batches.state_dict(),
-        "best_val_loss": r.best_val_loss,
-        "bad_evals": r.bad_evals,
-        "warmup_eff": r.length.warmup,
-        "total_steps_est": r.length.total,
-        "skipped_steps": r.skipped_steps,
-    }
     extra = {"scaler": r.scaler.state_dict()} if r.scaler is not None else None
     # FSDP: every rank helps gather the whole weights and optimizer state; rank 0 alone writes them.
     gathered = distributed.full_model_tensors(r.model, r.dist)
@@ -178,7 +156,7 @@ def _checkpoint(r: Run) -> Path:
     if r.dist.is_main:
         model = r.model if gathered is None else gathered
         path = save_checkpoint(
-            r.run_dir, r.step, model, optim_state, state, r.cfg.keep_checkpoints, extra=extra
+            r.run_dir, r.step, model, optim_state, r.state_dict(), r.cfg.keep_checkpoints, extra=extra
         )
     return distributed.broadcast_object(r.dist, path)  # also keeps the ranks together while rank 0 writes
 
@@ -220,6 +198,7 @@ def _moe_metrics(r: Run) -> dict[str, Any]:
 def _log_train(r: Run, win: dict[str, float], lr: float, grad_norm: float) -> str:
     """Return the log line of the interval `win` after writing its metrics line."""
     epoch = r.batches.epoch + r.batches.position / r.batches.steps_per_epoch
+    stage_metrics = {k[2:]: v / win["steps"] for k, v in win.items() if k.startswith("m:")}
     m = r.metrics.log(
         "train",
         step=r.step,
@@ -231,6 +210,7 @@ def _log_train(r: Run, win: dict[str, float], lr: float, grad_norm: float) -> st
         elapsed_s=round(r.elapsed(), 3),
         grad_norm=grad_norm,
         memory_mb=round(peak_memory_mb(r.device), 1),
+        **stage_metrics,
         **_moe_metrics(r),
     )
     total = f"/{r.length.total:,}" if r.length.total else ""
@@ -245,9 +225,9 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def _val_line(r: Run, v: dict[str, float]) -> str:
+def _val_line(r: Run, v: dict[str, Any]) -> str:
     best = " (best)" if r.bad_evals == 0 else f" (no improvement x{r.bad_evals})"
-    return f"step {r.step:,} | val loss {v['loss']:.4f} | ppl {v['ppl']:.2f} | bpc {v['bpc']:.4f}{best}"
+    return f"step {r.step:,} | {r.stage.val_line(v)}{best}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -267,40 +247,56 @@ def train(
     log: Callable[[str], None] = print,
     sinks: list[MetricsSink] | None = None,
 ) -> dict[str, Any]:
+    """Return train_stage()'s result after pretraining model_cfg on the prepared data in data_dir."""
+    return train_stage(
+        PretrainStage(model_cfg, train_cfg, data_dir), train_cfg, run_dir, log=log, sinks=sinks
+    )
+
+
+def train_stage(
+    stage: Stage,
+    cfg: EngineConfig,
+    run_dir: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+    sinks: list[MetricsSink] | None = None,
+) -> dict[str, Any]:
     """Return {"step", "train_loss", "val_loss", "val_ppl", "val_bpc", "best_val_loss", "elapsed_s",
-    "tokens_per_s", "tokens_seen", "skipped_steps", "stop_reason", "checkpoint"} after training in run_dir.
+    "tokens_per_s", "tokens_seen", "skipped_steps", "stop_reason", "checkpoint", **stage.finish()} after
+    training stage in run_dir.
 
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
-    device = resolve_device(train_cfg.device)
-    dist = distributed.init(device, train_cfg.parallel)
+    device = resolve_device(cfg.device)
+    dist = distributed.init(device, cfg.parallel)
     with distributed.group(dist), deterministic_algorithms(device):  # same seed, same weights: exact resume
-        return _train(model_cfg, train_cfg, Path(run_dir), data_dir, log, sinks, dist)
+        return _train(stage, cfg, Path(run_dir), log, sinks, dist)
+
+
+COMMANDS = {"pretrain": "train"}  # the command that continues a run of each kind (default: the kind)
 
 
 def _train(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
+    stage: Stage,
+    cfg: EngineConfig,
     run_dir: Path,
-    data_dir: str | Path,
     log: Callable[[str], None],
     sinks: list[MetricsSink] | None,
     dist: distributed.Dist,
 ) -> dict[str, Any]:
-    """Return train()'s result; the process group, if any, is set up."""
+    """Return train_stage()'s result; the process group, if any, is set up."""
     log = log if dist.is_main else _quiet  # only rank 0 speaks
-    r = setup_run(model_cfg, train_cfg, run_dir, data_dir, log, dist)
+    r = setup_run(stage, cfg, run_dir, log, dist)
     for sink in sinks or []:
         r.metrics.add_sink(sink)
     cfg = r.cfg
     r.model.train()
     last_eval, last_save, bad_in_row = -1, (r.step if cfg.resume and r.step else -1), 0
-    val: dict[str, float] = {}
-    win = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}  # the current log interval
+    val: dict[str, Any] = {}
+    win: dict[str, float] = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}  # the current log interval
     session_tokens, session_time, last_loss = 0, 0.0, float("nan")
     r.t_start = time.perf_counter()
     spikes = _SpikeWatch()
-    seq_stages = parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len)
     disable = None if dist.is_main else True  # None: tqdm shows the bar on a terminal only
     bar = tqdm(total=r.length.total, initial=r.step, unit="step", disable=disable, dynamic_ncols=True)
     say = bar.write if (log is print and not bar.disable) else log  # keep the bar on its own line
@@ -310,9 +306,9 @@ def _train(
             lr = r.length.lr(r.step, cfg.lr, cfg.min_lr_ratio)
             for g in r.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: per-group multiplier seam (e.g. Muon)
-            row_len = seq_len_at(seq_stages, r.step, r.length.total, cfg.seq_len)
-            torch.manual_seed(step_seed(cfg.seed, dist.rank, r.step))  # this rank's dropout masks
-            step_loss, grad_norm, tokens, ok = _optimizer_step(r, row_len)
+            torch.manual_seed(step_seed(cfg.seed, dist.rank, r.step))  # this rank's dropout masks, rollouts
+            stage.begin_step(r.step, r.length.total)
+            step_loss, grad_norm, tokens, ok, metrics = _optimizer_step(r)
             step_time = time.perf_counter() - t0
             r.tokens_seen += tokens
             session_tokens, session_time = session_tokens + tokens, session_time + step_time
@@ -328,6 +324,8 @@ def _train(
             bad_in_row, r.step, last_loss = 0, r.step + 1, step_loss
             for k, v in (("loss", step_loss), ("steps", 1), ("tokens", tokens), ("time", step_time)):
                 win[k] += v
+            for k, v in metrics.items():
+                win["m:" + k] = win.get("m:" + k, 0.0) + v
             if (ratio := spikes.check(step_loss)) is not None:
                 r.metrics.log("spike", step=r.step, loss=step_loss, mean_loss=step_loss / ratio, ratio=ratio)
                 say(f"step {r.step:,}: loss spike {step_loss:.4f}, {ratio:.2f}x the running mean")
@@ -341,30 +339,32 @@ def _train(
             )
             if r.step % cfg.log_every == 0:
                 say(_log_train(r, win, lr, grad_norm))
-                win = dict.fromkeys(win, 0)
-            if r.val_data is not None and r.step % cfg.eval_every == 0:
-                val, last_eval = _validate(r), r.step
+                win = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+            if r.step % cfg.eval_every == 0 and (v := _validate(r)):
+                val, last_eval = v, r.step
                 say(_val_line(r, val))
             if r.step % cfg.save_every == 0:
                 _checkpoint(r)
                 last_save = r.step
 
         # The end: a last validation (not when interrupted: leave quickly) and a last checkpoint.
-        if r.val_data is not None and last_eval != r.step and reason != "interrupted" and r.step > 0:
-            val = _validate(r)
+        if last_eval != r.step and reason != "interrupted" and r.step > 0 and (v := _validate(r)):
+            val = v
             say(_val_line(r, val))
         ckpt = _checkpoint(r) if last_save != r.step else latest_checkpoint(r.run_dir)
+        extras = {} if reason == "interrupted" else _finish(r)
     if reason == "interrupted":
         launch = " (with the same torchrun launch)" if dist.enabled else ""
-        log(f"interrupted; resume with: qinglm train --out {r.run_dir} --resume{launch}")
+        command = COMMANDS.get(stage.kind, stage.kind)
+        log(f"interrupted; resume with: qinglm {command} --out {r.run_dir} --resume{launch}")
     else:
         log(f"stopped at step {r.step:,} ({reason}) after {_fmt_time(r.elapsed())}")
     return {
         "step": r.step,
         "train_loss": last_loss,
-        "val_loss": val.get("loss"),
-        "val_ppl": val.get("ppl"),
-        "val_bpc": val.get("bpc"),
+        "val_loss": val.get("val_loss"),
+        "val_ppl": val.get("val_ppl"),
+        "val_bpc": val.get("val_bpc"),
         "best_val_loss": r.best_val_loss,
         "elapsed_s": r.elapsed(),
         "tokens_per_s": session_tokens / max(session_time, 1e-9),
@@ -372,4 +372,14 @@ def _train(
         "skipped_steps": r.skipped_steps,
         "stop_reason": reason,
         "checkpoint": str(ckpt or ""),
+        **extras,
     }
+
+
+def _finish(r: Run) -> dict[str, Any]:
+    """Return the stage's end-of-run extras; give a run whose checkpoints cannot be loaded for inference
+    as they are (LoRA) its inference weights in best/ when no validation wrote them."""
+    weights = r.stage.inference_weights(r.model)
+    if r.dist.is_main and weights is not r.model and not (r.run_dir / "best").exists():
+        save_best(r.run_dir, weights, {"step": r.step, "tokens_seen": r.tokens_seen})
+    return r.stage.finish(r.model)

@@ -1,4 +1,4 @@
-"""Building a training run: data checks, model, optimizer, batches, schedule, and resuming a checkpoint."""
+"""Building a training run of any stage: model, optimizer, batches, schedule, and resuming a checkpoint."""
 
 from __future__ import annotations
 
@@ -15,19 +15,14 @@ import numpy as np
 import torch
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import ModelConfig, TrainConfig, to_dict
-from qinglm.data.loader import TrainBatches, saved_global_batch
-from qinglm.data.mix import MixedBatches, parse_mixture, train_shards
-from qinglm.data.shards import TokenShards
+from qinglm.config import to_dict
+from qinglm.data.loader import saved_global_batch
 from qinglm.device import compiled, grad_scaler, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
-from qinglm.memory import allocating
-from qinglm.model import Transformer
 from qinglm.tracking import make_trackers
 from qinglm.train import distributed
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
-    inference_weights,
     latest_checkpoint,
     load_model_weights,
     load_trainer_state,
@@ -35,28 +30,29 @@ from qinglm.train.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
+from qinglm.train.config import EngineConfig
 from qinglm.train.fp8 import enable_fp8
 from qinglm.train.metrics import MetricsLogger
 from qinglm.train.optim import build_optimizer
 from qinglm.train.schedule import RunLength, known_total
+from qinglm.train.stage import Stage, StageContext
 
 
 @dataclass
 class Run:
     """Everything one training process works with; the counters are what a checkpoint carries."""
 
-    cfg: TrainConfig
+    cfg: EngineConfig
+    stage: Stage
     run_dir: Path
     device: torch.device
     dtype: str
-    model: Transformer
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    batches: TrainBatches | MixedBatches
+    batches: Any  # resumable micro-batches: data.loader.TrainBatches, data.mix.MixedBatches, EpochBatches
     length: RunLength
     scaler: Any  # torch.amp.GradScaler for fp16 on CUDA, else None
     metrics: MetricsLogger
-    train_data: TokenShards
-    val_data: TokenShards | None
     forward: Callable | None = None  # the model (or its DDP wrapper), or their torch.compile'd wrapper
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     wrapped: torch.nn.Module | None = None  # the model, DDP(model), or the model sharded by FSDP
@@ -72,46 +68,32 @@ class Run:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return the run's resumable state besides weights, optimizer and RNGs (a checkpoint's state.json)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "loader": self.batches.state_dict(),
+            "best_val_loss": self.best_val_loss,
+            "bad_evals": self.bad_evals,
+            "warmup_eff": self.length.warmup,
+            "total_steps_est": self.length.total,
+            "skipped_steps": self.skipped_steps,
+            "kind": self.stage.kind,
+        }
 
-def _load_data(
-    data_dir: str | Path,
-    model_cfg: ModelConfig,
-    run_dir: Path,
-    log: Callable[[str], None],
-    cfg_data: list[str],
-) -> tuple[TokenShards, TokenShards | None]:
-    """Return (train (a mixture's first source), val or None) shards after checking they fit the model's vocabulary and tokenizer."""
-    train_data = TokenShards(data_dir, mix.splits[0] if (mix := parse_mixture(cfg_data)) else "train")
-    has_tokenizer = (run_dir / "tokenizer" / "tokenizer.json").is_file()
-    # A model may have more ids than its tokenizer (a padded vocabulary) when the run's tokenizer proves
-    # which one the data was made with.
-    padded = has_tokenizer and train_data.vocab_size < model_cfg.vocab_size
-    if train_data.vocab_size != model_cfg.vocab_size and not padded:
-        raise QingLMError(
-            f"{data_dir} was prepared with a {train_data.vocab_size}-token vocabulary but the model has "
-            f"vocab_size {model_cfg.vocab_size}; prepare the data with the model's tokenizer"
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Return nothing; continue from a state_dict() (data position, schedule, counters)."""
+        self.batches.load_state_dict(state["loader"])
+        self.length.restore(state.get("total_steps_est"), state.get("warmup_eff"), state["step"])
+        self.step, self.tokens_seen, self.elapsed_before = (
+            state["step"],
+            state["tokens_seen"],
+            state["elapsed_s"],
         )
-    if has_tokenizer:
-        from qinglm.tokenizer import Tokenizer
-
-        train_data.check_tokenizer(Tokenizer.load(run_dir / "tokenizer"))
-    try:
-        return train_data, TokenShards(data_dir, "val")
-    except QingLMError:
-        log(f"no 'val' split in {data_dir}: training without validation (no best/ weights)")
-        return train_data, None
-
-
-def _batches(
-    cfg: TrainConfig, data_dir: str | Path, train_data: TokenShards, dist: distributed.Dist
-) -> TrainBatches | MixedBatches:
-    """Return the training batches: of the train split, or by weight of a mixture's splits."""
-    mix = parse_mixture(cfg.data)
-    layout = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, grad_accum=cfg.grad_accum)
-    if mix is None:
-        return TrainBatches(train_data, cfg.batch_size, cfg.seq_len, **layout)
-    sources = train_shards(data_dir, cfg.data)
-    return MixedBatches(sources, mix.weights, cfg.batch_size, cfg.seq_len, **layout)
+        self.best_val_loss, self.bad_evals = state.get("best_val_loss"), state.get("bad_evals", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 def _find_resume(
@@ -138,8 +120,8 @@ def _find_resume(
 
 
 def _fit_global_batch(
-    cfg: TrainConfig, state: dict, world_size: int, log: Callable[[str], None]
-) -> TrainConfig:
+    cfg: EngineConfig, state: dict, world_size: int, log: Callable[[str], None]
+) -> EngineConfig:
     """Return cfg, with grad_accum changed when a run resumes on another number of processes.
 
     The global batch (batch_size x grad_accum x processes) stays the checkpoint's, so the data order,
@@ -162,15 +144,18 @@ def _fit_global_batch(
     return dataclasses.replace(cfg, grad_accum=want // per_micro_step)
 
 
+def _steps_per_epoch(batches: Any, grad_accum: int) -> int:
+    return max(1, batches.steps_per_epoch // grad_accum)
+
+
 def setup_run(
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
+    stage: Stage,
+    cfg: EngineConfig,
     run_dir: Path,
-    data_dir: str | Path,
     log: Callable[[str], None],
     dist: distributed.Dist | None = None,
 ) -> Run:
-    """Return a run ready for its first (or next, when resuming) step: seeded, built, restored.
+    """Return a run of stage ready for its first (or next, when resuming) step: seeded, built, restored.
 
     Under torchrun (dist enabled) every rank builds the same run; rank 0 chooses the checkpoint.
     """
@@ -192,29 +177,27 @@ def setup_run(
         torch.set_num_threads(cfg.num_threads)
     device = distributed.local_device(dist, resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    train_data, val_data = _load_data(data_dir, model_cfg, run_dir, log, cfg.data)
-    with allocating(model_cfg):
-        model = Transformer(model_cfg).to(device)
+    stage.bind(StageContext(device, dtype, dist, run_dir, log, resuming=resume_from is not None))
+    _write_run_files(stage, run_dir, dist)
+    model = stage.build_model()
     if resume_from is not None:
         load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
-    elif cfg.init_from:  # continued pretraining: another run's (or an imported model's) weights
-        load_model_weights(model, inference_weights(cfg.init_from))
-        log(f"starting from the weights of {cfg.init_from}")
     if cfg.fp8:  # before wrapping: FSDP shards the converted modules
         enable_fp8(model, device, dtype, log)
     wrapped = distributed.wrap(model, dist, device)
-    batches = _batches(cfg, data_dir, train_data, dist)
-    steps_per_epoch = max(1, batches.steps_per_epoch // cfg.grad_accum)
+    batches = stage.batches(cfg)
     max_time_s = cfg.max_time * 60 if cfg.max_time is not None else None
+    if cfg.num_epochs is not None and hasattr(batches, "steps_for_epochs"):  # epochs of varying length
+        total = batches.steps_for_epochs(cfg.num_epochs)
+        total = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    else:
+        total = known_total(cfg.max_steps, cfg.num_epochs, _steps_per_epoch(batches, cfg.grad_accum))
     length = RunLength(
-        known_total(cfg.max_steps, cfg.num_epochs, steps_per_epoch),
-        max_time_s,
-        cfg.warmup_steps,
-        kind=cfg.lr_schedule,
-        decay_fraction=cfg.decay_fraction,
+        total, max_time_s, cfg.warmup_steps, kind=cfg.lr_schedule, decay_fraction=cfg.decay_fraction
     )
     r = Run(
         cfg=cfg,
+        stage=stage,
         run_dir=run_dir,
         device=device,
         dtype=dtype,
@@ -224,8 +207,6 @@ def setup_run(
         length=length,
         scaler=grad_scaler(dtype, device),
         metrics=distributed.metrics_for(dist, run_dir),
-        train_data=train_data,
-        val_data=val_data,
         dist=dist,
         wrapped=wrapped,
     )
@@ -234,16 +215,28 @@ def setup_run(
         log(f"resuming from {resume_from} (step {r.step:,}, {r.tokens_seen:,} tokens seen)")
     r.metrics.truncate_after(r.step)  # lines of steps after the checkpoint (or of a failed start) are redone
     if dist.is_main:
-        for sink in make_trackers(
-            cfg.tracker, run_dir, {"model": to_dict(model_cfg), "train": to_dict(cfg)}, r.step
-        ):
+        config = {"train": to_dict(cfg)}
+        if hasattr(model, "cfg"):
+            config["model"] = to_dict(model.cfg)
+        for sink in make_trackers(cfg.tracker, run_dir, config, r.step):
             r.metrics.add_sink(sink)
     r.compile = resolve_compile(cfg.compile, device)
     # DDP: compile the wrapper (PyTorch's DDPOptimizer splits the graph at gradient buckets).
     r.forward = compiled(wrapped, r.compile, log)
-    for line in _header(r, steps_per_epoch):
+    for line in _header(r):
         log(line)
     return r
+
+
+def _write_run_files(stage: Stage, run_dir: Path, dist: distributed.Dist) -> None:
+    """Return nothing; write the stage's tokenizer and config.json into the run (rank 0 only)."""
+    sections = stage.sections()
+    if dist.is_main and sections is not None:
+        tok = stage.tokenizer()
+        if tok is not None:
+            tok.save(run_dir / run_dirs.TOKENIZER, model_max_length=sections["model"]["max_seq_len"])
+        run_dirs.write_config(run_dir, stage.kind, sections)
+    distributed.barrier(dist)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -268,18 +261,21 @@ def _resume(r: Run, ckpt: Path, state: dict[str, Any], trainer: dict[str, Any] |
     r.optimizer.load_state_dict(distributed.shard_optimizer_state(trainer["optimizer"], r.optimizer, r.dist))
     if r.scaler is not None and "scaler" in trainer:
         r.scaler.load_state_dict(trainer["scaler"])
-    r.batches.load_state_dict(state["loader"])
-    r.length.restore(state.get("total_steps_est"), state.get("warmup_eff"), state["step"])
-    r.step, r.tokens_seen, r.elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
-    r.best_val_loss, r.bad_evals = state.get("best_val_loss"), state.get("bad_evals", 0)
-    r.skipped_steps = state.get("skipped_steps", 0)
+    r.load_state_dict(state)
     set_rng_state(trainer["rng"])  # last: building the model and loading drew random numbers
 
 
-def _header(r: Run, steps_per_epoch: int) -> list[str]:
+def _header(r: Run) -> list[str]:
     """Return the lines describing the run that are printed before the first step."""
-    cfg, m = r.cfg, {k: v / 1e6 for k, v in r.model.param_counts().items()}
-    head = "tied to embeddings" if r.model.cfg.tie_embeddings else f"{m['head']:.2f}M"
+    cfg, model = r.cfg, r.model
+    lines = []
+    if hasattr(model, "param_counts"):
+        m = {k: v / 1e6 for k, v in model.param_counts().items()}
+        head = "tied to embeddings" if model.cfg.tie_embeddings else f"{m['head']:.2f}M"
+        lines.append(
+            f"parameters: embeddings {m['embeddings']:.2f}M | blocks {m['blocks']:.2f}M | head {head} | "
+            f"total {m['total']:.2f}M"
+        )
     procs = f" x {r.dist.world_size} processes ({r.dist.mode})" if r.dist.enabled else ""
     if r.length.fixed:
         plan = f"{r.length.total:,} steps, warmup {r.length.warmup}"
@@ -290,20 +286,9 @@ def _header(r: Run, steps_per_epoch: int) -> list[str]:
         )
     else:
         plan = f"{cfg.max_time:g} min (steps estimated from the step time after {RunLength.ESTIMATE_AT[0]} steps)"
-    mix = (
-        [
-            f"{s} {w:.0%} of rows ({t.n_tokens:,} tokens)"
-            for s, w, t in zip(parse_mixture(cfg.data).sources, r.batches.weights, r.batches.tables)
-        ]
-        if isinstance(r.batches, MixedBatches)
-        else []
-    )
     return [
-        f"parameters: embeddings {m['embeddings']:.2f}M | blocks {m['blocks']:.2f}M | head {head} | "
-        f"total {m['total']:.2f}M",
-        f"tokens: {r.batches.n_tokens:,} train / {r.val_data.n_tokens if r.val_data else 0:,} val; "
-        f"{steps_per_epoch:,} steps per epoch",
-        *(["mixture: " + " | ".join(mix)] if mix else []),
+        *lines,
+        *r.stage.header(),
         f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
         f"{r.batches.global_batch * cfg.seq_len:,} tokens per step",
         f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "

@@ -1,0 +1,155 @@
+"""SFT and LoRA-SFT as a stage of the training engine: the loss on assistant tokens only.
+
+The model example for every post-training stage: it loads its base run, applies LoRA when asked,
+supplies resumable batches (EpochBatches), its loss, its held-out metric and its end-of-run figures;
+the engine does the rest (accumulation, AMP, compile, checkpoints, exact resume, torchrun, trackers).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from qinglm import run_dir as run_dirs
+from qinglm.config import to_dict
+from qinglm.errors import QingLMError
+from qinglm.io import write_json_atomic
+from qinglm.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
+from qinglm.sft import data as sft_data
+from qinglm.sft.config import SFTConfig
+from qinglm.sft.idioms import NAME as IDIOMS
+from qinglm.sft.idioms import pinyin_accuracy
+from qinglm.train import distributed
+from qinglm.train.stage import EpochBatches, Stage, StepOut
+
+
+def load_base(base: str | Path, device: Any) -> nn.Module:
+    """Return the model of a run of any kind (pretrain, sft, dpo, grpo, distill, import, merge) on device."""
+    import qinglm
+
+    return qinglm.load(base, device=str(device)).model
+
+
+class SFTStage(Stage):
+    """Fine-tune cfg.base on chat data (cfg resolved by resolve_sft)."""
+
+    kind = "sft"
+
+    def __init__(self, cfg: SFTConfig, log: Any = print):
+        from qinglm.sft.train import load_conversations
+        from qinglm.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.model_cfg = run_dirs.model_config(cfg.base)
+        self.tok = Tokenizer.load(Path(cfg.base) / run_dirs.TOKENIZER)
+        train_convs, val_convs = load_conversations(cfg, log)
+        self.train, counts = sft_data.make_samples(self.tok, train_convs, cfg.seq_len)
+        self.val, _ = sft_data.make_samples(self.tok, val_convs, cfg.seq_len)
+        if not self.train:
+            raise QingLMError("no training example has an assistant token within --seq-len; raise --seq-len")
+        if counts:
+            log(
+                f"examples: {counts['truncated']:,} cut to --seq-len {cfg.seq_len}, "
+                f"{counts['no_target']:,} dropped (no reply left)"
+            )
+
+    def sections(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model_cfg), self.kind: to_dict(self.cfg), "base": str(self.cfg.base)}
+
+    def tokenizer(self) -> Any:
+        return self.tok
+
+    def build_model(self) -> nn.Module:
+        cfg, log = self.cfg, self.ctx.log
+        model = load_base(cfg.base, self.ctx.device)
+        self.val_before = self.held_out_loss(model) if not self.ctx.resuming else None
+        if self.val_before is not None:
+            n = sft_data.assistant_tokens(self.val)
+            log(f"held-out assistant-token loss before: {self.val_before:.4f} ({n:,} tokens)")
+        if cfg.lora:
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        self.n_train, self.n_total = trainable_parameters(model), sum(p.numel() for p in model.parameters())
+        log(
+            f"trainable parameters: {self.n_train:,} of {self.n_total:,} ({100 * self.n_train / self.n_total:.2f}%)"
+        )
+        return model
+
+    def held_out_loss(self, model: nn.Module) -> float:
+        from qinglm.sft.train import assistant_loss
+
+        if not self.val:
+            return float("nan")
+        return assistant_loss(model, self.val, self.tok.pad_id, self.ctx.device, self.ctx.dtype)
+
+    def batches(self, cfg: SFTConfig) -> EpochBatches:
+        def rows(epoch: int) -> list[sft_data.Sample]:
+            batches = sft_data.epoch_rows(
+                self.train, cfg.batch_size, cfg.seq_len, cfg.batching, cfg.seed + epoch
+            )
+            return [row for b in batches for row in b]
+
+        dist = self.ctx.dist
+        self._batches = EpochBatches(
+            rows,
+            lambda items: sft_data.collate(items, self.tok.pad_id),
+            cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            n_tokens=sft_data.assistant_tokens(self.train),
+        )
+        return self._batches
+
+    def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
+        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+        return StepOut(forward(x, y), x.numel())
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, Any] | None:
+        if not self.val:
+            return None
+        return {"val_loss": distributed.broadcast_object(self.ctx.dist, self.held_out_loss(model))}
+
+    def inference_weights(self, model: nn.Module) -> nn.Module:
+        return merge_lora(copy.deepcopy(model)) if self.cfg.lora else model
+
+    def header(self) -> list[str]:
+        cfg, b = self.cfg, self._batches
+        steps = b.steps_per_epoch // b.grad_accum
+        return [
+            f"{len(self.train):,} examples, {b.n_tokens:,} assistant tokens, {steps:,} steps per epoch "
+            f"({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
+        ]
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Return the held-out figures after training; write adapter/ (LoRA) and sft_results.json."""
+        cfg, out, log = self.cfg, self.ctx.run_dir, self.ctx.log
+        result: dict[str, Any] = {
+            "out": str(out),
+            "examples": len(self.train),
+            "steps_per_epoch": self._batches.steps_for_epochs(1),
+            "trainable_params": self.n_train,
+            "total_params": self.n_total,
+            "val_loss_before": self.val_before,
+            "val_loss_after": self.held_out_loss(model),
+        }
+        log(f"held-out assistant-token loss after: {result['val_loss_after']:.4f} (before {self.val_before})")
+        if not self.ctx.dist.is_main:
+            return result
+        if cfg.lora:
+            save_adapter(model, out / "adapter", base=str(cfg.base))
+        if cfg.data == IDIOMS and cfg.eval_pinyin:
+            import qinglm
+
+            p = pinyin_accuracy(
+                qinglm.LM(self.inference_weights(model), self.tok, run_dir=out), cfg.eval_pinyin
+            )
+            result["pinyin"] = p
+            log(
+                f"held-out pinyin exact match: {p['exact']}/{p['n']} = {p['accuracy']:.1%} "
+                f"(right format {p['format_ok']:.1%}, syllables right {p['syllable_accuracy']:.1%})"
+            )
+        write_json_atomic(out / "sft_results.json", result)
+        return result

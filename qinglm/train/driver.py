@@ -1,0 +1,93 @@
+"""Running a stage as a command: the run directory's lock, --resume from its saved config, and --nproc N
+(the process becomes a torchrun launcher of the same command)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qinglm import run_dir as run_dirs
+from qinglm.config import from_dict
+from qinglm.errors import QingLMError
+
+
+def cli_flags(flags: dict[str, Any]) -> list[str]:
+    """Return command-line flags that give these config fields (None = not given)."""
+    out: list[str] = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def launch_torchrun(command: str, nproc: int, flags: dict[str, Any], config_file: str | None = None) -> None:
+    """Return nothing after `torchrun --standalone --nproc_per_node N -m qinglm COMMAND ...` (these flags
+    minus --nproc) has finished; raise QingLMError if it failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "qinglm", command, *cli_flags({k: v for k, v in flags.items() if k != "nproc"})]
+    if config_file:
+        cmd += ["--config", config_file]
+    interrupted = False
+    with subprocess.Popen(cmd) as p:
+        while (rc := _wait(p)) is None:
+            # Ctrl-C reached torchrun and its workers too: wait while they save and stop.
+            interrupted = True
+    if rc != 0 and not interrupted:
+        raise QingLMError(f"the {nproc} training processes failed (torchrun exit status {rc}); see above")
+
+
+def _wait(p: subprocess.Popen) -> int | None:
+    """Return p's exit status, or None if a Ctrl-C interrupted the wait."""
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        return None
+
+
+def stage_config(cls: type, kind: str, flags: dict[str, Any]) -> Any:
+    """Return the config of a stage command: the flags given, or with --resume of an existing run, the
+    run's saved config with the flags given on top (so `--out RUN --resume` alone continues it)."""
+    out = flags.get("out")
+    if flags.get("resume") and out and (Path(out) / run_dirs.CONFIG).is_file():
+        saved = run_dirs.read_config(out)
+        if saved["kind"] != kind or not isinstance(saved.get(kind), dict):
+            raise QingLMError(f"{out} is a {saved['kind']} run, not a {kind} run; choose another --out")
+        return from_dict(cls, {**saved[kind], **flags}, f"{kind} config")
+    return cls(**flags)
+
+
+def run_stage_command(
+    command: str,
+    kind: str,
+    cfg: Any,
+    flags: dict[str, Any],
+    make_stage: Callable[[], Any],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Return the engine's result after running make_stage() with cfg in cfg.out, holding the run's lock;
+    with --nproc N (outside torchrun) launch N processes of the same command instead and return {}."""
+    from qinglm.train.loop import train_stage
+
+    run_dir = Path(cfg.out)
+    if not cfg.resume and run_dirs.holds_run(run_dir):  # a new run never replaces one
+        raise QingLMError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    with contextlib.ExitStack() as held:
+        held.enter_context(run_dirs.writing(run_dir, cfg.overwrite, kind))
+        if cfg.nproc and "RANK" not in os.environ:
+            launch_torchrun(command, cfg.nproc, {**flags, "out": str(run_dir)})
+            return {}
+        return train_stage(make_stage(), cfg, run_dir, log=log)
