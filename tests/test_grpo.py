@@ -1,4 +1,7 @@
-"""GRPO: tasks and verifiers, seeded rollouts through the engine, the clipped objective with its KL term."""
+"""GRPO: tasks and verifiers, seeded rollouts through the engine, the clipped objective with its KL term,
+the grpo run (metrics, validation, --base from a GRPO run, user errors, SIGKILL + --resume)."""
+
+import json
 
 import pytest
 import torch
@@ -236,3 +239,117 @@ def test_the_kl_term_is_the_k3_estimate_and_sums_over_a_fixed_denominator():
     k3 = torch.exp(torch.tensor(-0.5)) + 0.5 - 1
     torch.testing.assert_close(metrics["kl"], k3 / 2)  # a mean per reply token
     torch.testing.assert_close(loss, 0.1 * k3 / 4)  # the loss: over rows x max_new_tokens
+
+
+# ---------------------------------------------------------------------------- the grpo run
+
+TINY_TASK = '''
+from qinglm.post.tasks import Example, Task
+
+def letters():
+    """Replies are rewarded for the share of their characters that are Latin letters (like pinyin)."""
+    asks = ["拼音呢？", "“画蛇添足”是什么意思？", "你好", "今天天气很好。"]
+    examples = {
+        "train": [Example([{"role": "user", "content": a}], "") for a in asks],
+        "heldout": [Example([{"role": "user", "content": "画蛇添足？"}], "")],
+    }
+
+    def reward(prompt, completion, reference):
+        return sum(c.isascii() and c.isalpha() for c in completion) / max(1, len(completion))
+
+    return Task("letters", examples.__getitem__, reward, pass_reward=0.5)
+'''
+
+
+@pytest.fixture
+def tiny_task(tmp_path, monkeypatch):
+    """Return the MODULE:FUNCTION of a tiny plug-in task; the current directory is where it lives."""
+    (tmp_path / "grpo_tiny_task.py").write_text(TINY_TASK, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # subprocesses find the module in their current directory
+    return "grpo_tiny_task:letters"
+
+
+def _grpo_flags(base, task, out, threads=1, **kw):
+    return {
+        "base": str(base), "task": task, "out": str(out), "group_size": 4, "batch_size": 2,
+        "max_new_tokens": 6, "max_steps": 6, "lr": 3e-3, "eval_every": 3, "log_every": 1,
+        "save_every": 2, "device": "cpu", "dtype": "fp32", "num_threads": threads, **kw,
+    }  # fmt: skip
+
+
+def _run(cfg):
+    """Return run_grpo(cfg)'s result, quietly; torch's thread count is restored afterwards."""
+    from qinglm.post.grpo import run_grpo
+
+    n = torch.get_num_threads()
+    try:
+        return run_grpo(cfg, log=lambda _: None)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_a_grpo_run_logs_its_metrics_and_is_a_base_for_the_next(tmp_path, tiny_base_run, tiny_task):
+    import qinglm
+    from qinglm.post.grpo import GRPOConfig
+    from qinglm.train.metrics import read_metrics
+
+    first = tmp_path / "grpo1"
+    res = _run(GRPOConfig(**_grpo_flags(tiny_base_run, tiny_task, first)))
+    assert res["step"] == 6 and res["task"] == "letters"
+    assert 0.0 <= res["heldout_after"]["val_reward"] <= 1.0
+    assert res["heldout_after"]["val_loss"] == 1.0 - res["heldout_after"]["val_reward"]
+    saved = json.loads((first / "config.json").read_text())
+    assert (
+        saved["kind"] == "grpo" and saved["grpo"]["group_size"] == 4 and saved["base"] == str(tiny_base_run)
+    )
+    assert json.loads((first / "grpo_results.json").read_text())["heldout_before"] is not None
+    train = [r for r in read_metrics(first) if r["kind"] == "train"]
+    for key in (
+        "reward",
+        "reward_std",
+        "kl",
+        "clip_ratio",
+        "completions/mean_length",
+        "frac_reward_zero_std",
+    ):
+        assert all(key in r for r in train), key
+    assert train[0]["kl"] == 0.0 and any(r["kl"] > 0 for r in train[1:])  # the policy leaves the base
+    val = [r for r in read_metrics(first) if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [3, 6] and all("val_pass_rate" in r for r in val)
+    lm = qinglm.load(first, device="cpu")
+    assert isinstance(lm.chat([{"role": "user", "content": "你好"}], max_new_tokens=4), str)
+    # --base takes a GRPO run: the next run starts from its best weights
+    cfg2 = GRPOConfig(**_grpo_flags(first, tiny_task, tmp_path / "grpo2", max_steps=2, kl_coef=0.0))
+    res2 = _run(cfg2)
+    assert res2["step"] == 2 and res2["heldout_before"]["val_loss"] == res["best_val_loss"]
+
+
+def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsys):
+    from qinglm.cli import main
+
+    common = ["grpo", "--base", str(tiny_base_run), "--device", "cpu", "--max-steps", "1"]
+    for extra, msg in [
+        (["--task", "no_such_module_xyz:f"], "cannot import task module 'no_such_module_xyz'"),
+        (["--task", "grpo_tiny_task:nope"], "has no function 'nope'"),
+        (["--task", tiny_task, "--group-size", "1"], "group_size must be 2 or more"),
+        (["--task", tiny_task, "--max-new-tokens", "60"], "lower --max-new-tokens"),
+    ]:
+        assert main([*common, *extra, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_sigkill_during_grpo_then_resume_is_bit_identical(tmp_path, tiny_base_run, tiny_task, sigkill_resume):
+    import sys
+
+    from qinglm.post.grpo import GRPOConfig
+    from qinglm.train.driver import cli_flags
+
+    steps = 16
+    flags = _grpo_flags(tiny_base_run, tiny_task, tmp_path / "ref", threads=2, max_steps=steps, eval_every=5)
+    _run(GRPOConfig(**flags, resume=True))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "qinglm", "grpo", *cli_flags({**flags, "out": str(run), "resume": True})]
+    print("\n".join(sigkill_resume(cmd, tmp_path / "ref", run, steps, kills=2, seed=20261127)))
