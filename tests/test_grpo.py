@@ -70,6 +70,7 @@ def test_verifiers_give_rewards_in_zero_to_one():
     ex = tasks.Example([{"role": "user", "content": "?"}], "huà shé tiān zú")
     assert pinyin.reward(ex, " huà shé tiān zú") == 1.0
     assert pinyin.reward(ex, "huà shé tian zu") == 0.5
+    assert pinyin.reward(ex, "huà shé tiān zú ba") == 0.8  # extra syllables count against it
     assert pinyin.reward(ex, "画蛇添足 huà shé tiān zú") == 0.0  # syllables must be in their place
     assert pinyin.reward(ex, "") == 0.0
 

@@ -4,8 +4,9 @@ A `Task` holds `examples(split)` -> the `Example`s of "train" or "heldout" (chat
 user turn, and the reference answer) and `verify(prompt, completion, reference)` -> a reward in [0, 1]
 (prompt is the example's messages, completion the model's reply text). Built-in tasks (`TASKS`):
 
-- ``idioms-pinyin``: "“X”的拼音是什么？"; reward = the fraction of syllables right in their place
-  (`qinglm.sft.idioms.syllable_accuracy`). Held-out = SFT's held-out idioms, never trained on.
+- ``idioms-pinyin``: "“X”的拼音是什么？"; reward = syllables right in their place over the longer of
+  the reply and the pinyin (`qinglm.sft.idioms.syllable_accuracy`), so only the exact pinyin gets 1.
+  Held-out = SFT's held-out idioms (the ones its pinyin evaluation asks), never trained on.
 - ``arithmetic``: Chinese word problems (+ - × ÷ on whole numbers) generated from a seed; reward 1 when
   the last number of the reply is the answer. Train problems come from seeds 0, 1, 2, ...; held-out ones
   from seeds HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + 1, ...; a problem is held out when a hash of its
@@ -104,7 +105,9 @@ def _pinyin_examples(split: str) -> tuple[Example, ...]:
 def _pinyin_reward(prompt: Sequence[Mapping[str, str]], completion: str, reference: str) -> float:
     from qinglm.sft.idioms import syllable_accuracy
 
-    return syllable_accuracy(normalize_text(completion), reference)
+    # Extra syllables count against the reply, so only the exact pinyin earns 1 (SFT's exact match).
+    got, n_want = normalize_text(completion), len(reference.split())
+    return syllable_accuracy(got, reference) * n_want / max(n_want, len(got.split()))
 
 
 def idioms_pinyin() -> Task:
