@@ -170,6 +170,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qinglm.plot",
     "qinglm.sweep",
     "qinglm.sft.cli",
+    "qinglm.post.distill_cli",
     "qinglm.post.grpo_cli",
     "qinglm.export.cli",
 )
