@@ -324,6 +324,16 @@ def test_a_grpo_run_logs_its_metrics_and_is_a_base_for_the_next(tmp_path, tiny_b
     cfg2 = GRPOConfig(**_grpo_flags(first, tiny_task, tmp_path / "grpo2", max_steps=2, kl_coef=0.0))
     res2 = _run(cfg2)
     assert res2["step"] == 2 and res2["heldout_before"]["val_loss"] == res["best_val_loss"]
+    # and so does --init-from (continued pretraining)
+    from qinglm.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"画蛇添足，多此一举。{i}\n" for i in range(2000)), encoding="utf-8")
+    flags = "--max-steps 2 --batch-size 2 --seq-len 16 --device cpu --no-compile --num-threads 1"
+    pre = tmp_path / "pre"
+    argv = ["train", "--data", str(text), "--init-from", str(first), "--out", str(pre), *flags.split()]
+    assert main([*argv, "--sample-tokens", "1", "--eval-tokens", "64"]) == 0
+    assert json.loads((pre / "config.json").read_text())["kind"] == "pretrain"
 
 
 def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsys):
@@ -339,6 +349,17 @@ def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsy
         assert main([*common, *extra, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_grpo_refuses_fsdp_whose_shards_cannot_sample(tmp_path, tiny_base_run, tiny_task):
+    from qinglm.post.grpo import GRPOConfig, GRPOStage, resolve_grpo
+    from qinglm.train.distributed import Dist
+    from qinglm.train.stage import StageContext
+
+    stage = GRPOStage(resolve_grpo(GRPOConfig(**_grpo_flags(tiny_base_run, tiny_task, tmp_path)), 64), print)
+    stage.bind(StageContext(torch.device("cpu"), "fp32", Dist(1, 2, 1, "fsdp"), tmp_path, print))
+    with pytest.raises(QingLMError, match="use --parallel ddp"):
+        stage.build_model()
 
 
 @pytest.mark.slow

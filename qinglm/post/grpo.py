@@ -130,6 +130,8 @@ class GRPOStage(Stage):
     def build_model(self) -> nn.Module:
         from qinglm.sft.stage import load_base
 
+        if self.ctx.dist.mode == "fsdp":  # rollouts decode with the bare model: whole on every process
+            raise QingLMError("grpo samples with the whole model on each process; use --parallel ddp")
         model = load_base(self.cfg.base, self.ctx.device)
         if self.cfg.kl_coef > 0:  # the frozen start: what the KL term keeps the policy near
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
