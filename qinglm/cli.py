@@ -17,7 +17,7 @@ from qinglm import experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cl
 from qinglm.data import commands as data_cli
 from qinglm.errors import QingLMError
 from qinglm.export import cli as export_cli
-from qinglm.post import distill_cli
+from qinglm.post import distill_cli, grpo_cli
 from qinglm.serve import cli as serve_cli
 from qinglm.sft import cli as sft_cli
 
@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     sweep_cli,  # sweep
     sft_cli,  # sft, lora, chat
     distill_cli,  # distill
+    grpo_cli,  # grpo
     export_cli,  # export, import
 )
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from qinglm.config import _f
 from qinglm.errors import QingLMError
-from qinglm.train.config import TrainConfig
+from qinglm.post.tasks import TASKS
+from qinglm.train.config import EngineConfig, TrainConfig
 
 
 @dataclass
@@ -23,3 +24,38 @@ class DistillConfig(TrainConfig):
             raise QingLMError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise QingLMError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class GRPOConfig(EngineConfig):
+    """RL with verifiable rewards (GRPO) from a trained run on a task's prompts."""
+
+    base: str = _f("", "the run to start from (any kind: pretrain, sft, dpo, grpo, ...)")
+    task: str = _f(
+        "idioms-pinyin",
+        f"{', '.join(TASKS)} (built-in) or MODULE:FUNCTION, a function returning a qinglm.post.tasks.Task",
+    )
+    out: str | None = _f(None, "run directory for the result (default: runs/<time>-grpo)")
+    group_size: int = _f(8, "replies sampled per prompt; each is judged against its group's mean reward")
+    kl_coef: float = _f(0.04, "weight of the KL to the frozen base model (0: no reference model is kept)")
+    clip_eps: float = _f(0.2, "the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]")
+    max_new_tokens: int = _f(32, "longest reply in tokens")
+    temperature: float = _f(1.0, "sampling temperature of the replies (the log-probabilities use it too)")
+    eval_prompts: int = _f(50, "held-out prompts answered greedily at each validation (0 = all)")
+    batch_size: int = _f(2, "prompts per micro-batch (each gets group_size replies)")
+    seq_len: int | None = _f(None, "longest prompt + reply in tokens (default: the model's context)")
+    lr: float = _f(1e-4, "peak learning rate")
+    warmup_steps: int = _f(10, "linear warmup steps (capped at 5%% of the run)")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
+    compile: bool | None = _f(False, "torch.compile the model (off: reply lengths change every step)")
+    eval_every: int = _f(50, "validate every N optimizer steps")
+    log_every: int = _f(10, "log a metrics line every N steps")
+
+    def check(self) -> None:
+        for name in ("group_size", "max_new_tokens", "temperature", "clip_eps"):
+            if getattr(self, name) <= 0:
+                raise QingLMError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise QingLMError("group_size must be 2 or more: advantages compare replies within a group")
+        if self.kl_coef < 0 or self.eval_prompts < 0:
+            raise QingLMError("kl_coef and eval_prompts must be 0 or more")
