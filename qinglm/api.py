@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from collections.abc import Iterator, Sequence
@@ -10,20 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qinglm.chat import IM_END
+from qinglm.chat import IM_END, fit_history, prompt_budget
 from qinglm.config import ModelConfig, SamplingConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
-from qinglm.generate import encode_prompt
 from qinglm.memory import allocating
 from qinglm.model import Transformer
+from qinglm.text import encode_prompt
 from qinglm.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
-
-_DEFAULT = SamplingConfig()  # the API's defaults are SamplingConfig's, kept in one place
 
 
 class LM:
@@ -54,28 +53,17 @@ class LM:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = _DEFAULT.max_new_tokens,
-        temperature: float = _DEFAULT.temperature,
-        top_k: int | None = _DEFAULT.top_k,
-        top_p: float | None = _DEFAULT.top_p,
-        repetition_penalty: float = _DEFAULT.repetition_penalty,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
+        sampling: SamplingConfig | None = None,
+        *,
         stop: Sequence[str] = (),
+        **overrides: Any,
     ) -> Iterator[str]:
         """Return an iterator of text pieces continuing prompt (temperature 0 = greedy).
 
-        The text ends before the first of the stop strings, if one is generated.
+        Sampling is `sampling` (default: SamplingConfig()) with the keyword overrides, named as its fields
+        (max_new_tokens=50, temperature=0, ...). The text ends before the first of the stop strings.
         """
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_at_eos=stop_at_eos,
-        )
+        cfg = _sampling(sampling, overrides)
         return self._stream_ids(encode_prompt(self.tokenizer, prompt), cfg, stop)
 
     def _stream_ids(
@@ -92,43 +80,29 @@ class LM:
         gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
         return (ev.text for events in gen for ev in events if ev.text)
 
-    def generate(self, prompt: str, **sampling: Any) -> str:
-        """Return the continuation of prompt, without the prompt; takes stream()'s sampling arguments."""
-        return "".join(self.stream(prompt, **sampling))
+    def generate(self, prompt: str, sampling: SamplingConfig | None = None, **overrides: Any) -> str:
+        """Return the continuation of prompt, without the prompt; takes stream()'s arguments."""
+        return "".join(self.stream(prompt, sampling, **overrides))
 
     def stream_chat(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int = _DEFAULT.max_new_tokens,
-        temperature: float = _DEFAULT.temperature,
-        top_k: int | None = _DEFAULT.top_k,
-        top_p: float | None = _DEFAULT.top_p,
-        repetition_penalty: float = _DEFAULT.repetition_penalty,
-        seed: int | None = None,
+        self, messages: list[dict[str, str]], sampling: SamplingConfig | None = None, **overrides: Any
     ) -> Iterator[str]:
         """Return an iterator of text pieces of the assistant's reply to messages (ChatML, qinglm.chat).
 
-        The reply stops at <|im_end|> or [EOS]. When the chat does not fit the context with room for
-        the reply (up to max_new_tokens, at most half the context), the oldest non-system turns are dropped.
+        Sampling as in stream(). The reply stops at <|im_end|> or [EOS]. When the chat does not fit the
+        context with room for the reply (up to max_new_tokens, at most half the context), the oldest
+        non-system turns are dropped.
         """
-        from qinglm.sft.data import fit_history
-
-        reserve = min(max_new_tokens, self.config.max_seq_len // 2)
-        _, prompt = fit_history(self.tokenizer, messages, self.config.max_seq_len - reserve)
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_at_eos=True,
-        )
+        cfg = _sampling(sampling, overrides)
+        budget = prompt_budget(self.config.max_seq_len, cfg.max_new_tokens)
+        _, prompt = fit_history(self.tokenizer, messages, budget)
         return self._stream_ids(prompt.ids, cfg, [IM_END], prompt.content)  # [EOS] ends it too
 
-    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
-        """Return the assistant's reply to messages; takes stream_chat()'s sampling arguments."""
-        return "".join(self.stream_chat(messages, **sampling))
+    def chat(
+        self, messages: list[dict[str, str]], sampling: SamplingConfig | None = None, **overrides: Any
+    ) -> str:
+        """Return the assistant's reply to messages; takes stream_chat()'s arguments."""
+        return "".join(self.stream_chat(messages, sampling, **overrides))
 
     def evaluate(
         self,
@@ -165,6 +139,17 @@ class LM:
             max_tokens=max_tokens,
             device=self.device,
         )
+
+
+def _sampling(sampling: SamplingConfig | None, overrides: dict[str, Any]) -> SamplingConfig:
+    """Return sampling (default: SamplingConfig()) with overrides, each named as one of its fields."""
+    names = [f.name for f in dataclasses.fields(SamplingConfig)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(
+            f"unknown sampling option(s) {', '.join(unknown)}; the options are {', '.join(names)}"
+        )
+    return dataclasses.replace(sampling or SamplingConfig(), **overrides)
 
 
 def _looks_like_path(s: str) -> bool:

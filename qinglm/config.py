@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -30,13 +31,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "classic": dict(pos_encoding="sinusoidal", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True),
 }
 
+# The values of ModelConfig's options; qinglm.model (and qinglm.moe for routers) implements each one.
+# Each field lists its own as `choices`: the CLI offers them and resolve_model refuses anything else.
+POS_ENCODINGS = ("rope", "sinusoidal", "learned")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+INITS = ("default", "gpt2", "small")  # Transformer._init_weights
+ROUTERS = ("softmax", "sigmoid")
+
 DEFAULT_PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济"]
 
 
-def _f(default: Any, help: str, choices: list | None = None, **kw: Any) -> Any:
+def _f(default: Any, help: str, choices: Sequence | None = None, **kw: Any) -> Any:
     meta = {"help": help}
     if choices:
-        meta["choices"] = choices
+        meta["choices"] = list(choices)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -58,11 +67,11 @@ class ModelConfig:
     family: str = _f(
         "modern",
         "architecture family: fills pos-encoding, norm, mlp, tie-embeddings, bias when not given",
-        ["modern", "classic"],
+        FAMILIES,
     )
-    pos_encoding: str | None = _f(None, "position encoding", ["rope", "sinusoidal", "learned"])
-    norm: str | None = _f(None, "normalisation layer", ["rmsnorm", "layernorm"])
-    mlp: str | None = _f(None, "feed-forward type", ["swiglu", "gelu"])
+    pos_encoding: str | None = _f(None, "position encoding", POS_ENCODINGS)
+    norm: str | None = _f(None, "normalisation layer", NORMS)
+    mlp: str | None = _f(None, "feed-forward type", MLPS)
     tie_embeddings: bool | None = _f(None, "share the input embedding with the output head")
     rope_theta: float = _f(10_000.0, "RoPE base")
     norm_eps: float = _f(1e-5, "epsilon of the norm layers")
@@ -72,7 +81,7 @@ class ModelConfig:
         "gpt2",
         "weight init: gpt2 = normal(init-std), small = normal(sqrt(2/(5*d_model))) (Nguyen & Salazar), "
         "both with residual projections scaled by 1/sqrt(2*n_layers); default = PyTorch's own",
-        ["default", "gpt2", "small"],
+        INITS,
     )
     qk_norm: bool = _f(False, "RMSNorm on queries and keys per head")
     gated_attention: bool = _f(
@@ -88,7 +97,7 @@ class ModelConfig:
     moe_every: int = _f(
         1, "MoE on every k-th block: block i (from 0) is MoE when i %% k == k-1 (1 = every block)"
     )
-    router: str = _f("softmax", "MoE router scores", ["softmax", "sigmoid"])
+    router: str = _f("softmax", "MoE router scores", ROUTERS)
     moe_aux_coef: float = _f(0.01, "MoE: weight of the load-balancing loss (Switch/GShard)")
     moe_z_coef: float = _f(0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)")
 
@@ -114,6 +123,20 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise QingLMError for settings that make no sense; return None otherwise."""
+        if self.max_new_tokens < 0:
+            raise QingLMError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise QingLMError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise QingLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise QingLMError(
+                f"repetition_penalty must be positive (1.0 = off), got {self.repetition_penalty}"
+            )
 
 
 # ---------------------------------------------------------------------------- resolving
@@ -122,8 +145,7 @@ class SamplingConfig:
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Return a copy with every derived field filled in; raise QingLMError if impossible."""
     c = dataclasses.replace(cfg)
-    if c.family not in FAMILIES:
-        raise QingLMError(f"unknown family {c.family!r}; choose one of {', '.join(FAMILIES)}")
+    check_choices(c)  # family first: it fills the options below
     for k, v in FAMILIES[c.family].items():
         if getattr(c, k) is None:
             setattr(c, k, v)
@@ -145,8 +167,6 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         raise QingLMError(f"sinusoidal positions need an even d_model, got {c.d_model}")
     if not 0.0 <= c.dropout < 1.0:
         raise QingLMError(f"dropout must be in [0, 1), got {c.dropout}")
-    if c.init not in ("default", "gpt2", "small"):
-        raise QingLMError(f"unknown init {c.init!r}; choose one of default, gpt2, small")
     if c.n_experts < 0:
         raise QingLMError(f"n_experts must be 0 (dense) or positive, got {c.n_experts}")
     if c.n_experts > 0:
@@ -158,13 +178,26 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
             raise QingLMError(f"shared_experts must be 0 or positive, got {c.shared_experts}")
         if c.moe_every < 1:
             raise QingLMError(f"moe_every must be positive, got {c.moe_every}")
-        if c.router not in ("softmax", "sigmoid"):
-            raise QingLMError(f"unknown router {c.router!r}; choose one of softmax, sigmoid")
         if c.moe_aux_coef < 0 or c.moe_z_coef < 0:
             raise QingLMError("moe_aux_coef and moe_z_coef must not be negative")
     elif c.shared_experts:
         raise QingLMError("shared_experts needs n_experts > 0")
     return c
+
+
+def check_choices(cfg: Any) -> None:
+    """Raise QingLMError for a field of dataclass cfg whose value is not one of its `choices`."""
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise QingLMError(f"unknown {f.name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def preset_model(name: str) -> dict[str, Any]:
+    """Return the ModelConfig fields of preset `name`; raise QingLMError for an unknown one."""
+    if name not in PRESETS:
+        raise QingLMError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 # ---------------------------------------------------------------------------- dicts and files

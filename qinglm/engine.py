@@ -1,6 +1,6 @@
 """Batched generation: many requests decode together in one KV cache, each with its own settings.
 
-The API (the server, the CLI and ``generate_ids`` all use it)::
+The API (the server, the CLI and ``qinglm.generate`` all use it)::
 
     from qinglm.config import SamplingConfig
     from qinglm.engine import Generation, Request
@@ -19,7 +19,7 @@ The API (the server, the CLI and ``generate_ids`` all use it)::
             gen.cancel(row)     # from any thread; the row's last event (finish "cancelled") follows
 
 - ``Request(prompt_ids, sampling=SamplingConfig(), stop=())``: the prompt as token ids (start it with
-  [BOS] for plain text: ``generate.encode_prompt``; chat prompts come from ``qinglm.chat``); its own
+  [BOS] for plain text: ``qinglm.text.encode_prompt``; chat prompts come from ``qinglm.chat``); its own
   temperature / top-k / top-p / repetition penalty / max_new_tokens / stop_at_eos / seed; stop
   strings; ``counted``, which prompt tokens the repetition penalty counts (``qinglm.chat.ChatIds.content``
   for a chat; None: all; control tokens never count). Prompts may have different lengths.
@@ -53,8 +53,9 @@ import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import TextDecoder, check_sampling, sample_next
 from qinglm.model import KVCache, Transformer
+from qinglm.sampling import sample_next
+from qinglm.text import TextDecoder, encode_prompt
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -296,7 +297,7 @@ def _sample_apart(
 
 def _check_request(req: Request, model: Transformer, tokenizer: Tokenizer | None) -> None:
     """Raise QingLMError for a request that cannot run; return None otherwise."""
-    check_sampling(req.sampling)
+    req.sampling.validate()  # again: a config may have been changed since it was built
     max_len, vocab = model.cfg.max_seq_len, model.cfg.vocab_size
     n = len(req.prompt_ids)
     if n == 0:
@@ -332,8 +333,6 @@ def complete(
 
     Prompts are sorted by length so each batch pads little; with a seed every prompt gets the same seed.
     """
-    from qinglm.generate import encode_prompt
-
     if batch_size < 1:
         raise QingLMError(f"batch size must be 1 or more, got {batch_size}")
     sampling = sampling or SamplingConfig()

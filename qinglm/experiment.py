@@ -1,4 +1,4 @@
-"""`qinglm experiment init`: train one model per weight initialisation on the same budget and compare.
+"""Train one model per weight initialisation on the same budget and compare (`qinglm experiment init`).
 
 Every run is an ordinary run directory (resumable, loadable) under OUT/init-<name>; the first run
 trains the tokenizer and prepares the data, the others reuse both, so the runs differ only in `init`.
@@ -8,40 +8,12 @@ rate, gradient norm, throughput) and OUT/results.md holds the table that is also
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from qinglm.config import ModelConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
-from qinglm.train.config import TrainConfig
 
-INITS = ("default", "gpt2", "small")
 DEFAULT_STEPS = 300  # the budget when no --max-steps / --max-time / --epochs is given (~2 min each for tiny)
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
-    p = sub.add_parser("experiment", help="controlled comparisons (e.g. weight initialisations)")
-    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    e = esub.add_parser(
-        "init",
-        help="train one model per initialisation on the same budget; write a loss-curve PNG and a table",
-        description="Train the same model once per weight initialisation (PyTorch default, GPT-2 "
-        "normal(0.02) with scaled residual projections, small init), on the same data, seed and "
-        f"budget (default {DEFAULT_STEPS} steps), and compare their loss curves. Other flags are "
-        "those of `qinglm train`.",
-    )
-    e.add_argument(
-        "--inits", nargs="+", default=list(INITS), choices=INITS, help="initialisations to compare"
-    )
-    e.add_argument("--config", help="YAML or JSON config file; flags override it")
-    add_dataclass_args(e, TrainConfig)
-    add_dataclass_args(e, ModelConfig, skip={"init"})
-    return {"experiment": cmd_experiment}
-
-
-def cmd_experiment(args: argparse.Namespace) -> None:
-    compare_inits(given(args, ModelConfig), given(args, TrainConfig), args.inits, args.config)
 
 
 def compare_inits(

@@ -29,12 +29,11 @@ import torch
 import torch.nn as nn
 
 from qinglm.errors import QingLMError
-from qinglm.hf_layout import LINEAR_PARTS, hf_module, row_sizes
+from qinglm.hf_layout import LINEAR_NAMES, LINEAR_PARTS, hf_module, row_sizes
 from qinglm.io import read_json, write_json_atomic
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-# HF short names, in the order they appear in a layer.
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = LINEAR_NAMES  # HF short names, in the order they appear in a layer
 _PEFT_PREFIX = "base_model.model."
 # adapter_config.json keys that change what the weights mean, with the (truthy) value meaning plain LoRA.
 _PLAIN_LORA = {

@@ -313,6 +313,11 @@ class Transformer(nn.Module):
         logits = self.head(x)
         if targets is None:
             return logits
+        return self.loss_from_logits(logits, targets)
+
+    def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return forward(idx, targets)'s loss from forward(idx)'s logits: the mean cross-entropy over
+        targets != IGNORE_INDEX plus, in training, the MoE router losses of that forward."""
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )

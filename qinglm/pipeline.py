@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import PRESETS, ModelConfig, from_dict, load_config_file, resolve_model, to_dict
+from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model, resolve_model, to_dict
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
 from qinglm.train.driver import launch_torchrun
@@ -133,26 +133,42 @@ def _take(it, n):
 
 
 def build_configs(
-    model_flags: dict[str, Any], train_flags: dict[str, Any], config_file: str | None = None
+    model_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    config_file: str | None = None,
+    cls: type = TrainConfig,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig)."""
+    """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig or a subclass)."""
     file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
-    train = from_dict(TrainConfig, {**file_train, **train_flags}, "train config")
-    if train.preset not in PRESETS:
-        raise QingLMError(f"unknown preset {train.preset!r}; choose one of {', '.join(PRESETS)}")
-    model = from_dict(ModelConfig, {**PRESETS[train.preset], **file_model, **model_flags}, "model config")
+    train = from_dict(cls, {**file_train, **train_flags}, "train config")
+    model = from_dict(
+        ModelConfig, {**preset_model(train.preset), **file_model, **model_flags}, "model config"
+    )
     if train.max_steps is None and train.max_time is None and train.num_epochs is None:
         train.max_time, train.num_epochs = DEFAULT_MAX_TIME, DEFAULT_MAX_EPOCHS
     return model, train
 
 
-def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
-    """Return the configs of a pretraining run (the run `qinglm train --resume` continues)."""
+# job -> (command, config.json section); the kind of run each writes is the job
+JOBS: dict[str, tuple[str, str]] = {"pretrain": ("train", "train"), "distill": ("distill", "distill")}
+
+
+def _job_config(job: str) -> type:
+    if job == "distill":
+        from qinglm.post.config import DistillConfig
+
+        return DistillConfig
+    return TrainConfig
+
+
+def read_run_config(run_dir: Path, job: str = "pretrain") -> tuple[ModelConfig, TrainConfig]:
+    """Return the configs of a pretraining (or distillation) run, the run `--resume` continues."""
+    section = JOBS[job][1]
     d = run_dirs.read_config(run_dir)
-    if not isinstance(d.get("train"), dict):
-        raise QingLMError(f"{run_dir} is a {d['kind']} run, not a pretraining run; choose another --out")
+    if d["kind"] != job or not isinstance(d.get(section), dict):
+        raise QingLMError(f"{run_dir} is a {d['kind']} run, not a {job} run; choose another --out")
     return from_dict(ModelConfig, d["model"], "model config"), from_dict(
-        TrainConfig, d["train"], "train config"
+        _job_config(job), d[section], f"{section} config"
     )
 
 
@@ -168,10 +184,11 @@ def run_train(
     train_flags: dict[str, Any],
     config_file: str | None = None,
     log: Callable[[str], None] = print,
+    job: str = "pretrain",
 ) -> Path:
-    """Run the whole pretraining job and print the report; return the run directory."""
+    """Run the whole pretraining (or distillation) job and print the report; return the run directory."""
     with contextlib.ExitStack() as held:  # the run directory's lock, once taken
-        return _run_train(model_flags, train_flags, config_file, log, held)
+        return _run_train(model_flags, train_flags, config_file, log, held, job)
 
 
 def _run_train(
@@ -180,18 +197,24 @@ def _run_train(
     config_file: str | None,
     log: Callable[[str], None],
     held: contextlib.ExitStack,
+    job: str = "pretrain",
 ) -> Path:
+    command, section = JOBS[job]
     out = train_flags.get("out")
     resuming = bool(train_flags.get("resume") and out and (Path(out) / "config.json").is_file())
     if resuming:
         run_dir = Path(out)
-        model_cfg, train_cfg = read_run_config(run_dir)
+        model_cfg, train_cfg = read_run_config(run_dir, job)
         changed = [k for k in model_flags if model_flags[k] != getattr(model_cfg, k)]
         if changed:
             raise QingLMError(f"cannot change model field(s) {', '.join(changed)} when resuming {run_dir}")
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_flags.items()})
     else:
-        model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file)
+        model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file, _job_config(job))
+        if job == "distill":
+            from qinglm.post.distill import check_teacher
+
+            train_cfg.tokenizer = str(check_teacher(train_cfg))
         if train_cfg.init_from:
             model_cfg, train_cfg = _from_base(model_cfg, train_cfg, model_flags)
         run_dir = Path(train_cfg.out or default_out(train_cfg))
@@ -203,16 +226,17 @@ def _run_train(
 
     check_fits(model_cfg)  # a model larger than memory fails now too
     # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
-    held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, "pretrain"))
+    held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, job))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
         launch_torchrun(
-            "train", train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file
+            command, train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file
         )
         return run_dir
 
     from qinglm.data.mix import mixture_record
     from qinglm.device import resolve_device
-    from qinglm.train import distributed, train
+    from qinglm.train import distributed
+    from qinglm.train.loop import train_stage
 
     dist = distributed.init(resolve_device(train_cfg.device), train_cfg.parallel)
     with distributed.group(dist):
@@ -223,13 +247,26 @@ def _run_train(
             log(f"resuming {run_dir}")
         model_cfg, data_dir = _prepare_run(model_cfg, train_cfg, run_dir, log)
         if dist.is_main:
-            record = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data_dir": str(data_dir)}
-            run_dirs.write_config(run_dir, "pretrain", {**record, **mixture_record(train_cfg.data, data_dir)})
+            record = {"model": to_dict(model_cfg), section: to_dict(train_cfg), "data_dir": str(data_dir)}
+            if job == "distill":
+                record["teacher"] = train_cfg.teacher
+            run_dirs.write_config(run_dir, job, {**record, **mixture_record(train_cfg.data, data_dir)})
             distributed.barrier(dist)
-        result = train(model_cfg, train_cfg, run_dir, data_dir, log=log)
+        result = train_stage(_stage(job, model_cfg, train_cfg, data_dir), train_cfg, run_dir, log=log)
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
     return run_dir
+
+
+def _stage(job: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path) -> Any:
+    """Return the engine stage of the job."""
+    if job == "distill":
+        from qinglm.post.distill import DistillStage
+
+        return DistillStage(model_cfg, train_cfg, data_dir)
+    from qinglm.train.pretrain import PretrainStage
+
+    return PretrainStage(model_cfg, train_cfg, data_dir)
 
 
 def check_fp8(cfg: TrainConfig) -> None:

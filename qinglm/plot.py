@@ -1,4 +1,4 @@
-"""`qinglm plot RUN [RUN ...]`: a PNG of training curves, several runs overlaid for comparison.
+"""A PNG of training curves, several runs overlaid for comparison (`qinglm plot`: qinglm.plot_cli).
 
 Four panels drawn from each run's metrics.jsonl: training and validation loss, learning rate,
 gradient norm and throughput (tokens/s), against the optimizer step or the tokens seen.
@@ -6,7 +6,6 @@ gradient norm and throughput (tokens/s), against the optimizer step or the token
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -107,22 +106,3 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     finally:
         plt.close(fig)
     return out
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
-    """Return {"plot": handler} after adding the `qinglm plot` parser to sub."""
-    p = sub.add_parser(
-        "plot",
-        help="draw training curves of one or more runs as a PNG",
-        description="Plot training/validation loss, learning rate, gradient norm and tokens/s from "
-        "each run's metrics.jsonl, several runs overlaid for comparison.",
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directory (or its metrics.jsonl)")
-    p.add_argument("--out", default="metrics.png", help="PNG file to write (default: metrics.png)")
-    p.add_argument("--x", choices=list(X_AXES), default="step", help="x axis: optimizer step or tokens seen")
-    return {"plot": cmd_plot}
-
-
-def cmd_plot(args: argparse.Namespace) -> None:
-    out = plot_runs(args.runs, args.out, x=args.x)
-    print(f"wrote {out} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")

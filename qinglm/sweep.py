@@ -1,4 +1,4 @@
-"""`qinglm sweep`: hyperparameter search with Optuna (TPE sampler, median pruner).
+"""Hyperparameter search (`qinglm sweep`, qinglm.sweep_cli) with Optuna (TPE sampler, median pruner).
 
 The space file (YAML or JSON) maps TrainConfig / ModelConfig field names to ranges:
 
@@ -16,7 +16,6 @@ results.md (a table, best first) and best_config.json, a config file for `qinglm
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -24,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from qinglm.config import ModelConfig, add_dataclass_args, given
+from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig
 
+PRUNERS = ("median", "none")  # Optuna's MedianPruner, or no pruning
 # Fields that decide the data, the tokenizer or the run's bookkeeping, not what is learnt.
 NOT_SEARCHABLE = {
     "data", "tokenizer", "out", "resume", "vocab_size", "max_steps", "max_time", "num_epochs", "device",
@@ -348,39 +348,3 @@ def _write_results(out: Path, records: list[dict[str, Any]]) -> None:
         "| " + " | ".join(row) + " |" for row in rows
     ]
     write_text_atomic(out / "results.md", "# Sweep results (best first)\n\n" + "\n".join(table) + "\n")
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
-    """Return {"sweep": handler} after adding the `qinglm sweep` parser to sub."""
-    p = sub.add_parser(
-        "sweep",
-        help="hyperparameter search (Optuna TPE + median pruning) over a declared space",
-        description="Train --trials runs with hyperparameters drawn from --space, each for the per-trial "
-        "budget, stopping unpromising ones early; write results.md, results.jsonl and best_config.json "
-        "under --out. Every train flag sets the base config of all trials.",
-    )
-    p.add_argument(
-        "--space", required=True, help="YAML/JSON file: field -> {low, high[, log, step]} or {choices}"
-    )
-    p.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
-    p.add_argument(
-        "--pruner", choices=["median", "none"], default="median", help="stop trials below the median"
-    )
-    p.add_argument("--config", help="base YAML or JSON config file; flags override it")
-    add_dataclass_args(p, TrainConfig, skip={"resume"})
-    add_dataclass_args(p, ModelConfig)
-    return {"sweep": cmd_sweep}
-
-
-def cmd_sweep(args: argparse.Namespace) -> None:
-    run_sweep(
-        args.space,
-        args.trials,
-        given(args, ModelConfig),
-        given(args, TrainConfig),
-        args.config,
-        pruner=args.pruner,
-    )

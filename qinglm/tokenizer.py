@@ -24,12 +24,20 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from qinglm.chat import CHAT_TEMPLATE
 from qinglm.errors import QingLMError
 from qinglm.io import write_text_atomic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
+# QingLM's chat format (ChatML, qinglm.chat) as Jinja, saved with the tokenizer for transformers.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # every byte must have a token, or round trip breaks
 
 # Qwen2's pre-tokenizer split. Measured on held-out People's Daily 1998 text it gives more

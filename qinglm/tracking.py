@@ -1,7 +1,7 @@
 """Experiment trackers: TensorBoard, Weights & Biases and SwanLab sinks for the metrics log.
 
-Every run writes RUN/metrics.jsonl; `--tracker` adds one of these sinks (MetricsSink in
-qinglm/train/metrics.py), which receives the same records: training lines (loss, lr, grad_norm,
+Every run writes RUN/metrics.jsonl; `--tracker` adds one of these sinks (MetricsSink,
+below), which receives the same records: training lines (loss, lr, grad_norm,
 tokens_per_s, memory_mb), validation lines (val_loss, val_ppl, val_bpc) and the greedy sample
 generations logged at validation time. Each tracker's package is imported only when it is chosen,
 so none of them is a dependency. wandb and swanlab run offline with WANDB_MODE=offline /
@@ -14,12 +14,18 @@ import hashlib
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qinglm.errors import QingLMError
 
-if TYPE_CHECKING:
-    from qinglm.train.metrics import MetricsSink
+
+class MetricsSink(Protocol):
+    """Where metric records go besides metrics.jsonl (the seam for tensorboard / wandb)."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
 
 TRACKERS = ("none", "tensorboard", "wandb", "swanlab")
 _SKIP = ("kind", "step")

@@ -32,6 +32,57 @@ def phrase_corpus(tmp_path_factory) -> tuple[Path, Path, int]:
     return root / "data", root / "tokenizer", tok.vocab_size
 
 
+# The tiny model of the tests: options given to tiny_model / tiny_run override these.
+TINY = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Return make(vocab_size, **options): a tiny random Transformer (seed 0, eval mode) of TINY + options."""
+    import torch
+
+    from qinglm.config import ModelConfig, resolve_model
+    from qinglm.model import Transformer
+
+    def make(vocab_size: int, **options):
+        torch.manual_seed(0)
+        return Transformer(resolve_model(ModelConfig(vocab_size=vocab_size, **{**TINY, **options}))).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model):
+    """Return make(path, tokenizer, **options): path, now a run directory of tiny_model(...) and tokenizer."""
+    from qinglm.train.checkpoint import save_run
+
+    def make(path: Path, tokenizer, **options) -> Path:
+        save_run(path, tiny_model(tokenizer.vocab_size, **options), tokenizer)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def perturbed_run(tiny_model):
+    """Return make(path, tokenizer, vocab_size=None, **options): tiny_run, with the norm weights and biases
+    moved off their init values (ones and zeros would hide a mistake in an exporter's weight layout)."""
+    import torch
+
+    from qinglm.train.checkpoint import save_run
+
+    def make(path: Path, tokenizer, vocab_size: int | None = None, **options) -> Path:
+        model = tiny_model(vocab_size or tokenizer.vocab_size, **options)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.2)
+        save_run(path, model, tokenizer)
+        return path
+
+    return make
+
+
 @pytest.fixture
 def faulty_transformer():
     """Return make(factors): a Transformer class whose n-th training forward multiplies the loss by factors[n]."""

@@ -9,9 +9,8 @@ import torch
 
 import qinglm
 from qinglm.api import LM
-from qinglm.config import ModelConfig, resolve_model
+from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import save_run
 
@@ -26,15 +25,11 @@ TEXT = "今天天气真不错，人工智能的未来。"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_model):
     """Return (run_dir, the model saved in it), laid out as training leaves it."""
     run_dir = tmp_path_factory.mktemp("run")
     tok = train_tokenizer([f"{LINES[i % 5]}{i}" for i in range(200)], 400, show_progress=False)
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
-    )
-    model = Transformer(cfg).eval()
+    model = tiny_model(tok.vocab_size)
     save_run(run_dir, model, tok)
     return run_dir, model
 
@@ -156,3 +151,15 @@ def test_evaluate_builtin_uses_the_runs_own_val_fraction(run, tmp_path):
     lm = qinglm.load(old_dir, device="cpu")
     assert lm.split_by == "document"
     assert lm.evaluate("pd1998", **kw) == evaluate_documents(model, tok, old_val, **kw)
+
+
+def test_sampling_is_a_config_plus_keyword_overrides(run):
+    lm = qinglm.load(run[0], device="cpu")
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    assert lm.generate("今天", greedy) == lm.generate("今天", max_new_tokens=12, temperature=0)
+    assert lm.generate("今天", greedy, max_new_tokens=5) == lm.generate(
+        "今天", max_new_tokens=5, temperature=0
+    )
+    assert "".join(lm.stream("今天", greedy)) == lm.generate("今天", greedy)
+    with pytest.raises(TypeError, match="temprature"):
+        lm.generate("今天", temprature=0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qinglm.chat import encode_chat, render_chat
+from qinglm.chat import encode_chat, prompt_budget, render_chat
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 
@@ -49,3 +49,9 @@ def test_transformers_renders_the_saved_template_identically(tok, tmp_path, gen)
     hf_text = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
     assert hf_text == render_chat(CHAT, add_generation_prompt=gen)
     assert hf(hf_text, add_special_tokens=False)["input_ids"] == encode_chat(tok, CHAT, gen).ids
+
+
+def test_the_reply_gets_max_new_tokens_but_at_most_half_the_context():
+    assert prompt_budget(64, 10) == 54
+    assert prompt_budget(64, 1000) == 32  # a long reply still leaves the prompt half the context
+    assert prompt_budget(65, 1000) == 33

@@ -5,17 +5,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import qinglm
-from qinglm.chat import encode_chat
+from qinglm.chat import encode_chat, fit_history
 from qinglm.chat_repl import chat_loop
-from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
-from qinglm.sft.data import fit_history
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 SYSTEM = {"role": "system", "content": "你是一个助手。"}
 
@@ -26,15 +21,9 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tok):
+def run_dir(tmp_path_factory, tok, tiny_run):
     """Return a run directory with a tiny random model of context 64."""
-    d = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
-    )
-    save_run(d, Transformer(cfg), tok)
-    return d
+    return tiny_run(tmp_path_factory.mktemp("run"), tok, n_layers=1, n_heads=2)
 
 
 def _history(turns: int) -> list[dict[str, str]]:

@@ -4,20 +4,16 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 import qinglm
-from qinglm.chat import encode_chat
-from qinglm.config import ModelConfig, resolve_model
+from qinglm.chat import encode_chat, fit_history
 from qinglm.data.shards import TokenShards, prepare_shards
-from qinglm.generate import encode_prompt
-from qinglm.model import Transformer
 from qinglm.serve.config import ServeConfig
 from qinglm.serve.protocol import parse_chat, parse_completion
-from qinglm.sft.data import IGNORE_INDEX, fit_history, make_samples
+from qinglm.sft.data import IGNORE_INDEX, make_samples
 from qinglm.sft.data import encode_chat as sft_encode_chat
+from qinglm.text import encode_prompt
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 N_CONTROL = len(SPECIAL_TOKENS)
 PIECES = [*SPECIAL_TOKENS, "hi", "你好", "\n", " ", "system", "user", "assistant", "<|", "|>", "[", "]"]
@@ -48,13 +44,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=512)
-    )
-    save_run(d, Transformer(cfg), tok)
+def lm(tmp_path_factory, tok, tiny_run):
+    d = tiny_run(tmp_path_factory.mktemp("run"), tok, n_layers=1, n_heads=2, max_seq_len=512)
     return qinglm.load(d, device="cpu")
 
 

@@ -16,7 +16,8 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
-from qinglm.post.dpo import DPOConfig, run_dpo
+from qinglm.post.config import DPOConfig
+from qinglm.post.dpo import run_dpo
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import run_sft
 from qinglm.tokenizer import Tokenizer

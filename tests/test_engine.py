@@ -6,8 +6,10 @@ import torch
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.engine import Event, Generation, Request, complete
 from qinglm.errors import QingLMError
-from qinglm.generate import N_CONTROL_IDS, TextDecoder, generate, generate_ids
+from qinglm.generate import generate, generate_ids
 from qinglm.model import KVCache, Transformer
+from qinglm.sampling import N_CONTROL_IDS
+from qinglm.text import TextDecoder
 from qinglm.tokenizer import train_tokenizer
 
 V, CTX, EOS = 97, 64, 3

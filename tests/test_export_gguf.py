@@ -8,13 +8,11 @@ import torch
 
 import qinglm
 from qinglm.cli import main
-from qinglm.config import ModelConfig, resolve_model
+from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
 from qinglm.export.gguf import export_gguf, gguf_arch, permute_for_llama_cpp
 from qinglm.export.hf import export_hf
-from qinglm.model import Transformer
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 gguf = pytest.importorskip("gguf")
 
@@ -28,17 +26,12 @@ def tokenizer():
     return train_tokenizer([f"{LINES[i % 3]}{i}" for i in range(150)], 350, show_progress=False)
 
 
-def make_run(run_dir, tokenizer, **options):
-    """Return a run directory holding a random model (vocab padded past the tokenizer's 350 tokens)."""
-    cfg = resolve_model(ModelConfig(vocab_size=384, **{**BASE, **options}))
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norm weights of one would hide a layout mistake
-                p.add_(torch.randn_like(p) * 0.2)
-    save_run(run_dir, model, tokenizer)
-    return run_dir
+@pytest.fixture(scope="module")
+def make_run(perturbed_run):
+    """Return make(run_dir, tokenizer, **options): a perturbed_run of BASE + options, vocab 384 (> 350 tokens)."""
+    return lambda run_dir, tokenizer, **options: perturbed_run(
+        run_dir, tokenizer, vocab_size=384, **{**BASE, **options}
+    )
 
 
 def field(reader, key):
@@ -64,7 +57,7 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("options,arch", [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
-def test_metadata_names_shapes_and_values(tmp_path, tokenizer, options, arch):
+def test_metadata_names_shapes_and_values(tmp_path, tokenizer, options, arch, make_run):
     run = make_run(tmp_path / "run", tokenizer, **options)
     path = export_gguf(run, tmp_path / "model.gguf", dtype="f32")
     cfg = qinglm.load(run, device="cpu").config
@@ -149,7 +142,7 @@ def test_permutation_is_llama_cpps_interleaving():
 
 
 @pytest.mark.parametrize("dtype,tol", [("f32", 1e-4), ("f16", 2e-3), ("q8_0", 3e-2)])
-def test_transformers_reads_the_gguf_back_to_the_same_logits(tmp_path, tokenizer, dtype, tol):
+def test_transformers_reads_the_gguf_back_to_the_same_logits(tmp_path, tokenizer, dtype, tol, make_run):
     transformers = pytest.importorskip("transformers")
     run = make_run(tmp_path / "run", tokenizer)
     path = export_gguf(run, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
@@ -168,7 +161,7 @@ def test_transformers_reads_the_gguf_back_to_the_same_logits(tmp_path, tokenizer
         assert hf_tok(text)["input_ids"] == [2] + tokenizer.encode(text)
 
 
-def test_qk_norm_models_read_back_as_qwen3(tmp_path, tokenizer):
+def test_qk_norm_models_read_back_as_qwen3(tmp_path, tokenizer, make_run):
     transformers = pytest.importorskip("transformers")
     run = make_run(tmp_path / "run", tokenizer, qk_norm=True, **MOE)
     path = export_gguf(run, tmp_path / "m.gguf", dtype="f32")
@@ -197,7 +190,7 @@ def test_models_llama_cpp_cannot_run_exactly_are_refused(options, reason):
         gguf_arch(ModelConfig(vocab_size=300, **{**BASE, **options}))
 
 
-def test_cli_export_gguf(tmp_path, tokenizer, capsys):
+def test_cli_export_gguf(tmp_path, tokenizer, capsys, make_run):
     run = make_run(tmp_path / "run", tokenizer)
     assert main(["export", "gguf", str(run), str(tmp_path / "m.gguf"), "--dtype", "q8_0"]) == 0
     assert "q8_0" in capsys.readouterr().out
@@ -213,7 +206,7 @@ def test_cli_export_gguf(tmp_path, tokenizer, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, dict(qk_norm=True, **MOE)], ids=["llama", "qwen3moe"])
-def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options):
+def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options, make_run):
     """Only where llama-cpp-python is installed (an optional CI step: it builds llama.cpp from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from qinglm.config import SamplingConfig

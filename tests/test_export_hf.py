@@ -9,14 +9,13 @@ from safetensors.torch import load_file, save_file
 import qinglm
 from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
-from qinglm.config import ModelConfig, SamplingConfig, resolve_model
+from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.export.hf import export_hf, import_hf, save_hf_tokenizer
 from qinglm.export.hf_config import hf_model_type, same_function
-from qinglm.generate import encode_prompt, generate_ids
-from qinglm.model import Transformer
+from qinglm.generate import generate_ids
+from qinglm.text import encode_prompt
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,17 +52,10 @@ def tokenizer():
     return train_tokenizer([f"{LINES[i % 5]}{i}" for i in range(200)], 400, show_progress=False)
 
 
-def make_run(run_dir, tokenizer, **options):
-    """Return a run directory holding a random model whose norms and biases are not their init values."""
-    cfg = resolve_model(ModelConfig(vocab_size=tokenizer.vocab_size, **{**BASE, **options}))
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norm weights (ones) and biases (zeros) would hide a layout mistake
-                p.add_(torch.randn_like(p) * 0.2)
-    save_run(run_dir, model, tokenizer)
-    return run_dir
+@pytest.fixture(scope="module")
+def make_run(perturbed_run):
+    """Return make(run_dir, tokenizer, **options): a perturbed_run of BASE + options."""
+    return lambda run_dir, tokenizer, **options: perturbed_run(run_dir, tokenizer, **{**BASE, **options})
 
 
 def qinglm_greedy(lm, prompt, n):
@@ -73,7 +65,9 @@ def qinglm_greedy(lm, prompt, n):
 
 
 @pytest.mark.parametrize("options,arch", [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
-def test_transformers_computes_the_same_logits_and_greedy_tokens(tmp_path, tokenizer, options, arch):
+def test_transformers_computes_the_same_logits_and_greedy_tokens(
+    tmp_path, tokenizer, options, arch, make_run
+):
     run = make_run(tmp_path / "run", tokenizer, **options)
     out = export_hf(run, tmp_path / "hf")
     lm = qinglm.load(run, device="cpu")
@@ -92,7 +86,7 @@ def test_transformers_computes_the_same_logits_and_greedy_tokens(tmp_path, token
     assert theirs in (ours, ours + [3])  # transformers keeps the [EOS] it stopped at; QingLM drops it
 
 
-def test_generation_config_carries_qinglms_default_sampling(tmp_path, tokenizer):
+def test_generation_config_carries_qinglms_default_sampling(tmp_path, tokenizer, make_run):
     run = make_run(tmp_path / "run", tokenizer)
     out = export_hf(run, tmp_path / "hf")
     gen = transformers.GenerationConfig.from_pretrained(out)
@@ -111,7 +105,7 @@ def test_generation_config_carries_qinglms_default_sampling(tmp_path, tokenizer)
     assert got[0, len(ids) :].tolist() == ours
 
 
-def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
+def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer, make_run):
     run = make_run(tmp_path / "run", tokenizer, rope_theta=50_000.0)
     out = export_hf(run, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
@@ -147,7 +141,7 @@ def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("options", [v[1] for v in EXACT], ids=[v[0] for v in EXACT])
-def test_export_then_import_gives_bit_identical_weights(tmp_path, tokenizer, options):
+def test_export_then_import_gives_bit_identical_weights(tmp_path, tokenizer, options, make_run):
     run = make_run(tmp_path / "run", tokenizer, **options)
     back = import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "back")
     before = load_file(run / "best" / "model.safetensors")
@@ -160,7 +154,7 @@ def test_export_then_import_gives_bit_identical_weights(tmp_path, tokenizer, opt
     assert a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
 
 
-def test_sinusoidal_positions_come_back_as_the_same_function(tmp_path, tokenizer):
+def test_sinusoidal_positions_come_back_as_the_same_function(tmp_path, tokenizer, make_run):
     run = make_run(tmp_path / "run", tokenizer, **CLASSIC)
     back = qinglm.load(import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "back"), device="cpu")
     assert back.config.pos_encoding == "learned"  # GPT-2 keeps the table in wpe
@@ -228,7 +222,7 @@ def test_models_no_hf_architecture_reproduces_are_refused(options, reason):
         hf_model_type(ModelConfig(vocab_size=300, **{**BASE, **options}))
 
 
-def test_cli_export_and_import_and_their_errors(tmp_path, tokenizer, capsys):
+def test_cli_export_and_import_and_their_errors(tmp_path, tokenizer, capsys, make_run):
     run = make_run(tmp_path / "run", tokenizer)
     assert main(["export", "hf", str(run), str(tmp_path / "hf")]) == 0
     assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
@@ -250,7 +244,7 @@ def test_cli_export_and_import_and_their_errors(tmp_path, tokenizer, capsys):
     assert qinglm.load(run).config.d_model == 32
 
 
-def test_import_refuses_what_qinglm_cannot_represent(tmp_path, tokenizer):
+def test_import_refuses_what_qinglm_cannot_represent(tmp_path, tokenizer, make_run):
     run = make_run(tmp_path / "run", tokenizer, n_experts=4, shared_experts=1)
     out = export_hf(run, tmp_path / "hf")
     weights = load_file(out / "model.safetensors")
@@ -290,7 +284,7 @@ def test_import_refuses_what_qinglm_cannot_represent(tmp_path, tokenizer):
         ({"scale_attn_by_inverse_layer_idx": True}, "attention variants"),
     ],
 )
-def test_gpt2_import_refuses_attention_it_does_not_compute(tmp_path, tokenizer, change, match):
+def test_gpt2_import_refuses_attention_it_does_not_compute(tmp_path, tokenizer, change, match, make_run):
     run = make_run(tmp_path / "run", tokenizer, **CLASSIC, pos_encoding="learned")
     out = export_hf(run, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())

@@ -23,16 +23,11 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("options", list(VARIANTS.values()), ids=list(VARIANTS))
-def test_peft_loads_the_qinglm_adapter_onto_the_exported_model(tmp_path, options):
+def test_peft_loads_the_qinglm_adapter_onto_the_exported_model(tmp_path, options, tiny_run):
     tok = train_tokenizer(
         [f"今天天气真不错，人工智能的未来。{i}" for i in range(100)], 300, show_progress=False
     )
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, **options)
-    )
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    save_run(run, Transformer(cfg), tok)
+    run = tiny_run(tmp_path / "run", tok, n_kv_heads=2, max_seq_len=512, **options)
 
     lm = qinglm.load(run, device="cpu")
     ids = torch.tensor([[2] + tok.encode("今天天气真不错，人工智能")])

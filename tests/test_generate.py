@@ -5,17 +5,10 @@ import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import (
-    N_CONTROL_IDS,
-    apply_repetition_penalty,
-    encode_prompt,
-    generate,
-    generate_ids,
-    sample_next,
-    stream,
-    stream_text,
-)
+from qinglm.generate import generate, generate_ids, stream
 from qinglm.model import Transformer
+from qinglm.sampling import N_CONTROL_IDS, apply_repetition_penalty, sample_next
+from qinglm.text import encode_prompt, stream_text
 from qinglm.tokenizer import train_tokenizer
 
 V, CTX, EOS = 97, 64, 3
@@ -232,3 +225,9 @@ def test_prompts_are_normalised_like_training_text(tok):
     assert encode_prompt(tok, wide) == encode_prompt(tok, narrow) == [tok.bos_id, *tok.encode(narrow)]
     chat = [{"role": "user", "content": wide}]
     assert encode_chat(tok, chat, True) == encode_chat(tok, [{"role": "user", "content": narrow}], True)
+
+
+def test_sampling_settings_are_checked_when_made():
+    for bad in ("max_new_tokens", -1), ("temperature", -1.0), ("top_p", 2.0), ("repetition_penalty", 0.0):
+        with pytest.raises(QingLMError, match=bad[0]):
+            SamplingConfig(**dict([bad]))

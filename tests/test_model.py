@@ -109,6 +109,21 @@ def test_impossible_dimensions_are_user_errors(kw, msg):
         resolve_model(ModelConfig(**base))
 
 
+def test_every_option_takes_only_its_listed_values_from_the_cli_and_from_files():
+    import dataclasses
+
+    from qinglm.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(ModelConfig):
+        if "choices" in f.metadata:
+            assert flags[f.name].choices == f.metadata["choices"]  # --help offers what resolve_model takes
+            with pytest.raises(QingLMError, match=f"unknown {f.name} 'weird'"):
+                resolve_model(ModelConfig(vocab_size=97, d_model=32, n_heads=4, **{f.name: "weird"}))
+
+
 def test_sdpa_matches_explicit_attention():
     """The fused kernel computes what the textbook formula says (guards against a wrong mask)."""
     model = tiny()

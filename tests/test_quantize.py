@@ -8,13 +8,12 @@ import torch.nn as nn
 
 import qinglm
 from qinglm.cli import main
-from qinglm.config import ModelConfig, SamplingConfig, resolve_model
+from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
 from qinglm.model import Transformer
 from qinglm.quantize import Int8Linear, quantize
 from qinglm.tokenizer import train_tokenizer
-from qinglm.train.checkpoint import save_run
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -88,7 +87,7 @@ def test_unknown_quantization_is_a_user_error():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_run):
     """Return a run directory with a tiny random model, laid out as training leaves it."""
     run = tmp_path_factory.mktemp("run")
     lines = [
@@ -97,11 +96,7 @@ def run_dir(tmp_path_factory):
         "春天来了，花儿都开了。",
     ]
     tok = train_tokenizer([f"{lines[i % 3]}{i}" for i in range(150)], 400, show_progress=False)
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
-    )
-    save_run(run, Transformer(cfg), tok)
+    tiny_run(run, tok)
     return run
 
 

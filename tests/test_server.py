@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -17,14 +16,13 @@ pytest.importorskip("uvicorn")
 import qinglm  # noqa: E402
 from qinglm.chat import encode_chat  # noqa: E402
 from qinglm.cli import main  # noqa: E402
-from qinglm.config import ModelConfig, SamplingConfig, resolve_model  # noqa: E402
-from qinglm.generate import encode_prompt, generate_ids  # noqa: E402
-from qinglm.model import Transformer  # noqa: E402
+from qinglm.config import SamplingConfig  # noqa: E402
+from qinglm.generate import generate_ids  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.serve.protocol import parse_completion  # noqa: E402
+from qinglm.text import encode_prompt  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
-from qinglm.train.checkpoint import save_run  # noqa: E402
 
 LINES = ["今天天气真不错，我们一起去公园散步吧。", "人工智能的未来充满了希望和挑战。", "中国经济稳步增长。"]
 KEY = "sk-test"
@@ -34,20 +32,11 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(80))  # rare characters: seve
 PROMPTS = ["今天", "人工智能", "中国经济", "我们一起", "春天来了", "学习", "公园", "未来充满"]
 
 
-def make_run(path):
-    """Write a tiny random model as a run directory (config.json, tokenizer/, best/) and return path."""
-    tok = train_tokenizer([f"{LINES[i % 3]}{i}" for i in range(120)], 400, show_progress=False)
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX)
-    )
-    save_run(path, Transformer(cfg).eval(), tok)
-    return path
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("serve-run"))
+def run_dir(tmp_path_factory, tiny_run):
+    """Return a tiny random model as a run directory (config.json, tokenizer/, best/)."""
+    tok = train_tokenizer([f"{LINES[i % 3]}{i}" for i in range(120)], 400, show_progress=False)
+    return tiny_run(tmp_path_factory.mktemp("serve-run"), tok, max_seq_len=CTX)
 
 
 @pytest.fixture(scope="module")

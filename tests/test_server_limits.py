@@ -25,9 +25,9 @@ from test_server import CAP, CTX, PROMPTS, lm, reference, run_dir  # noqa: E402,
 import qinglm.engine  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.errors import QingLMError  # noqa: E402
-from qinglm.generate import encode_prompt  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
+from qinglm.text import encode_prompt  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
 
@@ -395,6 +395,8 @@ def test_api_posts_must_be_json(url):
 def test_create_app_checks_its_config_as_the_cli_does(lm, tmp_path, capsys):
     with pytest.raises(QingLMError, match="max-queue"):
         ServeConfig(max_queue=0)
+    with pytest.raises(QingLMError, match="port"):
+        ServeConfig(port="8000")  # a wrong type is a user error too, as in every config
     cfg = ServeConfig()
     for field, value in (("max_batch_size", 0), ("port", 70000), ("request_timeout", float("nan"))):
         setattr(cfg, field, value)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import snownlp
 
-from qinglm.chat import CHAT_TEMPLATE
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import (
     BOS_ID,
+    CHAT_TEMPLATE,
     EOS_ID,
     PAD_ID,
     SPECIAL_TOKENS,

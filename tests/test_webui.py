@@ -4,7 +4,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 if not Path("/usr/bin/chromium").exists():
     pytest.skip("Debian chromium (/usr/bin/chromium) is not installed", allow_module_level=True)
@@ -12,12 +11,9 @@ sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
 import qinglm  # noqa: E402
-from qinglm.config import ModelConfig, resolve_model  # noqa: E402
-from qinglm.model import Transformer  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
-from qinglm.train.checkpoint import save_run  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -31,17 +27,12 @@ KEY = "sk-page"
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def lm(tmp_path_factory, tiny_run):
     """Return a tiny random model loaded from a run directory."""
     run = tmp_path_factory.mktemp("webui-run")
     lines = ["今天天气真不错，我们一起去公园散步吧。", "人工智能的未来充满了希望和挑战。"]
     tok = train_tokenizer([f"{lines[i % 2]}{i}" for i in range(100)], 400, show_progress=False)
-    torch.manual_seed(0)
-    cfg = resolve_model(
-        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)
-    )
-    save_run(run, Transformer(cfg).eval(), tok)
-    return qinglm.load(run, device="cpu")
+    return qinglm.load(tiny_run(run, tok, max_seq_len=128), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,41 @@
-"""`qinglm data clean` and `qinglm data dedup`: their flags and what they run."""
+"""`qinglm data`: list and export the built-in corpora; download, clean and deduplicate corpora."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from qinglm.data.clean import FILTERS, FIXES, OPTIONAL, CleanConfig
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Return {"data": handler} after adding the `qinglm data` parsers to sub."""
+    p = sub.add_parser("data", help="built-in corpora; download, clean and deduplicate corpora")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub.add_parser("list", help="list the built-in corpora with their sizes")
+    e = dsub.add_parser("export", help="write a built-in corpus as text, one document per line")
+    e.add_argument("name")
+    e.add_argument("out")
+    e.add_argument("--split", default="all", choices=["all", "train", "val"])
+    add_parsers(dsub)
+    return {"data": cmd_data}
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from qinglm.data.builtin import BUILTINS, builtin_info, export_builtin
+
+    if args.data_command in ("clean", "dedup", "download"):
+        run(args)
+    elif args.data_command == "list":
+        print(f"{'name':<8} {'documents':>10} {'characters':>12}  source")
+        for name in BUILTINS:
+            info = builtin_info(name)
+            print(f"{name:<8} {info['documents']:>10,} {info['characters']:>12,}  {info['source']}")
+            print(f"{'':<8} {info['description']}")
+    else:
+        n = export_builtin(args.name, args.out, split=args.split)
+        print(f"wrote {n:,} documents to {args.out}")
 
 
 def add_parsers(dsub: argparse._SubParsersAction) -> None:

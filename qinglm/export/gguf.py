@@ -18,21 +18,32 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.export.hf import qinglm_to_hf
-from qinglm.export.hf_config import hf_model_type
+from qinglm.export.hf_config import HF_OPTIONS, hf_model_type
+from qinglm.export.options import Table, unreproduced
 from qinglm.io import remove_stale_temps, temp_path
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer
 
-DTYPES = ("f32", "f16", "q8_0")
+if TYPE_CHECKING:  # torch and numpy load when a file is written, so the CLI's --help stays fast
+    import numpy as np
+    import torch
+
+DTYPES = ("f32", "f16", "q8_0")  # the matrices' precision in the file (_tensor_data); `--dtype` offers these
 GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
 PRE_TOKENIZER = "qwen2"  # llama.cpp's name for the Qwen2 split regex (qinglm.tokenizer.QWEN2_PATTERN)
+# What GGUF_ARCH's architectures reproduce: the transformers exporter's options (the weights take its
+# layout), less the classic family, shared experts and MoE on some blocks only.
+GGUF_OPTIONS: Table = {
+    **HF_OPTIONS,
+    "pos_encoding": ("rope",),
+    "norm": ("rmsnorm",),
+    "mlp": ("swiglu",),
+    "shared_experts": (0,),
+    "moe_every": (1,),
+}
 
 _TOP = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -78,6 +89,9 @@ def gguf_arch(cfg: ModelConfig) -> str:
         raise QingLMError(
             f"cannot export to GGUF: llama.cpp's {GGUF_ARCH[model_type]} needs MoE in every block"
         )
+    reason = unreproduced(cfg, GGUF_OPTIONS)
+    if reason:
+        raise QingLMError(f"cannot export to GGUF: {reason}")
     return GGUF_ARCH[model_type]
 
 
@@ -89,6 +103,10 @@ def permute_for_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def gguf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     """Return llama.cpp-named fp32 tensors for QingLM weights (model_tensors(): a tied head appears once)."""
+    import torch
+
+    from qinglm.export.hf import qinglm_to_hf
+
     cfg = resolve_model(cfg)
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
@@ -133,6 +151,7 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
 def _tensor_data(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     """Return (array, GGML type) of one tensor in the requested file dtype; 1-D tensors stay fp32."""
     import gguf
+    import numpy as np
 
     a = t.contiguous().numpy().astype(np.float32)
     if a.ndim == 1 or dtype == "f32":

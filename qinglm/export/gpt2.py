@@ -13,12 +13,14 @@ GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
+from qinglm.export.options import ANY, SHAPE, TRAINING_ONLY, Table, unreproduced
+
+if TYPE_CHECKING:
+    import torch
 
 # QingLM module inside a block -> GPT-2 module inside transformer.h.N; True where GPT-2 uses Conv1D.
 _BLOCK = {
@@ -28,6 +30,20 @@ _BLOCK = {
     "norm2": ("ln_2", False),
     "mlp.up": ("mlp.c_fc", True),
     "mlp.down": ("mlp.c_proj", True),
+}
+# What GPT2LMHeadModel reproduces; gpt2_refusal adds the rules between options.
+GPT2_OPTIONS: Table = {
+    **SHAPE,
+    **TRAINING_ONLY,
+    "pos_encoding": ("learned", "sinusoidal"),
+    "norm": ("layernorm",),
+    "mlp": ("gelu",),
+    "tie_embeddings": ANY,
+    "rope_theta": ANY,  # unused without RoPE
+    "bias": ANY,  # none: written as zeros
+    "qk_norm": (False,),
+    "gated_attention": (False,),
+    "n_experts": (0,),
 }
 
 
@@ -45,7 +61,7 @@ def gpt2_refusal(cfg: ModelConfig) -> str | None:
             "sinusoidal positions scale the embeddings by sqrt(d_model) before the table is added, "
             "which GPT-2 can only reproduce with an untied head; train with --no-tie-embeddings"
         )
-    return None
+    return unreproduced(cfg, GPT2_OPTIONS)
 
 
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -74,6 +90,8 @@ def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def qinglm_to_gpt2(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Return GPT-2 weights of a classic-family model (model_tensors(): a tied head appears once)."""
+    import torch
+
     from qinglm.model import sinusoidal_table
 
     embed = tensors["embed.weight"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from qinglm.chat import CHAT_TEMPLATE
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
@@ -22,7 +21,7 @@ from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_c
 from qinglm.hf_layout import hf_moe_parts, hf_parts
 from qinglm.io import OwnedDir, atomic_open, read_json, write_json_atomic
 from qinglm.model import Transformer
-from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
+from qinglm.tokenizer import BOS_ID, CHAT_TEMPLATE, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
 _SHARED_GATE_SCALE = 2.0  # sigmoid(0) = 0.5 in Qwen2-MoE's shared-expert gate, undone by doubling down_proj
@@ -146,7 +145,7 @@ def generation_config() -> dict:
     at [EOS] and at <|im_end|>, which ends an assistant turn in chat.
 
     One difference remains: transformers' repetition penalty also counts control tokens and a chat
-    template's structure in the prompt, which QingLM's does not (qinglm.generate.apply_repetition_penalty).
+    template's structure in the prompt, which QingLM's does not (qinglm.sampling.apply_repetition_penalty).
     """
     d = SamplingConfig()
     config = {

@@ -9,7 +9,7 @@
     MoE with QK-norm, no shared expert     -> Qwen3MoeForCausalLM
 
 Everything else is refused with the reason: mixes of the two families, gated attention, the sigmoid
-router, and MoE layouts none of the above has.
+router, MoE layouts none of the above has, and any option HF_OPTIONS does not list.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_config, gpt2_refusal
+from qinglm.export.options import ANY, SHAPE, TRAINING_ONLY, Table, unreproduced
 from qinglm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 ARCHITECTURES = {
@@ -31,6 +32,25 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 MOE_STYLE = {"mixtral": "mixtral", "qwen2_moe": "qwen", "qwen3_moe": "qwen"}  # hf_layout.MOE_STYLES key
+# What the architectures above reproduce together; _refuse adds the rules between options, and the
+# classic family must also pass qinglm.export.gpt2.GPT2_OPTIONS.
+HF_OPTIONS: Table = {
+    **SHAPE,
+    **TRAINING_ONLY,
+    "pos_encoding": ("rope", "learned", "sinusoidal"),
+    "norm": ("rmsnorm", "layernorm"),
+    "mlp": ("swiglu", "gelu"),
+    "tie_embeddings": ANY,
+    "rope_theta": ANY,
+    "bias": ANY,
+    "qk_norm": ANY,
+    "gated_attention": (False,),
+    "n_experts": ANY,
+    "experts_per_token": ANY,
+    "shared_experts": ANY,
+    "moe_every": ANY,
+    "router": ("softmax",),
+}
 
 
 def _refuse(cfg: ModelConfig) -> str | None:
@@ -60,7 +80,7 @@ def _refuse(cfg: ModelConfig) -> str | None:
 def hf_model_type(cfg: ModelConfig) -> str:
     """Return the HF model_type ("llama", "qwen3", "mixtral", ...) that reproduces cfg; QingLMError if none."""
     cfg = resolve_model(cfg)
-    reason = _refuse(cfg)
+    reason = _refuse(cfg) or unreproduced(cfg, HF_OPTIONS)
     if reason:
         raise QingLMError(f"cannot export to transformers: {reason}")
     if cfg.norm == "layernorm":
@@ -215,6 +235,6 @@ def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Model
 
 def same_function(a: ModelConfig, b: ModelConfig) -> bool:
     """Return True when two configs describe the same network (training-only fields ignored)."""
-    skip = {"dropout", "init", "init_std", "gradient_checkpointing", "moe_aux_coef", "moe_z_coef", "family"}
+    skip = set(TRAINING_ONLY)
     fa, fb = dataclasses.asdict(resolve_model(a)), dataclasses.asdict(resolve_model(b))
     return all(fa[k] == fb[k] for k in fa if k not in skip)

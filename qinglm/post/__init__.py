@@ -1,1 +1,1 @@
-"""Preference and post-training stages built on a fine-tuned run: DPO."""
+"""Post-training stages: preference optimisation, RL with verifiable rewards, distillation."""

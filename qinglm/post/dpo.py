@@ -15,7 +15,6 @@ import copy
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,57 +22,19 @@ import torch
 import torch.nn as nn
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import _f
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
 from qinglm.model import IGNORE_INDEX
 from qinglm.post import dpo_data
+from qinglm.post.config import DPOConfig
 from qinglm.post.dpo_loss import dpo_loss, pair_logps, reference_logps
 from qinglm.post.idioms_dpo import NAME as IDIOMS
 from qinglm.post.idioms_dpo import idioms_dpo
-from qinglm.sft.config import LoRAPart
 from qinglm.sft.stage import TuningStage, load_base
 from qinglm.sft.train import load_examples, resolve_tuning
 from qinglm.train import distributed
-from qinglm.train.config import EngineConfig
 from qinglm.train.stage import EpochBatches, StepOut
-
-
-@dataclass
-class DPOConfig(LoRAPart, EngineConfig):
-    """Direct Preference Optimization (full or LoRA) of a fine-tuned run on preference pairs."""
-
-    base: str = _f("", "the run to align (usually an SFT run; a run of any kind)")
-    data: str = _f(
-        IDIOMS,
-        f"{IDIOMS} (built-in) or a JSONL file of {{'prompt', 'chosen', 'rejected'}} strings or "
-        "{'chosen': [messages], 'rejected': [messages]} lines",
-    )
-    ref: str | None = _f(
-        None, "the frozen reference run (default: the base; with --lora, the base without its adapters)"
-    )
-    beta: float = _f(0.1, "DPO beta: the strength of the pull towards the reference (TRL's default)")
-    out: str | None = _f(None, "run directory for the result (default: runs/<time>-dpo)")
-    num_epochs: float | None = _f(None, "passes over the training pairs (default 1 if no other limit)")
-    max_examples: int | None = _f(None, "use at most this many training pairs (a seeded random subset)")
-    eval_examples: int = _f(200, "held-out pairs for the DPO loss and reward accuracy (0 = all)")
-    val_fraction: float = _f(0.05, "JSONL data: fraction of pairs held out")
-    batch_size: int = _f(4, "preference pairs per micro-batch (each pair is a chosen and a rejected row)")
-    seq_len: int | None = _f(None, "longest row in tokens (default: the model's context)")
-    lr: float | None = _f(None, "peak learning rate (default: 1e-4 full, 5e-4 LoRA)")
-    warmup_steps: int = _f(20, "linear warmup steps (capped at 5%% of the run)")
-    weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
-    log_every: int = _f(10, "log a metrics line every N steps")
-    seed: int = _f(0, "random seed (pair subset, batch order, LoRA init)")
-
-    def check(self) -> None:
-        if not self.beta > 0:
-            raise QingLMError(f"beta must be positive, got {self.beta}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.max_examples is not None and self.max_examples <= 0:
-            raise QingLMError(f"max_examples must be positive, got {self.max_examples}")
 
 
 def resolve_dpo(cfg: DPOConfig, max_seq_len: int) -> DPOConfig:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from qinglm.config import add_dataclass_args, given
-from qinglm.post.dpo import DPOConfig
+from qinglm.post.config import DPOConfig
 from qinglm.sft.cli import SFT_ALIASES
 
 

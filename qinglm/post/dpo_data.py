@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qinglm import chat
-from qinglm.model import IGNORE_INDEX
-from qinglm.sft.data import Messages, ReadReport, Sample, collate, encode_chat, read_jsonl, to_messages
+from qinglm.sft.data import (
+    IGNORE_INDEX,
+    Messages,
+    ReadReport,
+    Sample,
+    collate,
+    encode_chat,
+    read_jsonl,
+    to_messages,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from qinglm.config import _f  # a field with its --help text, as every config dataclass declares them
 from qinglm.errors import QingLMError
+from qinglm.typecheck import check_types
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -49,6 +50,7 @@ class ServeConfig:
     device: str = _f("auto", "cpu, cuda, mps or auto")
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.check()
 
     def check(self) -> None:

@@ -29,11 +29,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import IM_END, ROLES
+from qinglm.chat import IM_END, ROLES, fit_history, prompt_budget
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import check_sampling, encode_prompt
 from qinglm.serve.config import ServeConfig
+from qinglm.text import encode_prompt
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -125,7 +125,6 @@ def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
         ),
         seed=seed,
     )
-    check_sampling(sampling)
     if _get(body, "n", int, 1) != 1:
         raise QingLMError("'n' must be 1: this server returns one choice per request")
     return sampling
@@ -174,8 +173,7 @@ def _fit_context(ids: list[int], sampling: SamplingConfig, context: int, truncat
             f"the prompt is {len(ids)} tokens but the model's context is {context}; "
             "shorten it (or start the server with --truncate-prompt)"
         )
-    room = min(sampling.max_new_tokens, context // 2)  # keep at least half the context for the prompt
-    return ids[:1] + ids[len(ids) - (context - room - 1) :]
+    return ids[:1] + ids[len(ids) - (prompt_budget(context, sampling.max_new_tokens) - 1) :]
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -231,8 +229,6 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: Se
     As LM.chat does, the oldest non-system turns are dropped until the prompt leaves room for the
     reply (max_tokens, at most half the context); the reply ends at <|im_end|>.
     """
-    from qinglm.sft.data import fit_history
-
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise QingLMError("'messages' must be a non-empty list of {'role': ..., 'content': ...}")
@@ -240,7 +236,7 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: Se
         raise QingLMError(f"a chat takes at most {cfg.max_messages} messages, got {len(messages)}")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     sampling = _sampling(body, cfg)
-    budget = context - min(sampling.max_new_tokens, context // 2)
+    budget = prompt_budget(context, sampling.max_new_tokens)
     _, prompt = fit_history(tokenizer, messages, budget, longest_token(tokenizer))
     stream, usage = _stream_flags(body)
     return GenRequest(True, prompt.ids, sampling, [*_stop(body), IM_END], stream, usage, prompt.content)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qinglm.config import _f
 from qinglm.errors import QingLMError
-from qinglm.lora import ALL_TARGETS, check_targets
+from qinglm.hf_layout import LINEAR_NAMES
 from qinglm.train.config import EngineConfig, Part
 
 BATCHING = ("pack", "pad")
@@ -22,7 +22,7 @@ class LoRAPart(Part):
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     lora_targets: list[str] = _f(
-        list(ALL_TARGETS), "HF module names that get LoRA (default: every linear layer)"
+        list(LINEAR_NAMES), "HF module names that get LoRA (default: every linear layer)"
     )
 
     def check(self) -> None:
@@ -32,7 +32,11 @@ class LoRAPart(Part):
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QingLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        check_targets(self.lora_targets)
+        bad = [t for t in self.lora_targets if t not in LINEAR_NAMES]
+        if bad or not self.lora_targets:
+            raise QingLMError(
+                f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(LINEAR_NAMES)}"
+            )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import ROLES, ChatIds, check_messages, encode_turn, generation_prompt, join_turns
+from qinglm.chat import ROLES, check_messages, encode_turn
 from qinglm.errors import QingLMError
 
 if TYPE_CHECKING:
@@ -275,62 +275,3 @@ def batch_stream(
         for b in epoch_batches(samples, batch_size, seq_len, mode, pad_id, seed + epoch):
             yield epoch, b
         epoch += 1
-
-
-# ---------------------------------------------------------------------------- chat history
-
-
-def fit_history(
-    tokenizer: Tokenizer,
-    messages: Sequence[Mapping[str, str]],
-    budget: int,
-    longest_token: int | None = None,
-) -> tuple[list[dict[str, str]], ChatIds]:
-    """Return (messages, prompt) after dropping the oldest non-system turns until the prompt fits budget.
-
-    The prompt is qinglm.chat.encode_chat(messages, add_generation_prompt=True); each turn is encoded
-    at most once. System messages and the last message are always kept; raises QingLMError when even
-    that is longer than budget tokens. With longest_token (the most characters one token covers), a
-    turn too long to ever fit is not encoded at all, and an oversize system prompt or last message is
-    refused on its length alone.
-    """
-    check_messages(messages)
-    msgs = [dict(m) for m in messages]
-    last = len(msgs) - 1
-    if longest_token is not None:
-        chars = sum(len(m["content"]) for i, m in enumerate(msgs) if m["role"] == "system" or i == last)
-        if chars > budget * longest_token:
-            raise QingLMError(
-                f"the chat's system prompt and last message are {chars} characters, more than the "
-                f"{budget} tokens that fit the model's context with room for a reply; shorten them"
-            )
-
-    def hopeless(i: int) -> bool:  # so long that it would be dropped whatever its ids
-        return longest_token is not None and i != last and len(msgs[i]["content"]) > budget * longest_token
-
-    turns = [
-        None if hopeless(i) else encode_turn(tokenizer, m["role"], m["content"]) for i, m in enumerate(msgs)
-    ]
-    size = [budget + 1 if t is None else len(t.ids) for t in turns]
-    fixed = 1 + len(generation_prompt(tokenizer))  # [BOS] and the generation prompt
-    total = fixed + sum(size)
-    keep = [True] * len(msgs)
-    droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
-    d = 0
-    while total > budget:
-        if d == len(droppable):
-            raise QingLMError(
-                f"the chat prompt is {total} tokens but only {budget} fit the model's context "
-                "with room for a reply; shorten the message or the system prompt"
-            )
-        keep[droppable[d]] = False
-        total -= size[droppable[d]]
-        d += 1
-        # Drop the reply of a dropped question too, so the history still starts with a user turn.
-        if d < len(droppable) and msgs[droppable[d]]["role"] == "assistant":
-            keep[droppable[d]] = False
-            total -= size[droppable[d]]
-            d += 1
-    kept = [i for i in range(len(msgs)) if keep[i]]
-    prompt = join_turns(tokenizer, [turns[i] for i in kept], add_generation_prompt=True)
-    return [msgs[i] for i in kept], prompt

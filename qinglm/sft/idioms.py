@@ -116,6 +116,12 @@ def pinyin_format_ok(answer: str, word: str) -> bool:
     )
 
 
+def syllable_accuracy(answer: str, pinyin: str) -> float:
+    """Return the fraction of pinyin's syllables that answer has right in their place (0 to 1)."""
+    want = pinyin.split()
+    return sum(a == b for a, b in zip(answer.strip().split(), want)) / max(1, len(want))
+
+
 def pinyin_accuracy(lm: Any, n: int = 100, max_new_tokens: int = 40) -> dict[str, Any]:
     """Return {"n", "exact", "accuracy", "format_ok", "syllable_accuracy", "examples"} of greedy answers.
 
@@ -132,8 +138,7 @@ def pinyin_accuracy(lm: Any, n: int = 100, max_new_tokens: int = 40) -> dict[str
         got = lm.chat(msgs, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0).strip()
         exact += got == idiom.pinyin
         fmt += pinyin_format_ok(got, idiom.word)
-        want = idiom.pinyin.split()
-        syllables += sum(a == b for a, b in zip(got.split(), want)) / len(want)
+        syllables += syllable_accuracy(got, idiom.pinyin)
         if len(examples) < 5:
             examples.append({"idiom": idiom.word, "want": idiom.pinyin, "got": got})
     total = max(1, len(items))

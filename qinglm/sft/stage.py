@@ -120,10 +120,13 @@ class SFTStage(TuningStage):
         return assistant_loss(model, self.val, self.tok.pad_id, self.ctx.device, self.ctx.dtype)
 
     def batches(self, cfg: SFTConfig) -> EpochBatches:
+        dist = self.ctx.dist
+        # Rows grouped and shuffled by the global batch: a step's rows do not depend on how they are
+        # split into processes and micro-batches.
+        step_rows = cfg.batch_size * cfg.grad_accum * dist.world_size
+
         def rows(epoch: int) -> list[sft_data.Sample]:
-            batches = sft_data.epoch_rows(
-                self.train, cfg.batch_size, cfg.seq_len, cfg.batching, cfg.seed + epoch
-            )
+            batches = sft_data.epoch_rows(self.train, step_rows, cfg.seq_len, cfg.batching, cfg.seed + epoch)
             return [row for b in batches for row in b]
 
         def collate(items: list[sft_data.Sample]) -> Any:

@@ -372,9 +372,9 @@ def save_run(
     tokenizer/ (with chat_template, default QingLM's), config.json ({"kind": kind, "model": model.cfg,
     **extra_config}) and best/ (the weights + state). Used by import, LoRA merging and tests.
     """
-    from qinglm.chat import CHAT_TEMPLATE
     from qinglm.config import to_dict
     from qinglm.run_dir import holds_run, write_config, writing
+    from qinglm.tokenizer import CHAT_TEMPLATE
 
     run_dir = Path(run_dir)
     if holds_run(run_dir):

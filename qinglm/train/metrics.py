@@ -7,9 +7,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from qinglm.io import atomic_open
+from qinglm.tracking import MetricsSink as MetricsSink  # the sinks' interface, beside the sinks
 
 TRAIN_KEYS = (
     "step",
@@ -23,14 +24,6 @@ TRAIN_KEYS = (
     "memory_mb",
 )
 VAL_KEYS = ("step", "val_loss", "val_ppl", "val_bpc")
-
-
-class MetricsSink(Protocol):
-    """Where metric records go besides metrics.jsonl (the seam for tensorboard / wandb)."""
-
-    def write(self, record: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _clean(v: Any) -> Any:
@@ -120,7 +113,7 @@ def sample_generations(
     """
     from qinglm.config import SamplingConfig
     from qinglm.errors import QingLMError
-    from qinglm.generate import generate
+    from qinglm.generate import generate  # here: reading metrics must not need torch
 
     file = Path(tokenizer_dir) / "tokenizer.json"
     if max_new_tokens <= 0 or not prompts or not file.is_file():

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
-
 from qinglm.errors import QingLMError
 
 if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
     from qinglm.train.config import OptimPart
 
 
@@ -43,6 +43,8 @@ def build_adamw(model: nn.Module, cfg: OptimPart, device: torch.device) -> torch
 
 
 def _adamw(groups: list[dict], cfg: OptimPart, device: torch.device) -> torch.optim.AdamW:
+    import torch
+
     impl = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl)
 
@@ -112,6 +114,8 @@ def build_muon(model: nn.Module, cfg: OptimPart, device: torch.device) -> MultiO
     updates 0.2*sqrt(d) times larger (2.3x at d_model 128, 4.5x at 512).
     Muon's groups carry lr_scale = muon_lr / lr, so the loop's schedule scales both optimizers.
     """
+    import torch
+
     muon_params, rest = muon_partition(model)
     adamw = _adamw(_decay_groups(rest, cfg.weight_decay), cfg, device)
     muon = torch.optim.Muon(

@@ -1,0 +1,214 @@
+"""GRPO as a stage of the training engine: RL with verifiable rewards on a task's prompts.
+
+Each micro-batch is batch_size prompts of the task's train split. In loss(), the bare model samples
+group_size replies to each through the batched engine (eval mode, no gradients; the row seeds come from
+torch's global RNG, which the engine seeds before every step, so a resumed run samples exactly the
+replies of an uninterrupted one); the task's verifier scores them; then the policy's log-probabilities
+come from one forward of the training model and the frozen reference's from another, and
+qinglm.post.grpo_loss gives the objective. Validation answers held-out prompts greedily:
+val_loss = 1 - their mean reward.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qinglm import run_dir as run_dirs
+from qinglm.chat import encode_chat
+from qinglm.config import SamplingConfig, to_dict
+from qinglm.device import autocast
+from qinglm.errors import QingLMError
+from qinglm.io import write_json_atomic
+from qinglm.post.config import GRPOConfig
+from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
+from qinglm.post.rollout import rollout
+from qinglm.post.tasks import Example, load_task
+from qinglm.train import distributed
+from qinglm.train.stage import EpochBatches, Stage, StepOut
+
+DEFAULT_STEPS = 200  # the run's length when no --max-steps / --num-epochs / --max-time is given
+
+
+def resolve_grpo(cfg: GRPOConfig, max_seq_len: int) -> GRPOConfig:
+    """Return a copy of cfg with defaults filled in (seq_len, length, out); QingLMError if impossible."""
+    c = dataclasses.replace(cfg)
+    if not c.base:
+        raise QingLMError("give the run to start from with --base RUN")
+    if c.seq_len is None:
+        c.seq_len = max_seq_len
+    if not 0 < c.seq_len <= max_seq_len:
+        raise QingLMError(f"seq_len must be between 1 and the model's context {max_seq_len}, got {c.seq_len}")
+    if c.max_steps is None and c.num_epochs is None and c.max_time is None:
+        c.max_steps = DEFAULT_STEPS
+    if c.out is None:
+        c.out = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-grpo"
+    c.__post_init__()
+    return c
+
+
+class GRPOStage(Stage):
+    """Train cfg.base on cfg.task's rewards (cfg resolved by resolve_grpo)."""
+
+    kind = "grpo"
+
+    def __init__(self, cfg: GRPOConfig, log: Any = print):
+        from qinglm.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.model_cfg = run_dirs.model_config(cfg.base)
+        self.tok = Tokenizer.load(Path(cfg.base) / run_dirs.TOKENIZER)
+        self.task = load_task(cfg.task)
+        self.train = self.task.split("train")
+        held = self.task.split("heldout")
+        self.heldout = held[: cfg.eval_prompts] if cfg.eval_prompts else held
+        longest = max(len(encode_chat(self.tok, ex.messages, True).ids) for ex in self.train + self.heldout)
+        if longest + cfg.max_new_tokens > cfg.seq_len:
+            raise QingLMError(
+                f"task {self.task.name}: the longest prompt is {longest} tokens, which leaves no room for "
+                f"{cfg.max_new_tokens} new tokens in seq_len {cfg.seq_len}; lower --max-new-tokens"
+            )
+        self.sampling = SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=None,  # the whole distribution: the one whose log-probabilities the loss uses
+            top_p=None,
+            repetition_penalty=1.0,
+        )
+        self.reference: nn.Module | None = None
+        log(f"task {self.task.name}: {len(self.train):,} train prompts, {len(held):,} held-out prompts")
+
+    def sections(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model_cfg), self.kind: to_dict(self.cfg), "base": str(self.cfg.base)}
+
+    def tokenizer(self) -> Any:
+        return self.tok
+
+    def build_model(self) -> nn.Module:
+        from qinglm.sft.stage import load_base
+
+        if self.ctx.dist.mode == "fsdp":  # rollouts decode with the bare model: whole on every process
+            raise QingLMError("grpo samples with the whole model on each process; use --parallel ddp")
+        model = load_base(self.cfg.base, self.ctx.device)
+        if self.cfg.kl_coef > 0:  # the frozen start: what the KL term keeps the policy near
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.before = None if self.ctx.resuming else self.held_out(model)
+        if self.before is not None:
+            self.ctx.log(f"held-out reward before: {self._figures(self.before)}")
+        return model
+
+    def batches(self, cfg: GRPOConfig) -> EpochBatches:
+        def order(epoch: int) -> list[int]:
+            items = list(range(len(self.train)))
+            random.Random(cfg.seed + epoch).shuffle(items)
+            return items
+
+        dist = self.ctx.dist
+        self._batches = EpochBatches(
+            order,
+            lambda items: [self.train[i] for i in items],
+            cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        return self._batches
+
+    def loss(self, forward: Any, model: nn.Module, batch: list[Example]) -> StepOut:
+        cfg, G = self.cfg, self.cfg.group_size
+        r = rollout(model, self.tok, [ex.messages for ex in batch], G, self.sampling)
+        rewards = torch.tensor(
+            [self.task.reward(batch[k // G], text) for k, text in enumerate(r.texts)], device=r.ids.device
+        )
+        x, y, mask = r.ids[:, :-1], r.ids[:, 1:], r.completion_mask[:, 1:]
+        logp = token_logprobs(forward(x), y, cfg.temperature)
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(self.reference(x), y, cfg.temperature)
+        loss, metrics = grpo_loss(
+            logp,
+            logp.detach(),  # one update per rollout: the old policy is the current one
+            ref_logp,
+            group_advantages(rewards, G),
+            mask,
+            max_new_tokens=cfg.max_new_tokens,
+            clip_eps=cfg.clip_eps,
+            kl_coef=cfg.kl_coef,
+        )
+        group_std = rewards.view(-1, G).std(dim=1)
+        metrics.update(
+            {
+                "reward": rewards.mean(),
+                "reward_std": group_std.mean(),
+                "frac_reward_zero_std": (group_std == 0).float().mean(),
+                "completions/mean_length": mask.sum(dim=1).float().mean(),
+                "completions/clipped_ratio": torch.tensor(r.truncated, dtype=torch.float).mean(),
+            }
+        )
+        return StepOut(loss, int(mask.sum()), metrics)
+
+    def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
+        """Return {"val_loss", "val_reward", "val_pass_rate"} of greedy replies to the held-out prompts."""
+        greedy = dataclasses.replace(self.sampling, temperature=0.0)
+        rewards: list[float] = []
+        with autocast(self.ctx.device, self.ctx.dtype):
+            for i in range(0, len(self.heldout), batch_size):
+                chunk = self.heldout[i : i + batch_size]
+                # Greedy replies need no random numbers: a generator of its own leaves the global RNG alone.
+                r = rollout(model, self.tok, [ex.messages for ex in chunk], 1, greedy, torch.Generator())
+                rewards += [self.task.reward(ex, text) for ex, text in zip(chunk, r.texts)]
+        mean = sum(rewards) / len(rewards)
+        passed = sum(x >= self.task.pass_reward for x in rewards) / len(rewards)
+        return {"val_loss": 1.0 - mean, "val_reward": mean, "val_pass_rate": passed}
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, Any] | None:
+        return distributed.broadcast_object(self.ctx.dist, self.held_out(model))
+
+    @staticmethod
+    def _figures(v: dict[str, float]) -> str:
+        return f"mean {v['val_reward']:.4f}, pass rate {v['val_pass_rate']:.1%}"
+
+    def header(self) -> list[str]:
+        cfg = self.cfg
+        kl = f"KL to the base x {cfg.kl_coef:g}" if self.reference is not None else "no KL term"
+        return [
+            f"GRPO: {cfg.batch_size} prompts x {cfg.group_size} replies per micro-batch, up to "
+            f"{cfg.max_new_tokens} new tokens at temperature {cfg.temperature:g}, clip {cfg.clip_eps:g}, {kl}; "
+            f"{len(self.heldout)} held-out prompts per validation"
+        ]
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Return the held-out figures before and after training; write grpo_results.json."""
+        after = self.held_out(model)
+        self.ctx.log(f"held-out reward after: {self._figures(after)}")
+        result = {
+            "out": str(self.ctx.run_dir),
+            "task": self.task.name,
+            "train_prompts": len(self.train),
+            "heldout_prompts": len(self.heldout),
+            "heldout_before": self.before,
+            "heldout_after": after,
+        }
+        if self.ctx.dist.is_main:
+            write_json_atomic(self.ctx.run_dir / "grpo_results.json", result)
+        return result
+
+
+def run_grpo(cfg: GRPOConfig, log: Any = print, flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the engine's result with the held-out figures after a GRPO run of cfg."""
+    from qinglm.train.driver import run_stage_command
+
+    cfg = resolve_grpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
+    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len")}}
+    res = run_stage_command("grpo", "grpo", cfg, flags, lambda: GRPOStage(cfg, log), log)
+    if res:
+        log(f"wrote {res['checkpoint']}")
+    return res

@@ -1,0 +1,121 @@
+"""Post-training stages on the one engine: SFT and LoRA-SFT resume exactly after SIGKILL, run on two
+processes like on one, and write runs that --base and --init-from accept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qinglm
+from qinglm.sft.config import SFTConfig
+from qinglm.sft.train import run_sft
+from qinglm.train.driver import cli_flags
+from qinglm.train.metrics import read_metrics
+
+STEPS = 30
+
+
+def write_chats(path: Path, n: int = 64) -> Path:
+    """Return path after writing n one-turn chats whose replies all have the same length (so any split of
+    a step's rows into micro-batches weighs every target token alike)."""
+    rows = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"第{i % 8}题"},
+                {"role": "assistant", "content": "画蛇添足"},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
+def sft_flags(base: Path, data: Path, out: Path, **kw) -> dict:
+    return {
+        "base": str(base), "data": str(data), "out": str(out), "max_steps": STEPS, "batch_size": 4,
+        "lr": 3e-3, "warmup_steps": 3, "log_every": 1, "eval_every": 10, "save_every": 2, "seq_len": 32,
+        "device": "cpu", "dtype": "fp32", "num_threads": 1, "compile": False, "eval_examples": 8, **kw,
+    }  # fmt: skip
+
+
+def sft_command(flags: dict) -> list[str]:
+    return [sys.executable, "-m", "qinglm", "sft", *cli_flags(flags)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_killed_at_random_moments_resumes_bit_identical(tiny_base_run, tmp_path, sigkill_resume, lora):
+    data = write_chats(tmp_path / "chats.jsonl")
+    extra = {"lora": True, "lora_dropout": 0.1} if lora else {}  # dropout: the RNG state matters
+    ref, run = tmp_path / "reference", tmp_path / "killed"
+    run_sft(SFTConfig(**sft_flags(tiny_base_run, data, ref, **extra)), log=lambda _: None)
+    sigkill_resume(
+        sft_command(sft_flags(tiny_base_run, data, run, resume=True, **extra)), ref, run, STEPS, 3, 7
+    )
+    if lora:  # the adapter and merged best/ of the resumed run are the uninterrupted run's
+        assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            ref / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_follows_one_with_the_same_global_batch(tiny_base_run, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl")
+    one = tmp_path / "one"
+    # pad: a row per chat, so every micro-batch of any split holds the same number of target tokens
+    flags = sft_flags(tiny_base_run, data, one, max_steps=8, grad_accum=2, batching="pad")
+    run_sft(SFTConfig(**flags), log=lambda _: None)
+    two = tmp_path / "two"
+    flags = {**flags, "out": str(two), "batch_size": 2, "nproc": 2}
+    p = subprocess.run(sft_command(flags), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "x 2 processes (ddp)" in p.stdout
+    a, b = ([r["loss"] for r in read_metrics(d) if r["kind"] == "train"] for d in (one, two))
+    assert len(a) == len(b) == 8 and a[-1] < a[0]
+    assert b == pytest.approx(a, rel=1e-4)  # float rounding: gradients averaged over ranks, other padding
+
+
+def test_base_and_init_from_accept_an_sft_run(tiny_base_run, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl", n=16)
+    first = tmp_path / "sft1"
+    run_sft(
+        SFTConfig(**sft_flags(tiny_base_run, data, first, max_steps=3, eval_every=100)), log=lambda _: None
+    )
+    assert json.loads((first / "config.json").read_text())["kind"] == "sft"
+    second = tmp_path / "sft2"  # SFT of an SFT run
+    res = run_sft(SFTConfig(**sft_flags(first, data, second, max_steps=2)), log=lambda _: None)
+    assert res["val_loss_before"] == pytest.approx(qinglm_loss(first, data, second))
+    # continued pretraining from an SFT run
+    from qinglm.train.config import TrainConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"画蛇添足，多此一举。{i}\n" for i in range(2000)), encoding="utf-8")
+    out = tmp_path / "pre"
+    train = TrainConfig(
+        data=[str(text)], out=str(out), init_from=str(second), max_steps=2, batch_size=2, seq_len=16,
+        device="cpu", compile=False, num_threads=1, sample_tokens=1, eval_tokens=64,
+    )  # fmt: skip
+    from qinglm.pipeline import run_train
+
+    run_train({}, {k: getattr(train, k) for k in ("data", "out", "init_from", "max_steps", "batch_size",
+               "seq_len", "device", "compile", "num_threads", "sample_tokens", "eval_tokens")}, log=lambda _: None)  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["kind"] == "pretrain"
+
+
+def qinglm_loss(run: Path, data: Path, sft_run: Path) -> float:
+    """Return the held-out assistant-token loss of run's weights on the examples sft_run held out."""
+    from qinglm.sft import data as sft_data
+    from qinglm.sft.train import assistant_loss, load_conversations, resolve_sft
+
+    cfg = SFTConfig(**{k: v for k, v in json.loads((sft_run / "config.json").read_text())["sft"].items()})
+    _, val = load_conversations(resolve_sft(cfg, 64), lambda _: None)
+    lm = qinglm.load(run, device="cpu")
+    samples, _ = sft_data.make_samples(lm.tokenizer, val, cfg.seq_len)
+    torch.manual_seed(0)
+    return assistant_loss(lm.model, samples, lm.tokenizer.pad_id, torch.device("cpu"))
