@@ -31,8 +31,8 @@ from qinglm.post.config import DPOConfig
 from qinglm.post.dpo_loss import dpo_loss, pair_logps, reference_logps
 from qinglm.post.idioms_dpo import NAME as IDIOMS
 from qinglm.post.idioms_dpo import idioms_dpo
+from qinglm.sft.prep import load_examples, resolve_tuning
 from qinglm.sft.stage import TuningStage, load_base
-from qinglm.sft.train import load_examples, resolve_tuning
 from qinglm.train import distributed
 from qinglm.train.stage import EpochBatches, StepOut
 

@@ -100,7 +100,7 @@ class SFTStage(TuningStage):
     kind = "sft"
 
     def __init__(self, cfg: SFTConfig, log: Any = print):
-        from qinglm.sft.train import load_conversations
+        from qinglm.sft.prep import load_conversations
 
         super().__init__(cfg, *load_conversations(cfg, log), sft_data.make_samples, log)
 
@@ -113,7 +113,7 @@ class SFTStage(TuningStage):
         return self.tune(model)
 
     def held_out_loss(self, model: nn.Module) -> float:
-        from qinglm.sft.train import assistant_loss
+        from qinglm.sft.prep import assistant_loss
 
         if not self.val:
             return float("nan")

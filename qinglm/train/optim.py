@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qinglm.errors import QingLMError
 
@@ -11,7 +11,16 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-    from qinglm.train.config import OptimPart
+
+class OptimPart(Protocol):
+    """What the optimizers read of a config (qinglm.train.config.OptimPart has these fields)."""
+
+    lr: float
+    weight_decay: float
+    optimizer: str
+    muon_lr: float
+    beta1: float
+    beta2: float
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
