@@ -14,16 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qinglm.lora import adapters_disabled
-from qinglm.model import IGNORE_INDEX
+from qinglm.post.grpo_loss import token_logprobs
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Return (B,) fp32 sums of log p(target) over each row's positions whose target is not IGNORE_INDEX."""
-    B, T, V = logits.shape
-    nll = F.cross_entropy(  # fp32, one (B*T,) vector: no (B, T, V) log-softmax kept beyond the kernel
-        logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -nll.view(B, T).sum(dim=-1)
+    # cross_entropy's default ignore_index is IGNORE_INDEX (-100): those positions give exactly 0
+    return token_logprobs(logits, targets).sum(dim=-1)
 
 
 def pair_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
