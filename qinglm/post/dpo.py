@@ -67,6 +67,8 @@ class DPOStage(TuningStage):
     """Align cfg.base with DPO on preference pairs (cfg resolved by resolve_dpo)."""
 
     kind = "dpo"
+    watch_spikes = False  # the loss is not a cross-entropy: its ratio to a running mean means nothing
+    rows = "preference pairs (2 rows each)"
 
     def __init__(self, cfg: DPOConfig, log: Callable[[str], None] = print):
         from qinglm.tokenizer import Tokenizer

@@ -58,6 +58,8 @@ class GRPOStage(Stage):
     """Train cfg.base on cfg.task's rewards (cfg resolved by resolve_grpo)."""
 
     kind = "grpo"
+    watch_spikes = False  # the loss is not a cross-entropy: its ratio to a running mean means nothing
+    rows = "prompts (group-size replies each)"
 
     def __init__(self, cfg: GRPOConfig, log: Any = print):
         from qinglm.tokenizer import Tokenizer

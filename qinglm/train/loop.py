@@ -326,7 +326,7 @@ def _train(
                 win[k] += v
             for k, v in metrics.items():
                 win["m:" + k] = win.get("m:" + k, 0.0) + v
-            if (ratio := spikes.check(step_loss)) is not None:
+            if stage.watch_spikes and (ratio := spikes.check(step_loss)) is not None:
                 r.metrics.log("spike", step=r.step, loss=step_loss, mean_loss=step_loss / ratio, ratio=ratio)
                 say(f"step {r.step:,}: loss spike {step_loss:.4f}, {ratio:.2f}x the running mean")
             if not r.length.fixed:  # a time-based length: every rank estimates it from the same times

@@ -289,8 +289,7 @@ def _header(r: Run) -> list[str]:
     return [
         *lines,
         *r.stage.header(),
-        f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
-        f"{r.batches.global_batch * cfg.seq_len:,} tokens per step",
+        r.stage.batch_line(cfg, r.batches.global_batch, procs),
         f"device: {r.device} | dtype {r.dtype} | compile {'on' if r.compile else 'off'} | "
         f"{torch.get_num_threads()} CPU threads",
         f"schedule: {plan}, {cfg.lr_schedule} {cfg.lr:g} -> "

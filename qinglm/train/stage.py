@@ -63,6 +63,17 @@ class Stage:
     """
 
     kind = "pretrain"
+    watch_spikes = True  # the engine flags loss spikes (meaningless for losses near 0 or negative: RL)
+    rows = "tokens"  # what a batch row is, for the header's batch line
+
+    def batch_line(self, cfg: Any, global_batch: int, procs: str) -> str:
+        """Return the header's line describing one optimizer step's batch."""
+        if self.rows != "tokens":
+            return f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} = {global_batch:,} {self.rows} per step"
+        return (
+            f"batch: {cfg.batch_size} x {cfg.grad_accum} accum{procs} x {cfg.seq_len} tokens = "
+            f"{global_batch * cfg.seq_len:,} tokens per step"
+        )
 
     def bind(self, ctx: StageContext) -> None:
         self.ctx = ctx
