@@ -103,7 +103,7 @@ def child_throughput(args: argparse.Namespace, model_kw: dict, seq: int) -> dict
     """Return tokens/s, MFU inputs, peak memory and losses of the engine's step on one config."""
     from qinglm.config import ModelConfig
     from qinglm.device import autocast, compiled
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train.config import TrainConfig
     from qinglm.train.fp8 import enable_fp8
     from qinglm.train.optim import build_optimizer
@@ -170,7 +170,7 @@ def decode_speed(device_name: str, quick: bool) -> dict:
     """Return decode tokens/s at batch 1 and 32 for QingLM's engine and transformers generate (bf16)."""
     from benchmarks.inference import hf_run, make_model, qinglm_run, to_transformers
     from qinglm.config import ModelConfig
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
 
     device = torch.device(device_name)
     n, plen = (8, 8) if quick else (128, 32)

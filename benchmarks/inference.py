@@ -7,8 +7,8 @@ tokens (EOS ignored). Decode tokens/s = B * (new tokens - 1) / seconds after the
 prefill is apart: "first token ms"), the median over --rounds rounds in which the contestants take
 turns (the fair way on a shared machine).
 
-  qinglm fp32 / bf16 / int8   qinglm.engine.Generation (KV cache); bf16 = weights cast to bf16,
-                              int8 = qinglm.quantize (int8 weights, bf16 activations)
+  qinglm fp32 / bf16 / int8   qinglm.infer.engine.Generation (KV cache); bf16 = weights cast to bf16,
+                              int8 = qinglm.model.quantize (int8 weights, bf16 activations)
   no-cache loop               the same fp32 model, the whole sequence recomputed every step
   transformers                LlamaForCausalLM.generate (KV cache, greedy) on the same weights,
                               exported with qinglm.export.hf; "same tokens" checks it agrees
@@ -28,9 +28,9 @@ import torch
 
 from benchmarks import common
 from qinglm.config import PRESETS, ModelConfig, SamplingConfig
-from qinglm.engine import Generation, Request
-from qinglm.model import Transformer
-from qinglm.quantize import quantize
+from qinglm.infer.engine import Generation, Request
+from qinglm.model.quantize import quantize
+from qinglm.model.transformer import Transformer
 
 
 def make_model(preset: str, max_len: int) -> Transformer:

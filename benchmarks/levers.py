@@ -50,7 +50,7 @@ def build(spec: str):
     from qinglm.data.loader import TrainBatches
     from qinglm.data.shards import TokenShards
     from qinglm.device import autocast
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train.optim import param_groups
 
     vocab = common.qinglm_tokenizer(throughput.vocab_of(s["base"]))[0].vocab_size

@@ -26,9 +26,9 @@ import torch
 import qinglm
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.export.gguf import export_gguf
-from qinglm.generate import generate_ids
-from qinglm.model import Transformer
-from qinglm.text import encode_prompt
+from qinglm.infer.generate import generate_ids
+from qinglm.infer.text import encode_prompt
+from qinglm.model.transformer import Transformer
 from qinglm.train.checkpoint import save_run
 
 PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济稳步增长，", "Hello, world 2024"]

@@ -53,7 +53,7 @@ REFERENCE = {"moe-8x2": "dense-2x", "small": "small", "small+ckpt": "small"}  # 
 
 def child(name: str, steps: int, batch_size: int, threads: int) -> dict:
     """Return the figures of one variant, trained in this process."""
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train import train
     from qinglm.train.config import TrainConfig
     from qinglm.train.metrics import read_metrics

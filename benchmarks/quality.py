@@ -112,7 +112,7 @@ def run_qinglm(seconds: float, over: dict, split_by: str) -> dict:
         t0 = time.perf_counter()
         res = train(mcfg, tcfg, run_dir, data, log=lambda s: None)
         seconds_used = time.perf_counter() - t0
-        from qinglm.model import Transformer
+        from qinglm.model.transformer import Transformer
         from qinglm.train.checkpoint import latest_checkpoint, load_model_weights
 
         model = Transformer(mcfg)

@@ -24,7 +24,7 @@ import torch
 import qinglm
 from qinglm.api import LM
 from qinglm.config import PRESETS, ModelConfig
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.serve.app import create_app, serve_in_thread
 from qinglm.serve.config import ServeConfig
 

@@ -95,7 +95,7 @@ def build(s: dict):
     from qinglm.data.loader import TrainBatches
     from qinglm.data.shards import TokenShards
     from qinglm.device import autocast
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train.optim import param_groups
 
     torch.manual_seed(0)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qinglm.chat import IM_END, fit_history, prompt_budget
 from qinglm.config import ModelConfig, SamplingConfig, from_dict
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
+from qinglm.infer.chat import IM_END, fit_history, prompt_budget
+from qinglm.infer.text import encode_prompt
 from qinglm.memory import allocating
-from qinglm.model import Transformer
-from qinglm.text import encode_prompt
+from qinglm.model.transformer import Transformer
 from qinglm.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class LM:
         counted: Sequence[bool] | None = None,
     ) -> Iterator[str]:
         """Return the text pieces the engine produces for one request."""
-        from qinglm.engine import Generation, Request
+        from qinglm.infer.engine import Generation, Request
 
         request = Request(prompt_ids, cfg, stop, counted)
         gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
@@ -87,7 +87,7 @@ class LM:
     def stream_chat(
         self, messages: list[dict[str, str]], sampling: SamplingConfig | None = None, **overrides: Any
     ) -> Iterator[str]:
-        """Return an iterator of text pieces of the assistant's reply to messages (ChatML, qinglm.chat).
+        """Return an iterator of text pieces of the assistant's reply to messages (ChatML, qinglm.infer.chat).
 
         Sampling as in stream(). The reply stops at <|im_end|> or [EOS]. When the chat does not fit the
         context with room for the reply (up to max_new_tokens, at most half the context), the oldest
@@ -189,7 +189,7 @@ def load(
     run_dir holds config.json, tokenizer/ and weights (best/model.safetensors, else the latest
     checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
-    faster CPU inference (qinglm.quantize; inference only).
+    faster CPU inference (qinglm.model.quantize; inference only).
     """
     from qinglm.run_dir import read_config
     from qinglm.tokenizer import Tokenizer
@@ -221,7 +221,7 @@ def load(
         model = Transformer(model_cfg)
     load_model_weights(model, weights)
     if quantize != "none":
-        from qinglm.quantize import quantize as quantize_model
+        from qinglm.model.quantize import quantize as quantize_model
 
         model = quantize_model(model.to(dev), quantize)
     val_fraction, split_by = _held_out(config)

@@ -31,7 +31,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "classic": dict(pos_encoding="sinusoidal", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True),
 }
 
-# The values of ModelConfig's options; qinglm.model (and qinglm.moe for routers) implements each one.
+# The values of ModelConfig's options; qinglm.model.transformer (and qinglm.model.moe for routers) implements each one.
 # Each field lists its own as `choices`: the CLI offers them and resolve_model refuses anything else.
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -90,7 +90,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(
         False, "recompute each block's activations in the backward pass: less memory, ~30%% more time"
     )
-    # Mixture of experts (qinglm/moe.py): off while n_experts is 0, so default models are unchanged.
+    # Mixture of experts (qinglm/model/moe.py): off while n_experts is 0, so default models are unchanged.
     n_experts: int = _f(0, "routed experts per MoE feed-forward layer (0 = dense MLP)")
     experts_per_token: int = _f(2, "MoE: experts each token is routed to (top-k)")
     shared_experts: int = _f(0, "MoE: always-on experts added to the routed output")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from qinglm.data.loader import eval_batches
 from qinglm.device import autocast, resolve_dtype
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.model.transformer import IGNORE_INDEX, Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

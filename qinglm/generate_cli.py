@@ -72,7 +72,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import qinglm
-    from qinglm.engine import complete
+    from qinglm.infer.engine import complete
 
     prompts = _prompts(args)
     lm = qinglm.load(args.model, device=args.device, tokenizer=args.tokenizer_path, quantize=args.quantize)

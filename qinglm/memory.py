@@ -10,7 +10,7 @@ import torch
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 
 
 def _memory_bytes() -> int | None:

@@ -7,7 +7,7 @@ only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens re
 
 Text is always encoded as text: "[EOS]" or "<|im_end|>" typed by a user or found in a corpus gives
 ordinary byte tokens, never a control id (the backend's `encode_special_tokens`). Control tokens are
-inserted by id (`encode_prompt`, `qinglm.chat.encode_chat`, the shard writer). The flag is not part of
+inserted by id (`encode_prompt`, `qinglm.infer.chat.encode_chat`, the shard writer). The flag is not part of
 tokenizer.json, so transformers still matches the control tokens in text, as its chat template needs.
 """
 
@@ -29,7 +29,7 @@ from qinglm.io import write_text_atomic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
-# QingLM's chat format (ChatML, qinglm.chat) as Jinja, saved with the tokenizer for transformers.
+# QingLM's chat format (ChatML, qinglm.infer.chat) as Jinja, saved with the tokenizer for transformers.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -144,7 +144,7 @@ class Tokenizer:
         """Return nothing; write tokenizer.json, tokenizer_config.json and chat_template.jinja.
 
         The files load in transformers (PreTrainedTokenizerFast / AutoTokenizer); the chat template is
-        QingLM's ChatML (`qinglm.chat`) unless another is given, or None for none.
+        QingLM's ChatML (`qinglm.infer.chat`) unless another is given, or None for none.
         """
         directory = Path(directory)
         config = {

@@ -42,7 +42,7 @@ def tiny_model():
     import torch
 
     from qinglm.config import ModelConfig, resolve_model
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
 
     def make(vocab_size: int, **options):
         torch.manual_seed(0)
@@ -86,7 +86,7 @@ def perturbed_run(tiny_model):
 @pytest.fixture
 def faulty_transformer():
     """Return make(factors): a Transformer class whose n-th training forward multiplies the loss by factors[n]."""
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
 
     def make(factors: dict[int, float]) -> type:
         class Faulty(Transformer):
@@ -118,7 +118,7 @@ CHAT = [
 @pytest.fixture(scope="session")
 def chat_tok():
     """Return a tiny tokenizer trained on chat text and an idiom with its pinyin."""
-    from qinglm.chat import render_chat
+    from qinglm.infer.chat import render_chat
 
     texts = [render_chat(CHAT), "今天天气很好。画蛇添足，多此一举。huà shé tiān zú"] * 30
     return train_tokenizer(texts, 400, show_progress=False)
@@ -131,7 +131,7 @@ def tiny_base_run(tmp_path_factory, chat_tok) -> Path:
     import torch
 
     from qinglm.config import ModelConfig, resolve_model
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train.checkpoint import save_run
 
     run_dir = tmp_path_factory.mktemp("tiny-base") / "run"

@@ -190,7 +190,7 @@ def test_a_failed_allocation_is_a_user_error_where_memory_is_unknown(monkeypatch
     import qinglm.memory
     from qinglm.config import ModelConfig
     from qinglm.errors import QingLMError
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
 
     monkeypatch.setattr(qinglm.memory, "_memory_bytes", lambda: None)
     cfg = ModelConfig(vocab_size=10**12, d_model=128, n_heads=2, n_layers=1, max_seq_len=64)  # 512 TB

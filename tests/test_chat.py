@@ -2,8 +2,8 @@
 
 import pytest
 
-from qinglm.chat import encode_chat, prompt_budget, render_chat
 from qinglm.errors import QingLMError
+from qinglm.infer.chat import encode_chat, prompt_budget, render_chat
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 
 CHAT = [

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 import qinglm
-from qinglm.chat import encode_chat, fit_history
 from qinglm.chat_repl import chat_loop
 from qinglm.errors import QingLMError
+from qinglm.infer.chat import encode_chat, fit_history
 from qinglm.tokenizer import train_tokenizer
 
 SYSTEM = {"role": "system", "content": "你是一个助手。"}
@@ -49,7 +49,7 @@ def test_history_drops_the_oldest_turns_and_keeps_the_system_prompt(tok):
 
 
 def test_history_is_fitted_in_linear_time(tok):
-    from qinglm.chat import encode_chat
+    from qinglm.infer.chat import encode_chat
 
     encoded = []
 

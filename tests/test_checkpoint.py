@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
 from qinglm.io import MANIFEST
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
     inference_weights,

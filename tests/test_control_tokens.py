@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import qinglm
-from qinglm.chat import encode_chat, fit_history
 from qinglm.data.shards import TokenShards, prepare_shards
+from qinglm.infer.chat import encode_chat, fit_history
+from qinglm.infer.text import encode_prompt
 from qinglm.serve.config import ServeConfig
 from qinglm.serve.protocol import parse_chat, parse_completion
 from qinglm.sft.data import IGNORE_INDEX, make_samples
 from qinglm.sft.data import encode_chat as sft_encode_chat
-from qinglm.text import encode_prompt
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, train_tokenizer
 
 N_CONTROL = len(SPECIAL_TOKENS)

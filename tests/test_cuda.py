@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
-from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
-from qinglm.generate import generate_ids
-from qinglm.model import KVCache, Transformer
+from qinglm.infer.engine import Generation, Request
+from qinglm.infer.generate import generate_ids
+from qinglm.model.transformer import KVCache, Transformer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.config import TrainConfig
@@ -132,7 +132,7 @@ def test_batched_engine_equals_one_at_a_time_on_gpu():
 
 
 def test_int8_quantization_is_refused_on_gpu():
-    from qinglm.quantize import quantize
+    from qinglm.model.quantize import quantize
 
     with pytest.raises(QingLMError, match="CPU"):
         quantize(model_on_gpu(), "int8")

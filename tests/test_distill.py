@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from qinglm.cli import main
 from qinglm.config import ModelConfig, resolve_model
-from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.model.transformer import IGNORE_INDEX, Transformer
 from qinglm.pipeline import run_train
 from qinglm.post.distill import kd_loss
 from qinglm.tokenizer import Tokenizer, train_tokenizer

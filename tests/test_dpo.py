@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from qinglm.chat import render_chat
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.lora import apply_lora
-from qinglm.model import IGNORE_INDEX, Transformer
+from qinglm.infer.chat import render_chat
+from qinglm.model.lora import apply_lora
+from qinglm.model.transformer import IGNORE_INDEX, Transformer
 from qinglm.post import dpo_data
 from qinglm.post.dpo_loss import dpo_loss, pair_logps, reference_logps, sequence_logps
 from qinglm.post.idioms_dpo import idioms_dpo, wrong_syllable, wrong_tone

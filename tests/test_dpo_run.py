@@ -15,7 +15,7 @@ import qinglm
 from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.post.config import DPOConfig
 from qinglm.post.dpo import run_dpo
 from qinglm.sft.config import SFTConfig

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
-from qinglm.engine import Event, Generation, Request, complete
 from qinglm.errors import QingLMError
-from qinglm.generate import generate, generate_ids
-from qinglm.model import KVCache, Transformer
-from qinglm.sampling import N_CONTROL_IDS
-from qinglm.text import TextDecoder
+from qinglm.infer.engine import Event, Generation, Request, complete
+from qinglm.infer.generate import generate, generate_ids
+from qinglm.infer.sampling import N_CONTROL_IDS
+from qinglm.infer.text import TextDecoder
+from qinglm.model.transformer import KVCache, Transformer
 from qinglm.tokenizer import train_tokenizer
 
 V, CTX, EOS = 97, 64, 3

@@ -15,7 +15,7 @@ from qinglm.evaluate import (
     evaluate_shards,
     unigram_baseline,
 )
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
 
 V = 50

@@ -210,7 +210,7 @@ def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options, mak
     """Only where llama-cpp-python is installed (an optional CI step: it builds llama.cpp from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from qinglm.config import SamplingConfig
-    from qinglm.generate import generate_ids
+    from qinglm.infer.generate import generate_ids
 
     run = make_run(tmp_path / "run", tokenizer, init_std=0.1, tie_embeddings=False, **options)
     path = export_gguf(run, tmp_path / "m.gguf", dtype="f32")

@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qinglm
-from qinglm.chat import encode_chat, render_chat
 from qinglm.cli import main
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.export.hf import export_hf, import_hf, save_hf_tokenizer
 from qinglm.export.hf_config import hf_model_type, same_function
-from qinglm.generate import generate_ids
-from qinglm.text import encode_prompt
+from qinglm.infer.chat import encode_chat, render_chat
+from qinglm.infer.generate import generate_ids
+from qinglm.infer.text import encode_prompt
 from qinglm.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")

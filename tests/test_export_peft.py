@@ -6,8 +6,8 @@ import torch
 import qinglm
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.export.hf import export_hf
-from qinglm.lora import ALL_TARGETS, apply_lora, save_adapter
-from qinglm.model import Transformer
+from qinglm.model.lora import ALL_TARGETS, apply_lora, save_adapter
+from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
 from qinglm.train.checkpoint import save_run
 
@@ -51,7 +51,7 @@ def test_peft_loads_the_qinglm_adapter_onto_the_exported_model(tmp_path, options
 
 def test_rslora_adapter_written_by_peft_merges_as_peft_merges_it(tmp_path):
     from qinglm.export.hf import qinglm_to_hf
-    from qinglm.lora import load_adapter, merge_lora
+    from qinglm.model.lora import load_adapter, merge_lora
     from qinglm.train.checkpoint import model_tensors
 
     tok = train_tokenizer([f"今天天气真不错。{i}" for i in range(100)], 300, show_progress=False)

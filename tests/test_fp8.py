@@ -10,7 +10,7 @@ import torch
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.train.fp8 import enable_fp8, fp8_filter, fp8_refusal
 
 

@@ -5,10 +5,10 @@ import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.generate import generate, generate_ids, stream
-from qinglm.model import Transformer
-from qinglm.sampling import N_CONTROL_IDS, apply_repetition_penalty, sample_next
-from qinglm.text import encode_prompt, stream_text
+from qinglm.infer.generate import generate, generate_ids, stream
+from qinglm.infer.sampling import N_CONTROL_IDS, apply_repetition_penalty, sample_next
+from qinglm.infer.text import encode_prompt, stream_text
+from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
 
 V, CTX, EOS = 97, 64, 3
@@ -217,8 +217,8 @@ def test_batch_of_prompts_of_different_lengths(family):
 
 
 def test_prompts_are_normalised_like_training_text(tok):
-    from qinglm.chat import encode_chat
     from qinglm.data.sources import normalize_text
+    from qinglm.infer.chat import encode_chat
 
     wide, narrow = "ＧＤＰ增长８％，Ａｂｃ　１２３", "GDP增长8%，Abc 123"
     assert normalize_text(wide) == narrow  # what `prepare` does to training text

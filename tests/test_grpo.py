@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from qinglm.chat import encode_chat, render_chat
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
+from qinglm.infer.chat import encode_chat, render_chat
+from qinglm.model.transformer import Transformer
 from qinglm.post import tasks
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from qinglm.post.rollout import rollout

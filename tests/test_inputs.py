@@ -145,7 +145,7 @@ def broken_runs(tmp_path_factory, run) -> dict[str, Path]:
     import torch
 
     from qinglm.config import ModelConfig
-    from qinglm.model import Transformer
+    from qinglm.model.transformer import Transformer
     from qinglm.train.checkpoint import save_model_file
 
     root = tmp_path_factory.mktemp("broken")

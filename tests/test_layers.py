@@ -5,19 +5,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qinglm"
 # The model and inference layer: none of these may import training, fine-tuning, serving or the CLI.
-INFERENCE = (
-    "model",
-    "moe",
-    "lora",
-    "quantize",
-    "sampling",
-    "text",
-    "engine",
-    "generate",
-    "chat",
-    "tokenizer",
-)
-ABOVE = ("qinglm.train", "qinglm.sft", "qinglm.serve", "qinglm.cli", "qinglm.api", "qinglm.pipeline")
+INFERENCE = tuple(
+    f"{pkg}.{p.stem}" for pkg in ("model", "infer") for p in (PACKAGE / pkg).glob("*.py") if p.stem != "__init__"
+) + ("tokenizer",)
+ABOVE = ("qinglm.train", "qinglm.sft", "qinglm.post", "qinglm.serve", "qinglm.cli", "qinglm.api", "qinglm.pipeline")
 
 
 def _modules() -> dict[str, Path]:

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
-from qinglm.hf_layout import hf_parts
-from qinglm.lora import (
+from qinglm.model.hf_layout import hf_parts
+from qinglm.model.lora import (
     ALL_TARGETS,
     LoRALinear,
     adapters_disabled,
@@ -20,7 +20,7 @@ from qinglm.lora import (
     save_adapter,
     trainable_parameters,
 )
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))

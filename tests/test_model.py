@@ -5,7 +5,7 @@ import torch
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX, KVCache, Transformer
+from qinglm.model.transformer import IGNORE_INDEX, KVCache, Transformer
 
 VARIANTS = [
     dict(family="modern"),
@@ -131,7 +131,7 @@ def test_sdpa_matches_explicit_attention():
     x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))
     cos, sin = model.rope_cos[:6], model.rope_sin[:6]
     out = attn(x, (cos, sin), None, 0, 0)
-    from qinglm.model import apply_rope
+    from qinglm.model.transformer import apply_rope
 
     q, k, v = attn.qkv(x).split([32, 32, 32], dim=-1)
     q, k, v = (t.view(1, 6, 4, 8).transpose(1, 2) for t in (q, k, v))
@@ -165,7 +165,7 @@ def test_qk_norm_normalises_each_head_of_queries_and_keys_before_rope():
     x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(5))
     cos, sin = model.rope_cos[:6], model.rope_sin[:6]
     out = attn(x, (cos, sin), None, 0, 0)
-    from qinglm.model import apply_rope
+    from qinglm.model.transformer import apply_rope
 
     q, k, v = attn.qkv(x).split([32, 32, 32], dim=-1)
     q, k, v = (t.view(1, 6, 4, 8).transpose(1, 2) for t in (q, k, v))

@@ -5,8 +5,8 @@ import torch
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
-from qinglm.model import MLP, Transformer
-from qinglm.moe import MoE
+from qinglm.model.moe import MoE
+from qinglm.model.transformer import MLP, Transformer
 
 
 def cfg(**kw) -> ModelConfig:

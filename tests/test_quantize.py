@@ -9,10 +9,10 @@ import torch.nn as nn
 import qinglm
 from qinglm.cli import main
 from qinglm.config import ModelConfig, SamplingConfig
-from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
-from qinglm.quantize import Int8Linear, quantize
+from qinglm.infer.engine import Generation, Request
+from qinglm.model.quantize import Int8Linear, quantize
+from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
 
 

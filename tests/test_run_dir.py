@@ -17,7 +17,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.io import MANIFEST, exclusive_lock
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.train.checkpoint import inference_weights, save_checkpoint, save_run
 
 

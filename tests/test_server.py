@@ -14,14 +14,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import qinglm  # noqa: E402
-from qinglm.chat import encode_chat  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.config import SamplingConfig  # noqa: E402
-from qinglm.generate import generate_ids  # noqa: E402
+from qinglm.infer.chat import encode_chat  # noqa: E402
+from qinglm.infer.generate import generate_ids  # noqa: E402
+from qinglm.infer.text import encode_prompt  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.serve.protocol import parse_completion  # noqa: E402
-from qinglm.text import encode_prompt  # noqa: E402
 from qinglm.tokenizer import train_tokenizer  # noqa: E402
 
 LINES = ["今天天气真不错，我们一起去公园散步吧。", "人工智能的未来充满了希望和挑战。", "中国经济稳步增长。"]

@@ -22,12 +22,12 @@ pytest.importorskip("uvicorn")
 
 from test_server import CAP, CTX, PROMPTS, lm, reference, run_dir  # noqa: E402, F401  (fixtures)
 
-import qinglm.engine  # noqa: E402
+import qinglm.infer.engine  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.errors import QingLMError  # noqa: E402
+from qinglm.infer.text import encode_prompt  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
-from qinglm.text import encode_prompt  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
 
@@ -120,7 +120,7 @@ def test_values_that_break_sampling_get_400_and_the_good_requests_of_the_batch_f
 
 
 def test_a_row_whose_sampling_fails_ends_alone_and_its_batch_finishes(url, lm, monkeypatch):
-    real = qinglm.engine._sample_rows
+    real = qinglm.infer.engine._sample_rows
 
     batched = []  # sizes of the batches a faulty row was sampled in
 
@@ -131,7 +131,7 @@ def test_a_row_whose_sampling_fails_ends_alone_and_its_batch_finishes(url, lm, m
             raise RuntimeError("simulated sampling fault")
         return out
 
-    monkeypatch.setattr(qinglm.engine, "_sample_rows", sample_rows)
+    monkeypatch.setattr(qinglm.infer.engine, "_sample_rows", sample_rows)
     greedy = {"max_tokens": 8, "temperature": 0}
     seeded = {"max_tokens": 8, "temperature": 0.9, "seed": 5}
     alone = post(url, "/v1/completions", {"prompt": "学习", **seeded}).json()["choices"][0]["text"]

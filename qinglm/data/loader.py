@@ -14,7 +14,7 @@ import torch
 
 from qinglm.data.shards import TokenShards
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.tokenizer import PAD_ID
 
 

@@ -92,7 +92,7 @@ def qinglm_to_gpt2(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     """Return GPT-2 weights of a classic-family model (model_tensors(): a tied head appears once)."""
     import torch
 
-    from qinglm.model import sinusoidal_table
+    from qinglm.model.transformer import sinusoidal_table
 
     embed = tensors["embed.weight"]
     if cfg.pos_encoding == "sinusoidal":

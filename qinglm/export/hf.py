@@ -1,6 +1,6 @@
 """`qinglm export hf` and `qinglm import hf`: a run directory to a transformers model folder and back.
 
-The weights are renamed and split with qinglm.hf_layout (fused qkv -> q/k/v_proj, fused up -> gate/up_proj,
+The weights are renamed and split with qinglm.model.hf_layout (fused qkv -> q/k/v_proj, fused up -> gate/up_proj,
 routed experts by MOE_STYLES), or mapped to GPT-2 for the classic family (qinglm.export.gpt2). No values
 change except Qwen2-MoE's shared expert (times 2, see hf_config) and sinusoidal embeddings (times
 sqrt(d_model)), so export followed by import gives back bit-identical weights for all but the latter.
@@ -18,9 +18,9 @@ from qinglm.config import ModelConfig, SamplingConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.gpt2 import gpt2_to_qinglm, model_config_from_gpt2, qinglm_to_gpt2
 from qinglm.export.hf_config import MOE_STYLE, hf_config, hf_model_type, model_config_from_hf
-from qinglm.hf_layout import hf_moe_parts, hf_parts
 from qinglm.io import OwnedDir, atomic_open, read_json, write_json_atomic
-from qinglm.model import Transformer
+from qinglm.model.hf_layout import hf_moe_parts, hf_parts
+from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import BOS_ID, CHAT_TEMPLATE, EOS_ID, IM_END_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
@@ -145,7 +145,7 @@ def generation_config() -> dict:
     at [EOS] and at <|im_end|>, which ends an assistant turn in chat.
 
     One difference remains: transformers' repetition penalty also counts control tokens and a chat
-    template's structure in the prompt, which QingLM's does not (qinglm.sampling.apply_repetition_penalty).
+    template's structure in the prompt, which QingLM's does not (qinglm.infer.sampling.apply_repetition_penalty).
     """
     d = SamplingConfig()
     config = {

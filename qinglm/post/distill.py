@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from qinglm import run_dir as run_dirs
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.post.config import DistillConfig
 from qinglm.train.pretrain import PretrainStage
 from qinglm.train.stage import StepOut

@@ -25,7 +25,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
-from qinglm.model import IGNORE_INDEX
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.post import dpo_data
 from qinglm.post.config import DPOConfig
 from qinglm.post.dpo_loss import dpo_loss, pair_logps, reference_logps

@@ -6,7 +6,7 @@ One object per line, in any of these forms:
                   prompt: every message but the last is the prompt and must be the same in both)
                   {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (TRL's explicit prompt)
 Messages are SFT's {"role", "content"}; each reply is one assistant message. A pair is tokenised as the
-prompt's turns (qinglm.chat: message text never becomes control tokens) followed by each reply's
+prompt's turns (qinglm.infer.chat: message text never becomes control tokens) followed by each reply's
 assistant turn; targets are IGNORE_INDEX except on the reply's content and its closing <|im_end|>,
 exactly SFT's assistant labels. A batch of B pairs is 2B right-padded rows: B chosen, then B rejected.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qinglm import chat
+from qinglm.infer import chat
 from qinglm.sft.data import (
     IGNORE_INDEX,
     Messages,

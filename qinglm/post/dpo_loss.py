@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qinglm.lora import adapters_disabled
+from qinglm.model.lora import adapters_disabled
 from qinglm.post.grpo_loss import token_logprobs
 
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 
 from qinglm import run_dir as run_dirs
-from qinglm.chat import encode_chat
 from qinglm.config import SamplingConfig, to_dict
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
+from qinglm.infer.chat import encode_chat
 from qinglm.io import write_json_atomic
 from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs

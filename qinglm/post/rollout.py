@@ -2,7 +2,7 @@
 
 Each row gets its own sampling seed, drawn from a torch generator (torch's global RNG by default), so
 the same RNG state gives the same rollouts, whatever the batch holds (the engine's rows are
-independent). Prompts are rendered with the chat template (`qinglm.chat.encode_chat`: user text never
+independent). Prompts are rendered with the chat template (`qinglm.infer.chat.encode_chat`: user text never
 becomes a control token) and a reply ends at <|im_end|>, [EOS] or max_new_tokens.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qinglm.chat import IM_END, encode_chat
 from qinglm.config import SamplingConfig
-from qinglm.engine import Generation, Request
-from qinglm.model import Transformer
+from qinglm.infer.chat import IM_END, encode_chat
+from qinglm.infer.engine import Generation, Request
+from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

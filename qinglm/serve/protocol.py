@@ -29,11 +29,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import IM_END, ROLES, fit_history, prompt_budget
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
+from qinglm.infer.chat import IM_END, ROLES, fit_history, prompt_budget
+from qinglm.infer.text import encode_prompt
 from qinglm.serve.config import ServeConfig
-from qinglm.text import encode_prompt
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

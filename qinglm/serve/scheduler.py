@@ -2,7 +2,7 @@
 
 The app (asyncio) submits a GenRequest and gets a Job; the worker thread pushes the job's events onto
 its asyncio queue: ("text", piece) as text is produced, then ("done", finish_reason) or ("error", message).
-Decoding is qinglm.engine's: each request is one row of a Generation, with its own sampling settings,
+Decoding is qinglm.infer.engine's: each request is one row of a Generation, with its own sampling settings,
 stop strings and KV-cache row, so batched requests never see each other's tokens, and a row whose
 sampling fails ends alone (the engine's isolate_rows): the other requests of its batch go on. A job
 whose client went away is cancelled: the worker checks between decoding steps and the row leaves the batch.
@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qinglm.engine import Event, Generation, Request
 from qinglm.errors import QingLMError
+from qinglm.infer.engine import Event, Generation, Request
 from qinglm.serve.protocol import GenRequest
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qinglm.config import _f
 from qinglm.errors import QingLMError
-from qinglm.hf_layout import LINEAR_NAMES
+from qinglm.model.hf_layout import LINEAR_NAMES
 from qinglm.train.config import EngineConfig, Part
 
 BATCHING = ("pack", "pad")

@@ -3,7 +3,7 @@
 Two line formats are read, one object per line:
   minimind:  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   Alpaca:    {"instruction": "...", "input": "...", "output": "..."}  (optional "system")
-A conversation is encoded with qinglm.chat (contents as text, control tokens by id: for contents free of
+A conversation is encoded with qinglm.infer.chat (contents as text, control tokens by id: for contents free of
 control-token text, the ids transformers' apply_chat_template gives); labels keep only the tokens of
 assistant contents and their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack
 samples into full rows (a sample attends to the earlier samples of its row; the loss still covers only
@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qinglm.chat import ROLES, check_messages, encode_turn
 from qinglm.errors import QingLMError
+from qinglm.infer.chat import ROLES, check_messages, encode_turn
 
 if TYPE_CHECKING:
     import torch
 
     from qinglm.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # the same value as qinglm.model.IGNORE_INDEX (not imported: that pulls in torch)
+IGNORE_INDEX = (
+    -100
+)  # the same value as qinglm.model.transformer.IGNORE_INDEX (not imported: that pulls in torch)
 Messages = list[dict[str, str]]
 
 
@@ -136,7 +138,7 @@ def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messa
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
     """Return (ids, labels) of a whole conversation; labels are IGNORE_INDEX except on assistant tokens.
 
-    The ids are qinglm.chat.encode_chat's (contents encoded as text, control tokens by id). An assistant
+    The ids are qinglm.infer.chat.encode_chat's (contents encoded as text, control tokens by id). An assistant
     token is one of an assistant content or its closing <|im_end|>; the "\\n" after <|im_end|> and every
     system/user token carry no loss.
     """

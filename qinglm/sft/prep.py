@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
-from qinglm.model import IGNORE_INDEX
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS

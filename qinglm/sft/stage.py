@@ -17,7 +17,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import to_dict
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
-from qinglm.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
+from qinglm.model.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS

@@ -15,7 +15,7 @@ import torch
 
 from qinglm import run_dir as run_dirs
 from qinglm.errors import QingLMError
-from qinglm.lora import merge_lora
+from qinglm.model.lora import merge_lora
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.prep import assistant_loss, load_conversations, load_examples, resolve_sft, resolve_tuning  # noqa: F401
 
@@ -68,7 +68,7 @@ def merge_run(
     base_model_name_or_path. out gets config.json, tokenizer/ and best/model.safetensors.
     """
     import qinglm
-    from qinglm.lora import load_adapter, read_adapter_config
+    from qinglm.model.lora import load_adapter, read_adapter_config
     from qinglm.train.checkpoint import save_run
 
     adapter = Path(adapter)

@@ -113,7 +113,7 @@ def sample_generations(
     """
     from qinglm.config import SamplingConfig
     from qinglm.errors import QingLMError
-    from qinglm.generate import generate  # here: reading metrics must not need torch
+    from qinglm.infer.generate import generate  # here: reading metrics must not need torch
 
     file = Path(tokenizer_dir) / "tokenizer.json"
     if max_new_tokens <= 0 or not prompts or not file.is_file():

@@ -14,7 +14,7 @@ from qinglm.data.mix import MixedBatches, parse_mixture, train_shards
 from qinglm.data.shards import TokenShards
 from qinglm.errors import QingLMError
 from qinglm.memory import allocating
-from qinglm.model import Transformer
+from qinglm.model.transformer import Transformer
 from qinglm.train import distributed
 from qinglm.train.checkpoint import inference_weights, load_model_weights
 from qinglm.train.config import TrainConfig

@@ -1,9 +1,9 @@
 """Batched generation: many requests decode together in one KV cache, each with its own settings.
 
-The API (the server, the CLI and ``qinglm.generate`` all use it)::
+The API (the server, the CLI and ``qinglm.infer.generate`` all use it)::
 
     from qinglm.config import SamplingConfig
-    from qinglm.engine import Generation, Request
+    from qinglm.infer.engine import Generation, Request
 
     requests = [
         Request(prompt_ids=[bos, *tok.encode("今天")], sampling=SamplingConfig(temperature=0.7, seed=1)),
@@ -19,9 +19,9 @@ The API (the server, the CLI and ``qinglm.generate`` all use it)::
             gen.cancel(row)     # from any thread; the row's last event (finish "cancelled") follows
 
 - ``Request(prompt_ids, sampling=SamplingConfig(), stop=())``: the prompt as token ids (start it with
-  [BOS] for plain text: ``qinglm.text.encode_prompt``; chat prompts come from ``qinglm.chat``); its own
+  [BOS] for plain text: ``qinglm.infer.text.encode_prompt``; chat prompts come from ``qinglm.infer.chat``); its own
   temperature / top-k / top-p / repetition penalty / max_new_tokens / stop_at_eos / seed; stop
-  strings; ``counted``, which prompt tokens the repetition penalty counts (``qinglm.chat.ChatIds.content``
+  strings; ``counted``, which prompt tokens the repetition penalty counts (``qinglm.infer.chat.ChatIds.content``
   for a chat; None: all; control tokens never count). Prompts may have different lengths.
 - ``Event(row, ids, text, finish_reason)``: every unfinished row gets one event per step. ``ids`` are
   the tokens sampled this step (EOS is never included), ``text`` the newly complete text (never half a
@@ -53,9 +53,9 @@ import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.model import KVCache, Transformer
-from qinglm.sampling import sample_next
-from qinglm.text import TextDecoder, encode_prompt
+from qinglm.infer.sampling import sample_next
+from qinglm.infer.text import TextDecoder, encode_prompt
+from qinglm.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer

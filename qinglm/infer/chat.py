@@ -128,7 +128,7 @@ def fit_history(
 ) -> tuple[list[dict[str, str]], ChatIds]:
     """Return (messages, prompt) after dropping the oldest non-system turns until the prompt fits budget.
 
-    The prompt is qinglm.chat.encode_chat(messages, add_generation_prompt=True); each turn is encoded
+    The prompt is qinglm.infer.chat.encode_chat(messages, add_generation_prompt=True); each turn is encoded
     at most once. System messages and the last message are always kept; raises QingLMError when even
     that is longer than budget tokens. With longest_token (the most characters one token covers), a
     turn too long to ever fit is not encoded at all, and an oversize system prompt or last message is

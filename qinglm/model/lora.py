@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from qinglm.errors import QingLMError
-from qinglm.hf_layout import LINEAR_NAMES, LINEAR_PARTS, hf_module, row_sizes
 from qinglm.io import read_json, write_json_atomic
+from qinglm.model.hf_layout import LINEAR_NAMES, LINEAR_PARTS, hf_module, row_sizes
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ALL_TARGETS = LINEAR_NAMES  # HF short names, in the order they appear in a layer

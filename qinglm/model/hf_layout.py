@@ -32,7 +32,7 @@ LINEAR_PARTS = {
     "mlp.up": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down": ("mlp.down_proj",),
 }
-# HF short names of a layer's linear layers, in layer order: what LoRA may target (qinglm.lora).
+# HF short names of a layer's linear layers, in layer order: what LoRA may target (qinglm.model.lora).
 LINEAR_NAMES = tuple(path.rpartition(".")[2] for paths in LINEAR_PARTS.values() for path in paths)
 _BLOCK_PARAMS = {
     "norm1.weight": "input_layernorm.weight",

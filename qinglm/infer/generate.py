@@ -1,9 +1,9 @@
 """Text generation's front end: a prompt in, its continuation out, through the batched engine.
 
 Everything that produces text - ``generate``, ``stream``, the Python API, chat and the server - goes
-through the engine (``qinglm.engine.Generation``: prefill once into a KV cache, then one token per
-step), which picks tokens with ``qinglm.sampling.sample_next`` and turns ids into text with
-``qinglm.text``. ``generate_ids`` is the engine with one SamplingConfig for every row.
+through the engine (``qinglm.infer.engine.Generation``: prefill once into a KV cache, then one token per
+step), which picks tokens with ``qinglm.infer.sampling.sample_next`` and turns ids into text with
+``qinglm.infer.text``. ``generate_ids`` is the engine with one SamplingConfig for every row.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 from qinglm.config import SamplingConfig
-from qinglm.engine import Generation, Request
 from qinglm.errors import QingLMError
-from qinglm.model import Transformer
-from qinglm.text import encode_prompt, stream_text
+from qinglm.infer.engine import Generation, Request
+from qinglm.infer.text import encode_prompt, stream_text
+from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def generate_ids(model, prompt_ids, cfg, *, eos_id, device=None):
     per step with an id per row, None for rows that already stopped). Generation stops at EOS
     (which is not yielded) when cfg.stop_at_eos, after cfg.max_new_tokens tokens, or when the
     model's context is full. The model runs in eval mode and under inference_mode. This is
-    ``qinglm.engine.Generation`` with one SamplingConfig for every row.
+    ``qinglm.infer.engine.Generation`` with one SamplingConfig for every row.
     """
     single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
     rows = [list(prompt_ids)] if single else [list(r) for r in prompt_ids]

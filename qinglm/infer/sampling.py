@@ -1,7 +1,7 @@
 """Sampling: the one function that picks the next token, used by every way QingLM generates text.
 
 ``sample_next`` applies the repetition penalty, temperature, top-k and top-p of a SamplingConfig (whose
-checks run when it is built: qinglm.config) and draws from the softmax; the engine (qinglm.engine)
+checks run when it is built: qinglm.config) and draws from the softmax; the engine (qinglm.infer.engine)
 calls it for every row of a batch, and so do generate, stream, chat, the server and their tests.
 """
 

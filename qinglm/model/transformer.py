@@ -6,7 +6,7 @@ Two families share one code path:
 Attention goes through F.scaled_dot_product_attention with the causal mask, which picks the flash /
 memory-efficient kernels on CUDA. A preallocated KV cache makes decoding one token cost one token;
 forward(pad=...) takes left-padded batches (per-row positions, pad keys masked) so prompts of
-different lengths prefill and decode together (qinglm.engine).
+different lengths prefill and decode together (qinglm.infer.engine).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
-from qinglm.moe import MoE
+from qinglm.model.moe import MoE
 
 IGNORE_INDEX = -100  # targets with this value (padding) carry no loss
 
