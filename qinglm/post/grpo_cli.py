@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
+from typing import Any
 
-from qinglm.config import add_dataclass_args, given
 from qinglm.post.config import GRPOConfig
+from qinglm.train.driver import stage_command
 
 # TRL's names for the same settings.
 GRPO_ALIASES = {
@@ -18,23 +18,17 @@ GRPO_ALIASES = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
+def register(sub: Any) -> dict[str, Callable[[Any], None]]:
     """Return {command: handler} after adding the grpo parser to sub."""
-    p = sub.add_parser(
+    return stage_command(
+        sub,
         "grpo",
+        GRPOConfig,
+        "qinglm.post.grpo:run_grpo",
         help="RL with verifiable rewards (GRPO) of a trained run on a task's prompts",
         description="Sample --group-size replies to each prompt of --task, reward them with the task's "
         "verifier and train on the group-relative advantages (clipped ratio, KL to the base run); "
         "writes a new run directory that load/generate/chat/eval use unchanged. Validation answers "
         "held-out prompts greedily (val_loss = 1 - mean reward).",
+        aliases=GRPO_ALIASES,
     )
-    add_dataclass_args(p, GRPOConfig, GRPO_ALIASES)
-    return {"grpo": cmd_grpo}
-
-
-def cmd_grpo(args: argparse.Namespace) -> None:
-    from qinglm.post.grpo import run_grpo
-    from qinglm.train.driver import stage_config
-
-    flags = given(args, GRPOConfig)
-    run_grpo(stage_config(GRPOConfig, "grpo", flags), flags=flags)

@@ -7,20 +7,24 @@ from collections.abc import Callable
 
 from qinglm.config import SamplingConfig, add_dataclass_args, given
 from qinglm.sft.config import SFTConfig
+from qinglm.train.driver import stage_command
 
 SFT_ALIASES = {"num_epochs": ["--epochs"], "lr": ["--learning_rate", "--learning-rate"]}
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
     """Return {command: handler} after adding the sft, lora and chat parsers to sub."""
-    p = sub.add_parser(
+    handlers = stage_command(
+        sub,
         "sft",
+        SFTConfig,
+        "qinglm.sft.train:run_sft",
         help="supervised fine-tuning (full or --lora) of a pretrained run on chat data",
         description="Fine-tune a pretrained run on chat data with the loss on assistant tokens only, "
         "and write a new run directory (config.json, tokenizer/, checkpoints/) that load/generate/eval "
         "use unchanged. --data idioms-sft uses the built-in idiom questions and reports held-out figures.",
+        aliases=SFT_ALIASES,
     )
-    add_dataclass_args(p, SFTConfig, SFT_ALIASES)
 
     p = sub.add_parser("lora", help="LoRA adapter tools")
     lsub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
@@ -38,15 +42,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--system", help="system prompt, kept at the start of every turn")
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
-    return {"sft": cmd_sft, "lora": cmd_lora, "chat": cmd_chat}
-
-
-def cmd_sft(args: argparse.Namespace) -> None:
-    from qinglm.sft.train import run_sft
-    from qinglm.train.driver import stage_config
-
-    flags = given(args, SFTConfig)
-    run_sft(stage_config(SFTConfig, "sft", flags), flags=flags)
+    return {**handlers, "lora": cmd_lora, "chat": cmd_chat}
 
 
 def cmd_lora(args: argparse.Namespace) -> None:

@@ -91,3 +91,30 @@ def run_stage_command(
             launch_torchrun(command, cfg.nproc, {**flags, "out": str(run_dir)})
             return {}
         return train_stage(make_stage(), cfg, run_dir, log=log)
+
+
+def stage_command(
+    sub: Any,
+    name: str,
+    cls: type,
+    runner: str,
+    help: str,
+    description: str,
+    aliases: dict[str, list[str]] | None = None,
+) -> dict[str, Callable[[Any], None]]:
+    """Return {name: handler} after adding `qinglm NAME` to the subparsers sub: one flag per field of the
+    stage's config class cls; the handler resolves --resume (stage_config) and calls runner, a
+    "module:function" imported only when the command runs (the command line builds without torch)."""
+    import importlib
+
+    from qinglm.config import add_dataclass_args, given
+
+    p = sub.add_parser(name, help=help, description=description)
+    add_dataclass_args(p, cls, aliases)
+
+    def handler(args: Any) -> None:
+        module, _, function = runner.partition(":")
+        flags = given(args, cls)
+        getattr(importlib.import_module(module), function)(stage_config(cls, name, flags), flags=flags)
+
+    return {name: handler}
