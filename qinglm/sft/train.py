@@ -75,7 +75,7 @@ def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:
 def load_conversations(cfg: SFTConfig, log: Callable[[str], None]) -> tuple[list, list]:
     """Return (train, held-out) conversations of cfg.data; train capped at cfg.max_examples (seeded)."""
     if cfg.data == IDIOMS:
-        train, val = idioms_sft("train"), idioms_sft("heldout")
+        train, val = idioms_sft("train", cfg.idiom_kinds), idioms_sft("heldout", cfg.idiom_kinds)
         log(f"{IDIOMS}: {len(train):,} training chats, {len(val):,} chats about held-out idioms")
     else:
         convs, report = sft_data.read_sft_jsonl(cfg.data)
