@@ -43,8 +43,8 @@ QWEN2_PATTERN = (
 # "chars": every Chinese character, letter run, digit, punctuation run and whitespace run is its own
 # piece, so BPE never merges across characters and pinyin syllables ("ài xī yǔ máo") stay whole and
 # the same at every position. Fewer characters per token (held-out idioms: 1.0 vs 1.5 chars/token)
-# but a character keeps one embedding: held-out idiom pinyin after SFT went 31% -> 51% of syllables
-# right (benchmarks/post_training_notes.md).
+# but a character keeps one embedding: held-out idiom pinyin after one SFT epoch went 31% -> 51% of
+# syllables right (benchmarks/post_training_notes.md).
 CHARS_PATTERN = r"\p{Han}|(?:(?!\p{Han})\p{L})+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
 PRE_TOKENIZERS = {"qwen2": QWEN2_PATTERN, "chars": CHARS_PATTERN}
 
