@@ -65,7 +65,9 @@ def train_tokenizer_on(
     stats, sample = ReadStats(), SampleStats()
     docs = iter_documents(specs, "train", cfg, stats)
     tok = train_tokenizer(
-        sample_documents(docs, corpus_bytes(specs), cfg.tokenizer_sample_bytes, sample), vocab_size
+        sample_documents(docs, corpus_bytes(specs), cfg.tokenizer_sample_bytes, sample),
+        vocab_size,
+        split=cfg.pre_tokenizer,
     )
     if stats.files:
         log(stats.summary())

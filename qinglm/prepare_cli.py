@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         f"{TrainConfig.tokenizer_sample_bytes:,}: the trainer needs about 80 bytes of memory per byte "
         "of Chinese text)",
     )
+    f = TrainConfig.__dataclass_fields__["pre_tokenizer"]  # the same flag as `qinglm train`
+    t.add_argument(
+        "--pre-tokenizer", choices=f.metadata["choices"], default=f.default, help=f.metadata["help"]
+    )
     t.add_argument("--out", required=True, help="directory for tokenizer.json")
 
     p = sub.add_parser("prepare", help="tokenize text into packed train/val shards")
@@ -67,6 +71,7 @@ def _data_cfg(args: argparse.Namespace) -> TrainConfig:
         nfkc=args.nfkc,
         text_field=args.text_field,
         **({"tokenizer_sample_bytes": sample} if sample is not None else {}),
+        pre_tokenizer=getattr(args, "pre_tokenizer", TrainConfig.pre_tokenizer),
     )
 
 

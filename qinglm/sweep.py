@@ -33,6 +33,7 @@ NOT_SEARCHABLE = {
     "data", "tokenizer", "out", "resume", "vocab_size", "max_steps", "max_time", "num_epochs", "device",
     "tracker", "encoding", "nfkc", "text_field", "val_fraction", "sample_prompts", "preset", "eval_tokens",
     "eval_every", "log_every", "save_every", "keep_checkpoints", "num_threads", "split_by", "split_block",
+    "pre_tokenizer",
 }  # fmt: skip
 
 

@@ -48,6 +48,14 @@ QWEN2_PATTERN = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# "chars": every Chinese character, letter run, digit, punctuation run and whitespace run is its own
+# piece, so BPE never merges across characters and pinyin syllables ("ài xī yǔ máo") stay whole and
+# the same at every position. Fewer characters per token (held-out idioms: 1.0 vs 1.5 chars/token)
+# but a character keeps one embedding: held-out idiom pinyin after one SFT epoch went 31% -> 51% of
+# syllables right (benchmarks/post_training_notes.md).
+CHARS_PATTERN = r"\p{Han}|(?:(?!\p{Han})\p{L})+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
+PRE_TOKENIZERS = {"qwen2": QWEN2_PATTERN, "chars": CHARS_PATTERN}
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 _HF_NO_MAX_LENGTH = int(1e30)  # what transformers itself writes when a tokenizer has no length limit
@@ -130,6 +138,13 @@ class Tokenizer:
         """Return the id of one vocabulary token, or None if it is not in the vocabulary."""
         return self._backend.token_to_id(token)
 
+    @property
+    def pre_tokenizer(self) -> str:
+        """Return the PRE_TOKENIZERS name of this tokenizer's split ("custom" for any other)."""
+        pre = json.loads(self._backend.to_str()).get("pre_tokenizer") or {}
+        patterns = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre])]
+        return next((name for name, pattern in PRE_TOKENIZERS.items() if pattern in patterns), "custom")
+
     def fingerprint(self) -> str:
         """Return 16 hex chars of the sha256 of the tokenizer's JSON: equal iff the tokenizers are."""
         return hashlib.sha256(self._backend.to_str().encode("utf-8")).hexdigest()[:16]
@@ -191,13 +206,15 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
 
 
-def _byte_level_bpe() -> tokenizers.Tokenizer:
-    """Return an untrained byte-level BPE tokenizer with the Qwen2 split and no normalizer."""
+def _byte_level_bpe(split: str = "qwen2") -> tokenizers.Tokenizer:
+    """Return an untrained byte-level BPE tokenizer with the PRE_TOKENIZERS split and no normalizer."""
+    if split not in PRE_TOKENIZERS:
+        raise QingLMError(f"unknown pre-tokenizer {split!r}; choose one of {', '.join(PRE_TOKENIZERS)}")
     backend = tokenizers.Tokenizer(models.BPE())
     # No normalizer: NFKC etc. would turn full-width punctuation half-width and break round trip.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[split]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -211,8 +228,12 @@ def train_tokenizer(
     *,
     min_frequency: int = 2,
     show_progress: bool = True,
+    split: str = "qwen2",
 ) -> Tokenizer:
-    """Return a byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts`."""
+    """Return a byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts`.
+
+    split: the pre-tokenizer, a key of PRE_TOKENIZERS.
+    """
     if vocab_size < MIN_VOCAB_SIZE:
         raise QingLMError(
             f"vocab size must be at least {MIN_VOCAB_SIZE} (6 special tokens + 256 bytes), got {vocab_size}"
@@ -226,7 +247,7 @@ def train_tokenizer(
             n_chars += len(text)
             yield text
 
-    backend = _byte_level_bpe()
+    backend = _byte_level_bpe(split)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

@@ -227,3 +227,14 @@ def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options, mak
     llm.reset()
     got = [t for _, t in zip(range(32), llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0))]
     assert got == want
+
+
+def test_a_chars_tokenizer_is_refused(tmp_path):
+    # llama.cpp would split its text the Qwen2 way and give other tokens than QingLM.
+    chars = train_tokenizer(
+        [f"{LINES[i % 3]}{i}" for i in range(150)], 350, show_progress=False, split="chars"
+    )
+    run = make_run(tmp_path / "run", chars)
+    with pytest.raises(QingLMError, match="'chars' split"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

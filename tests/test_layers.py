@@ -6,9 +6,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "qinglm"
 # The model and inference layer: none of these may import training, fine-tuning, serving or the CLI.
 INFERENCE = tuple(
-    f"{pkg}.{p.stem}" for pkg in ("model", "infer") for p in (PACKAGE / pkg).glob("*.py") if p.stem != "__init__"
+    f"{pkg}.{p.stem}"
+    for pkg in ("model", "infer")
+    for p in (PACKAGE / pkg).glob("*.py")
+    if p.stem != "__init__"
 ) + ("tokenizer",)
-ABOVE = ("qinglm.train", "qinglm.sft", "qinglm.post", "qinglm.serve", "qinglm.cli", "qinglm.api", "qinglm.pipeline")
+ABOVE = (
+    "qinglm.train",
+    "qinglm.sft",
+    "qinglm.post",
+    "qinglm.serve",
+    "qinglm.cli",
+    "qinglm.api",
+    "qinglm.pipeline",
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -175,3 +175,42 @@ def test_transformers_loads_the_saved_tokenizer(tok, tmp_path):
             if not any(t in text for t in SPECIAL_TOKENS):
                 assert hf.encode(text, add_special_tokens=False) == ids
             assert hf.decode(ids) == text
+
+
+def test_chars_pre_tokenizer_keeps_characters_and_pinyin_syllables_whole(tmp_path):
+    idioms = ["爱惜羽毛（ài xī yǔ máo）", "羽毛未丰（yǔ máo wèi fēng）", "爱屋及乌（ài wū jí wū）"] * 20
+    tok = train_tokenizer(idioms + pd1998_lines(100), 2000, show_progress=False, split="chars")
+    assert tok.pre_tokenizer == "chars"
+    pieces = [tok.decode([i]) for i in tok.encode("爱惜羽毛（ài xī yǔ máo）")]
+    assert pieces == ["爱", "惜", "羽", "毛", "（", "ài", " ", "xī", " ", "yǔ", " ", "máo", "）"]
+    # A syllable is the same token first in an answer and after a space.
+    assert tok.encode("ài xī") == tok.encode("ài") + tok.encode(" ") + tok.encode("xī")
+    for text in HARD_STRINGS:
+        assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).pre_tokenizer == "chars"
+    qwen2 = train_tokenizer(idioms + pd1998_lines(100), 2000, show_progress=False)
+    assert qwen2.pre_tokenizer == "qwen2" and len(qwen2.encode("爱惜羽毛")) < 4  # merges across characters
+    with pytest.raises(QingLMError, match="unknown pre-tokenizer"):
+        train_tokenizer(idioms, 2000, show_progress=False, split="words")
+
+
+def test_pre_tokenizer_flag_reaches_the_trained_tokenizer(tmp_path):
+    from qinglm.cli import main
+    from qinglm.config import TrainConfig
+    from qinglm.pipeline import train_tokenizer_on
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(pd1998_lines(200)), encoding="utf-8")
+    assert (
+        main(
+            ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400"]
+            + ["--pre-tokenizer", "chars", "--out", str(tmp_path / "tok")]
+        )
+        == 0
+    )
+    assert Tokenizer.load(tmp_path / "tok").pre_tokenizer == "chars"
+    # `qinglm train --pre-tokenizer chars` trains its tokenizer through the same function.
+    cfg = TrainConfig(data=[str(corpus)], pre_tokenizer="chars")
+    tok = train_tokenizer_on([str(corpus)], 400, tmp_path / "run-tok", cfg, log=lambda _: None)
+    assert tok.pre_tokenizer == "chars" and Tokenizer.load(tmp_path / "run-tok").pre_tokenizer == "chars"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qinglm.data.sources import normalize_text, split_of
-from qinglm.data.splits import idiom_held_out, is_val_block, pd1998_blocks
+from qinglm.data.splits import is_val_block, names_held_out_idiom, pd1998_blocks
 from qinglm.errors import QingLMError
 from qinglm.io import atomic_open
 
@@ -88,7 +88,8 @@ def builtin_labelled(
     pd1998 (news paragraphs in date order): blocks of at least PD1998_BLOCK consecutive paragraphs,
     cut only before a headline, evenly spaced ones held out (qinglm.data.splits), less the few lines
     that also occur in a training block (bylines, table headers). reviews: by review
-    (one per document). idioms: by idiom, and the idioms SFT holds out (idioms-sft) are always "val".
+    (one per document). idioms: by idiom, and the idioms SFT holds out (idioms-sft) are always "val",
+    as is every entry that names one (names_held_out_idiom).
     split_by="document": every corpus by a hash of each document (paragraph), as before; the SFT
     held-out idioms stay "val" there too.
     """
@@ -102,7 +103,8 @@ def builtin_labelled(
     elif name == "idioms":
         words = [d.split("（", 1)[0] for d in docs]
         keys = docs if split_by == "document" else words
-        labels = ["val" if idiom_held_out(w) else split_of(k, val_fraction) for w, k in zip(words, keys)]
+        held = names_held_out_idiom(docs, words)  # the idiom itself or one naming it
+        labels = ["val" if h else split_of(k, val_fraction) for h, k in zip(held, keys)]
     else:
         labels = [split_of(d, val_fraction) for d in docs]
     return zip(labels, docs)

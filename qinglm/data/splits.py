@@ -11,6 +11,8 @@ answer is the same on every run, and one streaming pass with a counter decides i
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from qinglm.data.files import format_of
@@ -44,6 +46,19 @@ def idiom_held_out(word: str) -> bool:
     import hashlib
 
     return int(hashlib.sha256(word.encode("utf-8")).hexdigest()[:8], 16) % 100 < IDIOM_HELD_OUT_PERCENT
+
+
+def names_held_out_idiom(texts: Sequence[str], words: Sequence[str]) -> list[bool]:
+    """Return, for each text, whether it contains a held-out idiom among words (idiom_held_out).
+
+    An idiom's entry that names a held-out idiom (a longer idiom containing it, a variant spelling
+    "同X", an example quoting it) shows the held-out idiom next to its pinyin, so it is held out too.
+    """
+    held = sorted({w for w in words if w and idiom_held_out(w)}, key=len, reverse=True)
+    if not held:
+        return [False] * len(texts)
+    pattern = re.compile("|".join(map(re.escape, held)))
+    return [pattern.search(t) is not None for t in texts]
 
 
 def pd1998_blocks(paragraphs: tuple[str, ...], size: int = PD1998_BLOCK) -> list[int]:

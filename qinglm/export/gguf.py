@@ -137,6 +137,11 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
     model = d["model"]
     if model.get("type") != "BPE":
         raise QingLMError("GGUF export needs a byte-level BPE tokenizer (the kind QingLM trains)")
+    if tok.pre_tokenizer != PRE_TOKENIZER:
+        raise QingLMError(
+            f"cannot export to GGUF: llama.cpp has no pre-tokenizer for this tokenizer's {tok.pre_tokenizer!r} "
+            "split, only for qwen2; export to transformers instead (`qinglm export hf`)"
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     for token, i in model["vocab"].items():

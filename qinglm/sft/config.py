@@ -52,6 +52,9 @@ class SFTConfig(LoRAPart, EngineConfig):
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-sft or -lora)")
     num_epochs: float | None = _f(None, "passes over the training examples (default 1 if no other limit)")
     max_examples: int | None = _f(None, "use at most this many training examples (a seeded random subset)")
+    idiom_kinds: list[str] | None = _f(
+        None, "idioms-sft: only these question kinds (meaning origin example pinyin; default all four)"
+    )
     eval_examples: int = _f(500, "held-out examples for the assistant-token loss (0 = all)")
     eval_pinyin: int = _f(100, "idioms-sft: held-out idioms asked for their pinyin after training (0 = skip)")
     val_fraction: float = _f(0.05, "JSONL data: fraction of conversations held out for the loss")

@@ -4,7 +4,8 @@ Each idiom gives up to four single-turn chats: what it means, where it comes fro
 it, and its pinyin (fields the dictionary leaves empty are skipped). Each kind has two question
 phrasings; a hash of the idiom picks one, so the data set is the same on every machine. About
 HELD_OUT_PERCENT % of the idioms, chosen by a hash of the idiom itself, never appear in the "train"
-split: the "heldout" split and the pinyin exact-match evaluation use only them.
+split, nor does any idiom whose entry names one of them: the "heldout" split and the pinyin
+exact-match evaluation use only them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import csv
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from qinglm.data.builtin import _idiom_field, _package_file
 from qinglm.data.sources import normalize_text
-from qinglm.data.splits import IDIOM_HELD_OUT_PERCENT, idiom_held_out
+from qinglm.data.splits import IDIOM_HELD_OUT_PERCENT, idiom_held_out, names_held_out_idiom
 from qinglm.errors import QingLMError
 
 NAME = "idioms-sft"
@@ -81,12 +83,12 @@ def question(kind: str, word: str) -> str:
     return phrasings[_hash(kind + word) % len(phrasings)].format(w=word)
 
 
-def idiom_chats(idiom: Idiom) -> list[list[dict[str, str]]]:
-    """Return the single-turn chats of one idiom, one per template kind whose answer is known."""
+def idiom_chats(idiom: Idiom, kinds: Sequence[str] | None = None) -> list[list[dict[str, str]]]:
+    """Return the single-turn chats of one idiom, one per template kind (of kinds) whose answer is known."""
     chats = []
     for kind, (_, attr) in TEMPLATES.items():
         answer = getattr(idiom, attr)
-        if answer:
+        if answer and (kinds is None or kind in kinds):
             chats.append(
                 [
                     {"role": "user", "content": question(kind, idiom.word)},
@@ -96,12 +98,26 @@ def idiom_chats(idiom: Idiom) -> list[list[dict[str, str]]]:
     return chats
 
 
-def idioms_sft(split: str = "train") -> list[list[dict[str, str]]]:
-    """Return the chats of the idioms in split ("train" or "heldout"), in dictionary order."""
+@functools.cache
+def train_idioms() -> tuple[Idiom, ...]:
+    """Return the idioms every stage may train on: not held out, and no field naming a held-out idiom."""
+    entries = idioms()
+    texts = [" ".join((i.word, i.explanation, i.derivation, i.example)) for i in entries]
+    named = names_held_out_idiom(texts, [i.word for i in entries])
+    return tuple(i for i, n in zip(entries, named) if not n)
+
+
+def idioms_sft(split: str = "train", kinds: Sequence[str] | None = None) -> list[list[dict[str, str]]]:
+    """Return the chats of the idioms in split ("train": train_idioms(), "heldout"), in dictionary order.
+
+    kinds: only questions of these TEMPLATES kinds (default all).
+    """
     if split not in SPLITS:
         raise QingLMError(f"unknown idioms-sft split {split!r}; choose train or heldout")
-    want_held = split == "heldout"
-    return [chat for i in idioms() if is_held_out(i.word) == want_held for chat in idiom_chats(i)]
+    if unknown := sorted(set(kinds or ()) - set(TEMPLATES)):
+        raise QingLMError(f"unknown idioms-sft kind {', '.join(unknown)}; choose from {', '.join(TEMPLATES)}")
+    chosen = train_idioms() if split == "train" else [i for i in idioms() if is_held_out(i.word)]
+    return [chat for i in chosen for chat in idiom_chats(i, kinds)]
 
 
 def held_out_idioms() -> list[Idiom]:

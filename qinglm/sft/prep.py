@@ -49,7 +49,11 @@ def resolve_tuning(cfg: Any, max_seq_len: int, lr: tuple[float, float], name: st
 
 def load_conversations(cfg: SFTConfig, log: Callable[[str], None]) -> tuple[list, list]:
     """Return (train, held-out) conversations of cfg.data (see load_examples)."""
-    return load_examples(cfg, IDIOMS, idioms_sft, sft_data.read_sft_jsonl, "chats", log)
+
+    def splits(split: str) -> list:
+        return idioms_sft(split, cfg.idiom_kinds)
+
+    return load_examples(cfg, IDIOMS, splits, sft_data.read_sft_jsonl, "chats", log)
 
 
 def load_examples(

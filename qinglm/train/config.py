@@ -227,6 +227,12 @@ class TrainConfig(EngineConfig):
     tokenizer_sample_bytes: int = _f(
         32 << 20, "train the tokenizer on an even sample of about this many bytes of the corpus"
     )
+    pre_tokenizer: str = _f(
+        "qwen2",
+        "how a new tokenizer splits text before BPE: qwen2 (words of Chinese characters can merge), "
+        "chars (one piece per Chinese character; pinyin syllables stay whole)",
+        ["qwen2", "chars"],
+    )
     sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
     sample_tokens: int = _f(
         60, "tokens to generate per sample prompt (after training; greedy ones at each validation)"
