@@ -229,7 +229,7 @@ def test_llama_cpp_runs_the_export_like_qinglm(tmp_path, tokenizer, options, mak
     assert got == want
 
 
-def test_a_chars_tokenizer_is_refused(tmp_path):
+def test_a_chars_tokenizer_is_refused(tmp_path, make_run):
     # llama.cpp would split its text the Qwen2 way and give other tokens than QingLM.
     chars = train_tokenizer(
         [f"{LINES[i % 3]}{i}" for i in range(150)], 350, show_progress=False, split="chars"

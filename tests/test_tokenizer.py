@@ -197,8 +197,8 @@ def test_chars_pre_tokenizer_keeps_characters_and_pinyin_syllables_whole(tmp_pat
 
 def test_pre_tokenizer_flag_reaches_the_trained_tokenizer(tmp_path):
     from qinglm.cli import main
-    from qinglm.config import TrainConfig
     from qinglm.pipeline import train_tokenizer_on
+    from qinglm.train.config import TrainConfig
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(pd1998_lines(200)), encoding="utf-8")
