@@ -17,14 +17,14 @@ from qinglm import experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cl
 from qinglm.data import commands as data_cli
 from qinglm.errors import QingLMError
 from qinglm.export import cli as export_cli
-from qinglm.post import distill_cli, dpo_cli, grpo_cli
+from qinglm.post import dpo_cli, grpo_cli
 from qinglm.serve import cli as serve_cli
 from qinglm.sft import cli as sft_cli
 
 # Every command, in --help order. Each module has `register(sub) -> {name: handler}`: it adds its parsers
 # to `sub` (importing nothing heavy) and returns the handlers, which take the parsed argparse.Namespace.
 COMMAND_MODULES = (
-    train_cli,  # train
+    train_cli,  # train, distill
     generate_cli,  # generate, eval
     prepare_cli,  # tokenizer, prepare
     data_cli,  # data
@@ -34,7 +34,6 @@ COMMAND_MODULES = (
     sweep_cli,  # sweep
     sft_cli,  # sft, lora, chat
     dpo_cli,  # dpo
-    distill_cli,  # distill
     grpo_cli,  # grpo
     export_cli,  # export, import
 )
