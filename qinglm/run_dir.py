@@ -27,6 +27,7 @@ KINDS = {"pretrain": ("train",), "sft": ("sft", "base"), "import": (), "merge": 
 RUN_NAMES = (
     CONFIG, TOKENIZER, BEST, CHECKPOINTS, DATA, METRICS, LOCK_FILE,
     "adapter", "sft_results.json", "tensorboard", "wandb", "swanlog",
+    "eval_results.json", "report.md", "report",
 )  # fmt: skip
 # Set by a process that holds a run's lock for the processes it starts (torchrun workers).
 LOCK_HELD_ENV = "QINGLM_RUN_LOCK_HELD"
