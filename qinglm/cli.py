@@ -16,6 +16,7 @@ from pathlib import Path
 from qinglm.config import ModelConfig, SamplingConfig, TrainConfig, add_dataclass_args, given
 from qinglm.data.commands import add_parsers as add_corpus_parsers
 from qinglm.errors import QingLMError
+from qinglm.evals.commands import add_eval_options
 
 # Flag names of the seed projects (Andy-LLM, LightweightLM, Zer02LLM), accepted as aliases.
 TRAIN_ALIASES = {
@@ -110,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
 
-    p = sub.add_parser("eval", help="held-out loss, perplexity and bits per character")
-    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
-    p.add_argument(
-        "--data", required=True, help="built-in corpus name (its val split), file, directory or glob"
+    p = sub.add_parser(
+        "eval", help="held-out loss, perplexity and bits per character; task suite (--tasks), lm-eval"
     )
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
+    p.add_argument("--data", help="built-in corpus name (its val split), file, directory or glob")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--seq-len", type=int, default=None, help="evaluation window (default: the model's context)"
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
+    add_eval_options(p)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
@@ -170,6 +172,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qinglm.sweep",
     "qinglm.sft.cli",
     "qinglm.export.cli",
+    "qinglm.evals.commands",
 )
 
 
@@ -236,6 +239,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qinglm.data.builtin import is_builtin
     from qinglm.data.sources import expand_paths
 
+    if args.tasks or args.lm_eval:
+        from qinglm.evals.commands import run_eval
+
+        run_eval(args)
+        if not args.data:
+            return
+    elif not args.data:
+        raise QingLMError("give --data CORPUS_OR_FILE, --tasks NAME[,NAME...]|all or --lm-eval TASKS")
     if not is_builtin(args.data):
         expand_paths(args.data)  # on the command line --data is a corpus or a path: a missing one is an error
     lm = qinglm.load(args.model, device=args.device)
