@@ -40,7 +40,12 @@ def run_eval(args: argparse.Namespace) -> None:
     if tasks:
         lm = qinglm.load(run, device=args.device)
         out = evaluate_tasks(
-            lm.model, lm.tokenizer, tasks, limit=args.limit, val_fraction=lm.val_fraction, split_by=lm.split_by
+            lm.model,
+            lm.tokenizer,
+            tasks,
+            limit=args.limit,
+            val_fraction=lm.val_fraction,
+            split_by=lm.split_by,
         )
         print(format_table(out) if not args.json else json.dumps(out, ensure_ascii=False))
     if args.lm_eval:

@@ -74,7 +74,9 @@ def run_lm_eval(
                     "--lm-eval-include DIR"
                 ) from None
             raise
-    return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
+    return {
+        task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()
+    }
 
 
 def format_lm_eval(results: dict[str, dict[str, Any]]) -> str:
