@@ -8,7 +8,9 @@ bpc-pd1998), held-out reviews (sentiment, bpc-reviews), held-out idioms (bpc-idi
 tasks use only the idioms of qinglm.data.splits.idiom_held_out, which are "val" in the idioms corpus
 at every val_fraction and never in idioms-sft's train split. Few-shot examples and the character
 frequencies that pick distractors come from the train split, which is allowed: they are not items.
-A text that a user trains on from a file of their own is beyond what this can see.
+A cloze sentence or a review whose shown text also occurs in the train split (a dateline, a review
+posted twice with a different ending) is dropped. A text
+that a user trains on from a file of their own is beyond what this can see.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def _cloze_raw(val_fraction: float, split_by: str) -> tuple[Raw, ...]:
     """Return cloze questions: a held-out sentence's prefix; the true character + the next few, and
     candidates with a character of about the same frequency in the train split in its place."""
     chars, rank = _char_ranks(val_fraction, split_by)
+    train_text = "\n".join(builtin_documents("pd1998", "train", val_fraction, split_by))
     out = []
     for doc in builtin_documents("pd1998", "val", val_fraction, split_by):
         for sent in _SENTENCE.findall(doc):
@@ -122,6 +125,8 @@ def _cloze_raw(val_fraction: float, split_by: str) -> tuple[Raw, ...]:
             lo = max(0, rank[sent[i]] - CLOZE_BAND)
             band = [c for c in chars[lo : rank[sent[i]] + CLOZE_BAND + 1] if c != sent[i]]
             right = sent[i + 1 : i + 1 + CLOZE_RIGHT]
+            if sent[: i + 1] + right in train_text:  # a dateline or a phrase that training also has
+                continue
             out.append(Raw(sent[:i], sent[i] + right, tuple(c + right for c in rng.sample(band, len(band)))))
     return tuple(out)
 
@@ -166,8 +171,10 @@ def _review_sentiment(val_fraction: float, split_by: str) -> tuple[Item, ...]:
     labels = _review_labels()
     by_label: dict[int, list[str]] = {0: [], 1: []}
     shots: dict[int, list[str]] = {0: [], 1: []}
-    for split, doc in builtin_labelled("reviews", val_fraction, split_by):
-        if doc in labels:
+    labelled = list(builtin_labelled("reviews", val_fraction, split_by))
+    seen = {doc[:SENTIMENT_CHARS] for split, doc in labelled if split == "train"}
+    for split, doc in labelled:
+        if doc in labels and (split == "train" or doc[:SENTIMENT_CHARS] not in seen):  # shown text unseen
             (by_label if split == "val" else shots)[labels[doc]].append(doc)
     examples = [shots[k][j] for j in range(SENTIMENT_SHOTS // 2) for k in (0, 1)]  # alternating labels
     prefix = "".join(_review_block(d, SENTIMENT_LABELS[labels[d]]) + "\n\n" for d in examples)
