@@ -228,3 +228,80 @@ def test_a_file_qinglm_did_not_write_is_not_replaced(runs):
     with pytest.raises(QingLMError, match="not written by QingLM"):
         write_run_file(run, "notes.md", "x")
     assert (run / "notes.md").read_text() == "mine"
+
+
+LOCAL_TASK = """task: qinglm_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_on_a_local_task_matches_our_scoring(runs, tmp_path, monkeypatch, capsys):
+    pytest.importorskip(
+        "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'qinglm[lm-eval]')"
+    )
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import qinglm
+    from qinglm.export.hf import export_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    docs = [
+        {"context": "中国经济", "choices": ["持续发展", "春天来了", "学习进步"], "gold": 0},
+        {"context": "今天天气", "choices": ["真不错", "经济发展"], "gold": 0},
+        {"context": "人工智能", "choices": ["改变了世界", "花开了"], "gold": 1},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local.yaml").write_text(LOCAL_TASK.format(data=data), encoding="utf-8")
+    run = runs[0]
+    argv = [
+        "eval",
+        "--model",
+        str(run),
+        "--lm-eval",
+        "qinglm_local",
+        "--lm-eval-include",
+        str(tmp_path / "tasks"),
+    ]
+    assert main(argv) == 0
+    assert "acc_norm" in capsys.readouterr().out
+    results = json.loads((run / "eval_results.json").read_text(encoding="utf-8"))
+    assert set(results["lm_eval"]["qinglm_local"]) >= {"acc,none", "acc_norm,none"}
+    assert main([*argv[:4], "no_such_task", *argv[5:]]) == 2
+    assert "unknown lm-eval task" in capsys.readouterr().err
+    # lm-eval's own log-likelihoods of the exported model are ours.
+    folder = export_hf(run, tmp_path / "hf")
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder), "dtype": "float32", "add_bos_token": True},
+        tasks=["qinglm_local"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+        device="cpu",
+    )
+    lm = qinglm.load(run, device="cpu")
+    for sample in out["samples"]["qinglm_local"]:
+        doc = sample["doc"]
+        theirs = [resp[0][0] for resp in sample["resps"]]
+        ours = loglikelihoods(lm.model, lm.tokenizer, [(doc["context"], c) for c in doc["choices"]])
+        assert ours == pytest.approx(theirs, abs=1e-4)

@@ -84,7 +84,7 @@ def format_lm_eval(results: dict[str, dict[str, Any]]) -> str:
     lines = []
     for task, metrics in results.items():
         for key, value in metrics.items():
-            if "_stderr" in key or not isinstance(value, (int, float)):
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
             metric = key.split(",")[0]
             err = metrics.get(key.replace(metric, metric + "_stderr", 1))
