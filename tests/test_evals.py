@@ -214,7 +214,8 @@ def test_eval_tasks_writes_results_and_report_holds_every_section(runs, capsys):
         for section in SECTIONS:
             assert f"## {section}\n" in text, section
         assert "## Side by side" in text and "中国经济" in text
-        assert (run / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for png in ("curves.png", "tasks.png"):
+            assert (run / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "idiom-pinyin" in (run_b / "report.md").read_text(encoding="utf-8")  # evaluated for the report
 
 

@@ -178,16 +178,53 @@ def _plots(run: Path, runs: list[Path], info: dict[str, Any]) -> dict[str, str]:
     from qinglm.io import OwnedDir
     from qinglm.plot import plot_runs
 
-    if not info["records"]:
-        return {}
     owned = OwnedDir.read(run)
     if (run / PLOTS).exists() and not (owned and owned.owns(PLOTS)):
         raise QingLMError(f"{run / PLOTS} exists and was not written by QingLM; move it away first")
     if owned:
         owned.add(PLOTS)
     with_records = [r for r in runs if (r / "metrics.jsonl").is_file()]
-    plot_runs(with_records, run / PLOTS / "curves.png")
-    return {"loss, learning rate, gradient norm and throughput": f"{PLOTS}/curves.png"}
+    plots = {}
+    if info["records"]:
+        plot_runs(with_records, run / PLOTS / "curves.png")
+        plots["loss, learning rate, gradient norm and throughput"] = f"{PLOTS}/curves.png"
+    if _plot_tasks(info["results"], run / PLOTS / "tasks.png"):
+        plots["task accuracy with 95% intervals (dashes: random)"] = f"{PLOTS}/tasks.png"
+    return plots
+
+
+def _plot_tasks(results: dict[str, Any], out: Path) -> bool:
+    """Return True after drawing the choice tasks' accuracies, intervals and random baselines to out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qinglm.io import atomic_open
+
+    tasks = {k: r for k, r in (results.get("tasks") or {}).items() if r.get("kind") == "choice"}
+    if not tasks:
+        return False
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4), constrained_layout=True)
+    xs = range(len(tasks))
+    scores = [r["score"] for r in tasks.values()]
+    errs = [
+        [s - r["interval"][0] for s, r in zip(scores, tasks.values())],
+        [r["interval"][1] - s for s, r in zip(scores, tasks.values())],
+    ]
+    ax.bar(xs, scores, yerr=errs, capsize=4, color="tab:blue")
+    for x, r in zip(xs, tasks.values()):
+        ax.hlines(r["random"], x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+    ax.set_xticks(list(xs), list(tasks), rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_open(out, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return True
 
 
 def write_reports(
