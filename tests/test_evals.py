@@ -126,9 +126,10 @@ def test_task_items_never_occur_in_training(tok, val_fraction):
         train = set(builtin_documents(corpus, "train", *split))
         items = TASKS[f"bpc-{corpus}"].build(*split, tok)
         assert items and not train & set(items)
-    pd_train = "\n".join(builtin_documents("pd1998", "train", *split))
-    for it in TASKS["pd1998-cloze"].build(*split, tok):
-        assert it.context + it.choices[it.gold] not in pd_train
+    for corpus in ("pd1998", "reviews"):
+        train_text = "\n".join(builtin_documents(corpus, "train", *split))
+        items = TASKS[f"{corpus}-cloze"].build(*split, tok)
+        assert len(items) > 300 and not any(it.context + it.choices[it.gold] in train_text for it in items)
     reviews_train = {d[:60] for d in builtin_documents("reviews", "train", *split)}
     for it in TASKS["reviews-sentiment"].build(*split, tok):
         review = re.search(r"评论：([^\n]*)\n评价：$", it.context).group(1)

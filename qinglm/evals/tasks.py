@@ -2,15 +2,15 @@
 
 Never in training, by construction: every item comes from the split that training holds out.
 The corpora's documents are labelled by qinglm.data.builtin.builtin_labelled, the very function the
-training pipeline uses, called with the run's own val_fraction and split_by (LM.val_fraction,
+training pipeline labels them with (qinglm.data.corpus), called with the run's own val_fraction and split_by (LM.val_fraction,
 LM.split_by), and only "val" documents make items: held-out People's Daily article blocks (cloze,
-bpc-pd1998), held-out reviews (sentiment, bpc-reviews), held-out idioms (bpc-idioms). The idiom
+bpc-pd1998), held-out reviews (cloze, sentiment, bpc-reviews), held-out idioms (bpc-idioms). The idiom
 tasks use only the idioms of qinglm.data.splits.idiom_held_out, which are "val" in the idioms corpus
 at every val_fraction and never in idioms-sft's train split. Few-shot examples and the character
 frequencies that pick distractors come from the train split, which is allowed: they are not items.
 A cloze sentence or a review whose shown text also occurs in the train split (a dateline, a review
-posted twice with a different ending) is dropped. A text
-that a user trains on from a file of their own is beyond what this can see.
+posted twice with a different ending) is dropped. A text that a user trains on from a file of their
+own is beyond what this can see.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _with_distractors(raws: tuple[Raw, ...], tokenizer: Tokenizer, k: int) -> tu
     return tuple(items)
 
 
-# ---------------------------------------------------------------------------- pd1998 character cloze
+# ---------------------------------------------------------------------------- character cloze
 
 _SENTENCE = re.compile(r"[^。！？]*[。！？]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -97,23 +97,23 @@ CLOZE_BAND = 20  # distractors: characters within this many frequency ranks of t
 
 
 @functools.cache
-def _char_ranks(val_fraction: float, split_by: str) -> tuple[list[str], dict[str, int]]:
-    """Return the Chinese characters of pd1998's train split by frequency, and each one's rank."""
+def _char_ranks(corpus: str, val_fraction: float, split_by: str) -> tuple[list[str], dict[str, int]]:
+    """Return the Chinese characters of the corpus's train split by frequency, and each one's rank."""
     counts = Counter(
-        c for label, d in builtin_labelled("pd1998", val_fraction, split_by) if label == "train" for c in d
+        c for label, d in builtin_labelled(corpus, val_fraction, split_by) if label == "train" for c in d
     )
     chars = [c for c, _ in counts.most_common() if _HAN.fullmatch(c)]
     return chars, {c: i for i, c in enumerate(chars)}
 
 
 @functools.cache
-def _cloze_raw(val_fraction: float, split_by: str) -> tuple[Raw, ...]:
+def _cloze_raw(corpus: str, val_fraction: float, split_by: str) -> tuple[Raw, ...]:
     """Return cloze questions: a held-out sentence's prefix; the true character + the next few, and
     candidates with a character of about the same frequency in the train split in its place."""
-    chars, rank = _char_ranks(val_fraction, split_by)
-    train_text = "\n".join(builtin_documents("pd1998", "train", val_fraction, split_by))
+    chars, rank = _char_ranks(corpus, val_fraction, split_by)
+    train_text = "\n".join(builtin_documents(corpus, "train", val_fraction, split_by))
     out = []
-    for doc in builtin_documents("pd1998", "val", val_fraction, split_by):
+    for doc in builtin_documents(corpus, "val", val_fraction, split_by):
         for sent in _SENTENCE.findall(doc):
             sent = sent.strip()
             if len(sent) < 12:
@@ -131,9 +131,12 @@ def _cloze_raw(val_fraction: float, split_by: str) -> tuple[Raw, ...]:
     return tuple(out)
 
 
-def pd1998_cloze(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple[Item, ...]:
-    """Return cloze items: which character fills the blank of a held-out People's Daily sentence."""
-    return _with_distractors(_cloze_raw(val_fraction, split_by), tokenizer, CLOZE_CHOICES - 1)
+def _cloze(corpus: str) -> Callable[[float, str, Tokenizer], tuple[Item, ...]]:
+    def build(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple[Item, ...]:
+        """Return cloze items: which character fills the blank of a held-out sentence of the corpus."""
+        return _with_distractors(_cloze_raw(corpus, val_fraction, split_by), tokenizer, CLOZE_CHOICES - 1)
+
+    return build
 
 
 # ---------------------------------------------------------------------------- review sentiment
@@ -248,7 +251,8 @@ TASKS: dict[str, Task] = {
         Task("bpc-pd1998", "bpc", "bits per character, pd1998 held-out article blocks", _val_docs("pd1998")),
         Task("bpc-reviews", "bpc", "bits per character, held-out reviews", _val_docs("reviews")),
         Task("bpc-idioms", "bpc", "bits per character, held-out idiom entries", _val_docs("idioms")),
-        Task("pd1998-cloze", "choice", "the missing character of a held-out news sentence", pd1998_cloze),
+        Task("pd1998-cloze", "choice", "the missing character of a held-out news sentence", _cloze("pd1998")),
+        Task("reviews-cloze", "choice", "the missing character of a held-out review", _cloze("reviews")),
         Task("reviews-sentiment", "choice", "4-shot: is a held-out review 好评 or 差评", review_sentiment),
         Task("idiom-complete", "choice", "the second half of a held-out idiom", idiom_complete),
         Task("idiom-pinyin", "choice", "the pinyin of a held-out idiom", idiom_pinyin),
