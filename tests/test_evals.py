@@ -307,3 +307,37 @@ def test_lm_eval_on_a_local_task_matches_our_scoring(runs, tmp_path, monkeypatch
         theirs = [resp[0][0] for resp in sample["resps"]]
         ours = loglikelihoods(lm.model, lm.tokenizer, [(doc["context"], c) for c in doc["choices"]])
         assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+class CharTokenizer:
+    """One token per character, ids by first appearance: a unigram over it knows character frequencies."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, texts: list[str]):
+        self.ids = {c: i + 3 for i, c in enumerate(dict.fromkeys("".join(texts)))}
+        self.vocab_size = len(self.ids) + 3
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(c, 0) for c in text]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def fingerprint(self) -> str:
+        return f"chars-{self.vocab_size}"
+
+
+@pytest.mark.parametrize("corpus", ["pd1998", "reviews"])
+def test_a_model_that_knows_only_character_frequencies_scores_random_on_cloze(corpus):
+    """Distractors are as often more as less frequent than the true character (a band clipped at the
+    most frequent characters made frequency alone score above chance)."""
+    train = builtin_documents(corpus, "train")
+    chars = CharTokenizer(train + builtin_documents(corpus, "val"))
+    counts = torch.ones(chars.vocab_size)
+    for ids in chars.encode_batch(train):
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=chars.vocab_size)
+    unigram = Fixed(chars.vocab_size, 4096)
+    unigram.forward = lambda x: counts.log().expand(*x.shape, -1)
+    out = evaluate_tasks(unigram, chars, [f"{corpus}-cloze"])["tasks"][f"{corpus}-cloze"]
+    assert out["interval"][0] <= out["random"] <= out["interval"][1] and out["n"] > 300

@@ -57,30 +57,32 @@ def _seed(text: str) -> int:
 
 @dataclass(frozen=True)
 class Raw:
-    """A question before its distractors are chosen: context, the true continuation, candidates in order."""
+    """A question before its distractors are chosen: context, the true continuation, and groups of
+    candidates (best first) with how many distractors to take from each."""
 
     context: str
     true: str
-    candidates: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+    take: tuple[int, ...]
 
 
 def _with_distractors(raws: tuple[Raw, ...], tokenizer: Tokenizer, k: int) -> tuple[Item, ...]:
-    """Return Items with the first k candidates whose continuation has as many tokens as the true one.
+    """Return Items with distractors whose continuation has as many tokens as the true one.
 
     Equal token counts keep the scoring fair: under uniform logits every choice then has the same
-    log-likelihood and a model at chance scores the random baseline. A question with fewer than k
-    such candidates is left out; the true one sits at a position fixed by a hash of the question.
+    log-likelihood and a model at chance scores the random baseline. A question is left out when a
+    group has fewer than k such candidates (whatever its `take`, so leaving out is unbiased); the true
+    one sits at a position fixed by a hash of the question.
     """
     items = []
     for raw in raws:
         n_true = len(encode_pair(tokenizer, raw.context, raw.true)[1])
-        others = []
-        for c in raw.candidates:
-            if len(encode_pair(tokenizer, raw.context, c)[1]) == n_true:
-                others.append(c)
-                if len(others) == k:
-                    break
-        if len(others) == k:
+        matched = []
+        for group in raw.groups:
+            same = [c for c in group if len(encode_pair(tokenizer, raw.context, c)[1]) == n_true][:k]
+            matched.append(same)
+        if all(len(m) == k for m in matched):
+            others = [c for m, n in zip(matched, raw.take) for c in m[:n]]
             gold = _seed(raw.context + raw.true) % (k + 1)
             others.insert(gold, raw.true)
             items.append(Item(raw.context, tuple(others), gold))
@@ -93,7 +95,7 @@ _SENTENCE = re.compile(r"[^。！？]*[。！？]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 CLOZE_CHOICES = 4
 CLOZE_RIGHT = 6  # characters after the blank that every choice carries: the blank is judged in context
-CLOZE_BAND = 20  # distractors: characters within this many frequency ranks of the true one
+CLOZE_BAND = 60  # distractors: characters within this many frequency ranks of the true one
 
 
 @functools.cache
@@ -109,7 +111,11 @@ def _char_ranks(corpus: str, val_fraction: float, split_by: str) -> tuple[list[s
 @functools.cache
 def _cloze_raw(corpus: str, val_fraction: float, split_by: str) -> tuple[Raw, ...]:
     """Return cloze questions: a held-out sentence's prefix; the true character + the next few, and
-    candidates with a character of about the same frequency in the train split in its place."""
+    candidates with a character of nearby frequency rank in the train split in its place.
+
+    Of the 3 distractors, j (uniform in 0..3, by a hash) are more frequent than the true character and
+    the rest less, so a model that knows only character frequencies scores the random baseline.
+    """
     chars, rank = _char_ranks(corpus, val_fraction, split_by)
     train_text = "\n".join(builtin_documents(corpus, "train", val_fraction, split_by))
     out = []
@@ -122,12 +128,13 @@ def _cloze_raw(corpus: str, val_fraction: float, split_by: str) -> tuple[Raw, ..
             i = rng.randrange(4, len(sent) - CLOZE_RIGHT)
             if sent[i] not in rank:
                 continue
-            lo = max(0, rank[sent[i]] - CLOZE_BAND)
-            band = [c for c in chars[lo : rank[sent[i]] + CLOZE_BAND + 1] if c != sent[i]]
-            right = sent[i + 1 : i + 1 + CLOZE_RIGHT]
+            r, right = rank[sent[i]], sent[i + 1 : i + 1 + CLOZE_RIGHT]
             if sent[: i + 1] + right in train_text:  # a dateline or a phrase that training also has
                 continue
-            out.append(Raw(sent[:i], sent[i] + right, tuple(c + right for c in rng.sample(band, len(band)))))
+            above = tuple(c + right for c in chars[max(0, r - CLOZE_BAND) : r][::-1])  # nearest first
+            below = tuple(c + right for c in chars[r + 1 : r + 1 + CLOZE_BAND])
+            j = rng.randrange(CLOZE_CHOICES)  # distractors more frequent than the true character
+            out.append(Raw(sent[:i], sent[i] + right, (above, below), (j, CLOZE_CHOICES - 1 - j)))
     return tuple(out)
 
 
@@ -210,7 +217,8 @@ def _idiom_complete_raw() -> tuple[Raw, ...]:
     out = []
     for word, _ in held:
         rng = random.Random(_seed(word))
-        out.append(Raw(word[:2], word[2:], tuple(c for c in rng.sample(pool, 40) if c != word[2:])))
+        others = tuple(c for c in rng.sample(pool, 40) if c != word[2:])
+        out.append(Raw(word[:2], word[2:], (others,), (IDIOM_CHOICES - 1,)))
     return tuple(out)
 
 
