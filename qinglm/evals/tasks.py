@@ -27,7 +27,6 @@ from qinglm.data.builtin import _package_file, builtin_documents, builtin_labell
 from qinglm.data.sources import normalize_text
 from qinglm.data.splits import idiom_held_out
 from qinglm.errors import QingLMError
-from qinglm.evals.scoring import encode_pair
 from qinglm.tokenizer import Tokenizer
 
 
@@ -74,13 +73,17 @@ def _with_distractors(raws: tuple[Raw, ...], tokenizer: Tokenizer, k: int) -> tu
     group has fewer than k such candidates (whatever its `take`, so leaving out is unbiased); the true
     one sits at a position fixed by a hash of the question.
     """
+    texts = [
+        t
+        for raw in raws
+        for t in (raw.context, raw.context + raw.true, *(raw.context + c for g in raw.groups for c in g))
+    ]
+    lengths = iter([len(ids) for ids in tokenizer.encode_batch(texts)] if texts else [])
     items = []
     for raw in raws:
-        n_true = len(encode_pair(tokenizer, raw.context, raw.true)[1])
-        matched = []
-        for group in raw.groups:
-            same = [c for c in group if len(encode_pair(tokenizer, raw.context, c)[1]) == n_true][:k]
-            matched.append(same)
+        n_ctx = next(lengths)
+        n_true = next(lengths) - n_ctx  # continuation tokens, counted as encode_pair splits them
+        matched = [[c for c in g if next(lengths) - n_ctx == n_true][:k] for g in raw.groups]
         if all(len(m) == k for m in matched):
             others = [c for m, n in zip(matched, raw.take) for c in m[:n]]
             gold = _seed(raw.context + raw.true) % (k + 1)
