@@ -16,6 +16,7 @@ from pathlib import Path
 from qinglm import experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cli, train_cli
 from qinglm.data import commands as data_cli
 from qinglm.errors import QingLMError
+from qinglm.evals import cli as evals_cli
 from qinglm.export import cli as export_cli
 from qinglm.post import dpo_cli, grpo_cli
 from qinglm.serve import cli as serve_cli
@@ -36,6 +37,7 @@ COMMAND_MODULES = (
     dpo_cli,  # dpo
     grpo_cli,  # grpo
     export_cli,  # export, import
+    evals_cli,  # report
 )
 
 

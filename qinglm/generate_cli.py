@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qinglm.config import SamplingConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
+from qinglm.evals.cli import add_eval_options
 
 GEN_ALIASES = {"max_new_tokens": ["--max_length", "--max-length"]}
 
@@ -40,11 +41,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
 
-    p = sub.add_parser("eval", help="held-out loss, perplexity and bits per character")
-    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
-    p.add_argument(
-        "--data", required=True, help="built-in corpus name (its val split), file, directory or glob"
+    p = sub.add_parser(
+        "eval", help="held-out loss, perplexity and bits per character; task suite (--tasks), lm-eval"
     )
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
+    p.add_argument("--data", help="built-in corpus name (its val split), file, directory or glob")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--seq-len", type=int, default=None, help="evaluation window (default: the model's context)"
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--encoding", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
+    add_eval_options(p)
     return {"generate": cmd_generate, "eval": cmd_eval}
 
 
@@ -103,6 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from qinglm.data.builtin import is_builtin
     from qinglm.data.sources import expand_paths
 
+    if args.tasks or args.lm_eval:
+        from qinglm.evals.cli import run_eval
+
+        run_eval(args)
+        if not args.data:
+            return
+    elif not args.data:
+        raise QingLMError("give --data CORPUS_OR_FILE, --tasks NAME[,NAME...]|all or --lm-eval TASKS")
     if not is_builtin(args.data):
         expand_paths(args.data)  # on the command line --data is a corpus or a path: a missing one is an error
     lm = qinglm.load(args.model, device=args.device)

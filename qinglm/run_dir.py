@@ -35,7 +35,7 @@ KINDS = {
 RUN_NAMES = (
     CONFIG, TOKENIZER, BEST, CHECKPOINTS, DATA, METRICS, LOCK_FILE,
     "adapter", "sft_results.json", "dpo_results.json", "grpo_results.json", "distill_results.json",
-    "tensorboard", "wandb", "swanlog", "report.md", "eval_results.json", "plots",
+    "tensorboard", "wandb", "swanlog", "report.md", "report", "eval_results.json",
 )  # fmt: skip
 # Set by a process that holds a run's lock for the processes it starts (torchrun workers).
 LOCK_HELD_ENV = "QINGLM_RUN_LOCK_HELD"

@@ -1,0 +1,166 @@
+"""Run tasks of the suite on a model: scores, random baselines, 95 % intervals, the summary score.
+
+A "choice" task's score is its metric (acc_norm unless the task says otherwise) with a Wilson
+interval; a "bpc" task's score is bits per character with a percentile-bootstrap interval over
+documents, and its "random" is a uniform distribution over the vocabulary. The summary score is
+the mean over the choice tasks of (accuracy - random) / (1 - random).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qinglm.evals.scoring import choose, encode_pair, score_ids
+from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
+from qinglm.evals.tasks import Item, Task, resolve
+from qinglm.io import write_json_atomic
+from qinglm.model.transformer import Transformer
+from qinglm.tokenizer import Tokenizer
+from qinglm.train.config import TrainConfig
+
+RESULTS_FILE = "eval_results.json"
+
+
+def _take(items: tuple, limit: int | None) -> tuple:
+    """Return at most `limit` items spread evenly over the task (all when limit is None or 0)."""
+    if not limit or limit >= len(items):
+        return items
+    step = len(items) / limit
+    return tuple(items[int(i * step)] for i in range(limit))
+
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def _items(task: Task, val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple:
+    """Return the task's items, built once per process for each split and tokenizer."""
+    key = (task.name, val_fraction, split_by, tokenizer.fingerprint())
+    if key not in _CACHE:
+        _CACHE[key] = task.build(val_fraction, split_by, tokenizer)
+    return _CACHE[key]
+
+
+def score_choice(
+    model: Transformer, tokenizer: Tokenizer, items: tuple[Item, ...], device: Any = None
+) -> dict[str, Any]:
+    """Return {"acc", "acc_norm", "n"} of multiple-choice items, every choice of every item in one batched pass."""
+    pairs = [encode_pair(tokenizer, it.context, c) for it in items for c in it.choices]
+    lls = [ll for ll, _ in score_ids(model, pairs, device)]
+    acc = acc_norm = 0
+    k = 0
+    for it in items:
+        pick, pick_norm = choose(lls[k : k + len(it.choices)], it.choices)
+        k += len(it.choices)
+        acc += pick == it.gold
+        acc_norm += pick_norm == it.gold
+    n = len(items)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
+def score_bpc(model: Transformer, tokenizer: Tokenizer, docs: tuple[str, ...], device: Any = None) -> dict:
+    """Return {"score" (bits/char), "interval", "random", "n"} of documents read as [BOS] doc [EOS].
+
+    Characters are len(doc) + 1 (the break), as in qinglm.evaluate. A document longer than the
+    context is scored in windows without context across them.
+    """
+    win = model.cfg.max_seq_len
+    pairs, owner = [], []
+    n_tokens = 0
+    for d, ids in enumerate(tokenizer.encode_batch(list(docs))):
+        seq = [tokenizer.bos_id, *ids, tokenizer.eos_id]
+        n_tokens += len(seq) - 1
+        for s in range(0, len(seq) - 1, win):
+            piece = seq[s : s + win + 1]
+            pairs.append((piece[:1], piece[1:]))
+            owner.append(d)
+    nll = [0.0] * len(docs)
+    for d, (ll, _) in zip(owner, score_ids(model, pairs, device)):
+        nll[d] -= ll / math.log(2)
+    chars = [len(d) + 1 for d in docs]
+    return {
+        "score": sum(nll) / sum(chars),
+        "interval": list(bootstrap_ratio_interval(nll, chars)),
+        "random": math.log2(tokenizer.vocab_size) * n_tokens / sum(chars),
+        "n": len(docs),
+    }
+
+
+def evaluate_tasks(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    tasks: str | list[str] | list[Task],
+    *,
+    device: Any = None,
+    limit: int | None = None,
+    val_fraction: float = TrainConfig.val_fraction,
+    split_by: str = TrainConfig.split_by,
+) -> dict[str, Any]:
+    """Return {"tasks": {name: result}, "summary": score | None, "seconds"} of the tasks on the model.
+
+    val_fraction and split_by must be the run's own (they choose the held-out split; see tasks.py).
+    limit: at most this many items (documents for bpc) per task, spread evenly.
+    """
+    chosen = tasks if tasks and isinstance(tasks[0], Task) else resolve(tasks)
+    t0 = time.perf_counter()
+    results: dict[str, dict] = {}
+    for task in chosen:
+        items = _take(_items(task, val_fraction, split_by, tokenizer), limit)
+        if task.kind == "bpc":
+            r = {"kind": "bpc", "metric": "bpc", **score_bpc(model, tokenizer, items, device)}
+        else:
+            s = score_choice(model, tokenizer, items, device)
+            correct = round(s[task.metric] * s["n"])
+            r = {
+                "kind": "choice",
+                "metric": task.metric,
+                "score": s[task.metric],
+                "interval": list(wilson_interval(correct, s["n"])),
+                "random": sum(1 / len(it.choices) for it in items) / len(items),
+                **s,
+            }
+        results[task.name] = r
+    return {"tasks": results, "summary": summary_score(results), "seconds": time.perf_counter() - t0}
+
+
+def run_tasks(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    names: str | list[str],
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    **split: Any,
+) -> dict[str, float]:
+    """Return flat scores for metrics.jsonl: {"task/NAME": score, ..., "task/summary": score}.
+
+    What the training engine calls at each validation (split: val_fraction=, split_by= of the run).
+    """
+    out = evaluate_tasks(model, tokenizer, names, device=device, limit=limit, **split)
+    flat = {f"task/{name}": r["score"] for name, r in out["tasks"].items()}
+    if out["summary"] is not None:
+        flat["task/summary"] = out["summary"]
+    return flat
+
+
+def format_table(out: dict[str, Any]) -> str:
+    """Return the results as an aligned text table, the summary score last."""
+    lines = [f"{'task':<20} {'metric':<8} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
+    for name, r in out["tasks"].items():
+        lo, hi = r["interval"]
+        lines.append(
+            f"{name:<20} {r['metric']:<8} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
+        )
+    if out["summary"] is not None:
+        lines.append(f"summary (mean accuracy rescaled: random 0, perfect 1): {out['summary']:.4f}")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | Path, out: dict[str, Any]) -> Path:
+    """Write the results to RUN/eval_results.json atomically (merged with earlier tasks' results)."""
+    path = Path(run_dir) / RESULTS_FILE
+    write_json_atomic(path, out)
+    return path
