@@ -1,7 +1,7 @@
 """Corpus-scale benchmark: `qinglm tokenizer train` and `qinglm prepare` on a generated JSONL corpus of
 distinct sentences, each stage's MB/s and peak RSS.
 
-    python -m benchmarks.corpus_scale [--mb 300] [--vocab 16000] [--keep DIR]
+    python -m benchmarks.corpus_scale [--mb 300] [--vocab 16000] [--keep DIR] [--stages prepare]
 
 The corpus is pd1998's paragraphs over and over with 8% of the characters replaced at random
 (seeded), so nearly every clause is distinct: the worst case for the BPE trainer's memory. It is
@@ -68,6 +68,13 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=300, help="corpus size in MiB")
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--keep", help="write the corpus and outputs here and keep them")
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        choices=["tokenizer", "prepare"],
+        default=["tokenizer", "prepare"],
+        help="stages to run; prepare alone uses the tokenizer an earlier run left in --keep DIR",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
@@ -75,17 +82,20 @@ def main() -> None:
         corpus = root / "corpus.jsonl"
         size = corpus.stat().st_size if corpus.is_file() else write_corpus(corpus, args.mb)
         mb = size / 1e6
-        stages = {
+        commands = {
             "tokenizer train": ["tokenizer", "train", "--data", str(corpus), "--vocab-size", str(args.vocab)]
             + ["--out", str(root / "tok")],
             "prepare": ["prepare", "--data", str(corpus), "--tokenizer", str(root / "tok")]
             + ["--out", str(root / "data")],
         }
+        if "tokenizer" not in args.stages and not (root / "tok").is_dir():
+            raise SystemExit("--stages prepare needs --keep DIR holding tok/ from an earlier run")
         print(f"corpus: {mb:,.1f} MB of JSONL, vocab {args.vocab:,}, {os.cpu_count()} CPUs")
         print("| stage | wall s | MB/s | CPU s | MB per CPU-s | peak RSS MB |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, stage_args in stages.items():
-            r = run_stage(stage_args)
+        for stage in args.stages:
+            name = "tokenizer train" if stage == "tokenizer" else stage
+            r = run_stage(commands[name])
             print(
                 f"| {name} | {r['wall']:.1f} | {mb / r['wall']:.2f} | {r['cpu']:.1f} | "
                 f"{mb / r['cpu']:.2f} | {r['rss_mb']:,.0f} |",

@@ -247,6 +247,9 @@ def test_normalize_text():
     assert normalize_text("ＡＢＣ１２３ａｂｃ") == "ABC123abc"
     assert normalize_text("，。！？：；（）“”《》、～") == "，。！？：；（）“”《》、～"
     assert normalize_text("１．５％\u3000完") == "1.5% 完"
+    long = "中文，標點。" * 5000
+    assert normalize_text(long) is long  # nothing to map: the text itself, not scanned character by character
+    assert normalize_text(long + "Ｑ") == long + "Q"
 
 
 def test_nfkc_flag(tmp_path):

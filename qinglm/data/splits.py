@@ -93,12 +93,16 @@ class Splitter:
             raise QingLMError(f"split_block must be positive, got {block}")
         self.by, self.val_fraction, self.block = by, val_fraction, block
         self._seen = 0  # documents labelled so far: the block counter
+        self._path: Path | None = None  # the file last seen, and whether it holds records
+        self._records = False
 
     def __call__(self, doc: str, path: Path | None) -> str:
         by = self.by
         if by == "auto":
-            records = path is not None and format_of(path) in (".jsonl", ".json", ".parquet")
-            by = "document" if records else "block"
+            if path is not self._path:  # once per file, not per document
+                self._path = path
+                self._records = path is not None and format_of(path) in (".jsonl", ".json", ".parquet")
+            by = "document" if self._records else "block"
         if by == "file" and path is not None:
             label = split_of(path.name, self.val_fraction)
         elif by == "block":
