@@ -119,3 +119,20 @@ def qinglm_loss(run: Path, data: Path, sft_run: Path) -> float:
     samples, _ = sft_data.make_samples(lm.tokenizer, val, cfg.seq_len)
     torch.manual_seed(0)
     return assistant_loss(lm.model, samples, lm.tokenizer.pad_id, torch.device("cpu"))
+
+
+def test_eval_tasks_are_scored_at_each_validation(phrase_corpus, tmp_path):
+    from qinglm.pipeline import run_train
+
+    data, tok, _ = phrase_corpus
+    out = tmp_path / "run"
+    flags = dict(
+        data=[str(data)], tokenizer=str(tok), out=str(out), max_steps=4, eval_every=2, batch_size=4, seq_len=16,
+        eval_tokens=256, device="cpu", compile=False, num_threads=1, sample_tokens=1, sample_prompts=["你好"],
+        eval_tasks=["pd1998-cloze", "bpc-idioms"], eval_task_limit=8,
+    )  # fmt: skip
+    run_train(dict(d_model=32, n_layers=1, n_heads=2, max_seq_len=16), flags, log=lambda _: None)
+    vals = [r for r in read_metrics(out) if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4]
+    for r in vals:
+        assert 0.0 <= r["task/pd1998-cloze"] <= 1.0 and r["task/bpc-idioms"] > 0 and "task/summary" in r

@@ -45,7 +45,7 @@ def score_ids(
         if not cont:
             raise ValueError("an empty continuation has no log-likelihood")
         seq = (list(ctx) + list(cont))[-limit:]
-        seqs.append((seq, len(cont)))
+        seqs.append((seq, min(len(cont), len(seq) - 1)))  # a continuation longer than the context: its end
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     was_training = model.training

@@ -164,9 +164,18 @@ class EvalPart(Part):
     eval_tokens: int = _f(200_000, "tokens used by each periodic validation (0 = whole split)")
     log_every: int = _f(50, "log a metrics line every N steps")
     patience: int | None = _f(None, "early stop after N validations without improvement")
+    eval_tasks: list[str] = _f(
+        [],
+        "tasks of `qinglm eval --tasks` run at each validation (their scores go to metrics.jsonl and trackers)",
+    )
+    eval_task_limit: int = _f(100, "items per task at each validation (--eval-tasks)")
 
     def check(self) -> None:
-        _positive(self, "eval_every", "log_every", "patience")
+        _positive(self, "eval_every", "log_every", "patience", "eval_task_limit")
+        if self.eval_tasks:
+            from qinglm.evals.tasks import resolve
+
+            resolve(",".join(self.eval_tasks))  # an unknown task fails before any slow work
 
 
 @dataclass

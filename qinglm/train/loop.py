@@ -132,6 +132,8 @@ def _validate(r: Run) -> dict[str, Any]:
     v = r.stage.validate(r.model, r.step)
     if not v:
         return {}
+    if r.cfg.eval_tasks:
+        v = {**v, **_task_scores(r)}
     numbers = {k: x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
     loss = v["val_loss"]
     if math.isfinite(loss) and (r.best_val_loss is None or loss < r.best_val_loss):
@@ -144,6 +146,19 @@ def _validate(r: Run) -> dict[str, Any]:
         r.bad_evals += 1
     r.metrics.log("val", step=r.step, **v, tokens_seen=r.tokens_seen, elapsed_s=round(r.elapsed(), 3))
     return v
+
+
+def _task_scores(r: Run) -> dict[str, float]:
+    """Return the --eval-tasks scores of the model ({"task/NAME": score, "task/summary": ...}), from rank 0."""
+    scores = None
+    if r.dist.is_main:
+        from qinglm.evals.suite import run_tasks
+        from qinglm.tokenizer import Tokenizer
+
+        split = {k: getattr(r.cfg, k) for k in ("val_fraction", "split_by") if hasattr(r.cfg, k)}
+        tok = Tokenizer.load(r.run_dir / "tokenizer")
+        scores = run_tasks(r.model, tok, r.cfg.eval_tasks, r.device, r.cfg.eval_task_limit, **split)
+    return distributed.broadcast_object(r.dist, scores)
 
 
 def _checkpoint(r: Run) -> Path:
@@ -227,7 +242,8 @@ def _quiet(_line: str) -> None:
 
 def _val_line(r: Run, v: dict[str, Any]) -> str:
     best = " (best)" if r.bad_evals == 0 else f" (no improvement x{r.bad_evals})"
-    return f"step {r.step:,} | {r.stage.val_line(v)}{best}"
+    tasks = f" | task summary {v['task/summary']:.3f}" if "task/summary" in v else ""
+    return f"step {r.step:,} | {r.stage.val_line(v)}{tasks}{best}"
 
 
 def _fmt_time(seconds: float) -> str:
