@@ -222,7 +222,7 @@ def test_eval_tasks_writes_results_and_report_holds_every_section(runs, capsys):
 
 
 def test_a_file_qinglm_did_not_write_is_not_replaced(runs):
-    from qinglm.evals.cli import write_run_file
+    from qinglm.evals.suite import write_run_file
     from qinglm.io import OwnedDir
 
     run = runs[1]

@@ -62,38 +62,9 @@ def run_eval(args: argparse.Namespace) -> None:
         )
         out["lm_eval"] = res
         print(format_lm_eval(res) if not args.json else json.dumps(res, ensure_ascii=False))
+    from qinglm.evals.suite import merged_results, write_run_file
+
     write_run_file(run, RESULTS_FILE, json.dumps(merged_results(run / RESULTS_FILE, out), indent=2))
-
-
-def merged_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
-    """Return the results in path (an earlier eval) updated with the new ones, the summary recomputed."""
-    from qinglm.evals.stats import summary_score
-
-    old: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            old = {}
-    old = old if isinstance(old, dict) else {}
-    tasks = {**(old.get("tasks") or {}), **new.get("tasks", {})}
-    lm_eval = {**(old.get("lm_eval") or {}), **new.get("lm_eval", {})}
-    return {"tasks": tasks, "summary": summary_score(tasks), "lm_eval": lm_eval}
-
-
-def write_run_file(run: Path, name: str, data: str | bytes) -> Path:
-    """Write RUN/name atomically, first recording it in the run's manifest; refuse a file QingLM did not write."""
-    from qinglm.io import OwnedDir, atomic_open
-
-    owned = OwnedDir.read(run)
-    path = run / name
-    if path.exists() and not (owned and owned.owns(name)):
-        raise QingLMError(f"{path} exists and was not written by QingLM; move it away first")
-    if owned:
-        owned.add(name)
-    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    return path
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Any]:

@@ -16,8 +16,7 @@ from typing import Any
 
 from qinglm.config import DEFAULT_PROMPTS
 from qinglm.errors import QingLMError
-from qinglm.evals.cli import merged_results, write_run_file
-from qinglm.evals.suite import RESULTS_FILE, evaluate_tasks
+from qinglm.evals.suite import RESULTS_FILE, evaluate_tasks, merged_results, write_run_file
 
 REPORT, PLOTS = "report.md", "report"
 SAMPLE_TOKENS = 40

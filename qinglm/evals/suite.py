@@ -8,6 +8,7 @@ the mean over the choice tasks of (accuracy - random) / (1 - random).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qinglm.errors import QingLMError
 from qinglm.evals.scoring import choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
 from qinglm.evals.tasks import Item, Task, resolve
@@ -163,4 +165,35 @@ def write_results(run_dir: str | Path, out: dict[str, Any]) -> Path:
     """Write the results to RUN/eval_results.json atomically (merged with earlier tasks' results)."""
     path = Path(run_dir) / RESULTS_FILE
     write_json_atomic(path, out)
+    return path
+
+
+def merged_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """Return the results in path (an earlier eval) updated with the new ones, the summary recomputed."""
+    from qinglm.evals.stats import summary_score
+
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = {}
+    old = old if isinstance(old, dict) else {}
+    tasks = {**(old.get("tasks") or {}), **new.get("tasks", {})}
+    lm_eval = {**(old.get("lm_eval") or {}), **new.get("lm_eval", {})}
+    return {"tasks": tasks, "summary": summary_score(tasks), "lm_eval": lm_eval}
+
+
+def write_run_file(run: Path, name: str, data: str | bytes) -> Path:
+    """Write RUN/name atomically, first recording it in the run's manifest; refuse a file QingLM did not write."""
+    from qinglm.io import OwnedDir, atomic_open
+
+    owned = OwnedDir.read(run)
+    path = run / name
+    if path.exists() and not (owned and owned.owns(name)):
+        raise QingLMError(f"{path} exists and was not written by QingLM; move it away first")
+    if owned:
+        owned.add(name)
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
     return path
