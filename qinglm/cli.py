@@ -13,9 +13,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm import evals_cli, experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cli, train_cli
+from qinglm import experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cli, train_cli
 from qinglm.data import commands as data_cli
 from qinglm.errors import QingLMError
+from qinglm.evals import cli as evals_cli
 from qinglm.export import cli as export_cli
 from qinglm.post import dpo_cli, grpo_cli
 from qinglm.serve import cli as serve_cli
