@@ -181,7 +181,8 @@ def test_data_list_and_export(tmp_path):
     proc = qinglm("data", "export", "idioms", out, "--split", "val")
     assert proc.returncode == 0, proc.stderr
     n = len(out.read_text(encoding="utf-8").splitlines())
-    assert 0 < n < 2000 and f"{n:,} documents" in proc.stdout
+    # ~3% held-out idioms plus the entries naming one (longer idioms, variant spellings): about 2,200
+    assert 0 < n < 3000 and f"{n:,} documents" in proc.stdout
 
 
 def test_tokenizer_and_prepare_subcommands(tmp_path, corpus):
