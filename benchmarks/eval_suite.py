@@ -19,12 +19,19 @@ import time
 from pathlib import Path
 
 
-def train(preset: str, minutes: float, data: list[str], threads: int, out: Path) -> Path:
-    """Return the run directory of `qinglm train` on data for `minutes` (reused when it exists)."""
-    run = out / f"{preset}-{minutes:g}min"
+def train(spec: str, data: list[str], threads: int, out: Path) -> Path:
+    """Return the run directory of `qinglm train` for spec, PRESET:MINUTES (a time budget) or PRESET@STEPS
+    (a step budget: what those minutes give on an unloaded CPU, so a busy machine does not change the weights);
+    reused when it exists."""
+    preset, _, minutes = spec.partition(":")
+    steps = None
+    if "@" in spec:
+        preset, steps = spec.split("@")
+    run = out / (f"{preset}-{steps}steps" if steps else f"{preset}-{float(minutes):g}min")
     if (run / "config.json").is_file():
         return run
-    cmd = [sys.executable, "-m", "qinglm", "train", "--preset", preset, "--max-time", str(minutes)]
+    budget = ["--max-steps", steps] if steps else ["--max-time", minutes]
+    cmd = [sys.executable, "-m", "qinglm", "train", "--preset", preset, *budget]
     cmd += ["--data", *data, "--out", str(run), "--num-threads", str(threads), "--eval-every", "100000"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return run
@@ -44,7 +51,10 @@ def main() -> None:
     from qinglm.evals.suite import evaluate_tasks
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["tiny:2", "tiny:10", "small:30"], help="PRESET:MINUTES")
+    ap.add_argument(
+        "--models", nargs="+", default=["tiny:2", "tiny:10", "small:30"], help="PRESET:MINUTES or PRESET@STEPS"
+    )
+    ap.add_argument("--train-only", action="store_true", help="train the models and stop")
     ap.add_argument("--data", nargs="+", default=["pd1998", "reviews", "idioms"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
@@ -53,14 +63,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names, outs, seconds = [], [], []
     for spec in args.models:
-        preset, minutes = spec.split(":")
-        run = train(preset, float(minutes), args.data, args.threads, args.out)
+        run = train(spec, args.data, args.threads, args.out)
+        if args.train_only:
+            continue
         lm = qinglm.load(run, device="cpu")
         t0 = time.perf_counter()
         out = evaluate_tasks(lm.model, lm.tokenizer, "all", limit=args.limit, val_fraction=lm.val_fraction)
         seconds.append(time.perf_counter() - t0)
         names.append(spec)
         outs.append(out)
+    if args.train_only:
+        return
     print(f"{'task':<18} {'random':>7}  " + "  ".join(f"{n:>22}" for n in names))
     tasks = list(outs[0]["tasks"])
     split = 0

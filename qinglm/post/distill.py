@@ -75,7 +75,7 @@ class DistillStage(PretrainStage):
         return student
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
-        x, y = self.rows(batch)
+        x, y = self.xy(batch)
         logits = forward(x)
         ce = model.loss_from_logits(logits, y)
         with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward

@@ -80,7 +80,7 @@ class PretrainStage(Stage):
     def begin_step(self, step: int, total: int | None) -> None:
         self.row_len = seq_len_at(self.seq_stages, step, total, self.cfg.seq_len)
 
-    def rows(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def xy(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the micro-batch's (x, y) on the device, cut into rows of the current row length."""
         x, y = batch
         if self.row_len < x.size(1):  # progressive sequence length: shorter rows, same tokens and targets
@@ -88,7 +88,7 @@ class PretrainStage(Stage):
         return x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
-        x, y = self.rows(batch)
+        x, y = self.xy(batch)
         return StepOut(forward(x, y), x.numel())
 
     def validate(self, model: nn.Module, step: int) -> dict[str, Any] | None:
