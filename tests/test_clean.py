@@ -129,6 +129,12 @@ def test_clean_command_writes_shards_and_a_report(tmp_path, capsys):
     # the directory is input for the next stage: its shards are read, its report is not
     assert main(["data", "clean", str(out), "--out", str(tmp_path / "again")]) == 0
     assert "read 1 file, 40 documents" in capsys.readouterr().out
+    # worker processes give the same shards and report
+    workers = tmp_path / "workers"
+    assert main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(workers), "--workers", "2"]) == 0
+    assert (workers / "clean_0000.jsonl").read_bytes() == (out / "clean_0000.jsonl").read_bytes()
+    again = json.loads((workers / "clean_report.json").read_text(encoding="utf-8"))
+    assert again["dropped"] == report["dropped"] and again["examples"] == report["examples"]
     # without the repetition filter, its bad documents are kept
     assert main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(out), "--no-repetition"]) == 0
     assert len(_texts(out)) == 43

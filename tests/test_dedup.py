@@ -39,7 +39,7 @@ def planted_corpus(seed=0, n=1000, n_exact=100, n_near=100, edits=3):
 
 def dropped_by_kind(docs, config):
     report = DedupReport()
-    kept = iter(dedup_documents((text for _, text in docs), config, report))
+    kept = iter(dedup_documents(lambda: (text for _, text in docs), config, report))
     dropped = {"distinct": 0, "exact": 0, "near": 0}
     following = next(kept, None)
     for kind, text in docs:
@@ -91,7 +91,7 @@ def test_dedup_command_writes_the_kept_documents_and_a_report(tmp_path, capsys):
     assert kept == [t for _, t in docs[:200]]
     report = json.loads((out / "dedup_report.json").read_text(encoding="utf-8"))
     assert report["dropped"] == {"exact": 10, "near": 10} and report["shards"] == ["dedup_0000.jsonl"]
-    assert report["examples"]["near"][0]["similar_to_kept"] < 200
+    assert report["examples"]["near"][0]["copy_of"] < 200
     assert main(["data", "dedup", str(path), "--out", str(out), "--threshold", "2"]) == 2
     assert "threshold" in capsys.readouterr().err
 
@@ -104,3 +104,38 @@ def test_without_rensa_near_dedup_is_one_line(tmp_path, capsys, monkeypatch):
     assert "pip install 'qinglm[data]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert main(["data", "dedup", str(path), "--out", str(tmp_path / "out"), "--no-near"]) == 0
+
+
+def test_workers_and_spill_directory_change_nothing_in_the_output(tmp_path, capsys):
+    docs = planted_corpus(n=300, n_exact=20, n_near=20)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for _, t in docs), "utf-8")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        args = ["data", "dedup", str(path), "--out", str(out), "--workers", workers, "--tmp-dir", str(spill)]
+        assert main(args) == 0
+        outs.append((out / "dedup_0000.jsonl").read_bytes())
+        assert list(spill.iterdir()) == []  # the spill files are gone
+    assert outs[0] == outs[1] and "kept 300 of 340 documents" in capsys.readouterr().out
+    for bad in (["--tmp-dir", str(tmp_path / "nope")], ["--workers", "-1"]):
+        assert main(["data", "dedup", str(path), "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("spill directory" in err[0] or "--workers" in err[0])
+
+
+def test_an_input_that_changes_between_the_two_passes_is_refused():
+    texts = [text for _, text in planted_corpus(n=50, n_exact=0, n_near=0)]
+    reads = iter([texts, texts[:-1]])
+    with pytest.raises(QingLMError, match="input changed"):
+        list(dedup_documents(lambda: next(reads), DedupConfig(), DedupReport()))
+
+
+def test_a_near_copy_names_the_earlier_document_it_copies():
+    base = "今天天气很好，我们一起去公园散步。公园里有很多人在跑步和打太极。孩子们在草地上放风筝玩耍。"
+    docs = ["完全不同的一篇文章讲的是经济发展和城市建设的问题。", base, base.replace("散步", "走路")]
+    report = DedupReport()
+    kept = list(dedup_documents(lambda: iter(docs), DedupConfig(), report))
+    assert kept == docs[:2] and report.examples["near"][0]["copy_of"] == 1

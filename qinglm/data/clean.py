@@ -17,7 +17,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from qinglm.data.parallel import chunked_map
 from qinglm.errors import QingLMError
 
 FIXES = ("html", "boilerplate", "mask", "t2s")
@@ -275,8 +277,20 @@ CHECKS: dict[str, Callable[[str, CleanConfig], str]] = {
 }
 
 
-def clean_documents(docs: Iterable[str], config: CleanConfig, report: CleanReport) -> Iterator[str]:
-    """Return an iterator over the cleaned documents that pass every enabled filter, counting in report."""
+CHUNK = 256  # documents per task sent to a worker
+
+
+def clean_documents(
+    docs: Iterable[str], config: CleanConfig, report: CleanReport, workers: int = 1
+) -> Iterator[str]:
+    """Return an iterator over the cleaned documents that pass every enabled filter, counting in report;
+    with workers > 1 the documents are cleaned in that many processes (same output, in order)."""
+    _steps(config)  # a missing package is reported before any output
+    return _cleaned(docs, config, report, workers)
+
+
+def _steps(config: CleanConfig) -> tuple[list[tuple[str, Callable[[str], str]]], list]:
+    """Return the enabled (name, fix) and (name, check) steps, in the order they run."""
     on = config.enabled
     fixes: list[tuple[str, Callable[[str], str]]] = []
     if "html" in on:
@@ -290,23 +304,45 @@ def clean_documents(docs: Iterable[str], config: CleanConfig, report: CleanRepor
     checks = [(name, CHECKS[name]) for name in FILTERS if name in on and name in CHECKS]
     if "langid" in on:
         checks.append(("langid", _langid(config.langid)))
-    return _cleaned(docs, config, report, fixes, checks)  # a missing package is reported before any output
+    return fixes, checks
 
 
-def _cleaned(
-    docs: Iterable[str], config: CleanConfig, report: CleanReport, fixes: list, checks: list
-) -> Iterator[str]:
+_worker: dict[str, Any] = {}  # this process's config and steps (set by _init_worker)
+
+
+def _init_worker(config: CleanConfig) -> None:
+    _worker["config"], (_worker["fixes"], _worker["checks"]) = config, _steps(config)
+
+
+def clean_chunk(docs: list[str]) -> list[tuple[str, list[str], tuple[str, str] | None]]:
+    """Return (fixed document, the fixes that changed it, (filter, reason) when dropped) for each doc."""
+    config, out = _worker["config"], []
     for doc in docs:
-        report.documents += 1
-        for name, fix in fixes:
+        changed = []
+        for name, fix in _worker["fixes"]:
             fixed = fix(doc)
             if fixed != doc:
-                report.changed[name] += 1
+                changed.append(name)
                 doc = fixed
-        for name, check in checks:
+        dropped = None
+        for name, check in _worker["checks"]:
             if reason := check(doc, config):
-                report.drop(name, reason, doc)
+                dropped = (name, reason)
                 break
-        else:
-            report.kept += 1
-            yield doc
+        out.append((doc[:EXAMPLE_CHARS] if dropped else doc, changed, dropped))  # only examples need it
+    return out
+
+
+def _cleaned(docs: Iterable[str], config: CleanConfig, report: CleanReport, workers: int) -> Iterator[str]:
+    chunks = chunked_map(
+        clean_chunk, docs, workers=workers, chunk=CHUNK, init=_init_worker, initargs=(config,)
+    )
+    for results in chunks:
+        for doc, changed, dropped in results:
+            report.documents += 1
+            report.changed.update(changed)
+            if dropped:
+                report.drop(*dropped, doc)
+            else:
+                report.kept += 1
+                yield doc

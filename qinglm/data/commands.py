@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qinglm.data.clean import FILTERS, FIXES, OPTIONAL, CleanConfig
@@ -73,11 +73,21 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
     )
     _add_io(p)
     add_download_parser(dsub)
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True, help="drop exact copies")
-    p.add_argument("--near", action=argparse.BooleanOptionalAction, default=True, help="drop near copies")
-    p.add_argument("--threshold", type=float, default=0.7, help="Jaccard similarity of a near copy")
-    p.add_argument("--ngram", type=int, default=5, help="characters per n-gram")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    from qinglm.data.dedup import DedupConfig
+
+    dd = DedupConfig()
+    p.add_argument(
+        "--exact", action=argparse.BooleanOptionalAction, default=dd.exact, help="drop exact copies"
+    )
+    p.add_argument("--near", action=argparse.BooleanOptionalAction, default=dd.near, help="drop near copies")
+    p.add_argument("--threshold", type=float, default=dd.threshold, help="Jaccard similarity of a near copy")
+    p.add_argument("--ngram", type=int, default=dd.ngram, help="characters per n-gram")
+    p.add_argument("--num-perm", type=int, default=dd.num_perm, help="MinHash permutations")
+    p.add_argument(
+        "--tmp-dir",
+        default=None,
+        help="where the spill files go (about 136 bytes per document; default: $TMPDIR or /tmp)",
+    )
 
 
 def add_download_parser(dsub: argparse._SubParsersAction) -> None:
@@ -116,6 +126,9 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shard-mb", type=int, default=256, help="size of each output shard")
     p.add_argument(
+        "--workers", type=int, default=0, help="worker processes (default 0: one per CPU; 1: none)"
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --out QingLM did not create"
     )
 
@@ -134,12 +147,19 @@ def run(args: argparse.Namespace) -> None:
         print(f"{len(files)} corpus file(s) in {args.out}:\n{shown}\nuse them with --data {args.out}")
         return
     from qinglm.data.jsonl_out import drop_table, write_jsonl_shards
+    from qinglm.data.parallel import check_workers
     from qinglm.data.sources import ReadStats, read_documents
 
     stats = ReadStats()
-    docs = read_documents(
-        args.inputs, encoding=args.encoding, nfkc=args.nfkc, text_field=args.text_field, stats=stats
-    )
+
+    passes: list[ReadStats] = []
+
+    def read() -> Iterator[str]:  # dedup reads twice; the first pass's counts are the ones reported
+        passes.append(stats if not passes else ReadStats())
+        return read_documents(
+            args.inputs, encoding=args.encoding, nfkc=args.nfkc, text_field=args.text_field, stats=passes[-1]
+        )
+
     if args.data_command == "clean":
         from qinglm.data.clean import CleanReport, clean_documents
 
@@ -152,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
             },
         )
         report = CleanReport()
-        kept = clean_documents(docs, config, report)
+        kept = clean_documents(read(), config, report, workers=check_workers(args.workers))
     else:
         from qinglm.data.dedup import DedupConfig, DedupReport, dedup_documents
 
@@ -160,7 +180,9 @@ def run(args: argparse.Namespace) -> None:
             **{k: getattr(args, k) for k in ("exact", "near", "ngram", "threshold", "num_perm")}
         )
         report = DedupReport()
-        kept = dedup_documents(docs, config, report)
+        kept = dedup_documents(
+            read, config, report, tmp_dir=args.tmp_dir, workers=check_workers(args.workers)
+        )
 
     def summary() -> dict:
         read = {"files": stats.files, "documents": stats.documents, "skipped": dict(stats.skipped)}
