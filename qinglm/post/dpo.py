@@ -110,6 +110,9 @@ class DPOStage(TuningStage):
             cfg, order, lambda pairs: dpo_data.collate_pairs(pairs, self.tok.pad_id), n_tokens
         )
 
+    def loss_units(self, batch: Any) -> int:
+        return batch[0].size(0) // 2  # the loss is the mean over pairs: [chosen rows; rejected rows]
+
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
         policy_chosen, policy_rejected = pair_logps(forward(x), y)

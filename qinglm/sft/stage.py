@@ -18,6 +18,7 @@ from qinglm.config import to_dict
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
 from qinglm.model.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS
@@ -133,6 +134,9 @@ class SFTStage(TuningStage):
             return sft_data.collate(items, self.tok.pad_id)
 
         return self.epoch_batches(cfg, rows, collate, sft_data.assistant_tokens(self.train))
+
+    def loss_units(self, batch: Any) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # the loss is the mean over the reply tokens
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)

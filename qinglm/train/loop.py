@@ -88,6 +88,30 @@ class _StopRequest:
 # ---------------------------------------------------------------------------- step, validation, saving
 
 
+def _micro_batches(r: Run) -> Iterator[tuple[Any, int | float]]:
+    """Yield the step's grad_accum micro-batches, each with what its mean loss is divided by.
+
+    Without the stage's loss_units every mean is divided by grad_accum: the step's loss is the mean over
+    micro-batches. With them (SFT's target tokens, DPO's pairs) the step's micro-batches are fetched
+    first, in the same order, and mean i is weighted by units_i x world_size / (the step's units over all
+    micro-batches and ranks): the step's loss is then the mean over all its units, as one big batch
+    gives (DDP averages the ranks' gradients, hence world_size). Equal units give grad_accum exactly.
+    """
+    grad_accum = r.cfg.grad_accum
+    first = next(r.batches)
+    units = r.stage.loss_units(first)
+    if units is None:
+        yield first, grad_accum
+        for _ in range(grad_accum - 1):
+            yield next(r.batches), grad_accum
+        return
+    batches = [first] + [next(r.batches) for _ in range(grad_accum - 1)]
+    counts = [units] + [r.stage.loss_units(b) for b in batches[1:]]
+    total = distributed.agree_sum(r.dist, sum(counts), r.device)
+    for batch, n in zip(batches, counts):
+        yield batch, (total / (n * r.dist.world_size) if n else math.inf)  # no units: weight 0
+
+
 def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
     """Return (loss, grad norm, tokens, applied, the stage's metrics) of one update over cfg.grad_accum
     micro-batches.
@@ -98,18 +122,17 @@ def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
     cfg, scaler = r.cfg, r.scaler
     loss_sum, tokens = torch.zeros((), device=r.device), 0
     extra: dict[str, torch.Tensor] = {}
-    for i in range(cfg.grad_accum):
-        batch = next(r.batches)
+    for i, (batch, divisor) in enumerate(_micro_batches(r)):
         # Several processes: gradients are averaged over ranks once, after the last micro-batch.
         with distributed.grad_sync(r.wrapped, r.dist, sync=i == cfg.grad_accum - 1):
             with autocast(r.device, r.dtype):
                 out = r.stage.loss(r.forward, r.model, batch)
-                loss = out.loss / cfg.grad_accum  # the step's loss is the mean over micro-batches
+                loss = out.loss / divisor  # see _micro_batches
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         tokens += out.tokens * r.dist.world_size
         for k, v in out.metrics.items():
-            extra[k] = extra.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            extra[k] = extra.get(k, 0.0) + v.detach().float() / divisor
     if scaler is not None:
         scaler.unscale_(r.optimizer)
     params = [p for g in r.optimizer.param_groups for p in g["params"]]

@@ -54,6 +54,8 @@ class Stage:
                   built here too. On --resume the engine then loads the checkpoint's weights over it.
     batches()     resumable micro-batches (EpochBatches, or data.loader.TrainBatches for token shards)
     begin_step()  called before each optimizer step with the 0-based step (after the step's seed is set)
+    loss_units()  how many units (target tokens, pairs) a micro-batch's mean loss averages over; the
+                  engine then weighs each micro-batch by its share of the step's units (None: equally)
     loss()        one micro-batch: forward(x) -> logits or forward(x, y) -> loss is the (wrapped,
                   maybe compiled) model, to be called once per micro-batch; model is the bare model
     validate()    held-out metrics named as logged, holding "val_loss" (lower is better: best/ and
@@ -92,6 +94,11 @@ class Stage:
 
     def begin_step(self, step: int, total: int | None) -> None:
         pass
+
+    def loss_units(self, batch: Any) -> int | None:
+        """Return how many units the micro-batch's mean loss is taken over, or None when every
+        micro-batch weighs the same (pretraining's full rows)."""
+        return None
 
     def loss(self, forward: Callable, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
