@@ -88,7 +88,7 @@ class DPOStage(TuningStage):
 
     def build_model(self) -> nn.Module:
         cfg, device = self.cfg, self.ctx.device
-        model = disable_dropout(load_base(cfg.base, device))
+        model = disable_dropout(self.base_model())
         if cfg.ref:
             self.reference: nn.Module | None = _frozen(disable_dropout(load_base(cfg.ref, device)))
             if self.reference.cfg.vocab_size != model.cfg.vocab_size:
