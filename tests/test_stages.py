@@ -136,3 +136,20 @@ def test_eval_tasks_are_scored_at_each_validation(phrase_corpus, tmp_path):
     assert [r["step"] for r in vals] == [2, 4]
     for r in vals:
         assert 0.0 <= r["task/pd1998-cloze"] <= 1.0 and r["task/bpc-idioms"] > 0 and "task/summary" in r
+
+
+def test_epoch_batches_build_each_epoch_once_for_counting_and_training():
+    from qinglm.train.stage import EpochBatches
+
+    built: list[int] = []
+
+    def items(epoch: int) -> list[int]:  # epochs of different lengths, as packed rows give
+        built.append(epoch)
+        return list(range(10 + epoch))
+
+    b = EpochBatches(items, list, 2, grad_accum=2)
+    assert b.steps_for_epochs(3) == 3 + 3 + 3
+    served = [next(b) for _ in range(b.steps_for_epochs(3) * 2)]
+    assert b.steps_for_epochs(1) == 3 and b.epoch == 2  # counted again at the end (finish), not rebuilt
+    assert built == [0, 1, 2]
+    assert sorted({x for m in served[12:] for x in m}) == list(range(12))  # epoch 2 trained on all of its own
