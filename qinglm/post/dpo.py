@@ -187,8 +187,7 @@ def run_dpo(
     cfg = resolve_dpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len", "lr")}}
-    res = run_stage_command("dpo", "dpo", cfg, flags, lambda: DPOStage(cfg, log), log)
+    res = run_stage_command("dpo", "dpo", cfg, flags or {}, lambda: DPOStage(cfg, log), log)
     if res:  # not the torchrun launcher, whose workers trained
         log(f"wrote {res['checkpoint']}" + (f" and {Path(cfg.out) / 'adapter'}" if cfg.lora else ""))
     return res

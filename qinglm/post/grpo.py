@@ -197,8 +197,7 @@ def run_grpo(cfg: GRPOConfig, log: Any = print, flags: dict[str, Any] | None = N
     from qinglm.train.driver import run_stage_command
 
     cfg = resolve_grpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
-    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len")}}
-    res = run_stage_command("grpo", "grpo", cfg, flags, lambda: GRPOStage(cfg, log), log)
+    res = run_stage_command("grpo", "grpo", cfg, flags or {}, lambda: GRPOStage(cfg, log), log)
     if res:
         log(f"wrote {res['checkpoint']}")
     return res
