@@ -115,10 +115,12 @@ class DPOStage(TuningStage):
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-        policy_chosen, policy_rejected = pair_logps(forward(x), y)
+        # The reference first: with LoRA it is this model, whose MoE layers keep the router losses of
+        # their last forward, which must be the policy's.
         ref_chosen, ref_rejected = reference_logps(model, x, y, self.reference)
+        policy_chosen, policy_rejected = pair_logps(forward(x), y)
         loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.cfg.beta)
-        return StepOut(loss, x.numel(), metrics)
+        return StepOut(model.with_router_losses(loss), x.numel(), metrics)  # MoE: as pretraining and SFT
 
     @torch.no_grad()
     def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
