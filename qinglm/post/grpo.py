@@ -143,7 +143,7 @@ class GRPOStage(BaseRunStage):
                 "completions/clipped_ratio": torch.tensor(r.truncated, dtype=torch.float).mean(),
             }
         )
-        return StepOut(loss, int(mask.sum()), metrics)
+        return StepOut(model.with_router_losses(loss), int(mask.sum()), metrics)  # MoE: the policy's
 
     def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
         """Return {"val_loss", "val_reward", "val_pass_rate"} of greedy replies to the held-out prompts."""
