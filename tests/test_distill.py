@@ -59,8 +59,11 @@ def test_kd_loss_is_t_squared_times_the_kl_over_target_tokens():
 
 
 def test_alpha_zero_is_ordinary_pretraining_step_for_step(phrase_corpus, teacher, tmp_path):
-    run_train(STUDENT, train_flags(phrase_corpus, tmp_path / "plain"), log=lambda _: None)
-    flags = train_flags(phrase_corpus, tmp_path / "kd0", teacher=str(teacher), alpha=0.0)
+    # grad_accum 3: distillation weighs micro-batches by their target tokens (loss_units), pretraining
+    # equally; with equal counts the two must stay bit-identical (the engine divides by 3 either way).
+    accum = {"grad_accum": 3, "batch_size": 2}
+    run_train(STUDENT, train_flags(phrase_corpus, tmp_path / "plain", **accum), log=lambda _: None)
+    flags = train_flags(phrase_corpus, tmp_path / "kd0", teacher=str(teacher), alpha=0.0, **accum)
     flags.pop("tokenizer")  # the teacher's
     run_train(STUDENT, flags, log=lambda _: None, job="distill")
     a, b = ([r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("plain", "kd0"))

@@ -200,3 +200,36 @@ def test_two_processes_follow_the_loss_of_one_with_the_same_global_batch(tiny_ba
         load_file(latest_checkpoint(d) / "model.safetensors") for d in (tmp_path / "one", tmp_path / "two")
     )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_moe_dpo_adds_the_routers_load_balancing_loss(chat_tok, pairs, tmp_path, monkeypatch, lora):
+    # A MoE base: before the first update the DPO loss is log 2, so what the step adds is the router
+    # losses of the policy's forward (with LoRA the reference is the same model: not its forward's).
+    from qinglm.post.dpo import DPOStage
+
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(
+            vocab_size=chat_tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, n_experts=4,
+            experts_per_token=2, moe_z_coef=1e-3,
+        )
+    )  # fmt: skip
+    base = save_run(tmp_path / "moe", Transformer(cfg), chat_tok)
+    seen: list[tuple[float, float]] = []
+    loss = DPOStage.loss
+
+    def recorded(self, forward, model, batch):
+        out = loss(self, forward, model, batch)
+        model.train()
+        with torch.no_grad():  # the policy's forward again: its router losses
+            model(batch[0])
+        seen.append((out.loss.item(), model.with_router_losses(torch.zeros(())).item()))
+        return out
+
+    monkeypatch.setattr(DPOStage, "loss", recorded)
+    run_dpo(DPOConfig(**flags(base, pairs, tmp_path / "dpo", max_steps=1, lora=lora)), log=lambda _: None)
+    got, router = seen[0]
+    assert router > 0.01  # about moe_aux_coef per MoE layer
+    assert got == pytest.approx(math.log(2) + router, abs=1e-6)
+    assert train_records(tmp_path / "dpo")[0]["loss"] == pytest.approx(got, abs=1e-6)

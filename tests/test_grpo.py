@@ -375,3 +375,37 @@ def test_sigkill_during_grpo_then_resume_is_bit_identical(tmp_path, tiny_base_ru
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "qinglm", "grpo", *cli_flags({**flags, "out": str(run), "resume": True})]
     print("\n".join(sigkill_resume(cmd, tmp_path / "ref", run, steps, kills=2, seed=20261127)))
+
+
+def test_moe_grpo_adds_the_routers_load_balancing_loss(tmp_path, chat_tok, tiny_task, monkeypatch):
+    import qinglm.post.grpo as grpo
+    from qinglm.config import ModelConfig, resolve_model
+    from qinglm.train.checkpoint import save_run
+
+    torch.manual_seed(0)
+    cfg = resolve_model(
+        ModelConfig(
+            vocab_size=chat_tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, n_experts=4,
+            experts_per_token=2,
+        )
+    )  # fmt: skip
+    base = save_run(tmp_path / "moe", Transformer(cfg), chat_tok)
+    objective, stage_loss = grpo.grpo_loss, grpo.GRPOStage.loss
+    seen: dict[str, list[float]] = {"objective": [], "step": [], "router": []}
+
+    def recorded_objective(*args, **kw):
+        loss, metrics = objective(*args, **kw)
+        seen["objective"].append(loss.item())
+        return loss, metrics
+
+    def recorded_loss(self, forward, model, batch):
+        out = stage_loss(self, forward, model, batch)
+        seen["step"].append(out.loss.item())  # the policy's forward was the model's last in training mode
+        seen["router"].append(model.with_router_losses(torch.zeros(())).item())
+        return out
+
+    monkeypatch.setattr(grpo, "grpo_loss", recorded_objective)
+    monkeypatch.setattr(grpo.GRPOStage, "loss", recorded_loss)
+    _run(grpo.GRPOConfig(**_grpo_flags(base, tiny_task, tmp_path / "grpo", max_steps=1, eval_every=10)))
+    assert seen["router"][0] > 0.01  # about moe_aux_coef per MoE layer
+    assert seen["step"][0] == pytest.approx(seen["objective"][0] + seen["router"][0], abs=1e-6)

@@ -207,3 +207,14 @@ def test_adapters_disabled_gives_the_base_model_without_a_copy_and_restores_them
     with pytest.raises(RuntimeError), adapters_disabled(m):
         raise RuntimeError("boom")
     torch.testing.assert_close(m(IDS), tuned, rtol=0, atol=0)
+
+
+def test_sft_config_and_apply_lora_refuse_a_bad_target_with_one_message():
+    from qinglm.sft.config import SFTConfig
+
+    with pytest.raises(QingLMError) as from_config:
+        SFTConfig(lora=True, lora_targets=["q_proj", "qkv"])  # parts check themselves
+    with pytest.raises(QingLMError) as from_lora:
+        apply_lora(model(), targets=["q_proj", "qkv"])
+    assert str(from_config.value) == str(from_lora.value)
+    assert str(from_lora.value).startswith("unknown LoRA target(s) qkv; choose from q_proj, k_proj")

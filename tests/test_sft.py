@@ -377,3 +377,41 @@ def test_lora_sft_and_merge_from_the_cli(tmp_path, base_run, capsys, one_thread)
         == 2
     )
     assert "qinglm: error: SFT data file not found" in capsys.readouterr().err
+
+
+def test_grad_accum_weighs_micro_batches_by_their_reply_tokens(tmp_path, base_run, one_thread, monkeypatch):
+    # Replies of 1 to 24 characters: a step's micro-batches hold unequal numbers of reply tokens, and
+    # the step's loss must still be the mean over all of them, as one batch of the same rows gives.
+    data = tmp_path / "chat.jsonl"
+    lines = [{"instruction": "你好", "input": "", "output": "好的天气"[i % 4] * (1 + i)} for i in range(24)]
+    data.write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in lines), encoding="utf-8")
+    import qinglm.train.loop as loop
+    from qinglm.sft.stage import SFTStage
+
+    grads: list[list[torch.Tensor]] = []
+    units: list[int] = []
+    step_optimizer, loss_units = loop.step_optimizer, SFTStage.loss_units
+
+    def record_grads(optimizer, scaler, ok):
+        grads.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+        return step_optimizer(optimizer, scaler, ok)
+
+    def record_units(self, batch):
+        units.append(loss_units(self, batch))
+        return units[-1]
+
+    monkeypatch.setattr(loop, "step_optimizer", record_grads)
+    monkeypatch.setattr(SFTStage, "loss_units", record_units)
+    losses = []
+    for name, batch_size, grad_accum in (("accum", 2, 2), ("one", 4, 1)):
+        out = tmp_path / name
+        cfg = _tiny_sft(base_run, data, out, one_thread, max_steps=1, log_every=1, max_grad_norm=0.0)
+        cfg = dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum, batching="pad")
+        run_sft(cfg, log=lambda s: None)
+        losses.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert units[0] != units[1] and units[0] + units[1] == units[2]  # unequal halves of the same rows
+    accum, one = grads
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(accum, one))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    weights = [qinglm.load(tmp_path / name, device="cpu").model.state_dict() for name in ("accum", "one")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])

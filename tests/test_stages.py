@@ -136,3 +136,42 @@ def test_eval_tasks_are_scored_at_each_validation(phrase_corpus, tmp_path):
     assert [r["step"] for r in vals] == [2, 4]
     for r in vals:
         assert 0.0 <= r["task/pd1998-cloze"] <= 1.0 and r["task/bpc-idioms"] > 0 and "task/summary" in r
+
+
+def test_epoch_batches_build_each_epoch_once_for_counting_and_training():
+    from qinglm.train.stage import EpochBatches
+
+    built: list[int] = []
+
+    def items(epoch: int) -> list[int]:  # epochs of different lengths, as packed rows give
+        built.append(epoch)
+        return list(range(10 + epoch))
+
+    b = EpochBatches(items, list, 2, grad_accum=2)
+    assert b.steps_for_epochs(3) == 3 + 3 + 3
+    served = [next(b) for _ in range(b.steps_for_epochs(3) * 2)]
+    assert b.steps_for_epochs(1) == 3 and b.epoch == 2  # counted again at the end (finish), not rebuilt
+    assert built == [0, 1, 2]
+    assert sorted({x for m in served[12:] for x in m}) == list(range(12))  # epoch 2 trained on all of its own
+
+
+def test_nproc_launches_every_stage_with_the_launchers_resolved_config(tiny_base_run, tmp_path, monkeypatch):
+    # The processes under torchrun resolve nothing themselves: a default out (a timestamp), seq_len,
+    # lr and length are handed over as flags, the same way for every stage.
+    import dataclasses
+
+    import qinglm.train.driver as driver
+    from qinglm.post.config import DPOConfig
+    from qinglm.post.dpo import resolve_dpo, run_dpo
+    from qinglm.sft.prep import resolve_sft
+
+    monkeypatch.chdir(tmp_path)  # the default out, runs/<time>-sft, is relative
+    launched: list[dict] = []
+    monkeypatch.setattr(driver, "launch_torchrun", lambda command, n, flags: launched.append(flags))
+    for cls, resolve, run in ((SFTConfig, resolve_sft, run_sft), (DPOConfig, resolve_dpo, run_dpo)):
+        given = {"base": str(tiny_base_run), "nproc": 2, "device": "cpu", "lora": True}
+        assert run(cls(**given), log=lambda _: None, flags=given) == {}
+        flags = launched[-1]
+        assert flags["out"].startswith("runs/") and flags["num_epochs"] == 1.0 and flags["seq_len"] == 64
+        launcher = dataclasses.replace(resolve(cls(**given), 64), out=flags["out"])
+        assert resolve(cls(**flags), 64) == launcher  # what each process under torchrun runs

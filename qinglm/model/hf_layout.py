@@ -22,8 +22,10 @@ MoE blocks: `hf_moe_parts` names the router and routed experts in Mixtral's or Q
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from qinglm.config import ModelConfig
+from qinglm.errors import QingLMError
 
 # QingLM module path inside a block -> HF module paths inside a layer, in row order of the fused matrix.
 LINEAR_PARTS = {
@@ -34,6 +36,19 @@ LINEAR_PARTS = {
 }
 # HF short names of a layer's linear layers, in layer order: what LoRA may target (qinglm.model.lora).
 LINEAR_NAMES = tuple(path.rpartition(".")[2] for paths in LINEAR_PARTS.values() for path in paths)
+
+
+def check_lora_targets(targets: Sequence[str]) -> list[str]:
+    """Return targets as a list of LINEAR_NAMES; raise QingLMError for an unknown one or none."""
+    targets = list(targets)
+    bad = [t for t in targets if t not in LINEAR_NAMES]
+    if bad or not targets:
+        raise QingLMError(
+            f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(LINEAR_NAMES)}"
+        )
+    return targets
+
+
 _BLOCK_PARAMS = {
     "norm1.weight": "input_layernorm.weight",
     "norm2.weight": "post_attention_layernorm.weight",

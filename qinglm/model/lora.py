@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from qinglm.errors import QingLMError
 from qinglm.io import read_json, write_json_atomic
-from qinglm.model.hf_layout import LINEAR_NAMES, LINEAR_PARTS, hf_module, row_sizes
+from qinglm.model.hf_layout import LINEAR_NAMES, LINEAR_PARTS, check_lora_targets, hf_module, row_sizes
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ALL_TARGETS = LINEAR_NAMES  # HF short names, in the order they appear in a layer
@@ -114,17 +114,6 @@ def _part_sizes(model: nn.Module, module: str) -> tuple[int, ...]:
     return row_sizes(module, model.cfg)
 
 
-def check_targets(targets: Sequence[str]) -> list[str]:
-    """Return targets as a list of HF short names; raise QingLMError for an unknown one."""
-    targets = list(targets)
-    bad = [t for t in targets if t not in ALL_TARGETS]
-    if bad or not targets:
-        raise QingLMError(
-            f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ALL_TARGETS)}"
-        )
-    return targets
-
-
 def apply_lora(
     model: nn.Module,
     rank: int = 8,
@@ -148,7 +137,7 @@ def apply_lora(
         raise QingLMError(f"LoRA alpha must be positive, got {alpha}")
     if not 0.0 <= dropout < 1.0:
         raise QingLMError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    wanted = set(check_targets(targets))
+    wanted = set(check_lora_targets(targets))
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:

@@ -321,7 +321,12 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
-        if self.training and self.cfg.n_experts > 0:  # MoE router losses of this forward
+        return self.with_router_losses(loss)
+
+    def with_router_losses(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return loss plus, in training, the MoE router losses (load balancing, z-loss) of the last
+        forward; loss itself for a dense model or in eval mode."""
+        if self.training and self.cfg.n_experts > 0:
             moes = self.moe_layers()
             loss = loss + self.cfg.moe_aux_coef * sum(m.aux_loss for m in moes.values())
             if self.cfg.moe_z_coef:

@@ -74,6 +74,9 @@ class DistillStage(PretrainStage):
         )
         return student
 
+    def loss_units(self, batch: Any) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # both terms are means over the target tokens
+
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = self.xy(batch)
         logits = forward(x)

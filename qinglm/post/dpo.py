@@ -88,7 +88,7 @@ class DPOStage(TuningStage):
 
     def build_model(self) -> nn.Module:
         cfg, device = self.cfg, self.ctx.device
-        model = disable_dropout(load_base(cfg.base, device))
+        model = disable_dropout(self.base_model())
         if cfg.ref:
             self.reference: nn.Module | None = _frozen(disable_dropout(load_base(cfg.ref, device)))
             if self.reference.cfg.vocab_size != model.cfg.vocab_size:
@@ -110,12 +110,17 @@ class DPOStage(TuningStage):
             cfg, order, lambda pairs: dpo_data.collate_pairs(pairs, self.tok.pad_id), n_tokens
         )
 
+    def loss_units(self, batch: Any) -> int:
+        return batch[0].size(0) // 2  # the loss is the mean over pairs: [chosen rows; rejected rows]
+
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-        policy_chosen, policy_rejected = pair_logps(forward(x), y)
+        # The reference first: with LoRA it is this model, whose MoE layers keep the router losses of
+        # their last forward, which must be the policy's.
         ref_chosen, ref_rejected = reference_logps(model, x, y, self.reference)
+        policy_chosen, policy_rejected = pair_logps(forward(x), y)
         loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.cfg.beta)
-        return StepOut(loss, x.numel(), metrics)
+        return StepOut(model.with_router_losses(loss), x.numel(), metrics)  # MoE: as pretraining and SFT
 
     @torch.no_grad()
     def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
@@ -184,8 +189,7 @@ def run_dpo(
     cfg = resolve_dpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len", "lr")}}
-    res = run_stage_command("dpo", "dpo", cfg, flags, lambda: DPOStage(cfg, log), log)
+    res = run_stage_command("dpo", "dpo", cfg, flags or {}, lambda: DPOStage(cfg, log), log)
     if res:  # not the torchrun launcher, whose workers trained
         log(f"wrote {res['checkpoint']}" + (f" and {Path(cfg.out) / 'adapter'}" if cfg.lora else ""))
     return res

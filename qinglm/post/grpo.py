@@ -15,14 +15,13 @@ import copy
 import dataclasses
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from qinglm import run_dir as run_dirs
-from qinglm.config import SamplingConfig, to_dict
+from qinglm.config import SamplingConfig
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import encode_chat
@@ -31,8 +30,9 @@ from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from qinglm.post.rollout import rollout
 from qinglm.post.tasks import Example, load_task
+from qinglm.sft.stage import BaseRunStage
 from qinglm.train import distributed
-from qinglm.train.stage import EpochBatches, Stage, StepOut
+from qinglm.train.stage import EpochBatches, StepOut
 
 DEFAULT_STEPS = 200  # the run's length when no --max-steps / --num-epochs / --max-time is given
 
@@ -54,7 +54,7 @@ def resolve_grpo(cfg: GRPOConfig, max_seq_len: int) -> GRPOConfig:
     return c
 
 
-class GRPOStage(Stage):
+class GRPOStage(BaseRunStage):
     """Train cfg.base on cfg.task's rewards (cfg resolved by resolve_grpo)."""
 
     kind = "grpo"
@@ -62,11 +62,7 @@ class GRPOStage(Stage):
     rows = "prompts (group-size replies each)"
 
     def __init__(self, cfg: GRPOConfig, log: Any = print):
-        from qinglm.tokenizer import Tokenizer
-
-        self.cfg = cfg
-        self.model_cfg = run_dirs.model_config(cfg.base)
-        self.tok = Tokenizer.load(Path(cfg.base) / run_dirs.TOKENIZER)
+        super().__init__(cfg)
         self.task = load_task(cfg.task)
         self.train = self.task.split("train")
         held = self.task.split("heldout")
@@ -87,18 +83,10 @@ class GRPOStage(Stage):
         self.reference: nn.Module | None = None
         log(f"task {self.task.name}: {len(self.train):,} train prompts, {len(held):,} held-out prompts")
 
-    def sections(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model_cfg), self.kind: to_dict(self.cfg), "base": str(self.cfg.base)}
-
-    def tokenizer(self) -> Any:
-        return self.tok
-
     def build_model(self) -> nn.Module:
-        from qinglm.sft.stage import load_base
-
         if self.ctx.dist.mode == "fsdp":  # rollouts decode with the bare model: whole on every process
             raise QingLMError("grpo samples with the whole model on each process; use --parallel ddp")
-        model = load_base(self.cfg.base, self.ctx.device)
+        model = self.base_model()
         if self.cfg.kl_coef > 0:  # the frozen start: what the KL term keeps the policy near
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.before = None if self.ctx.resuming else self.held_out(model)
@@ -155,7 +143,7 @@ class GRPOStage(Stage):
                 "completions/clipped_ratio": torch.tensor(r.truncated, dtype=torch.float).mean(),
             }
         )
-        return StepOut(loss, int(mask.sum()), metrics)
+        return StepOut(model.with_router_losses(loss), int(mask.sum()), metrics)  # MoE: the policy's
 
     def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
         """Return {"val_loss", "val_reward", "val_pass_rate"} of greedy replies to the held-out prompts."""
@@ -209,8 +197,7 @@ def run_grpo(cfg: GRPOConfig, log: Any = print, flags: dict[str, Any] | None = N
     from qinglm.train.driver import run_stage_command
 
     cfg = resolve_grpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
-    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len")}}
-    res = run_stage_command("grpo", "grpo", cfg, flags, lambda: GRPOStage(cfg, log), log)
+    res = run_stage_command("grpo", "grpo", cfg, flags or {}, lambda: GRPOStage(cfg, log), log)
     if res:
         log(f"wrote {res['checkpoint']}")
     return res

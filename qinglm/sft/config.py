@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qinglm.config import _f
 from qinglm.errors import QingLMError
-from qinglm.model.hf_layout import LINEAR_NAMES
+from qinglm.model.hf_layout import LINEAR_NAMES, check_lora_targets
 from qinglm.train.config import EngineConfig, Part
 
 BATCHING = ("pack", "pad")
@@ -32,11 +32,7 @@ class LoRAPart(Part):
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise QingLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        bad = [t for t in self.lora_targets if t not in LINEAR_NAMES]
-        if bad or not self.lora_targets:
-            raise QingLMError(
-                f"unknown LoRA target(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(LINEAR_NAMES)}"
-            )
+        check_lora_targets(self.lora_targets)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from qinglm.config import to_dict
 from qinglm.errors import QingLMError
 from qinglm.io import write_json_atomic
 from qinglm.model.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
+from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.idioms import NAME as IDIOMS
@@ -33,17 +34,35 @@ def load_base(base: str | Path, device: Any) -> nn.Module:
     return qinglm.load(base, device=str(device)).model
 
 
-class TuningStage(Stage):
-    """What every stage that fine-tunes cfg.base shares (SFT, DPO): the base's model config and tokenizer,
-    the encoded training and held-out examples, LoRA when cfg.lora, and the merged inference weights."""
+class BaseRunStage(Stage):
+    """What every stage that starts from the run cfg.base shares (SFT, DPO, GRPO): the base's model
+    config and tokenizer, written into the new run, and its model."""
 
-    def __init__(self, cfg: Any, train: list, val: list, encode: Any, log: Any = print):
-        """encode(tokenizer, examples, seq_len) -> (encoded, Counter of "truncated" and "no_target")."""
+    def __init__(self, cfg: Any):
         from qinglm.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.model_cfg = run_dirs.model_config(cfg.base)
         self.tok = Tokenizer.load(Path(cfg.base) / run_dirs.TOKENIZER)
+
+    def sections(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model_cfg), self.kind: to_dict(self.cfg), "base": str(self.cfg.base)}
+
+    def tokenizer(self) -> Any:
+        return self.tok
+
+    def base_model(self) -> nn.Module:
+        """Return the base run's model on the stage's device."""
+        return load_base(self.cfg.base, self.ctx.device)
+
+
+class TuningStage(BaseRunStage):
+    """What every stage that fine-tunes cfg.base on encoded examples shares (SFT, DPO): the training and
+    held-out examples, LoRA when cfg.lora, and the merged inference weights."""
+
+    def __init__(self, cfg: Any, train: list, val: list, encode: Any, log: Any = print):
+        """encode(tokenizer, examples, seq_len) -> (encoded, Counter of "truncated" and "no_target")."""
+        super().__init__(cfg)
         self.train, counts = encode(self.tok, train, cfg.seq_len)
         self.val, _ = encode(self.tok, val, cfg.seq_len)
         if not self.train:
@@ -53,12 +72,6 @@ class TuningStage(Stage):
                 f"examples: {counts['truncated']:,} cut to --seq-len {cfg.seq_len}, "
                 f"{counts['no_target']:,} dropped (no reply left)"
             )
-
-    def sections(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model_cfg), self.kind: to_dict(self.cfg), "base": str(self.cfg.base)}
-
-    def tokenizer(self) -> Any:
-        return self.tok
 
     def tune(self, model: nn.Module) -> nn.Module:
         """Return model with LoRA applied when cfg.lora (base frozen), after logging what trains."""
@@ -105,7 +118,7 @@ class SFTStage(TuningStage):
         super().__init__(cfg, *load_conversations(cfg, log), sft_data.make_samples, log)
 
     def build_model(self) -> nn.Module:
-        model = load_base(self.cfg.base, self.ctx.device)
+        model = self.base_model()
         self.val_before = self.held_out_loss(model) if not self.ctx.resuming else None
         if self.val_before is not None:
             n = sft_data.assistant_tokens(self.val)
@@ -133,6 +146,9 @@ class SFTStage(TuningStage):
             return sft_data.collate(items, self.tok.pad_id)
 
         return self.epoch_batches(cfg, rows, collate, sft_data.assistant_tokens(self.train))
+
+    def loss_units(self, batch: Any) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # the loss is the mean over the reply tokens
 
     def loss(self, forward: Any, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)

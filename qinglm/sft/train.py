@@ -37,8 +37,7 @@ def run_sft(
     cfg = resolve_sft(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    flags = {**(flags or {}), **{k: getattr(cfg, k) for k in ("base", "out", "seq_len", "lr")}}
-    res = run_stage_command("sft", "sft", cfg, flags, lambda: SFTStage(cfg, log), log)
+    res = run_stage_command("sft", "sft", cfg, flags or {}, lambda: SFTStage(cfg, log), log)
     if not res:  # the torchrun launcher: its workers trained
         return res
     steps = res["step"]

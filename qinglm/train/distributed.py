@@ -171,6 +171,15 @@ def agree_max(d: Dist, values: list[float], device: torch.device) -> list[float]
     return t.tolist()
 
 
+def agree_sum(d: Dist, value: int, device: torch.device) -> int:
+    """Return the sum of an integer over all ranks (value itself on one process)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def broadcast_object(d: Dist, obj: Any) -> Any:
     """Return rank 0's obj on every rank."""
     if not d.enabled:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -68,6 +69,17 @@ def stage_config(cls: type, kind: str, flags: dict[str, Any]) -> Any:
     return cls(**flags)
 
 
+def resolved_flags(cfg: Any, flags: dict[str, Any]) -> dict[str, Any]:
+    """Return flags plus every field the resolved cfg holds off its default (a default out, seq_len or lr
+    filled in): the processes launched under torchrun then run the launcher's config exactly."""
+    out = dict(flags)
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name not in out and getattr(cfg, f.name) != default:
+            out[f.name] = getattr(cfg, f.name)
+    return out
+
+
 def run_stage_command(
     command: str,
     kind: str,
@@ -76,8 +88,9 @@ def run_stage_command(
     make_stage: Callable[[], Any],
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Return the engine's result after running make_stage() with cfg in cfg.out, holding the run's lock;
-    with --nproc N (outside torchrun) launch N processes of the same command instead and return {}."""
+    """Return the engine's result after running make_stage() with cfg (resolved) in cfg.out, holding the
+    run's lock; with --nproc N (outside torchrun) launch N processes of the same command instead, given
+    the flags and what resolving filled in (resolved_flags), and return {}."""
     from qinglm.train.loop import train_stage
 
     run_dir = Path(cfg.out)
@@ -88,7 +101,7 @@ def run_stage_command(
     with contextlib.ExitStack() as held:
         held.enter_context(run_dirs.writing(run_dir, cfg.overwrite, kind))
         if cfg.nproc and "RANK" not in os.environ:
-            launch_torchrun(command, cfg.nproc, {**flags, "out": str(run_dir)})
+            launch_torchrun(command, cfg.nproc, {**resolved_flags(cfg, flags), "out": str(run_dir)})
             return {}
         return train_stage(make_stage(), cfg, run_dir, log=log)
 

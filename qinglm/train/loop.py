@@ -19,13 +19,14 @@ from qinglm.config import ModelConfig
 from qinglm.device import autocast, deterministic_algorithms, resolve_device
 from qinglm.errors import QingLMError
 from qinglm.train import distributed
-from qinglm.train.checkpoint import latest_checkpoint, save_best, save_checkpoint
+from qinglm.train.checkpoint import latest_checkpoint, save_checkpoint
 from qinglm.train.config import EngineConfig, TrainConfig
 from qinglm.train.metrics import MetricsSink, peak_memory_mb
 from qinglm.train.optim import step_optimizer
 from qinglm.train.pretrain import PretrainStage
 from qinglm.train.session import Run, setup_run, step_seed
 from qinglm.train.stage import Stage
+from qinglm.train.validation import finish, val_line, validate
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
 # Every reason _stop_reason can give; when ranks differ, all take the one listed last.
@@ -85,7 +86,31 @@ class _StopRequest:
                 signal.signal(s, h)
 
 
-# ---------------------------------------------------------------------------- step, validation, saving
+# ---------------------------------------------------------------------------- step, saving, logging
+
+
+def _micro_batches(r: Run) -> Iterator[tuple[Any, int | float]]:
+    """Yield the step's grad_accum micro-batches, each with what its mean loss is divided by.
+
+    Without the stage's loss_units every mean is divided by grad_accum: the step's loss is the mean over
+    micro-batches. With them (SFT's target tokens, DPO's pairs) the step's micro-batches are fetched
+    first, in the same order, and mean i is weighted by units_i x world_size / (the step's units over all
+    micro-batches and ranks): the step's loss is then the mean over all its units, as one big batch
+    gives (DDP averages the ranks' gradients, hence world_size). Equal units give grad_accum exactly.
+    """
+    grad_accum = r.cfg.grad_accum
+    first = next(r.batches)
+    units = r.stage.loss_units(first)
+    if units is None:
+        yield first, grad_accum
+        for _ in range(grad_accum - 1):
+            yield next(r.batches), grad_accum
+        return
+    batches = [first] + [next(r.batches) for _ in range(grad_accum - 1)]
+    counts = [units] + [r.stage.loss_units(b) for b in batches[1:]]
+    total = distributed.agree_sum(r.dist, sum(counts), r.device)
+    for batch, n in zip(batches, counts):
+        yield batch, (total / (n * r.dist.world_size) if n else math.inf)  # no units: weight 0
 
 
 def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
@@ -98,18 +123,17 @@ def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
     cfg, scaler = r.cfg, r.scaler
     loss_sum, tokens = torch.zeros((), device=r.device), 0
     extra: dict[str, torch.Tensor] = {}
-    for i in range(cfg.grad_accum):
-        batch = next(r.batches)
+    for i, (batch, divisor) in enumerate(_micro_batches(r)):
         # Several processes: gradients are averaged over ranks once, after the last micro-batch.
         with distributed.grad_sync(r.wrapped, r.dist, sync=i == cfg.grad_accum - 1):
             with autocast(r.device, r.dtype):
                 out = r.stage.loss(r.forward, r.model, batch)
-                loss = out.loss / cfg.grad_accum  # the step's loss is the mean over micro-batches
+                loss = out.loss / divisor  # see _micro_batches
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         tokens += out.tokens * r.dist.world_size
         for k, v in out.metrics.items():
-            extra[k] = extra.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            extra[k] = extra.get(k, 0.0) + v.detach().float() / divisor
     if scaler is not None:
         scaler.unscale_(r.optimizer)
     params = [p for g in r.optimizer.param_groups for p in g["params"]]
@@ -124,41 +148,6 @@ def _optimizer_step(r: Run) -> tuple[float, float, int, bool, dict[str, float]]:
         values = distributed.mean(r.dist, torch.stack([extra[k] for k in extra]).to(r.device)).tolist()
         metrics = dict(zip(extra, values))
     return step_loss, grad_norm, tokens, ok, metrics
-
-
-def _validate(r: Run) -> dict[str, Any]:
-    """Return the stage's validation metrics (empty without held-out data); log them, and save best/
-    when val_loss improved."""
-    v = r.stage.validate(r.model, r.step)
-    if not v:
-        return {}
-    if r.cfg.eval_tasks:
-        v = {**v, **_task_scores(r)}
-    numbers = {k: x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
-    loss = v["val_loss"]
-    if math.isfinite(loss) and (r.best_val_loss is None or loss < r.best_val_loss):
-        r.best_val_loss, r.bad_evals = loss, 0
-        gathered = distributed.full_model_tensors(r.model, r.dist)  # FSDP: every rank takes part
-        if r.dist.is_main:
-            weights = r.stage.inference_weights(r.model) if gathered is None else gathered
-            save_best(r.run_dir, weights, {"step": r.step, **numbers, "tokens_seen": r.tokens_seen})
-    else:
-        r.bad_evals += 1
-    r.metrics.log("val", step=r.step, **v, tokens_seen=r.tokens_seen, elapsed_s=round(r.elapsed(), 3))
-    return v
-
-
-def _task_scores(r: Run) -> dict[str, float]:
-    """Return the --eval-tasks scores of the model ({"task/NAME": score, "task/summary": ...}), from rank 0."""
-    scores = None
-    if r.dist.is_main:
-        from qinglm.evals.suite import run_tasks
-        from qinglm.tokenizer import Tokenizer
-
-        split = {k: getattr(r.cfg, k) for k in ("val_fraction", "split_by") if hasattr(r.cfg, k)}
-        tok = Tokenizer.load(r.run_dir / "tokenizer")
-        scores = run_tasks(r.model, tok, r.cfg.eval_tasks, r.device, r.cfg.eval_task_limit, **split)
-    return distributed.broadcast_object(r.dist, scores)
 
 
 def _checkpoint(r: Run) -> Path:
@@ -238,12 +227,6 @@ def _log_train(r: Run, win: dict[str, float], lr: float, grad_norm: float) -> st
 
 def _quiet(_line: str) -> None:
     pass
-
-
-def _val_line(r: Run, v: dict[str, Any]) -> str:
-    best = " (best)" if r.bad_evals == 0 else f" (no improvement x{r.bad_evals})"
-    tasks = f" | task summary {v['task/summary']:.3f}" if "task/summary" in v else ""
-    return f"step {r.step:,} | {r.stage.val_line(v)}{tasks}{best}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -356,19 +339,19 @@ def _train(
             if r.step % cfg.log_every == 0:
                 say(_log_train(r, win, lr, grad_norm))
                 win = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
-            if r.step % cfg.eval_every == 0 and (v := _validate(r)):
+            if r.step % cfg.eval_every == 0 and (v := validate(r)):
                 val, last_eval = v, r.step
-                say(_val_line(r, val))
+                say(val_line(r, val))
             if r.step % cfg.save_every == 0:
                 _checkpoint(r)
                 last_save = r.step
 
         # The end: a last validation (not when interrupted: leave quickly) and a last checkpoint.
-        if last_eval != r.step and reason != "interrupted" and r.step > 0 and (v := _validate(r)):
+        if last_eval != r.step and reason != "interrupted" and r.step > 0 and (v := validate(r)):
             val = v
-            say(_val_line(r, val))
+            say(val_line(r, val))
         ckpt = _checkpoint(r) if last_save != r.step else latest_checkpoint(r.run_dir)
-        extras = {} if reason == "interrupted" else _finish(r)
+        extras = {} if reason == "interrupted" else finish(r)
     if reason == "interrupted":
         launch = " (with the same torchrun launch)" if dist.enabled else ""
         command = COMMANDS.get(stage.kind, stage.kind)
@@ -390,12 +373,3 @@ def _train(
         "checkpoint": str(ckpt or ""),
         **extras,
     }
-
-
-def _finish(r: Run) -> dict[str, Any]:
-    """Return the stage's end-of-run extras; give a run whose checkpoints cannot be loaded for inference
-    as they are (LoRA) its inference weights in best/ when no validation wrote them."""
-    weights = r.stage.inference_weights(r.model)
-    if r.dist.is_main and weights is not r.model and not (r.run_dir / "best").exists():
-        save_best(r.run_dir, weights, {"step": r.step, "tokens_seen": r.tokens_seen})
-    return r.stage.finish(r.model)

@@ -54,6 +54,8 @@ class Stage:
                   built here too. On --resume the engine then loads the checkpoint's weights over it.
     batches()     resumable micro-batches (EpochBatches, or data.loader.TrainBatches for token shards)
     begin_step()  called before each optimizer step with the 0-based step (after the step's seed is set)
+    loss_units()  how many units (target tokens, pairs) a micro-batch's mean loss averages over; the
+                  engine then weighs each micro-batch by its share of the step's units (None: equally)
     loss()        one micro-batch: forward(x) -> logits or forward(x, y) -> loss is the (wrapped,
                   maybe compiled) model, to be called once per micro-batch; model is the bare model
     validate()    held-out metrics named as logged, holding "val_loss" (lower is better: best/ and
@@ -93,6 +95,11 @@ class Stage:
     def begin_step(self, step: int, total: int | None) -> None:
         pass
 
+    def loss_units(self, batch: Any) -> int | None:
+        """Return how many units the micro-batch's mean loss is taken over, or None when every
+        micro-batch weighs the same (pretraining's full rows)."""
+        return None
+
     def loss(self, forward: Callable, model: nn.Module, batch: Any) -> StepOut:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
         return StepOut(forward(x, y), x.numel())
@@ -130,6 +137,8 @@ class EpochBatches:
     every example is trained on once per epoch (on one process) and all ranks stay in step.
     """
 
+    HOLD_AHEAD = 3  # epochs after the current one whose examples are kept once built (memory vs time)
+
     def __init__(
         self,
         items_for_epoch: Callable[[int], Sequence[Any]],
@@ -145,7 +154,10 @@ class EpochBatches:
         self.batch_size, self.grad_accum = batch_size, max(1, grad_accum)
         self.rank, self.world_size, self.n_tokens = rank, world_size, n_tokens
         self.epoch, self.position = 0, 0  # micro-batches served by this rank in the current epoch
-        self._cache: tuple[int, Sequence[Any]] | None = None
+        # Epochs built and not yet trained past (steps_for_epochs builds the run's epochs ahead: up to
+        # HOLD_AHEAD after the current one are kept to be built once), and every epoch's count.
+        self._built: dict[int, Sequence[Any]] = {}
+        self._counts: dict[int, int] = {}
         self.n_items = len(self._items())
         if self.n_items == 0:
             raise QingLMError("no training examples")
@@ -156,13 +168,20 @@ class EpochBatches:
 
     def _items(self, epoch: int | None = None) -> Sequence[Any]:
         epoch = self.epoch if epoch is None else epoch
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self.items_for_epoch(epoch))
-        return self._cache[1]
+        items = self._built.get(epoch)
+        if items is None:
+            items = self.items_for_epoch(epoch)
+            self._counts[epoch] = len(items)
+            if self.epoch <= epoch <= self.epoch + self.HOLD_AHEAD:
+                self._built[epoch] = items
+        for e in [e for e in self._built if e < self.epoch]:  # trained past: never needed again
+            del self._built[e]
+        return items
 
     def _steps(self, epoch: int) -> int:
         """Return the optimizer steps of epoch (its examples may vary: packed rows, for instance)."""
-        return max(1, math.ceil(len(self._items(epoch)) / self.global_batch))
+        n = self._counts[epoch] if epoch in self._counts else len(self._items(epoch))
+        return max(1, math.ceil(n / self.global_batch))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -175,7 +194,6 @@ class EpochBatches:
         steps = sum(self._steps(e) for e in range(whole))
         if num_epochs > whole:
             steps += math.ceil((num_epochs - whole) * self._steps(whole))
-        self._items()  # the cache back on the current epoch
         return max(1, steps)
 
     def __iter__(self) -> EpochBatches:
