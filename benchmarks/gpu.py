@@ -15,6 +15,8 @@ figures are written to the JSON file as soon as it ends (a run cut short keeps w
                batch chosen to fill the card, on the main job's pd1998 tokens
   fp8          the same at the largest config with --fp8 (torchao float8), losses beside bf16's
   distributed  one-process torchrun DDP and FSDP (NCCL) runs against the plain run: same weights?
+  stages       `qinglm sft`, `dpo`, `grpo`, `distill` from the main job's run, a few bf16 steps each:
+               median step time, peak GPU memory, finished with finite losses (gpu_stages.py)
   decode       decode tokens/s at batch 1 and 32: QingLM's engine vs transformers `generate`, bf16
 
 A section that would not finish within --budget-s is skipped and says so; one that fails records its
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_parts import child_throughput, decode_speed, env_info, table
+from benchmarks.gpu_stages import stages
 
 # name: (model config, seq len, fp8); "fill" batches are sized from a probe step's memory.
 CONFIGS = {
@@ -52,6 +55,7 @@ SECTION_MIN_S = {  # the least time a section needs; with less left it is skippe
     "throughput": 150,
     "fp8": 70,
     "distributed": 60,
+    "stages": 60,
     "decode": 40,
 }
 
@@ -225,7 +229,7 @@ def main() -> None:
     ap.add_argument("--work", default=".cache/gpu-check", help="scratch directory for runs")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip sections that would not fit in this")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per config")
-    ap.add_argument("--sections", default="main_job,cuda_tests,throughput,fp8,distributed,decode")
+    ap.add_argument("--sections", default="main_job,cuda_tests,throughput,fp8,distributed,stages,decode")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data-run", help=argparse.SUPPRESS)
@@ -243,7 +247,11 @@ def main() -> None:
     if args.data_run:  # a finished main job's run directory instead of running it again
         c.results["data"] = {"run": args.data_run}
     fns = {"main_job": main_job, "cuda_tests": cuda_tests, "throughput": throughput, "fp8": fp8}
-    fns |= {"distributed": distributed, "decode": lambda c: decode_speed(c.args.device, c.args.quick)}
+    fns |= {
+        "distributed": distributed,
+        "stages": stages,
+        "decode": lambda c: decode_speed(c.args.device, c.args.quick),
+    }
     for name in args.sections.split(","):
         c.run(name, fns[name])
     c.results["total_s"] = round(time.perf_counter() - c.t0, 1)

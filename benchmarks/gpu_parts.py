@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from benchmarks.gpu_stages import stage_lines
+
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, no sparsity), by device-name fragment;
 # the first fragment found in torch.cuda.get_device_name() wins.
 DATASHEET_BF16 = [
@@ -242,6 +244,7 @@ def table(r: dict) -> str:
     lines.append("")
     for name in ("main_job", "cuda_tests", "distributed", "decode"):
         lines.append(f"- {name}: {_short(name, s.get(name))}")
+    lines += stage_lines(s.get("stages"))
     lines.append(f"\n(total {r.get('total_s', '-')} s)")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""The CUDA paths: precision, flash attention, fused AdamW, compile, GradScaler, the batched engine, FP8.
+"""The CUDA paths: precision, flash attention, fused AdamW, compile, GradScaler, the batched engine, FP8,
+and the post-training stages (DPO log-probabilities, GRPO rollouts, the distillation loss, the four commands).
 
 Every test here is marked `cuda` and skipped (with the reason) on a machine without a CUDA GPU;
 `pytest -m cuda` runs them on one (`python -m benchmarks.gpu` does, as its first section).
@@ -6,18 +7,33 @@ Every test here is marked `cuda` and skipped (with the reason) on a machine with
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conftest import CHAT
+from test_distill import STUDENT, teacher, train_flags  # noqa: F401  (teacher is a fixture)
+from test_dpo_run import flags as dpo_flags
+from test_dpo_run import pairs  # noqa: F401  (a fixture)
+from test_grpo import _grpo_flags, tiny_task  # noqa: F401  (tiny_task is a fixture)
+from test_sft import _jsonl
 
+from qinglm.cli import main
 from qinglm.config import ModelConfig, SamplingConfig
+from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.infer.engine import Generation, Request
 from qinglm.infer.generate import generate_ids
-from qinglm.model.transformer import KVCache, Transformer
+from qinglm.model.transformer import IGNORE_INDEX, KVCache, Transformer
+from qinglm.post.distill import kd_loss
+from qinglm.post.dpo_loss import dpo_loss, pair_logps
+from qinglm.post.rollout import rollout
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.config import TrainConfig
+from qinglm.train.driver import cli_flags
 from qinglm.train.metrics import read_metrics
+from qinglm.train.session import step_seed
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -25,8 +41,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 V = 256
 
 
-def model_on_gpu(dtype: torch.dtype = torch.float32, **kw) -> Transformer:
-    torch.manual_seed(0)
+def model_on_gpu(dtype: torch.dtype = torch.float32, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=V, d_model=128, n_layers=2, n_heads=4, max_seq_len=128, dropout=0.0, **kw)
     return Transformer(cfg).to("cuda", dtype).eval()
 
@@ -156,3 +172,82 @@ def test_fp8_training_follows_bf16(phrase_corpus, tmp_path):
     a = load_file(latest_checkpoint(tmp_path / "fp8-True") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "fp8-False") / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+
+
+# ---------------------------------------------------------------------------- post-training stages
+
+
+def masked_batch(rows: int = 4, length: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return CPU (x, y) of random ids whose first 16 targets are IGNORE_INDEX (a prompt)."""
+    ids = torch.randint(0, V, (rows, length + 1), generator=torch.Generator().manual_seed(3))
+    y = ids[:, 1:].clone()
+    y[:, :16] = IGNORE_INDEX
+    return ids[:, :-1], y
+
+
+@torch.no_grad()
+def logits_of(models: list[Transformer], x: torch.Tensor, device: str, dtype: str) -> list[torch.Tensor]:
+    """Return each model's logits of x on device under dtype's autocast (fp32 weights, as in training)."""
+    with autocast(torch.device(device), dtype):
+        return [copy.deepcopy(m).to(device)(x.to(device)) for m in models]
+
+
+def test_dpo_log_probs_under_bf16_autocast_follow_fp32_on_the_cpu():
+    models, (x, y) = [model_on_gpu(), model_on_gpu(seed=1)], masked_batch()  # policy, reference
+    got = [pair_logps(lg, y.cuda()) for lg in logits_of(models, x, "cuda", "bf16")]
+    want = [pair_logps(lg, y) for lg in logits_of(models, x, "cpu", "fp32")]
+    # Sums of 32 log-probs near -180. CPU bf16 autocast is off by 2e-5 relative, the loss by 4e-4.
+    for g, w in zip(got, want):
+        assert g[0].dtype == torch.float32
+        torch.testing.assert_close(torch.cat(g).cpu(), torch.cat(w), rtol=1e-3, atol=0.05)
+    loss_got, loss_want = (dpo_loss(*a, *b, beta=0.1)[0].item() for a, b in (got, want))
+    assert abs(loss_got - loss_want) < 5e-3
+
+
+def test_distillation_kl_under_bf16_autocast_follows_fp32_on_the_cpu():
+    models, (x, y) = [model_on_gpu(), model_on_gpu(seed=1)], masked_batch()  # student, teacher
+    got = kd_loss(*logits_of(models, x, "cuda", "bf16"), y.cuda(), 2.0)
+    want = kd_loss(*logits_of(models, x, "cpu", "fp32"), y, 2.0)
+    assert got.dtype == torch.float32 and want > 0.01  # CPU bf16 autocast: 7e-5 relative
+    assert got.item() == pytest.approx(want.item(), rel=1e-2)
+
+
+@torch.no_grad()
+def test_grpo_rollouts_on_gpu_repeat_with_the_same_step_seed(chat_tok, tiny_base_run):
+    from qinglm.sft.stage import load_base
+
+    model = load_base(tiny_base_run, torch.device("cuda")).eval()
+    sampling = SamplingConfig(
+        max_new_tokens=12, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0
+    )
+    runs = []
+    for step in (5, 5, 6):
+        torch.manual_seed(step_seed(0, 0, step))  # what the engine does before every step
+        with autocast(torch.device("cuda"), "bf16"):  # as in the training step
+            runs.append(rollout(model, chat_tok, [CHAT[:2], CHAT[:4]], 4, sampling))
+    a, b, c = runs
+    assert a.ids.is_cuda and a.ids.shape[0] == 8
+    assert torch.equal(a.ids, b.ids) and a.texts == b.texts and a.completion_mask.equal(b.completion_mask)
+    assert not torch.equal(a.ids, c.ids)  # another step, other replies
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "distill"])
+def test_post_training_commands_run_compiled_in_bf16_on_gpu(stage, request, tiny_base_run, tmp_path, capsys):
+    gpu = dict(device="cuda", dtype="bf16", compile=True, max_steps=4, log_every=1, eval_every=1000)
+    out = tmp_path / stage
+    if stage == "sft":
+        data = _jsonl(tmp_path / "chat.jsonl")
+        argv = cli_flags(dict(base=str(tiny_base_run), data=str(data), out=str(out), batch_size=4, **gpu))
+    elif stage == "dpo":
+        argv = cli_flags(dpo_flags(tiny_base_run, request.getfixturevalue("pairs"), out, **gpu))
+    elif stage == "grpo":
+        argv = cli_flags(_grpo_flags(tiny_base_run, request.getfixturevalue("tiny_task"), out, **gpu))
+    else:
+        fields = train_flags(request.getfixturevalue("phrase_corpus"), out, **gpu)
+        fields["teacher"] = str(request.getfixturevalue("teacher"))
+        fields.pop("tokenizer")  # the teacher's
+        argv = cli_flags(fields) + cli_flags(STUDENT)
+    assert main([stage, *argv]) == 0
+    assert "device: cuda | dtype bf16 | compile on" in capsys.readouterr().out
+    losses = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
