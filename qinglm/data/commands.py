@@ -86,7 +86,7 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tmp-dir",
         default=None,
-        help="where the spill files go (about 136 bytes per document; default: $TMPDIR or /tmp)",
+        help="where the spill files go (about 650 bytes per document; default: $TMPDIR or /tmp)",
     )
 
 

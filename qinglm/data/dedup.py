@@ -1,15 +1,17 @@
 """Remove duplicate documents: exact copies (a hash of the normalised text) and near copies (MinHash over
-character n-grams, LSH bands), keeping the first of each group.
+character n-grams, LSH bands, signatures compared), keeping the first of each group.
 
 Two passes over the input, the way corpus-scale pipelines (datatrove's MinHash stages) do it, so memory
-does not hold an index of the corpus. Pass 1 writes each document's exact hash and its LSH band hashes
-to a spill directory (8 bytes each: 136 bytes per document at 16 bands). Then, one file at a time, a
-stable sort finds every document that shares its exact hash or a band's hash with an earlier document:
-those are dropped (a document that shares a band with an earlier one is a near copy of it, as a streaming
-LSH query would say; no per-pair Jaccard check). Pass 2 reads the input again and yields the rest. Memory:
-about 40 bytes per document while a file is sorted (0.7 GB for 18 million documents), plus 9 per document
-for the verdicts. MinHash signatures come from `rensa` (Rust), chosen over datasketch (pure Python) for
-speed and memory: see README, "Deduplicate".
+does not hold an index of the corpus. Pass 1 writes each document's exact hash, MinHash signature and
+LSH band hashes to spill files (648 bytes per document at 128 permutations, 16 bands). Then, one file
+at a time, a stable sort finds the documents that share the exact hash with an earlier document (exact
+copies) or a band's hash (candidates); a candidate is a near copy when its signature agrees with an
+earlier document of the bucket (its first, or one of the LOOKBACK before it) in at least `threshold`
+of the permutations: without that check, a corpus with many loosely similar documents loses some to
+chance band collisions. Pass 2 reads the input again and yields the rest. Memory: about 50 bytes per
+document while a file is sorted (0.7 GB for 13.5 million documents), the signatures read from disk.
+MinHash signatures come from `rensa` (Rust), chosen over datasketch (pure Python) for speed and memory:
+see README, "Deduplicate".
 """
 
 from __future__ import annotations
@@ -160,10 +162,14 @@ def _deduped(
         files = _spill(read(), config, Path(spill), workers)
         n = files[0].stat().st_size // 8
         verdict, copy_of = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64)
-        for kind, path in zip([EXACT] + [NEAR] * (len(files) - 1), files):
-            if kind == NEAR or config.exact:
-                _mark_copies(np.fromfile(path, dtype=np.uint64), kind, verdict, copy_of)
-            path.unlink()
+        if config.exact:
+            _mark_copies(np.fromfile(files[0], dtype=np.uint64), verdict, copy_of)
+        if config.near and n:
+            sigs = np.memmap(files[1], dtype=np.uint32, mode="r", shape=(n, config.num_perm))
+            for path in files[2:]:
+                keys = np.fromfile(path, dtype=np.uint64)
+                _mark_near_copies(keys, sigs, config.threshold, verdict, copy_of)
+            del sigs
     names = {EXACT: "exact", NEAR: "near"}
     i = -1
     for i, doc in enumerate(read()):
@@ -182,16 +188,19 @@ def _deduped(
 def _spill(docs: Iterable[str], config: DedupConfig, spill: Path, workers: int) -> list[Path]:
     """Return the spill files written from docs: exact hashes, then one file of hashes per LSH band."""
     bands = lsh_bands(config.threshold, config.num_perm) if config.near else 0
-    paths = [spill / "exact.u64"] + [spill / f"band{j:03d}.u64" for j in range(bands)]
+    paths = [spill / "exact.u64"] + [spill / "minhash.u32"] * bool(bands)
+    paths += [spill / f"band{j:03d}.u64" for j in range(bands)]
     outs = [open(p, "wb") for p in paths]
     try:
         chunks = chunked_map(
             hash_chunk, docs, workers=workers, chunk=BATCH, init=_init_worker, initargs=(config,)
         )
-        for keys, band_hashes in chunks:
+        for keys, sigs, band_hashes in chunks:
             keys.tofile(outs[0])
+            if bands:
+                sigs.tofile(outs[1])
             for j in range(bands):
-                np.ascontiguousarray(band_hashes[:, j]).tofile(outs[1 + j])
+                np.ascontiguousarray(band_hashes[:, j]).tofile(outs[2 + j])
     except OSError as e:  # a full disk
         raise QingLMError(f"cannot write the spill files in {spill}: {e.strerror or e}") from None
     finally:
@@ -209,19 +218,21 @@ def _init_worker(config: DedupConfig) -> None:
     _worker["rensa"] = _rensa() if config.near else None
 
 
-def hash_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Return the exact hashes (n,) and LSH band hashes (n, bands) of docs, as uint64."""
+def hash_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the exact hashes (n,) uint64, MinHash signatures (n, num_perm) uint32 and LSH band hashes
+    (n, bands) uint64 of docs."""
     config, bands, rensa = _worker["config"], _worker["bands"], _worker["rensa"]
     keys = np.array([exact_key(d) for d in docs], dtype=np.uint64)
     if not bands:
-        return keys, np.zeros((len(docs), 0), dtype=np.uint64)
+        return keys, np.zeros((len(docs), 0), dtype=np.uint32), np.zeros((len(docs), 0), dtype=np.uint64)
     sets = [shingles(d, config.ngram) or [""] for d in docs]
     rows = rensa.RMinHash.digest_matrix_from_token_sets(sets, config.num_perm, config.seed).to_rows()
-    sig = np.array(rows, dtype=np.uint32).astype(np.uint64).reshape(len(docs), bands, -1)
-    h = np.zeros(sig.shape[:2], dtype=np.uint64)
-    for k in range(sig.shape[2]):  # a band's hash: its rows' minima mixed in turn
-        h = _mix(h ^ sig[:, :, k])
-    return keys, h
+    sigs = np.array(rows, dtype=np.uint32)
+    by_band = sigs.astype(np.uint64).reshape(len(docs), bands, -1)
+    h = np.zeros(by_band.shape[:2], dtype=np.uint64)
+    for k in range(by_band.shape[2]):  # a band's hash: its rows' minima mixed in turn
+        h = _mix(h ^ by_band[:, :, k])
+    return keys, sigs, h
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -232,15 +243,43 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _mark_copies(keys: np.ndarray, kind: int, verdict: np.ndarray, copy_of: np.ndarray) -> None:
-    """Mark as `kind` every document not yet dropped whose key an earlier document has, with that
-    earlier document's number (the first with the key) in copy_of."""
+def _mark_copies(keys: np.ndarray, verdict: np.ndarray, copy_of: np.ndarray) -> None:
+    """Mark as exact copies the documents whose key an earlier document has, with that earlier
+    document's number (the first with the key) in copy_of."""
     order = np.argsort(keys, kind="stable")  # equal keys stay in document order
     same = keys[order[1:]] == keys[order[:-1]]
     del keys
     starts = np.flatnonzero(~same) + 1  # sorted positions where a new key begins (besides 0)
     first = order[np.concatenate(([0], starts))][np.cumsum(np.concatenate(([False], ~same)))]
     dup, of = order[1:][same], first[1:][same]
-    fresh = verdict[dup] == KEEP
-    verdict[dup[fresh]] = kind
-    copy_of[dup[fresh]] = of[fresh]
+    verdict[dup] = EXACT
+    copy_of[dup] = of
+
+
+LOOKBACK = 4  # a band's candidates are checked against this many earlier documents of the bucket
+VERIFY_PAIRS = 1 << 16  # candidate pairs whose signatures are compared at once
+
+
+def _mark_near_copies(
+    keys: np.ndarray, sigs: np.ndarray, threshold: float, verdict: np.ndarray, copy_of: np.ndarray
+) -> None:
+    """Mark as near copies the documents not yet dropped that share this band's key with an earlier
+    document (the bucket's first, or one of the LOOKBACK before it) whose MinHash signature agrees with
+    theirs in at least `threshold` of the permutations: the band only proposes, the signatures decide."""
+    order = np.argsort(keys, kind="stable")  # a bucket's documents stay in document order
+    new = np.concatenate(([True], keys[order[1:]] != keys[order[:-1]]))
+    del keys
+    bucket = np.cumsum(new) - 1
+    first = np.flatnonzero(new)[bucket]  # sorted position of each bucket's first document
+    positions = np.arange(len(order))
+    for earlier in [first] + [positions - d for d in range(1, LOOKBACK + 1)]:
+        p = np.flatnonzero((earlier >= 0) & (earlier < positions))
+        p = p[bucket[p] == bucket[earlier[p]]]
+        dup, of = order[p], order[earlier[p]]
+        fresh = verdict[dup] == KEEP
+        dup, of = dup[fresh], of[fresh]
+        for i in range(0, len(dup), VERIFY_PAIRS):
+            d, o = dup[i : i + VERIFY_PAIRS], of[i : i + VERIFY_PAIRS]
+            similar = (sigs[d] == sigs[o]).mean(axis=1) >= threshold
+            verdict[d[similar]] = NEAR
+            copy_of[d[similar]] = o[similar]
