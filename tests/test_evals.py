@@ -135,7 +135,7 @@ def test_task_items_never_occur_in_training(tok, val_fraction):
     for it in TASKS["reviews-sentiment"].build(*split, tok):
         review = re.search(r"评论：([^\n]*)\n评价：$", it.context).group(1)
         assert review not in reviews_train
-    from qinglm.sft.idioms import idioms_sft
+    from qinglm.data.idioms_sft import idioms_sft
 
     questions = "\n".join(chat[0]["content"] for chat in idioms_sft("train"))
     idioms_train = [d for d in builtin_documents("idioms", "train", *split)]
@@ -158,6 +158,7 @@ def test_run_tasks_gives_flat_scores(tiny, tok):
     [
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--tasks", "all", "--limit", "0"], "--limit must be a positive"),
+        (["--tasks", "chat-pinyin"], "chat-pinyin asks a chat model"),
         ([], "give --data"),
     ],
 )
@@ -342,3 +343,41 @@ def test_a_model_that_knows_only_character_frequencies_scores_random_on_cloze(co
     unigram.forward = lambda x: counts.log().expand(*x.shape, -1)
     out = evaluate_tasks(unigram, chars, [f"{corpus}-cloze"])["tasks"][f"{corpus}-cloze"]
     assert out["interval"][0] <= out["random"] <= out["interval"][1] and out["n"] > 300
+
+
+def test_chat_tasks_need_a_chat_run():
+    from qinglm.evals.tasks import resolve
+
+    chat = {"chat-pinyin", "chat-arithmetic"}
+    assert not chat & {t.name for t in resolve("all", "pretrain")}
+    assert not chat & {t.name for t in resolve("all")}  # kind unknown: only when named
+    assert chat <= {t.name for t in resolve("all", "sft")} and [t.name for t in resolve("chat-pinyin")]
+    with pytest.raises(QingLMError, match="chat-arithmetic asks a chat model; this is a pretrain run"):
+        resolve("bpc-idioms,chat-arithmetic", "pretrain")
+
+
+@pytest.mark.parametrize("name", ["chat-pinyin", "chat-arithmetic"])
+def test_chat_tasks_pass_an_oracle_and_nothing_from_uniform_logits(name, tok, monkeypatch):
+    from qinglm.data.verifiable import TASKS as VERIFIABLE
+    from qinglm.evals import chat
+
+    uniform = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2)).eval()
+    with torch.no_grad():
+        for p in uniform.parameters():
+            p.zero_()  # every logit 0: the greedy reply is whatever token 0 decodes to
+    out = evaluate_tasks(uniform, tok, [name], limit=12, kind="sft")
+    r = out["tasks"][name]
+    assert (r["kind"], r["score"], r["random"], r["n"]) == ("chat", 0.0, 0.0, 12)
+    assert r["interval"][0] == pytest.approx(0.0, abs=1e-12) and 0 < r["interval"][1] < 0.3
+    assert out["summary"] == 0.0
+    task = TASKS[name]
+    answers = {
+        ex.messages[-1]["content"]: ex.reference for ex in VERIFIABLE[task.verifier]().split("heldout")
+    }
+
+    def oracle(model, tokenizer, chats, max_new_tokens):
+        return [answers[c[-1]["content"]] for c in chats]
+
+    monkeypatch.setattr(chat, "greedy_replies", oracle)
+    r = evaluate_tasks(uniform, tok, [name], kind="sft")["tasks"][name]
+    assert r["score"] == 1.0 and r["n"] == 100 and list(r["details"].values()) == [1.0]  # CHAT_ITEMS

@@ -46,7 +46,13 @@ def collect(run: Path, tasks: str, limit: int | None, device: str) -> dict[str, 
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     if not (isinstance(results, dict) and results.get("tasks")):
         out = evaluate_tasks(
-            lm.model, lm.tokenizer, tasks, limit=limit, val_fraction=lm.val_fraction, split_by=lm.split_by
+            lm.model,
+            lm.tokenizer,
+            tasks,
+            limit=limit,
+            val_fraction=lm.val_fraction,
+            split_by=lm.split_by,
+            kind=config.get("kind"),
         )
         results = merged_results(results_path, out)
         write_run_file(run, RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2))

@@ -1,9 +1,10 @@
 """Run tasks of the suite on a model: scores, random baselines, 95 % intervals, the summary score.
 
 A "choice" task's score is its metric (acc_norm unless the task says otherwise) with a Wilson
-interval; a "bpc" task's score is bits per character with a percentile-bootstrap interval over
-documents, and its "random" is a uniform distribution over the vocabulary. The summary score is
-the mean over the choice tasks of (accuracy - random) / (1 - random).
+interval, and so is a "chat" task's pass rate (random: 0); a "bpc" task's score is bits per
+character with a percentile-bootstrap interval over documents, and its "random" is a uniform
+distribution over the vocabulary. The summary score is the mean over the choice and chat tasks of
+(accuracy - random) / (1 - random).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 from qinglm.errors import QingLMError
+from qinglm.evals.chat import pass_rate
 from qinglm.evals.scoring import choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
-from qinglm.evals.tasks import Item, Task, resolve
+from qinglm.evals.tasks import CHAT_ITEMS, VERIFIABLE, Item, Task, resolve
 from qinglm.io import write_json_atomic
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import Tokenizer
@@ -101,19 +103,34 @@ def evaluate_tasks(
     limit: int | None = None,
     val_fraction: float = TrainConfig.val_fraction,
     split_by: str = TrainConfig.split_by,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """Return {"tasks": {name: result}, "summary": score | None, "seconds"} of the tasks on the model.
 
     val_fraction and split_by must be the run's own (they choose the held-out split; see tasks.py).
-    limit: at most this many items (documents for bpc) per task, spread evenly.
+    limit: at most this many items (documents for bpc) per task, spread evenly (chat tasks: CHAT_ITEMS
+    without a limit). kind: the run's kind, which says whether "all" holds the chat tasks (tasks.resolve).
     """
-    chosen = tasks if tasks and isinstance(tasks[0], Task) else resolve(tasks)
+    chosen = tasks if tasks and isinstance(tasks[0], Task) else resolve(tasks, kind)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     for task in chosen:
-        items = _take(_items(task, val_fraction, split_by, tokenizer), limit)
+        default = CHAT_ITEMS if task.kind == "chat" else None
+        items = _take(_items(task, val_fraction, split_by, tokenizer), limit or default)
         if task.kind == "bpc":
             r = {"kind": "bpc", "metric": "bpc", **score_bpc(model, tokenizer, items, device)}
+        elif task.kind == "chat":
+            s = pass_rate(model, tokenizer, VERIFIABLE[task.verifier](), items, task.max_new_tokens)
+            r = {
+                "kind": "chat",
+                "metric": task.metric,
+                "score": s["pass_rate"],
+                "interval": list(wilson_interval(s["passed"], s["n"])),
+                "random": 0.0,
+                "n": s["n"],
+                "details": {task.detail: s["mean_reward"]},
+                "examples": s["examples"],
+            }
         else:
             s = score_choice(model, tokenizer, items, device)
             correct = round(s[task.metric] * s["n"])
@@ -156,6 +173,8 @@ def format_table(out: dict[str, Any]) -> str:
         lines.append(
             f"{name:<20} {r['metric']:<8} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
         )
+    for name, r in out["tasks"].items():
+        lines += [f"{name}: {k} {v:.4f}" for k, v in (r.get("details") or {}).items()]
     if out["summary"] is not None:
         lines.append(f"summary (mean accuracy rescaled: random 0, perfect 1): {out['summary']:.4f}")
     return "\n".join(lines)

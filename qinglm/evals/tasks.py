@@ -8,6 +8,8 @@ bpc-pd1998), held-out reviews (cloze, sentiment, bpc-reviews), held-out idioms (
 tasks use only the idioms of qinglm.data.splits.idiom_held_out, which are "val" in the idioms corpus
 at every val_fraction and never in idioms-sft's train split. Few-shot examples and the character
 frequencies that pick distractors come from the train split, which is allowed: they are not items.
+The chat tasks ask the held-out split of qinglm.data.verifiable's tasks: idioms no stage trains on,
+and arithmetic problems whose text hashes to the held-out side.
 A cloze sentence or a review whose shown text also occurs in the train split (a dateline, a review
 posted twice with a different ending) is dropped. A text that a user trains on from a file of their
 own is beyond what this can see.
@@ -24,8 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qinglm.data.builtin import _package_file, builtin_documents, builtin_labelled
+from qinglm.data.idioms_sft import idioms
 from qinglm.data.sources import normalize_text
 from qinglm.data.splits import idiom_held_out
+from qinglm.data.verifiable import TASKS as VERIFIABLE
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import Tokenizer
 
@@ -41,13 +45,17 @@ class Item:
 
 @dataclass(frozen=True)
 class Task:
-    """A task of the suite: "bpc" (bits per character of documents) or "choice" (multiple choice)."""
+    """A task of the suite: "bpc" (bits per character of documents), "choice" (multiple choice) or
+    "chat" (a chat model's greedy replies to held-out questions, passed by a verifier)."""
 
     name: str
     kind: str
     description: str
-    build: Callable[[float, str, Tokenizer], tuple]  # (val_fraction, split_by, tokenizer) -> docs or Items
+    build: Callable[[float, str, Tokenizer], tuple]  # (val_fraction, split_by, tokenizer) -> the items
     metric: str = "acc_norm"  # the score of a "choice" task
+    verifier: str = ""  # a "chat" task: the qinglm.data.verifiable task whose held-out split it asks
+    max_new_tokens: int = 0  # a "chat" task: the longest reply
+    detail: str = ""  # a "chat" task: what its mean reward is called in the results
 
 
 def _seed(text: str) -> int:
@@ -204,8 +212,6 @@ IDIOM_CHOICES = 4
 @functools.cache
 def _held_out_idioms() -> tuple[tuple[str, str], ...]:
     """Return (idiom, pinyin) of the held-out four-character idioms, in dictionary order."""
-    from qinglm.sft.idioms import idioms
-
     return tuple(
         (i.word, i.pinyin)
         for i in idioms()
@@ -249,6 +255,20 @@ def idiom_pinyin(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tu
     return _idiom_pinyin(val_fraction, split_by)
 
 
+# ---------------------------------------------------------------------------- chat models
+
+CHAT_KINDS = ("sft", "dpo", "grpo")  # runs of these kinds answer chats; --tasks all asks them the chat tasks
+CHAT_ITEMS = 100  # held-out questions per chat task unless --limit says otherwise
+
+
+def _held_out_examples(name: str) -> Callable[[float, str, Tokenizer], tuple]:
+    def build(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple:
+        """Return the held-out examples of the verifiable task: never in SFT, DPO or GRPO training."""
+        return tuple(VERIFIABLE[name]().split("heldout"))
+
+    return build
+
+
 def _val_docs(corpus: str) -> Callable[[float, str], tuple[str, ...]]:
     def build(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple[str, ...]:
         return tuple(builtin_documents(corpus, "val", val_fraction, split_by))
@@ -267,19 +287,33 @@ TASKS: dict[str, Task] = {
         Task("reviews-sentiment", "choice", "4-shot: is a held-out review 好评 or 差评", review_sentiment),
         Task("idiom-complete", "choice", "the second half of a held-out idiom", idiom_complete),
         Task("idiom-pinyin", "choice", "the pinyin of a held-out idiom", idiom_pinyin),
+        Task("chat-pinyin", "chat", "chat: the pinyin of a held-out idiom, exact match (greedy)",
+             _held_out_examples("idioms-pinyin"), "pass", "idioms-pinyin", 40, "syllable_accuracy"),
+        Task("chat-arithmetic", "chat", "chat: a held-out arithmetic word problem, the answer right (greedy)",
+             _held_out_examples("arithmetic"), "pass", "arithmetic", 32, "mean_reward"),
     )
-}
+}  # fmt: skip
 
 
-def resolve(names: str | list[str]) -> list[Task]:
-    """Return the tasks named (comma-separated string or list; "all" = every task), in TASKS order."""
+def resolve(names: str | list[str], kind: str | None = None) -> list[Task]:
+    """Return the tasks named (comma-separated string or list), in TASKS order.
+
+    kind: the run's kind. "all" holds the chat tasks only for a chat run (CHAT_KINDS); naming one for
+    a run of another kind is an error (kind None: names are only checked to exist).
+    """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
         raise QingLMError(f"give task names with --tasks; choose from: all, {', '.join(TASKS)}")
-    if "all" in names:
-        return list(TASKS.values())
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASKS and n != "all"]
     if unknown:
         raise QingLMError(f"unknown task {unknown[0]!r}; choose from: all, {', '.join(TASKS)}")
+    chat = kind in CHAT_KINDS
+    if "all" in names:
+        return [t for t in TASKS.values() if t.kind != "chat" or chat]
+    wrong = [n for n in names if TASKS[n].kind == "chat" and kind is not None and not chat]
+    if wrong:
+        raise QingLMError(
+            f"{wrong[0]} asks a chat model; this is a {kind} run: give a run of kind {', '.join(CHAT_KINDS)}"
+        )
     return [TASKS[n] for n in dict.fromkeys(names)]
