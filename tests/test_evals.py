@@ -381,3 +381,42 @@ def test_chat_tasks_pass_an_oracle_and_nothing_from_uniform_logits(name, tok, mo
     monkeypatch.setattr(chat, "greedy_replies", oracle)
     r = evaluate_tasks(uniform, tok, [name], kind="sft")["tasks"][name]
     assert r["score"] == 1.0 and r["n"] == 100 and list(r["details"].values()) == [1.0]  # CHAT_ITEMS
+
+
+def test_train_and_sft_write_a_report_at_the_end_unless_told_not_to(tmp_path, tiny_base_run):
+    from test_cli import TINY
+    from test_sft import _jsonl, _tiny_sft
+
+    from qinglm.evals.report import SECTIONS
+    from qinglm.sft.train import run_sft
+
+    text = tmp_path / "news.txt"
+    text.write_text("\n".join(builtin_documents("pd1998", "train")[:200]), encoding="utf-8")
+    flags = [
+        "--data",
+        str(text),
+        "--max-steps",
+        "4",
+        *TINY,
+        "--eval-tasks",
+        "idiom-complete",
+        "--eval-task-limit",
+        "8",
+    ]
+    assert main(["train", "--out", str(tmp_path / "pre"), *flags]) == 0
+    md = (tmp_path / "pre" / "report.md").read_text(encoding="utf-8")
+    assert all(f"## {section}\n" in md for section in SECTIONS)
+    assert "(step 4, `--eval-tasks`)" in md and "| idiom-complete |" in md  # the scores the run holds
+    assert not (tmp_path / "pre" / "eval_results.json").exists()  # nothing evaluated at the end
+    assert (tmp_path / "pre" / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["train", "--out", str(tmp_path / "quiet"), *flags, "--no-report"]) == 0
+    assert (tmp_path / "quiet" / "best").is_dir() and not (tmp_path / "quiet" / "report.md").exists()
+
+    data = _jsonl(tmp_path / "chat.jsonl")
+    run_sft(_tiny_sft(tiny_base_run, data, tmp_path / "sft", 1, max_steps=4), log=lambda s: None)
+    md = (tmp_path / "sft" / "report.md").read_text(encoding="utf-8")
+    assert all(f"## {section}\n" in md for section in (*SECTIONS, "Post-training"))
+    assert f"Before: the base run {tiny_base_run}" in md and "| held-out val loss |" in md
+    assert f"qinglm eval --model {tmp_path / 'sft'} --tasks all" in md  # how to add task scores
+    run_sft(_tiny_sft(tiny_base_run, data, tmp_path / "sft2", 1, max_steps=2, report=False), log=print)
+    assert not (tmp_path / "sft2" / "report.md").exists()
