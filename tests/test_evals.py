@@ -420,3 +420,13 @@ def test_train_and_sft_write_a_report_at_the_end_unless_told_not_to(tmp_path, ti
     assert f"qinglm eval --model {tmp_path / 'sft'} --tasks all" in md  # how to add task scores
     run_sft(_tiny_sft(tiny_base_run, data, tmp_path / "sft2", 1, max_steps=2, report=False), log=print)
     assert not (tmp_path / "sft2" / "report.md").exists()
+
+
+def test_without_matplotlib_the_report_has_no_plots_and_says_so(runs, monkeypatch):
+    import sys
+
+    from qinglm.evals.report import write_end_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    md = write_end_report(runs[1], "cpu").read_text(encoding="utf-8")
+    assert "matplotlib is not installed: no plots" in md and "![" not in md and "## Samples\n" in md
