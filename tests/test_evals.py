@@ -21,7 +21,7 @@ from qinglm.errors import QingLMError
 from qinglm.evals import run_tasks
 from qinglm.evals.scoring import choose, encode_pair, loglikelihoods, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, rescale, summary_score, wilson_interval
-from qinglm.evals.suite import evaluate_tasks, score_choice
+from qinglm.evals.suite import _take, evaluate_tasks, score_choice
 from qinglm.evals.tasks import TASKS
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
@@ -98,6 +98,38 @@ def test_oracle_scores_100_and_uniform_scores_random(name, tok):
     assert lo <= out["random"] <= hi and out["n"] > 300
 
 
+class Biased(Fixed):
+    """Favours every item's first choice (+5 on each of its tokens) and knows the right one (+2 more)."""
+
+    def __init__(self, vocab: int, tok, items):
+        super().__init__(vocab, 4096)
+        self.boost: dict[tuple, dict[int, float]] = {}
+        for it in items:
+            for choice, add in ((it.choices[0], 5.0), (it.choices[it.gold], 2.0)):
+                seq = sum(encode_pair(tok, it.context, choice), [])
+                for t in range(1, len(seq)):
+                    nxt = self.boost.setdefault(tuple(seq[:t]), {})
+                    nxt[seq[t]] = nxt.get(seq[t], 0.0) + add
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
+        for b, row in enumerate(x.tolist()):
+            for t in range(len(row)):
+                for nxt, add in self.boost.get(tuple(row[: t + 1]), {}).items():
+                    logits[b, t, nxt] = add
+        return logits
+
+
+def test_sentiment_scores_how_a_model_ranks_reviews_however_it_favours_one_label(tok):
+    """A model that always prefers the first label, yet likes the right one better on every review,
+    scores 100 % (near the random 50 % with the raw argmax, where every trained model sat at 50 %)."""
+    items = _take(TASKS["reviews-sentiment"].build(0.02, "auto", tok), 60)
+    out = evaluate_tasks(Biased(tok.vocab_size, tok, items), tok, ["reviews-sentiment"], limit=60)
+    r = out["tasks"]["reviews-sentiment"]
+    assert (r["metric"], r["score"], r["n"]) == ("acc_calibrated", 1.0, 60), r
+    assert max(r["acc"], r["acc_norm"]) < 0.6  # the raw argmax: near chance
+
+
 def test_uniform_bpc_is_the_random_baseline(tok):
     out = evaluate_tasks(Fixed(tok.vocab_size, 64), tok, ["bpc-reviews"], limit=50)["tasks"]["bpc-reviews"]
     assert out["score"] == pytest.approx(out["random"], rel=1e-6)
@@ -118,6 +150,15 @@ def test_interval_and_summary_math():
     num, den = [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]
     lo, hi = bootstrap_ratio_interval(num, den)
     assert lo < sum(num) / sum(den) < hi and (lo, hi) == bootstrap_ratio_interval(num, den)
+
+
+def test_no_task_asks_the_same_item_twice(tok):
+    """The reviews corpus holds most reviews twice: as many items again, and intervals half as wide."""
+    for name, task in TASKS.items():
+        if task.kind != "chat":  # a verifiable task's own test checks its held-out split
+            items = task.build(0.02, "auto", tok)
+            keys = [it if isinstance(it, str) else (it.context, it.choices[it.gold]) for it in items]
+            assert len(set(keys)) == len(keys), name
 
 
 @pytest.mark.parametrize("val_fraction", [0.02, 0.05])

@@ -19,7 +19,7 @@ import torch
 
 from qinglm.errors import QingLMError
 from qinglm.evals.chat import pass_rate
-from qinglm.evals.scoring import choose, encode_pair, score_ids
+from qinglm.evals.scoring import calibrated_picks, choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
 from qinglm.evals.tasks import CHAT_ITEMS, VERIFIABLE, Item, Task, resolve
 from qinglm.io import write_json_atomic
@@ -50,20 +50,30 @@ def _items(task: Task, val_fraction: float, split_by: str, tokenizer: Tokenizer)
 
 
 def score_choice(
-    model: Transformer, tokenizer: Tokenizer, items: tuple[Item, ...], device: Any = None
+    model: Transformer,
+    tokenizer: Tokenizer,
+    items: tuple[Item, ...],
+    device: Any = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
-    """Return {"acc", "acc_norm", "n"} of multiple-choice items, every choice of every item in one batched pass."""
+    """Return {"acc", "acc_norm", "n"} of multiple-choice items, every choice of every item in one batched
+    pass; calibrate: also "acc_calibrated" (items sharing their choices, see scoring.calibrated_picks)."""
     pairs = [encode_pair(tokenizer, it.context, c) for it in items for c in it.choices]
     lls = [ll for ll, _ in score_ids(model, pairs, device)]
-    acc = acc_norm = 0
-    k = 0
+    per_item, k = [], 0
     for it in items:
-        pick, pick_norm = choose(lls[k : k + len(it.choices)], it.choices)
+        per_item.append(lls[k : k + len(it.choices)])
         k += len(it.choices)
-        acc += pick == it.gold
-        acc_norm += pick_norm == it.gold
+    picks = [choose(item_lls, it.choices) for item_lls, it in zip(per_item, items)]
     n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    out = {
+        "acc": sum(p == it.gold for (p, _), it in zip(picks, items)) / n,
+        "acc_norm": sum(p == it.gold for (_, p), it in zip(picks, items)) / n,
+        "n": n,
+    }
+    if calibrate:
+        out["acc_calibrated"] = sum(p == it.gold for p, it in zip(calibrated_picks(per_item), items)) / n
+    return out
 
 
 def score_bpc(model: Transformer, tokenizer: Tokenizer, docs: tuple[str, ...], device: Any = None) -> dict:
@@ -132,7 +142,7 @@ def evaluate_tasks(
                 "examples": s["examples"],
             }
         else:
-            s = score_choice(model, tokenizer, items, device)
+            s = score_choice(model, tokenizer, items, device, calibrate=task.metric == "acc_calibrated")
             correct = round(s[task.metric] * s["n"])
             r = {
                 "kind": "choice",
