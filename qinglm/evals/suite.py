@@ -177,11 +177,11 @@ def run_tasks(
 
 def format_table(out: dict[str, Any]) -> str:
     """Return the results as an aligned text table, the summary score last."""
-    lines = [f"{'task':<20} {'metric':<8} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
+    lines = [f"{'task':<20} {'metric':<14} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
     for name, r in out["tasks"].items():
         lo, hi = r["interval"]
         lines.append(
-            f"{name:<20} {r['metric']:<8} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
+            f"{name:<20} {r['metric']:<14} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
         )
     for name, r in out["tasks"].items():
         lines += [f"{name}: {k} {v:.4f}" for k, v in (r.get("details") or {}).items()]
