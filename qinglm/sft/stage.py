@@ -168,7 +168,7 @@ class SFTStage(TuningStage):
         if not self.ctx.dist.is_main:
             return result
         if cfg.data == IDIOMS and cfg.eval_pinyin:
-            p = pinyin_accuracy(self.inference_weights(model).eval(), self.tok, cfg.eval_pinyin)
+            p = pinyin_accuracy(self.inference_weights(model), self.tok, cfg.eval_pinyin)
             result["pinyin"] = p
             log(
                 f"held-out pinyin exact match: {p['exact']}/{p['n']} = {p['accuracy']:.1%} "
