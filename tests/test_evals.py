@@ -471,3 +471,13 @@ def test_without_matplotlib_the_report_has_no_plots_and_says_so(runs, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     md = write_end_report(runs[1], "cpu").read_text(encoding="utf-8")
     assert "matplotlib is not installed: no plots" in md and "![" not in md and "## Samples\n" in md
+
+
+def test_the_task_plot_takes_a_score_of_zero(tmp_path):
+    """A pass rate of 0 has a Wilson interval whose low end is a rounding error above it."""
+    from qinglm.evals.report import _plot_tasks
+
+    r = {"kind": "chat", "score": 0.0, "interval": list(wilson_interval(0, 100)), "random": 0.0}
+    assert r["interval"][0] > 0.0  # 2.8e-17: matplotlib refuses the negative error bar it made
+    assert _plot_tasks({"tasks": {"chat-pinyin": r}}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

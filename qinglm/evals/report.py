@@ -297,8 +297,8 @@ def _plot_tasks(results: dict[str, Any], out: Path) -> bool:
     xs = range(len(tasks))
     scores = [r["score"] for r in tasks.values()]
     errs = [
-        [s - r["interval"][0] for s, r in zip(scores, tasks.values())],
-        [r["interval"][1] - s for s, r in zip(scores, tasks.values())],
+        [max(0.0, s - r["interval"][0]) for s, r in zip(scores, tasks.values())],
+        [max(0.0, r["interval"][1] - s) for s, r in zip(scores, tasks.values())],
     ]
     ax.bar(xs, scores, yerr=errs, capsize=4, color="tab:blue")
     for x, r in zip(xs, tasks.values()):
