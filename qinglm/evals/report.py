@@ -128,6 +128,11 @@ def _tasks_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {r['metric']} | {r['score']:.4f} | [{lo:.4f}, {hi:.4f}] | {r['random']:.4f} | {r['n']} |"
         )
+    tasks = results.get("tasks") or {}
+    notes = [
+        f"- {name}: {k} {v:.4f}" for name, r in tasks.items() for k, v in (r.get("details") or {}).items()
+    ]
+    lines += ["", *notes] if notes else []
     if results.get("summary") is not None:
         lines.append(
             f"\nSummary score (mean accuracy rescaled, random = 0, perfect = 1): **{results['summary']:.4f}**"
