@@ -6,7 +6,7 @@
 Each stage is the real command (`qinglm train|sft|dpo|grpo`) in a subprocess, its output kept in
 WORK/<stage>.log. After each stage the same held-out figures are measured on its run:
   pinyin   the first --n held-out idioms asked for their pinyin, greedy: exact match and syllables right
-           (qinglm.sft.idioms.pinyin_accuracy; the idioms are held out of the tokenizer, the pretraining
+           (qinglm.evals.chat.pinyin_accuracy; the idioms are held out of the tokenizer, the pretraining
            corpus, idioms-sft, idioms-dpo and the GRPO task's train split: tests/test_heldout_idioms.py)
   dpo acc  held-out idioms-dpo pairs whose chosen reply the model finds more likely than the rejected one
   arith    held-out arithmetic word problems answered right, greedy (the GRPO `arithmetic` task's verifier)
@@ -42,14 +42,14 @@ def figures(run_dir: Path, n: int) -> dict:
     import torch
 
     import qinglm
+    from qinglm.data.verifiable import arithmetic
+    from qinglm.evals.chat import pass_rate, pinyin_accuracy
     from qinglm.post import dpo_data
     from qinglm.post.dpo_loss import pair_logps
     from qinglm.post.idioms_dpo import idioms_dpo
-    from qinglm.post.tasks import load_task
-    from qinglm.sft.idioms import pinyin_accuracy
 
     lm = qinglm.load(run_dir, device="cpu")
-    p = pinyin_accuracy(lm, n)
+    p = pinyin_accuracy(lm.model, lm.tokenizer, n)
     pairs, _ = dpo_data.encode_pairs(lm.tokenizer, idioms_dpo("heldout")[: 2 * n], lm.config.max_seq_len)
     right = 0
     with torch.no_grad():
@@ -57,14 +57,13 @@ def figures(run_dir: Path, n: int) -> dict:
             x, y = dpo_data.collate_pairs(pairs[i : i + 16], lm.tokenizer.pad_id)
             chosen, rejected = pair_logps(lm.model(x), y)
             right += int((chosen > rejected).sum())
-    task = load_task("arithmetic")
-    held = task.split("heldout")[:n]
-    solved = sum(task.reward(ex, lm.chat(ex.messages, temperature=0.0, max_new_tokens=16)) for ex in held)
+    task = arithmetic()
+    arith = pass_rate(lm.model, lm.tokenizer, task, task.split("heldout")[:n], 16)
     return {
         "pinyin_exact": p["accuracy"],
         "pinyin_syllables": p["syllable_accuracy"],
         "dpo_acc": right / max(len(pairs), 1),
-        "arith_pass": solved / max(len(held), 1),
+        "arith_pass": arith["pass_rate"],
     }
 
 

@@ -20,7 +20,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model, resolve_model, to_dict
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
-from qinglm.train.driver import launch_torchrun
+from qinglm.train.driver import launch_torchrun, write_report
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
@@ -257,6 +257,7 @@ def _run_train(
         result = train_stage(_stage(job, model_cfg, train_cfg, data_dir), train_cfg, run_dir, log=log)
     if dist.is_main:
         report(run_dir, data_dir, train_cfg, result, log)
+        write_report(train_cfg, run_dir, result, log)
     return run_dir
 
 

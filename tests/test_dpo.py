@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qinglm.config import ModelConfig, resolve_model
+from qinglm.data.idioms_sft import idioms, is_held_out
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import render_chat
 from qinglm.model.lora import apply_lora
@@ -16,7 +17,6 @@ from qinglm.model.transformer import IGNORE_INDEX, Transformer
 from qinglm.post import dpo_data
 from qinglm.post.dpo_loss import dpo_loss, pair_logps, reference_logps, sequence_logps
 from qinglm.post.idioms_dpo import idioms_dpo, wrong_syllable, wrong_tone
-from qinglm.sft.idioms import idioms, is_held_out
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, train_tokenizer
 
 PROMPT = [{"role": "user", "content": "“画蛇添足”的拼音是什么？"}]

@@ -21,7 +21,7 @@ from qinglm.errors import QingLMError
 from qinglm.evals import run_tasks
 from qinglm.evals.scoring import choose, encode_pair, loglikelihoods, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, rescale, summary_score, wilson_interval
-from qinglm.evals.suite import evaluate_tasks, score_choice
+from qinglm.evals.suite import _take, evaluate_tasks, score_choice
 from qinglm.evals.tasks import TASKS
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
@@ -98,6 +98,38 @@ def test_oracle_scores_100_and_uniform_scores_random(name, tok):
     assert lo <= out["random"] <= hi and out["n"] > 300
 
 
+class Biased(Fixed):
+    """Favours every item's first choice (+5 on each of its tokens) and knows the right one (+2 more)."""
+
+    def __init__(self, vocab: int, tok, items):
+        super().__init__(vocab, 4096)
+        self.boost: dict[tuple, dict[int, float]] = {}
+        for it in items:
+            for choice, add in ((it.choices[0], 5.0), (it.choices[it.gold], 2.0)):
+                seq = sum(encode_pair(tok, it.context, choice), [])
+                for t in range(1, len(seq)):
+                    nxt = self.boost.setdefault(tuple(seq[:t]), {})
+                    nxt[seq[t]] = nxt.get(seq[t], 0.0) + add
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
+        for b, row in enumerate(x.tolist()):
+            for t in range(len(row)):
+                for nxt, add in self.boost.get(tuple(row[: t + 1]), {}).items():
+                    logits[b, t, nxt] = add
+        return logits
+
+
+def test_sentiment_scores_how_a_model_ranks_reviews_however_it_favours_one_label(tok):
+    """A model that always prefers the first label, yet likes the right one better on every review,
+    scores 100 % (near the random 50 % with the raw argmax, where every trained model sat at 50 %)."""
+    items = _take(TASKS["reviews-sentiment"].build(0.02, "auto", tok), 60)
+    out = evaluate_tasks(Biased(tok.vocab_size, tok, items), tok, ["reviews-sentiment"], limit=60)
+    r = out["tasks"]["reviews-sentiment"]
+    assert (r["metric"], r["score"], r["n"]) == ("acc_calibrated", 1.0, 60), r
+    assert max(r["acc"], r["acc_norm"]) < 0.6  # the raw argmax: near chance
+
+
 def test_uniform_bpc_is_the_random_baseline(tok):
     out = evaluate_tasks(Fixed(tok.vocab_size, 64), tok, ["bpc-reviews"], limit=50)["tasks"]["bpc-reviews"]
     assert out["score"] == pytest.approx(out["random"], rel=1e-6)
@@ -120,6 +152,15 @@ def test_interval_and_summary_math():
     assert lo < sum(num) / sum(den) < hi and (lo, hi) == bootstrap_ratio_interval(num, den)
 
 
+def test_no_task_asks_the_same_item_twice(tok):
+    """The reviews corpus holds most reviews twice: as many items again, and intervals half as wide."""
+    for name, task in TASKS.items():
+        if task.kind != "chat":  # a verifiable task's own test checks its held-out split
+            items = task.build(0.02, "auto", tok)
+            keys = [it if isinstance(it, str) else (it.context, it.choices[it.gold]) for it in items]
+            assert len(set(keys)) == len(keys), name
+
+
 @pytest.mark.parametrize("val_fraction", [0.02, 0.05])
 def test_task_items_never_occur_in_training(tok, val_fraction):
     split = (val_fraction, "auto")
@@ -135,7 +176,7 @@ def test_task_items_never_occur_in_training(tok, val_fraction):
     for it in TASKS["reviews-sentiment"].build(*split, tok):
         review = re.search(r"评论：([^\n]*)\n评价：$", it.context).group(1)
         assert review not in reviews_train
-    from qinglm.sft.idioms import idioms_sft
+    from qinglm.data.idioms_sft import idioms_sft
 
     questions = "\n".join(chat[0]["content"] for chat in idioms_sft("train"))
     idioms_train = [d for d in builtin_documents("idioms", "train", *split)]
@@ -158,6 +199,7 @@ def test_run_tasks_gives_flat_scores(tiny, tok):
     [
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--tasks", "all", "--limit", "0"], "--limit must be a positive"),
+        (["--tasks", "chat-pinyin"], "chat-pinyin asks a chat model"),
         ([], "give --data"),
     ],
 )
@@ -342,3 +384,100 @@ def test_a_model_that_knows_only_character_frequencies_scores_random_on_cloze(co
     unigram.forward = lambda x: counts.log().expand(*x.shape, -1)
     out = evaluate_tasks(unigram, chars, [f"{corpus}-cloze"])["tasks"][f"{corpus}-cloze"]
     assert out["interval"][0] <= out["random"] <= out["interval"][1] and out["n"] > 300
+
+
+def test_chat_tasks_need_a_chat_run():
+    from qinglm.evals.tasks import resolve
+
+    chat = {"chat-pinyin", "chat-arithmetic"}
+    assert not chat & {t.name for t in resolve("all", "pretrain")}
+    assert not chat & {t.name for t in resolve("all")}  # kind unknown: only when named
+    assert chat <= {t.name for t in resolve("all", "sft")} and [t.name for t in resolve("chat-pinyin")]
+    with pytest.raises(QingLMError, match="chat-arithmetic asks a chat model; this is a pretrain run"):
+        resolve("bpc-idioms,chat-arithmetic", "pretrain")
+
+
+@pytest.mark.parametrize("name", ["chat-pinyin", "chat-arithmetic"])
+def test_chat_tasks_pass_an_oracle_and_nothing_from_uniform_logits(name, tok, monkeypatch):
+    from qinglm.data.verifiable import TASKS as VERIFIABLE
+    from qinglm.evals import chat
+
+    uniform = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2)).eval()
+    with torch.no_grad():
+        for p in uniform.parameters():
+            p.zero_()  # every logit 0: the greedy reply is whatever token 0 decodes to
+    out = evaluate_tasks(uniform, tok, [name], limit=12, kind="sft")
+    r = out["tasks"][name]
+    assert (r["kind"], r["score"], r["random"], r["n"]) == ("chat", 0.0, 0.0, 12)
+    assert r["interval"][0] == pytest.approx(0.0, abs=1e-12) and 0 < r["interval"][1] < 0.3
+    assert out["summary"] == 0.0
+    task = TASKS[name]
+    answers = {
+        ex.messages[-1]["content"]: ex.reference for ex in VERIFIABLE[task.verifier]().split("heldout")
+    }
+
+    def oracle(model, tokenizer, chats, max_new_tokens):
+        return [answers[c[-1]["content"]] for c in chats]
+
+    monkeypatch.setattr(chat, "greedy_replies", oracle)
+    r = evaluate_tasks(uniform, tok, [name], kind="sft")["tasks"][name]
+    assert r["score"] == 1.0 and r["n"] == 100 and list(r["details"].values()) == [1.0]  # CHAT_ITEMS
+
+
+def test_train_and_sft_write_a_report_at_the_end_unless_told_not_to(tmp_path, tiny_base_run):
+    from test_cli import TINY
+    from test_sft import _jsonl, _tiny_sft
+
+    from qinglm.evals.report import SECTIONS
+    from qinglm.sft.train import run_sft
+
+    text = tmp_path / "news.txt"
+    text.write_text("\n".join(builtin_documents("pd1998", "train")[:200]), encoding="utf-8")
+    flags = [
+        "--data",
+        str(text),
+        "--max-steps",
+        "4",
+        *TINY,
+        "--eval-tasks",
+        "idiom-complete",
+        "--eval-task-limit",
+        "8",
+    ]
+    assert main(["train", "--out", str(tmp_path / "pre"), *flags]) == 0
+    md = (tmp_path / "pre" / "report.md").read_text(encoding="utf-8")
+    assert all(f"## {section}\n" in md for section in SECTIONS)
+    assert "(step 4, `--eval-tasks`)" in md and "| idiom-complete |" in md  # the scores the run holds
+    assert not (tmp_path / "pre" / "eval_results.json").exists()  # nothing evaluated at the end
+    assert (tmp_path / "pre" / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["train", "--out", str(tmp_path / "quiet"), *flags, "--no-report"]) == 0
+    assert (tmp_path / "quiet" / "best").is_dir() and not (tmp_path / "quiet" / "report.md").exists()
+
+    data = _jsonl(tmp_path / "chat.jsonl")
+    run_sft(_tiny_sft(tiny_base_run, data, tmp_path / "sft", 1, max_steps=4), log=lambda s: None)
+    md = (tmp_path / "sft" / "report.md").read_text(encoding="utf-8")
+    assert all(f"## {section}\n" in md for section in (*SECTIONS, "Post-training"))
+    assert f"Before: the base run {tiny_base_run}" in md and "| held-out val loss |" in md
+    assert f"qinglm eval --model {tmp_path / 'sft'} --tasks all" in md  # how to add task scores
+    run_sft(_tiny_sft(tiny_base_run, data, tmp_path / "sft2", 1, max_steps=2, report=False), log=print)
+    assert not (tmp_path / "sft2" / "report.md").exists()
+
+
+def test_without_matplotlib_the_report_has_no_plots_and_says_so(runs, monkeypatch):
+    import sys
+
+    from qinglm.evals.report import write_end_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    md = write_end_report(runs[1], "cpu").read_text(encoding="utf-8")
+    assert "matplotlib is not installed: no plots" in md and "![" not in md and "## Samples\n" in md
+
+
+def test_the_task_plot_takes_a_score_of_zero(tmp_path):
+    """A pass rate of 0 has a Wilson interval whose low end is a rounding error above it."""
+    from qinglm.evals.report import _plot_tasks
+
+    r = {"kind": "chat", "score": 0.0, "interval": list(wilson_interval(0, 100)), "random": 0.0}
+    assert r["interval"][0] > 0.0  # 2.8e-17: matplotlib refuses the negative error bar it made
+    assert _plot_tasks({"tasks": {"chat-pinyin": r}}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from qinglm.config import ModelConfig, SamplingConfig, resolve_model
+from qinglm.data import verifiable as tasks
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import encode_chat, render_chat
+from qinglm.infer.rollout import rollout
 from qinglm.model.transformer import Transformer
-from qinglm.post import tasks
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
-from qinglm.post.rollout import rollout
+from qinglm.post.tasks import load_task
 from qinglm.tokenizer import EOS_ID, IM_END_ID, train_tokenizer
 
 PROMPT = [{"role": "user", "content": "小明有3个苹果，又买了4个，一共有几个？"}]
@@ -40,7 +41,7 @@ def _model(tok, cls=Transformer, seed=0):
 
 def test_builtin_tasks_hold_out_prompts_never_trained_on():
     for name in tasks.TASKS:
-        task = tasks.load_task(name)
+        task = load_task(name)
         train, held = task.split("train"), task.split("heldout")
         questions = {ex.messages[-1]["content"] for ex in train}
         assert held and not questions & {ex.messages[-1]["content"] for ex in held}
@@ -97,7 +98,7 @@ def test_a_plugged_in_task_loads_from_module_function(tmp_path, monkeypatch):
         encoding="utf-8",
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    task = tasks.load_task("my_task:make")
+    task = load_task("my_task:make")
     ex = task.split("heldout")[0]
     assert task.name == "mine" and task.reward(ex, " 2") == 1.0 and task.reward(ex, "3") == 0.0
     for spec, msg in [
@@ -108,7 +109,7 @@ def test_a_plugged_in_task_loads_from_module_function(tmp_path, monkeypatch):
         ("my_task:not_a_task", "must return a qinglm.post.tasks.Task, got int"),
     ]:
         with pytest.raises(QingLMError) as e:
-            tasks.load_task(spec)
+            load_task(spec)
         assert msg in str(e.value) and "\n" not in str(e.value)
 
 

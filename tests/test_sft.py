@@ -11,11 +11,11 @@ from conftest import CHAT  # noqa: E402
 
 import qinglm
 from qinglm.cli import main
+from qinglm.data import idioms_sft as idioms
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import encode_chat
 from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
-from qinglm.sft import idioms
 from qinglm.sft.config import SFTConfig
 from qinglm.sft.train import load_conversations, resolve_sft, run_sft
 from qinglm.tokenizer import BOS_ID, IM_END_ID, IM_START_ID
@@ -183,28 +183,19 @@ def test_pinyin_format_check():
     assert not idioms.pinyin_format_ok("画蛇添足", "画蛇添足")
 
 
-class PinyinLM:
-    """Answers the first held-out idiom right, the second with one syllable wrong, the rest in Chinese."""
+def test_pinyin_accuracy_counts_exact_answers(monkeypatch):
+    from qinglm.evals import chat
 
-    def __init__(self):
-        self.answers = iter(idioms.held_out_idioms()[:2])
-
-    def chat(self, messages, **sampling):
-        assert sampling["temperature"] == 0.0 and messages[0]["content"].endswith(
-            ("拼音是什么？", "怎么读？")
-        )
-        first = next(self.answers, None)
-        if first is None:
-            return "不知道"
-        if first is idioms.held_out_idioms()[0]:
-            return f" {first.pinyin}\n"
-        return "xx " + first.pinyin.split(" ", 1)[1]
-
-
-def test_pinyin_accuracy_counts_exact_answers():
-    res = idioms.pinyin_accuracy(PinyinLM(), n=4)
-    assert res["n"] == 4 and res["exact"] == 1 and res["accuracy"] == 0.25 and res["format_ok"] == 0.5
     first, second = idioms.held_out_idioms()[:2]
+
+    def replies(model, tokenizer, chats, max_new_tokens):
+        """The first held-out idiom right, the second with one syllable wrong, the rest in Chinese."""
+        assert all(c[0]["content"].endswith(("拼音是什么？", "怎么读？")) for c in chats)
+        return [f" {first.pinyin}\n", "xx " + second.pinyin.split(" ", 1)[1]] + ["不知道"] * (len(chats) - 2)
+
+    monkeypatch.setattr(chat, "greedy_replies", replies)
+    res = chat.pinyin_accuracy(None, None, n=4)
+    assert res["n"] == 4 and res["exact"] == 1 and res["accuracy"] == 0.25 and res["format_ok"] == 0.5
     want = (1 + (len(second.word) - 1) / len(second.word)) / 4
     assert abs(res["syllable_accuracy"] - want) < 1e-9
     assert res["examples"][0] == {"idiom": first.word, "want": first.pinyin, "got": first.pinyin}

@@ -55,7 +55,7 @@ def test_no_pd1998_article_block_straddles_train_and_val():
 
 @pytest.mark.parametrize("split_by", ["auto", "document"])
 def test_sft_held_out_idioms_are_in_no_training_split(split_by):
-    from qinglm.sft.idioms import idioms, is_held_out
+    from qinglm.data.idioms_sft import idioms, is_held_out
 
     held = {i.word for i in idioms() if is_held_out(i.word)}
     assert len(held) > 500

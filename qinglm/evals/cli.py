@@ -26,6 +26,16 @@ def _check_run(path: str) -> Path:
     return run
 
 
+def run_kind(run: Path) -> str:
+    """Return the kind config.json gives the run ("?" when it gives none)."""
+    try:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise QingLMError(f"{run / 'config.json'} is not valid JSON") from None
+    kind = config.get("kind") if isinstance(config, dict) else None
+    return kind if isinstance(kind, str) else "?"
+
+
 def run_eval(args: argparse.Namespace) -> None:
     """Run --tasks and/or --lm-eval on --model, print the tables and write RUN/eval_results.json."""
     import qinglm
@@ -35,7 +45,8 @@ def run_eval(args: argparse.Namespace) -> None:
     run = _check_run(args.model)
     if args.limit is not None and args.limit < 1:
         raise QingLMError(f"--limit must be a positive number of items, got {args.limit}")
-    tasks = resolve(args.tasks) if args.tasks else []  # an unknown name fails before the model loads
+    kind = run_kind(run)
+    tasks = resolve(args.tasks, kind) if args.tasks else []  # a wrong name fails before the model loads
     out: dict[str, Any] = {}
     if tasks:
         lm = qinglm.load(run, device=args.device)
@@ -46,6 +57,7 @@ def run_eval(args: argparse.Namespace) -> None:
             limit=args.limit,
             val_fraction=lm.val_fraction,
             split_by=lm.split_by,
+            kind=kind,
         )
         print(format_table(out) if not args.json else json.dumps(out, ensure_ascii=False))
     if args.lm_eval:

@@ -3,8 +3,10 @@
 Sections: the model (parameters by part, active ones for MoE), the data, time and throughput, the
 loss and learning-rate curves (qinglm.plot), validation bits per character, task scores with 95 %
 intervals (RUN/eval_results.json, evaluated first when missing), greedy samples for fixed prompts,
-and for post-training runs the scores before and after (sft_results.json). Several runs: each gets its
-report, and the report of each holds a side-by-side table of all of them.
+and for post-training runs the scores before and after (the base run's next to this run's, and the
+stage's own held-out figures). Several runs: each gets its report, and the report of each holds a
+side-by-side table of all of them. The training commands write it at the end of a run
+(write_end_report): cheap, so no task is evaluated then; the scores already in the run are shown.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qinglm.evals.suite import RESULTS_FILE, evaluate_tasks, merged_results, wri
 REPORT, PLOTS = "report.md", "report"
 SAMPLE_TOKENS = 40
 SECTIONS = ("Model", "Data", "Time and throughput", "Curves", "Validation", "Tasks", "Samples")
+POST_FILES = ("sft_results.json", "dpo_results.json", "grpo_results.json")  # the stages' held-out figures
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
@@ -34,8 +37,32 @@ def _last(records: list[dict], kind: str, key: str) -> Any:
     return next((r[key] for r in reversed(records) if r.get("kind") == kind and key in r), None)
 
 
-def collect(run: Path, tasks: str, limit: int | None, device: str) -> dict[str, Any]:
-    """Return what a report shows about one run (evaluating the tasks when it has no results yet)."""
+def _results(run: Path) -> dict[str, Any]:
+    """Return RUN/eval_results.json ({} when there is none)."""
+    path = run / RESULTS_FILE
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return results if isinstance(results, dict) else {}
+
+
+def _val_scores(records: list[dict]) -> dict[str, Any]:
+    """Return {"step", "scores": {task: score}} of the last validation that ran --eval-tasks ({} if none)."""
+    last = next((r for r in reversed(records) if r.get("kind") == "val" and "task/summary" in r), None)
+    if last is None:
+        return {}
+    scores = {k.removeprefix("task/"): v for k, v in last.items() if k.startswith("task/")}
+    return {"step": last.get("step"), "scores": scores}
+
+
+def task_scores(run: Path) -> dict[str, float]:
+    """Return {task: score} already in a run: eval_results.json's, else its last --eval-tasks validation's."""
+    results = _results(run)
+    if results.get("tasks"):
+        return {k: r["score"] for k, r in results["tasks"].items()}
+    return _val_scores(_records(run)).get("scores", {})
+
+
+def collect(run: Path, tasks: str, limit: int | None, device: str, evaluate: bool = True) -> dict[str, Any]:
+    """Return what a report shows about one run (evaluate: run the tasks when it has no results yet)."""
     import qinglm
     from qinglm.run_dir import read_config
 
@@ -43,10 +70,16 @@ def collect(run: Path, tasks: str, limit: int | None, device: str) -> dict[str, 
     config = read_config(run)
     records = _records(run)
     results_path = run / RESULTS_FILE
-    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
-    if not (isinstance(results, dict) and results.get("tasks")):
+    results = _results(run)
+    if evaluate and not results.get("tasks"):
         out = evaluate_tasks(
-            lm.model, lm.tokenizer, tasks, limit=limit, val_fraction=lm.val_fraction, split_by=lm.split_by
+            lm.model,
+            lm.tokenizer,
+            tasks,
+            limit=limit,
+            val_fraction=lm.val_fraction,
+            split_by=lm.split_by,
+            kind=config.get("kind"),
         )
         results = merged_results(results_path, out)
         write_run_file(run, RESULTS_FILE, json.dumps(results, ensure_ascii=False, indent=2))
@@ -56,7 +89,7 @@ def collect(run: Path, tasks: str, limit: int | None, device: str) -> dict[str, 
     model = lm.model
     active = model.active_matmul_params() if model.cfg.n_experts else None
     speeds = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and "tokens_per_s" in r]
-    sft = run / "sft_results.json"
+    base = config.get("base") or config.get("teacher") or train.get("init_from")
     return {
         "run": run,
         "kind": config.get("kind", "?"),
@@ -73,8 +106,14 @@ def collect(run: Path, tasks: str, limit: int | None, device: str) -> dict[str, 
         "mfu": _last(records, "train", "mfu"),
         "val_bpc": _last(records, "val", "val_bpc"),
         "results": results,
+        "val_scores": _val_scores(records),
         "samples": samples,
-        "post": json.loads(sft.read_text(encoding="utf-8")) if sft.is_file() else None,
+        "post": {
+            n: json.loads((run / n).read_text(encoding="utf-8")) for n in POST_FILES if (run / n).is_file()
+        },
+        "base": (str(base), task_scores(Path(base)) if (Path(base) / "config.json").is_file() else {})
+        if base
+        else None,
     }
 
 
@@ -89,11 +128,63 @@ def _tasks_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {r['metric']} | {r['score']:.4f} | [{lo:.4f}, {hi:.4f}] | {r['random']:.4f} | {r['n']} |"
         )
+    tasks = results.get("tasks") or {}
+    notes = [
+        f"- {name}: {k} {v:.4f}" for name, r in tasks.items() for k, v in (r.get("details") or {}).items()
+    ]
+    lines += ["", *notes] if notes else []
     if results.get("summary") is not None:
         lines.append(
             f"\nSummary score (mean accuracy rescaled, random = 0, perfect = 1): **{results['summary']:.4f}**"
         )
     return lines
+
+
+def _task_lines(info: dict[str, Any]) -> list[str]:
+    """Return the Tasks section's lines: the suite's results, else the last --eval-tasks scores, else how."""
+    if info["results"].get("tasks"):
+        return _tasks_table(info["results"])
+    if v := info["val_scores"]:
+        lines = [f"Scores at the last validation (step {v['step']}, `--eval-tasks`):", "", "| task | score |"]
+        return lines + ["|---|---|", *(f"| {k} | {x:.4f} |" for k, x in v["scores"].items())]
+    run = info["run"]
+    return [
+        f"No task scores in this run yet. To add them: `qinglm eval --model {run} --tasks all`, "
+        f"then `qinglm report {run}`."
+    ]
+
+
+def _post_lines(info: dict[str, Any]) -> list[str]:
+    """Return the Post-training section: the base run's task scores next to this run's, and the stage's
+    own held-out figures before and after ([] for a run with neither)."""
+    rows = []
+    if info["base"] is not None:
+        _, before = info["base"]
+        after = {k: r["score"] for k, r in (info["results"].get("tasks") or {}).items()}
+        after = after or info["val_scores"].get("scores", {})
+        rows += [f"| {k} | {before[k]:.4f} | {after[k]:.4f} |" for k in before if k in after]
+    for name, post in info["post"].items():
+        if name == "sft_results.json":
+            rows.append(f"| held-out val loss | {_fmt(post.get('val_loss_before'), '.4f')} | "
+                        f"{_fmt(post.get('val_loss_after'), '.4f')} |")  # fmt: skip
+            if isinstance(post.get("pinyin"), dict):
+                rows.append(f"| held-out pinyin exact match | – | {post['pinyin'].get('accuracy', 0):.2%} |")
+        elif name == "grpo_results.json":
+            b, a = post.get("heldout_before") or {}, post.get("heldout_after") or {}
+            for k in ("val_reward", "val_pass_rate"):
+                rows.append(
+                    f"| held-out {k[4:]} ({post.get('task')}) | {_fmt(b.get(k), '.4f')} | {_fmt(a.get(k), '.4f')} |"
+                )
+        elif name == "dpo_results.json" and "rewards/accuracies" in post:
+            rows.append(f"| held-out pair accuracy | – | {post['rewards/accuracies']:.2%} |")
+    if not rows and info["base"] is None:
+        return []
+    head = ["", "## Post-training", ""]
+    if info["base"] is not None:
+        head += [f"Before: the base run {info['base'][0]}; after: this run.", ""]
+    if not rows:
+        return head + ["No figure that both runs hold (evaluate both with `qinglm eval --tasks all`)."]
+    return head + ["| | before | after |", "|---|---|---|", *rows]
 
 
 def _compare_table(infos: list[dict[str, Any]]) -> list[str]:
@@ -113,8 +204,9 @@ def _compare_table(infos: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def render(info: dict[str, Any], plots: dict[str, str], others: list[dict[str, Any]]) -> str:
-    """Return the report.md text of one run (others: the runs compared side by side, itself included)."""
+def render(info: dict[str, Any], plots: dict[str, str] | None, others: list[dict[str, Any]]) -> str:
+    """Return the report.md text of one run (others: the runs compared side by side, itself included;
+    plots None: matplotlib is missing)."""
     p, m = info["params"], info["model_cfg"]
     out = [f"# Report: {info['run'].name}", "", f"Run kind: {info['kind']}", "", "## Model", ""]
     shape = ", ".join(
@@ -141,7 +233,12 @@ def render(info: dict[str, Any], plots: dict[str, str], others: list[dict[str, A
         f"Throughput (median): {_fmt(info['tokens_per_s'], ',.0f')} tokens/s; MFU: {_fmt(info['mfu'], '.2%')}"
     )
     out += ["", "## Curves", ""]
-    out += [f"![{k}]({v})" for k, v in plots.items()] or ["(no metrics.jsonl: nothing to plot)"]
+    if plots is None:
+        out.append(
+            f"matplotlib is not installed: no plots (`pip install matplotlib`, then `qinglm report {info['run']}`)"
+        )
+    else:
+        out += [f"![{k}]({v})" for k, v in plots.items()] or ["(no metrics.jsonl: nothing to plot)"]
     out += [
         "",
         "## Validation",
@@ -154,26 +251,23 @@ def render(info: dict[str, Any], plots: dict[str, str], others: list[dict[str, A
         f"- {k}: {r['score']:.4f} bits/char [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]"
         for k, r in bpc.items()
     ]
-    out += ["", "## Tasks", "", *_tasks_table(info["results"]), ""]
+    out += ["", "## Tasks", "", *_task_lines(info), ""]
     lm_eval = info["results"].get("lm_eval") or {}
     out += [f"- lm-eval {t}: {json.dumps(v, ensure_ascii=False)}" for t, v in lm_eval.items()]
     out += ["", "## Samples", "", f"Greedy, {SAMPLE_TOKENS} new tokens:", ""]
     out += [f"- **{pr}** → {text}" for pr, text in info["samples"]]
-    if info["post"] is not None:
-        post = info["post"]
-        out += ["", "## Post-training", "", "| | before | after |", "|---|---|---|"]
-        out.append(
-            f"| val loss | {_fmt(post.get('val_loss_before'), '.4f')} | {_fmt(post.get('val_loss_after'), '.4f')} |"
-        )
-        if isinstance(post.get("pinyin"), dict):
-            out.append(f"| held-out pinyin exact match | – | {post['pinyin'].get('accuracy', 0):.2%} |")
+    out += _post_lines(info)
     if len(others) > 1:
         out += ["", "## Side by side", "", *_compare_table(others)]
     return "\n".join(out) + "\n"
 
 
-def _plots(run: Path, runs: list[Path], info: dict[str, Any]) -> dict[str, str]:
-    """Return {title: path relative to run} of the PNGs written into RUN/report/."""
+def _plots(run: Path, runs: list[Path], info: dict[str, Any]) -> dict[str, str] | None:
+    """Return {title: path relative to run} of the PNGs written into RUN/report/ (None: no matplotlib)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
     from qinglm.io import OwnedDir
     from qinglm.plot import plot_runs
 
@@ -201,15 +295,15 @@ def _plot_tasks(results: dict[str, Any], out: Path) -> bool:
 
     from qinglm.io import atomic_open
 
-    tasks = {k: r for k, r in (results.get("tasks") or {}).items() if r.get("kind") == "choice"}
+    tasks = {k: r for k, r in (results.get("tasks") or {}).items() if r.get("kind") in ("choice", "chat")}
     if not tasks:
         return False
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4), constrained_layout=True)
     xs = range(len(tasks))
     scores = [r["score"] for r in tasks.values()]
     errs = [
-        [s - r["interval"][0] for s, r in zip(scores, tasks.values())],
-        [r["interval"][1] - s for s, r in zip(scores, tasks.values())],
+        [max(0.0, s - r["interval"][0]) for s, r in zip(scores, tasks.values())],
+        [max(0.0, r["interval"][1] - s) for s, r in zip(scores, tasks.values())],
     ]
     ax.bar(xs, scores, yerr=errs, capsize=4, color="tab:blue")
     for x, r in zip(xs, tasks.values()):
@@ -236,3 +330,9 @@ def write_reports(
         plots = _plots(info["run"], runs, info)
         paths.append(write_run_file(info["run"], REPORT, render(info, plots, infos)))
     return paths
+
+
+def write_end_report(run: Path, device: str = "auto") -> Path:
+    """Return RUN/report.md, written at the end of a training command: cheap, no task is evaluated."""
+    info = collect(run, "all", None, device, evaluate=False)
+    return write_run_file(run, REPORT, render(info, _plots(run, [run], info), [info]))

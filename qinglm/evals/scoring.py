@@ -5,7 +5,7 @@ context's tokens are encode(context), and the continuation's are whole[len(conte
 sequence starts with BOS (QingLM trains every document after a BOS). A context too long for the
 model loses tokens from its left. Multiple choice: acc takes the choice with the highest summed
 log-likelihood, acc_norm the highest log-likelihood per character of the choice (lm-eval's
-`lls / len(choice)`).
+`lls / len(choice)`); acc_calibrated is acc after batch calibration (calibrated_picks).
 """
 
 from __future__ import annotations
@@ -91,3 +91,16 @@ def choose(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
     pick = max(range(len(lls)), key=lambda i: lls[i])
     pick_norm = max(range(len(lls)), key=lambda i: lls[i] / max(len(choices[i]), 1))
     return pick, pick_norm
+
+
+def calibrated_picks(lls: Sequence[Sequence[float]]) -> list[int]:
+    """Return each item's pick after batch calibration (Zhou et al. 2024, "Batch Calibration").
+
+    For items that share their choices (labels), a model's preference for one label whatever the
+    input is estimated as each label's mean probability over the items, and subtracted: the pick is
+    argmax_j p_j(item) - mean over items of p_j, p = softmax of the item's log-likelihoods. A model
+    that ranks the items right scores 100 % however biased; constant scores tie and pick the first.
+    """
+    probs = [torch.softmax(torch.tensor(item, dtype=torch.float64), 0) for item in lls]
+    bias = torch.stack(probs).mean(0)
+    return [int(torch.argmax(p - bias)) for p in probs]

@@ -43,6 +43,8 @@ def rescale(accuracy: float, random_baseline: float) -> float:
 
 
 def summary_score(results: dict[str, dict]) -> float | None:
-    """Return the mean rescaled accuracy of the multiple-choice results (None when there are none)."""
-    scaled = [rescale(r["score"], r["random"]) for r in results.values() if r.get("kind") == "choice"]
+    """Return the mean rescaled accuracy of the multiple-choice and chat results (None when there are none)."""
+    scaled = [
+        rescale(r["score"], r["random"]) for r in results.values() if r.get("kind") in ("choice", "chat")
+    ]
     return sum(scaled) / len(scaled) if scaled else None

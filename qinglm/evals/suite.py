@@ -1,9 +1,10 @@
 """Run tasks of the suite on a model: scores, random baselines, 95 % intervals, the summary score.
 
 A "choice" task's score is its metric (acc_norm unless the task says otherwise) with a Wilson
-interval; a "bpc" task's score is bits per character with a percentile-bootstrap interval over
-documents, and its "random" is a uniform distribution over the vocabulary. The summary score is
-the mean over the choice tasks of (accuracy - random) / (1 - random).
+interval, and so is a "chat" task's pass rate (random: 0); a "bpc" task's score is bits per
+character with a percentile-bootstrap interval over documents, and its "random" is a uniform
+distribution over the vocabulary. The summary score is the mean over the choice and chat tasks of
+(accuracy - random) / (1 - random).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 from qinglm.errors import QingLMError
-from qinglm.evals.scoring import choose, encode_pair, score_ids
+from qinglm.evals.chat import pass_rate
+from qinglm.evals.scoring import calibrated_picks, choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
-from qinglm.evals.tasks import Item, Task, resolve
+from qinglm.evals.tasks import CHAT_ITEMS, VERIFIABLE, Item, Task, resolve
 from qinglm.io import write_json_atomic
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import Tokenizer
@@ -48,20 +50,30 @@ def _items(task: Task, val_fraction: float, split_by: str, tokenizer: Tokenizer)
 
 
 def score_choice(
-    model: Transformer, tokenizer: Tokenizer, items: tuple[Item, ...], device: Any = None
+    model: Transformer,
+    tokenizer: Tokenizer,
+    items: tuple[Item, ...],
+    device: Any = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
-    """Return {"acc", "acc_norm", "n"} of multiple-choice items, every choice of every item in one batched pass."""
+    """Return {"acc", "acc_norm", "n"} of multiple-choice items, every choice of every item in one batched
+    pass; calibrate: also "acc_calibrated" (items sharing their choices, see scoring.calibrated_picks)."""
     pairs = [encode_pair(tokenizer, it.context, c) for it in items for c in it.choices]
     lls = [ll for ll, _ in score_ids(model, pairs, device)]
-    acc = acc_norm = 0
-    k = 0
+    per_item, k = [], 0
     for it in items:
-        pick, pick_norm = choose(lls[k : k + len(it.choices)], it.choices)
+        per_item.append(lls[k : k + len(it.choices)])
         k += len(it.choices)
-        acc += pick == it.gold
-        acc_norm += pick_norm == it.gold
+    picks = [choose(item_lls, it.choices) for item_lls, it in zip(per_item, items)]
     n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    out = {
+        "acc": sum(p == it.gold for (p, _), it in zip(picks, items)) / n,
+        "acc_norm": sum(p == it.gold for (_, p), it in zip(picks, items)) / n,
+        "n": n,
+    }
+    if calibrate:
+        out["acc_calibrated"] = sum(p == it.gold for p, it in zip(calibrated_picks(per_item), items)) / n
+    return out
 
 
 def score_bpc(model: Transformer, tokenizer: Tokenizer, docs: tuple[str, ...], device: Any = None) -> dict:
@@ -101,21 +113,36 @@ def evaluate_tasks(
     limit: int | None = None,
     val_fraction: float = TrainConfig.val_fraction,
     split_by: str = TrainConfig.split_by,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """Return {"tasks": {name: result}, "summary": score | None, "seconds"} of the tasks on the model.
 
     val_fraction and split_by must be the run's own (they choose the held-out split; see tasks.py).
-    limit: at most this many items (documents for bpc) per task, spread evenly.
+    limit: at most this many items (documents for bpc) per task, spread evenly (chat tasks: CHAT_ITEMS
+    without a limit). kind: the run's kind, which says whether "all" holds the chat tasks (tasks.resolve).
     """
-    chosen = tasks if tasks and isinstance(tasks[0], Task) else resolve(tasks)
+    chosen = tasks if tasks and isinstance(tasks[0], Task) else resolve(tasks, kind)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     for task in chosen:
-        items = _take(_items(task, val_fraction, split_by, tokenizer), limit)
+        default = CHAT_ITEMS if task.kind == "chat" else None
+        items = _take(_items(task, val_fraction, split_by, tokenizer), limit or default)
         if task.kind == "bpc":
             r = {"kind": "bpc", "metric": "bpc", **score_bpc(model, tokenizer, items, device)}
+        elif task.kind == "chat":
+            s = pass_rate(model, tokenizer, VERIFIABLE[task.verifier](), items, task.max_new_tokens)
+            r = {
+                "kind": "chat",
+                "metric": task.metric,
+                "score": s["pass_rate"],
+                "interval": list(wilson_interval(s["passed"], s["n"])),
+                "random": 0.0,
+                "n": s["n"],
+                "details": {task.detail: s["mean_reward"]},
+                "examples": s["examples"],
+            }
         else:
-            s = score_choice(model, tokenizer, items, device)
+            s = score_choice(model, tokenizer, items, device, calibrate=task.metric == "acc_calibrated")
             correct = round(s[task.metric] * s["n"])
             r = {
                 "kind": "choice",
@@ -150,12 +177,14 @@ def run_tasks(
 
 def format_table(out: dict[str, Any]) -> str:
     """Return the results as an aligned text table, the summary score last."""
-    lines = [f"{'task':<20} {'metric':<8} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
+    lines = [f"{'task':<20} {'metric':<14} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
     for name, r in out["tasks"].items():
         lo, hi = r["interval"]
         lines.append(
-            f"{name:<20} {r['metric']:<8} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
+            f"{name:<20} {r['metric']:<14} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
         )
+    for name, r in out["tasks"].items():
+        lines += [f"{name}: {k} {v:.4f}" for k, v in (r.get("details") or {}).items()]
     if out["summary"] is not None:
         lines.append(f"summary (mean accuracy rescaled: random 0, perfect 1): {out['summary']:.4f}")
     return "\n".join(lines)

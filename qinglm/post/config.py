@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qinglm.config import _f
+from qinglm.data.verifiable import TASKS
 from qinglm.errors import QingLMError
 from qinglm.post.dpo_data import BUILTIN as DPO_BUILTIN
-from qinglm.post.tasks import TASKS
 from qinglm.sft.config import LoRAPart
 from qinglm.train.config import EngineConfig, TrainConfig
 

@@ -24,11 +24,12 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import SamplingConfig
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
+from qinglm.evals.chat import held_out_rewards
 from qinglm.infer.chat import encode_chat
+from qinglm.infer.rollout import rollout
 from qinglm.io import write_json_atomic
 from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
-from qinglm.post.rollout import rollout
 from qinglm.post.tasks import Example, load_task
 from qinglm.sft.stage import BaseRunStage
 from qinglm.train import distributed
@@ -145,16 +146,10 @@ class GRPOStage(BaseRunStage):
         )
         return StepOut(model.with_router_losses(loss), int(mask.sum()), metrics)  # MoE: the policy's
 
-    def held_out(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
+    def held_out(self, model: nn.Module) -> dict[str, float]:
         """Return {"val_loss", "val_reward", "val_pass_rate"} of greedy replies to the held-out prompts."""
-        greedy = dataclasses.replace(self.sampling, temperature=0.0)
-        rewards: list[float] = []
         with autocast(self.ctx.device, self.ctx.dtype):
-            for i in range(0, len(self.heldout), batch_size):
-                chunk = self.heldout[i : i + batch_size]
-                # Greedy replies need no random numbers: a generator of its own leaves the global RNG alone.
-                r = rollout(model, self.tok, [ex.messages for ex in chunk], 1, greedy, torch.Generator())
-                rewards += [self.task.reward(ex, text) for ex, text in zip(chunk, r.texts)]
+            _, rewards = held_out_rewards(model, self.tok, self.task, self.heldout, self.cfg.max_new_tokens)
         mean = sum(rewards) / len(rewards)
         passed = sum(x >= self.task.pass_reward for x in rewards) / len(rewards)
         return {"val_loss": 1.0 - mean, "val_reward": mean, "val_pass_rate": passed}

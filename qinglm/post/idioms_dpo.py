@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from qinglm.data.idioms_sft import SPLITS, Idiom, _hash, idioms, is_held_out, question
 from qinglm.errors import QingLMError
 from qinglm.post.dpo_data import BUILTIN, Pair
-from qinglm.sft.idioms import SPLITS, Idiom, _hash, idioms, is_held_out, question
 
 NAME = BUILTIN
 # The four tones of each vowel, in tone order.

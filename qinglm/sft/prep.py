@@ -12,13 +12,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qinglm.data.idioms_sft import NAME as IDIOMS
+from qinglm.data.idioms_sft import idioms_sft
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
-from qinglm.sft.idioms import NAME as IDIOMS
-from qinglm.sft.idioms import idioms_sft
 
 
 def resolve_sft(cfg: SFTConfig, max_seq_len: int) -> SFTConfig:

@@ -15,14 +15,14 @@ import torch.nn as nn
 
 from qinglm import run_dir as run_dirs
 from qinglm.config import to_dict
+from qinglm.data.idioms_sft import NAME as IDIOMS
 from qinglm.errors import QingLMError
+from qinglm.evals.chat import pinyin_accuracy
 from qinglm.io import write_json_atomic
 from qinglm.model.lora import apply_lora, merge_lora, save_adapter, trainable_parameters
 from qinglm.model.transformer import IGNORE_INDEX
 from qinglm.sft import data as sft_data
 from qinglm.sft.config import SFTConfig
-from qinglm.sft.idioms import NAME as IDIOMS
-from qinglm.sft.idioms import pinyin_accuracy
 from qinglm.train import distributed
 from qinglm.train.stage import EpochBatches, Stage, StepOut
 
@@ -184,11 +184,7 @@ class SFTStage(TuningStage):
         if not self.ctx.dist.is_main:
             return result
         if cfg.data == IDIOMS and cfg.eval_pinyin:
-            import qinglm
-
-            p = pinyin_accuracy(
-                qinglm.LM(self.inference_weights(model), self.tok, run_dir=out), cfg.eval_pinyin
-            )
+            p = pinyin_accuracy(self.inference_weights(model), self.tok, cfg.eval_pinyin)
             result["pinyin"] = p
             log(
                 f"held-out pinyin exact match: {p['exact']}/{p['n']} = {p['accuracy']:.1%} "

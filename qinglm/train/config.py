@@ -144,13 +144,16 @@ class RuntimePart(Part):
 
 @dataclass
 class RunPart(Part):
-    """The run directory: where, resume or not, checkpoints."""
+    """The run directory: where, resume or not, checkpoints, the report at the end."""
 
     out: str | None = _f(None, "run directory (default: runs/<time>-<kind>)")
     resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
     overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
     save_every: int = _f(200, "write a checkpoint every N optimizer steps")
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
+    report: bool = _f(
+        True, "write RUN/report.md and its plots at the end (no task is evaluated then: see qinglm report)"
+    )
 
     def check(self) -> None:
         _positive(self, "save_every", "keep_checkpoints")

@@ -103,7 +103,26 @@ def run_stage_command(
         if cfg.nproc and "RANK" not in os.environ:
             launch_torchrun(command, cfg.nproc, {**resolved_flags(cfg, flags), "out": str(run_dir)})
             return {}
-        return train_stage(make_stage(), cfg, run_dir, log=log)
+        result = train_stage(make_stage(), cfg, run_dir, log=log)
+        if os.environ.get("RANK", "0") == "0":
+            write_report(cfg, run_dir, result, log)
+        return result
+
+
+def write_report(cfg: Any, run_dir: Path, result: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Return nothing after writing RUN/report.md for a run that reached its end, unless --no-report.
+
+    Only the process that calls it writes (rank 0's job); a run interrupted or killed writes none. A
+    report that cannot be written costs one line, not the finished run.
+    """
+    if not cfg.report or result.get("stop_reason") in (None, "interrupted"):
+        return
+    from qinglm.evals.report import write_end_report
+
+    try:
+        log(f"wrote {write_end_report(run_dir, cfg.device)}")
+    except QingLMError as e:
+        log(f"no report: {e}")
 
 
 def stage_command(

@@ -16,7 +16,6 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from qinglm.data.builtin import _idiom_field, _package_file
 from qinglm.data.sources import normalize_text
@@ -136,33 +135,3 @@ def syllable_accuracy(answer: str, pinyin: str) -> float:
     """Return the fraction of pinyin's syllables that answer has right in their place (0 to 1)."""
     want = pinyin.split()
     return sum(a == b for a, b in zip(answer.strip().split(), want)) / max(1, len(want))
-
-
-def pinyin_accuracy(lm: Any, n: int = 100, max_new_tokens: int = 40) -> dict[str, Any]:
-    """Return {"n", "exact", "accuracy", "format_ok", "syllable_accuracy", "examples"} of greedy answers.
-
-    lm is a qinglm.LM; the first n held-out idioms (dictionary order) are asked "“X”的拼音是什么？"-style
-    questions and an answer counts when it equals the dictionary's pinyin exactly (after strip()).
-    format_ok: one tone-marked syllable per character; syllable_accuracy: syllables right in their place.
-    """
-    items = held_out_idioms()[:n] if n > 0 else held_out_idioms()
-    exact = fmt = 0
-    syllables = 0.0
-    examples = []
-    for idiom in items:
-        msgs = [{"role": "user", "content": question("pinyin", idiom.word)}]
-        got = lm.chat(msgs, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0).strip()
-        exact += got == idiom.pinyin
-        fmt += pinyin_format_ok(got, idiom.word)
-        syllables += syllable_accuracy(got, idiom.pinyin)
-        if len(examples) < 5:
-            examples.append({"idiom": idiom.word, "want": idiom.pinyin, "got": got})
-    total = max(1, len(items))
-    return {
-        "n": len(items),
-        "exact": exact,
-        "accuracy": exact / total,
-        "format_ok": fmt / total,
-        "syllable_accuracy": syllables / total,
-        "examples": examples,
-    }
