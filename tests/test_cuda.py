@@ -27,7 +27,7 @@ from qinglm.infer.generate import generate_ids
 from qinglm.model.transformer import IGNORE_INDEX, KVCache, Transformer
 from qinglm.post.distill import kd_loss
 from qinglm.post.dpo_loss import dpo_loss, pair_logps
-from qinglm.post.rollout import rollout
+from qinglm.infer.rollout import rollout
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.config import TrainConfig
