@@ -22,7 +22,7 @@ X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens_seen", "tokens 
 
 def load_run(path: str | Path) -> list[dict[str, Any]]:
     """Return the records of a run directory's metrics.jsonl (or of the file itself)."""
-    from qinglm.train.metrics import read_metrics
+    from qinglm.run_dir import read_metrics
 
     p = Path(path)
     if not p.exists():

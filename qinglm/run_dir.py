@@ -134,3 +134,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def model_config(path: str | Path) -> ModelConfig:
     """Return the model config of a run of any kind."""
     return from_dict(ModelConfig, read_config(path)["model"], "model config")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Return the records of a metrics.jsonl file (or a run directory), skipping lines that do not parse."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    records = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records

@@ -20,6 +20,7 @@ from qinglm.data.sources import split_of
 from qinglm.errors import QingLMError
 
 SPLIT_BY = ("auto", "document", "block", "file")
+VAL_FRACTION = 0.02  # the default share of the data held out for validation
 IDIOM_HELD_OUT_PERCENT = 3  # idioms held out of every training split (SFT's held-out evaluation uses them)
 # pd1998 blocks: at least this many paragraphs, each starting at a headline (see pd1998_blocks).
 PD1998_BLOCK = 50

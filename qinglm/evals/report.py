@@ -27,7 +27,7 @@ POST_FILES = ("sft_results.json", "dpo_results.json", "grpo_results.json")  # th
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
-    from qinglm.train.metrics import read_metrics
+    from qinglm.run_dir import read_metrics
 
     path = run / "metrics.jsonl"
     return [r for r in read_metrics(path) if isinstance(r, dict)] if path.is_file() else []

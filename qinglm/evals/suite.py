@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qinglm.data.splits import SPLIT_BY, VAL_FRACTION
 from qinglm.errors import QingLMError
 from qinglm.evals.chat import pass_rate
 from qinglm.evals.scoring import calibrated_picks, choose, encode_pair, score_ids
@@ -25,7 +26,6 @@ from qinglm.evals.tasks import CHAT_ITEMS, VERIFIABLE, Item, Task, resolve
 from qinglm.io import write_json_atomic
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import Tokenizer
-from qinglm.train.config import TrainConfig
 
 RESULTS_FILE = "eval_results.json"
 
@@ -111,8 +111,8 @@ def evaluate_tasks(
     *,
     device: Any = None,
     limit: int | None = None,
-    val_fraction: float = TrainConfig.val_fraction,
-    split_by: str = TrainConfig.split_by,
+    val_fraction: float = VAL_FRACTION,
+    split_by: str = SPLIT_BY[0],
     kind: str | None = None,
 ) -> dict[str, Any]:
     """Return {"tasks": {name: result}, "summary": score | None, "seconds"} of the tasks on the model.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qinglm.config import DEFAULT_PROMPTS, PRESETS, ModelConfig, _f
+from qinglm.data.splits import VAL_FRACTION
 from qinglm.errors import QingLMError
 from qinglm.tracking import TRACKERS, check_tracker
 from qinglm.train.optim import OPTIMIZERS
@@ -224,7 +225,7 @@ class TrainConfig(EngineConfig):
         "start from the weights of this run directory (another run, or one made by `qinglm import hf`) "
         "instead of random ones; its model config and tokenizer are used",
     )
-    val_fraction: float = _f(0.02, "fraction of the data held out for validation")
+    val_fraction: float = _f(VAL_FRACTION, "fraction of the data held out for validation")
     split_by: str = _f(
         "auto",
         "held out whole: document, block (--split-block consecutive documents) or file; auto: block for "

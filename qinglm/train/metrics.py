@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qinglm.io import atomic_open
+from qinglm.run_dir import read_metrics as read_metrics  # the run directory's file, read where it is owned
 from qinglm.tracking import MetricsSink as MetricsSink  # the sinks' interface, beside the sinks
 
 TRAIN_KEYS = (
@@ -129,17 +130,3 @@ def sample_generations(
         except QingLMError:
             continue  # longer than the context
     return samples
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Return the records of a metrics.jsonl file (or a run directory), skipping lines that do not parse."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    records = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return records
