@@ -17,7 +17,7 @@ see README, "Deduplicate".
 from __future__ import annotations
 
 import hashlib
-import mmap
+import os
 import re
 import tempfile
 from collections import Counter
@@ -261,19 +261,22 @@ VERIFY_PAIRS = 1 << 14  # candidate pairs whose signatures are compared at once
 
 
 class _Signatures:
-    """The spilled MinHash signatures, rows read by number. Each read maps the file afresh and unmaps it
-    after, so the process's memory holds the rows of one batch of pairs, not every page it ever touched
-    (a mapping kept open grows the RSS toward the file's size: 8 GB for 13.5 million documents)."""
+    """The spilled MinHash signatures, rows read by number with pread: a memory map would fault in
+    64 KB around every row it touches (the kernel's fault-around), which took the RSS past 4 GB on the
+    5 GB corpus; read this way, memory holds one batch of rows."""
 
     def __init__(self, path: Path, n: int, num_perm: int) -> None:
-        self.path, self.shape = path, (n, num_perm)
+        self.path, self.num_perm = path, num_perm
 
     def rows(self, *index: np.ndarray) -> list[np.ndarray]:
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            table = np.frombuffer(m, dtype=np.uint32).reshape(self.shape)
-            out = [table[i] for i in index]  # fancy indexing copies
-            del table  # the buffer must be released before the map closes
-            return out
+        size = self.num_perm * 4
+        wanted, where = np.unique(np.concatenate(index), return_inverse=True)
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            table = np.frombuffer(b"".join(os.pread(fd, size, int(i) * size) for i in wanted), np.uint32)
+        table = table.reshape(len(wanted), self.num_perm)
+        bounds = np.cumsum([0] + [len(i) for i in index])
+        return [table[where[a:b]] for a, b in zip(bounds, bounds[1:])]
 
 
 def _mark_near_copies(
@@ -288,7 +291,8 @@ def _mark_near_copies(
     bucket = np.cumsum(new) - 1
     first = np.flatnonzero(new)[bucket]  # sorted position of each bucket's first document
     positions = np.arange(len(order))
-    for earlier in [first] + [positions - d for d in range(1, LOOKBACK + 1)]:
+    for d in range(LOOKBACK + 1):
+        earlier = first if d == 0 else positions - d
         p = np.flatnonzero((earlier >= 0) & (earlier < positions))
         p = p[bucket[p] == bucket[earlier[p]]]
         dup, of = order[p], order[earlier[p]]
