@@ -166,7 +166,7 @@ def _deduped(
         if config.exact:
             _mark_copies(np.fromfile(files[0], dtype=np.uint64), verdict, copy_of)
         if config.near and n:
-            sigs = _Signatures(files[1], n, config.num_perm)
+            sigs = _Signatures(files[1], config.num_perm)
             for path in files[2:]:
                 keys = np.fromfile(path, dtype=np.uint64)
                 _mark_near_copies(keys, sigs, config.threshold, verdict, copy_of)
@@ -265,7 +265,7 @@ class _Signatures:
     64 KB around every row it touches (the kernel's fault-around), which took the RSS past 4 GB on the
     5 GB corpus; read this way, memory holds one batch of rows."""
 
-    def __init__(self, path: Path, n: int, num_perm: int) -> None:
+    def __init__(self, path: Path, num_perm: int) -> None:
         self.path, self.num_perm = path, num_perm
 
     def rows(self, *index: np.ndarray) -> list[np.ndarray]:
