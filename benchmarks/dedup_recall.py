@@ -1,5 +1,5 @@
 """Near-duplicate recall and distinct documents lost, on planted People's Daily copies, for dedup settings:
-`python -m benchmarks.dedup_recall [--per-kind 300] [--settings 5/0.7/16 3/0.6/0 ...]`.
+`python -m benchmarks.dedup_recall [--per-kind 300] [--settings 5/0.7/16 3/0.6/0 ...] [--variants 300 300]`.
 
 The distinct documents are pd1998's paragraphs of at least 80 characters, less the later one of each pair
 that quotes another (character 3-gram Jaccard >= 0.6). After them, shuffled, come planted copies of some of
@@ -8,7 +8,8 @@ distinct paragraphs (half the sentences of one paragraph and half of another; va
 characters replaced, five of each paragraph). pd1998's own pairs that share phrases (3-gram Jaccard 0.3-0.6,
 e.g. two weather reports) are a distinct kind too. A setting is `ngram/threshold/bands` (bands 0: chosen for
 the threshold); for each, the table gives the share of each kind that dedup drops, and a second table the
-share of planted pairs dropped per bin of their true Jaccard (that setting's shingles).
+share of planted pairs dropped per bin of their true Jaccard (that setting's shingles). A last table gives the
+share dropped and the CPU seconds on many variants of each paragraph, the cost of proposing more candidates.
 """
 
 from __future__ import annotations
@@ -138,6 +139,36 @@ def dropped(texts: list[str], config: DedupConfig) -> list[bool]:
     return out
 
 
+def many_variants(settings: list[str], paragraphs: int, rounds: int) -> None:
+    """Print, per setting, the share of documents dropped and the CPU seconds on `rounds` variants of each of
+    the first `paragraphs` pd1998 paragraphs of 20+ characters, 8% of the characters replaced in each (what
+    benchmarks/corpus_scale.py writes, at a smaller scale): many loosely similar documents, so many
+    candidates to check."""
+    rng = random.Random(0)
+    docs = [d for d in builtin_documents("pd1998") if len(d) >= 20][:paragraphs]
+    chars = sorted({c for d in docs for c in d if "\u4e00" <= c <= "\u9fff"})
+    texts = [_replace(d, 0.08, rng, chars) for _ in range(rounds) for d in docs]
+    print(f"\n{len(texts):,} documents, {rounds} variants of each of {len(docs)} paragraphs (8% replaced)\n")
+    print("| setting | dropped, under 80 characters | dropped, 80 or more | CPU s |")
+    print("|---|---:|---:|---:|")
+    for spec in settings:
+        config = _setting(spec)
+        t0 = time.process_time()
+        lost = dropped(texts, config)
+        seconds = time.process_time() - t0
+        short = [x for x, t in zip(lost, texts) if len(t) < 80]
+        long = [x for x, t in zip(lost, texts) if len(t) >= 80]
+        print(
+            f"| {_name(config)} | {100 * sum(short) / max(len(short), 1):.1f}% "
+            f"| {100 * sum(long) / max(len(long), 1):.1f}% | {seconds:.1f} |"
+        )
+
+
+def _name(config: DedupConfig) -> str:
+    bands = config.lsh_bands()
+    return f"{config.ngram}-grams, {bands}x{config.num_perm // bands}, t {config.threshold}"
+
+
 def _setting(spec: str) -> DedupConfig:
     ngram, threshold, bands = spec.split("/")
     return DedupConfig(ngram=int(ngram), threshold=float(threshold), bands=int(bands))
@@ -148,6 +179,14 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=300, help="planted documents of each kind")
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="ngram/threshold/bands")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants",
+        type=int,
+        nargs=2,
+        default=(300, 300),
+        metavar=("PARAGRAPHS", "ROUNDS"),
+        help="the many-variants corpus (0 0: skip it)",
+    )
     args = ap.parse_args()
     corpus = planted(args.per_kind, args.seed)
     texts = [t for _, t, _ in corpus]
@@ -167,13 +206,13 @@ def main() -> None:
     rows, curve = [], []
     for spec in args.settings:
         config = _setting(spec)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         lost = dropped(texts, config)
-        seconds = time.perf_counter() - t0
+        seconds = time.process_time() - t0
         share = {k: sum(x for x, (kk, _, _) in zip(lost, corpus) if kk == k) / kinds[k] for k in kinds}
         distinct_lost = sum(x for x, (k, _, _) in zip(lost, corpus) if k in DISTINCT)
         all_distinct = sum(kinds[k] for k in DISTINCT)
-        name = f"{config.ngram}-grams, {config.lsh_bands()}x{config.num_perm // config.lsh_bands()}, t {config.threshold}"
+        name = _name(config)
         rows.append(
             f"| {name} | "
             + " | ".join(f"{100 * share[k]:.1f}" for k in COPIES)
@@ -195,7 +234,9 @@ def main() -> None:
             + " |"
         )
     print("\nshare dropped, %: copies found (left), distinct documents lost (right)\n")
-    print("| setting | " + " | ".join(COPIES) + " | distinct lost | " + " | ".join(DISTINCT[1:]) + " | s |")
+    print(
+        "| setting | " + " | ".join(COPIES) + " | distinct lost | " + " | ".join(DISTINCT[1:]) + " | CPU s |"
+    )
     print("|---|" + "---:|" * (len(COPIES) + len(DISTINCT) + 1))
     print("\n".join(rows))
     print("\nplanted pairs dropped per bin of their true Jaccard (that setting's shingles), % (pairs)\n")
@@ -203,6 +244,8 @@ def main() -> None:
     print("| setting | " + " | ".join(heads) + " |")
     print("|---|" + "---:|" * len(heads))
     print("\n".join(curve))
+    if all(args.variants):
+        many_variants(args.settings, *args.variants)
 
 
 if __name__ == "__main__":

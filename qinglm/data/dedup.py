@@ -131,7 +131,7 @@ class DedupReport:
             "kept": self.kept,
             "dropped": {k: self.dropped[k] for k in ("exact", "near") if getattr(config, k)},
             "examples": self.examples,
-            "config": vars(config),
+            "config": vars(config) | {"bands": config.lsh_bands()},  # the bands used
         }
 
 
