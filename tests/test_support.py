@@ -181,7 +181,7 @@ def test_fsdp_distillation_runs(phrase_corpus, tmp_path):
     out = tmp_path / "kd"
     flags = dict(
         data=[str(data)], teacher=str(teacher), out=str(out), parallel="fsdp", max_steps=2, eval_every=2,
-        batch_size=2, seq_len=16, eval_tokens=64, sample_tokens=0, d_model=32, n_layers=1, n_heads=2,
+        batch_size=2, seq_len=16, eval_tokens=64, sample_tokens=1, sample_prompts=["你好"], d_model=32, n_layers=1, n_heads=2,
         max_seq_len=16,
     )  # fmt: skip
     assert "x 2 processes (fsdp)" in two_processes("distill", flags)
