@@ -9,7 +9,6 @@ line here, not a check in a stage, when a combination cannot work; remove it whe
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -85,10 +84,11 @@ def setup_of(stage: str, cfg: Any) -> Setup:
     """Return the set-up a run of stage with config cfg (an EngineConfig) will have, "auto" resolved here
     as the engine resolves it; the processes are --nproc's, or torchrun's WORLD_SIZE inside a worker."""
     from qinglm.device import resolve_compile, resolve_device, resolve_dtype
+    from qinglm.train.distributed import env_world_size
 
     device = resolve_device(cfg.device)  # one line when the device is missing
     dtype = resolve_dtype("auto", device) if cfg.dtype == "auto" else cfg.dtype  # the table refuses
-    processes = max(cfg.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+    processes = max(cfg.nproc, env_world_size())
     parallel = "single" if processes <= 1 else ("fsdp" if cfg.parallel == "fsdp" else "ddp")
     return Setup(
         stage,
