@@ -21,6 +21,7 @@ from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
 from qinglm.train.driver import launch_torchrun, write_report
+from qinglm.train.support import check_supported
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
@@ -222,6 +223,7 @@ def _run_train(
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
+    check_supported(job, train_cfg)  # and before any process starts
     if train_cfg.fp8:
         check_fp8(train_cfg)
     from qinglm.memory import check_fits

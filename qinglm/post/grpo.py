@@ -85,8 +85,6 @@ class GRPOStage(BaseRunStage):
         log(f"task {self.task.name}: {len(self.train):,} train prompts, {len(held):,} held-out prompts")
 
     def build_model(self) -> nn.Module:
-        if self.ctx.dist.mode == "fsdp":  # rollouts decode with the bare model: whole on every process
-            raise QingLMError("grpo samples with the whole model on each process; use --parallel ddp")
         model = self.base_model()
         if self.cfg.kl_coef > 0:  # the frozen start: what the KL term keeps the policy near
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -170,7 +168,13 @@ class GRPOStage(BaseRunStage):
             f"{len(self.heldout)} held-out prompts per validation"
         ]
 
-    def finish(self, model: nn.Module) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        return {"heldout_before": self.before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = state.get("heldout_before", self.before)
+
+    def finish(self, model: nn.Module, whole: nn.Module | None) -> dict[str, Any]:
         """Return the held-out figures before and after training; write grpo_results.json."""
         after = self.held_out(model)
         self.ctx.log(f"held-out reward after: {self._figures(after)}")

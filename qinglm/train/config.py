@@ -257,8 +257,6 @@ class TrainConfig(EngineConfig):
         if not 0.0 < self.val_fraction < 1.0:
             raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         parse_seq_len_schedule(self.seq_len_schedule, self.seq_len)
-        if self.parallel == "fsdp" and self.optimizer != "adamw":
-            raise QingLMError("--parallel fsdp works with --optimizer adamw; use --parallel ddp for Muon")
 
 
 def check_train(t: TrainConfig, m: ModelConfig) -> None:
