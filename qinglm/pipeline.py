@@ -387,6 +387,10 @@ def report(
         seed=cfg.seed,
     )
     for prompt in cfg.sample_prompts:
+        n = len(lm.tokenizer.encode(prompt)) + 1  # + [BOS]
+        if n > lm.model.cfg.max_seq_len:  # a short-context run still ends with its report, not an error
+            log(f"  {prompt} → (not sampled: {n} tokens, the model's context is {lm.model.cfg.max_seq_len})")
+            continue
         text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
         log(f"  {prompt} → {prompt}{text}")
     log(f"\nrun directory: {run_dir}   (generate: qinglm generate --model {run_dir} --prompt 你好)")

@@ -129,6 +129,18 @@ def run(tmp_path_factory, files) -> Path:
     return run_train(dict(TINY), train, log=lambda _line: None)
 
 
+def test_the_end_of_run_report_skips_a_sample_prompt_longer_than_the_context(run):
+    """A run with a short context ends with its report, not with "prompt is N tokens" (exit 2)."""
+    from qinglm.pipeline import report
+    from qinglm.train.config import TrainConfig
+
+    lines: list[str] = []
+    cfg = TrainConfig(**{**TINY_TRAIN, "sample_prompts": ["你好", "长" * 200]})
+    report(run, run / "data", cfg, {}, log=lines.append)
+    assert any(line.startswith("  你好 → 你好") for line in lines), lines
+    assert any("not sampled: " in line and "context is 64" in line for line in lines), lines
+
+
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory) -> Path:
     """Return a tokenizer with the run's vocabulary size trained on other text (idioms)."""
