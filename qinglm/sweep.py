@@ -25,6 +25,7 @@ from typing import Any, get_type_hints
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
+from qinglm.io import claim_file
 from qinglm.train.config import TrainConfig
 
 PRUNERS = ("median", "none")  # Optuna's MedianPruner, or no pruning
@@ -242,6 +243,8 @@ def run_sweep(
     out = Path(base[1].out)
     if any(out.glob("trial-*")):
         raise QingLMError(f"{out} already holds trials; choose another --out")
+    for name in ("results.md", "best_config.json"):
+        claim_file(out / name)  # the sweep's own files; a user's file of that name is refused
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
