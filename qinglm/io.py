@@ -176,7 +176,8 @@ class OwnedDir:
         path.mkdir(parents=True, exist_ok=True)
         owned = cls.read(path)
         if owned is None:
-            existing = sorted(p.name for p in path.iterdir())
+            # a concurrent first claim's manifest temp file and lock are no one's files yet
+            existing = sorted(p.name for p in path.iterdir() if not _claims_own(p.name))
             parent = cls.read(path.parent)
             adopted = legacy(path) if legacy and existing else None
             if existing and adopted is None and (overwrite or (parent and path.name in parent.names)):
@@ -250,6 +251,11 @@ class OwnedDir:
     def remove_leftovers(self) -> None:
         """Return nothing; delete temp files/dirs of owned names whose writing process is dead."""
         remove_stale_temps(self.path, self.names)
+
+
+def _claims_own(name: str) -> bool:
+    """Return whether name is what a claim itself writes: the lock, or the manifest's temp file."""
+    return name == LOCK_FILE or name.startswith(f".{MANIFEST}.tmp-")
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -100,7 +100,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         with OwnedDir.claiming(out, "tokenizer", TOKENIZER_NAMES, overwrite=args.overwrite):
             remove_stale_temps(out, ["tokenizer"])  # .tokenizer.tmp-PID of a killed run
             staging = out / f".tokenizer.tmp-{os.getpid()}"
-            staging.mkdir()
+            staging.mkdir(parents=True)  # parents: a concurrent failed run may have just removed out
             try:
                 log = functools.partial(_print_as, str(staging), str(out))
                 run_killable(train_tokenizer_on, args.data, args.vocab_size, staging, _data_cfg(args), log)
