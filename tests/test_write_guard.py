@@ -136,3 +136,17 @@ def test_an_offline_download_leaves_no_claim(monkeypatch, tmp_path, capsys):
     for folder in (out, empty):
         assert main(["data", "download", "minimind-pretrain", "--out", str(folder)]) == 2
     assert not out.exists() and list(empty.iterdir()) == []
+
+
+def test_sweep_out_of_a_users_folder_is_refused_and_a_failed_preparation_leaves_no_claim(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    space = tmp_path / "space.json"
+    space.write_text('{"lr": {"low": 1e-4, "high": 1e-3}}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my results")
+    args = ["sweep", "--space", str(space), "--max-steps", "2", "--data", str(tmp_path / "missing.txt")]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and files(mine) == {"results.md": b"my results"}
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2  # no data: fails before writing
+    assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "new").exists()
