@@ -60,7 +60,9 @@ def test_plot_out_does_not_replace_a_users_file_without_overwrite(tmp_path, caps
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "step": 1, "loss": 2.0, "lr": 1e-3}) + "\n"
+    )
     png = tmp_path / "photo.png"
     png.write_bytes(b"my photo")
     assert main(["plot", str(run), "--out", str(png)]) == 2
