@@ -4,7 +4,7 @@
 
 Writes a DPO file of 3 normal pairs, one pair whose "chosen" holds MB/3 million 中 (the issue's 90 MB
 line by default), and 3 more; reads it in a fresh process (qinglm.post.dpo_data.read_dpo_jsonl) and
-prints what was kept and skipped, the peak RSS (ru_maxrss) and the wall time.
+prints what was kept and skipped, the peak RSS (VmHWM) and the wall time.
 """
 
 from __future__ import annotations
@@ -17,12 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
+# Peak RSS is this process's VmHWM: ru_maxrss keeps the parent's RSS at fork across exec (Linux), so a
+# reader started from a 1 GB pytest process would report 1 GB.
 READ = """
 import json, resource, sys
 from qinglm.post.dpo_data import read_dpo_jsonl
 from qinglm.sft.data import read_sft_jsonl
 items, report = {"dpo": read_dpo_jsonl, "sft": read_sft_jsonl}[sys.argv[1]](sys.argv[2])
-print(json.dumps([len(items), report.skipped, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]))
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps([len(items), report.skipped, peak]))
 """
 
 
