@@ -152,3 +152,13 @@ def test_sweep_out_of_a_users_folder_is_refused_and_a_failed_preparation_leaves_
     assert "--overwrite" in capsys.readouterr().err and files(mine) == {"results.md": b"my results"}
     assert main([*args, "--out", str(tmp_path / "new")]) == 2  # no data: fails before writing
     assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_dpo_run_whose_data_has_no_pair_leaves_no_out(tmp_path, tiny_base_run, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p"}\n', encoding="utf-8")
+    out = tmp_path / "dpo"
+    args = ["dpo", "--base", str(tiny_base_run), "--data", str(data), "--out", str(out), "--max-steps", "1"]
+    assert main(args) == 2
+    assert "no usable preference pairs" in capsys.readouterr().err
+    assert not out.exists()
