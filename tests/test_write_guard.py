@@ -162,3 +162,14 @@ def test_a_dpo_run_whose_data_has_no_pair_leaves_no_out(tmp_path, tiny_base_run,
     assert main(args) == 2
     assert "no usable preference pairs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_experiment_out_of_a_users_folder_is_refused_and_a_failed_first_run_leaves_no_claim(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my results")
+    args = ["experiment", "init", "--inits", "default", "--data", str(tmp_path / "missing.txt")]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and files(mine) == {"results.md": b"my results"}
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "new").exists()
