@@ -180,7 +180,7 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
     """Return case name -> (qinglm arguments, fragment the one error line must contain)."""
     out = tmp / "out"
     step2 = run / "checkpoints" / "step-00000002"
-    return {
+    cases = {
         "missing_path": (["tokenizer", "train", "--data", tmp / "missing.txt", "--out", out], "missing.txt"),
         "empty_file": (["tokenizer", "train", "--data", files["empty"], "--out", out], "is empty"),
         "directory_without_text_files": (
@@ -299,6 +299,10 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
             "but the model's context is 64",
         ),
         "eval_text_missing": (["eval", "--model", run, "--data", tmp / "nope.txt"], "nope.txt"),
+    }
+    # each its own --out: the cases run a few at a time, and a command claims the --out it writes into
+    return {
+        name: ([out / name if a == out else a for a in args], hint) for name, (args, hint) in cases.items()
     }
 
 

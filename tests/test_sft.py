@@ -82,8 +82,11 @@ def test_unreadable_files_are_user_errors(tmp_path):
     (tmp_path / "gbk.jsonl").write_bytes(
         json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False).encode("gbk")
     )
-    with pytest.raises(QingLMError, match="not UTF-8"):
-        sft_data.read_sft_jsonl(tmp_path / "gbk.jsonl")
+    convs, _ = sft_data.read_sft_jsonl(tmp_path / "gbk.jsonl")  # detected, as the data tools detect it
+    assert convs[0][0]["content"] == "问"
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(QingLMError, match="binary"):
+        sft_data.read_sft_jsonl(tmp_path / "binary.jsonl")
     (tmp_path / "bad.jsonl").write_text("{}\n[1]\n", encoding="utf-8")
     with pytest.raises(QingLMError, match="no usable conversation"):
         sft_data.read_sft_jsonl(tmp_path / "bad.jsonl")

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     e.add_argument("name")
     e.add_argument("out")
     e.add_argument("--split", default="all", choices=["all", "train", "val"])
+    e.add_argument("--overwrite", action="store_true", help="replace an OUT file QingLM did not write")
     add_parsers(dsub)
     return {"data": cmd_data}
 
@@ -34,7 +35,7 @@ def cmd_data(args: argparse.Namespace) -> None:
             print(f"{name:<8} {info['documents']:>10,} {info['characters']:>12,}  {info['source']}")
             print(f"{'':<8} {info['description']}")
     else:
-        n = export_builtin(args.name, args.out, split=args.split)
+        n = export_builtin(args.name, args.out, split=args.split, overwrite=args.overwrite)
         print(f"wrote {n:,} documents to {args.out}")
 
 
