@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import ROLES, check_messages, encode_turn
+from qinglm.io import not_a_file
 
 if TYPE_CHECKING:
     import torch
@@ -103,8 +104,8 @@ def read_jsonl(
     ("conversations") name the data in messages. Raises QingLMError when the file is missing, not UTF-8, or has no usable line.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise QingLMError(f"{what} data file not found: {p}; give a JSONL file or {builtin}")
+    if problem := not_a_file(p):  # missing, a directory, /dev/zero, ...
+        raise QingLMError(f"{what} data file {p}: {problem}; give a JSONL file or {builtin}")
     report, items = ReadReport(str(p), noun=noun), []
     try:
         with open(p, encoding="utf-8-sig") as f:
