@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
+from qinglm.limits import check_bytes
+from qinglm.limits import memory_bytes as _memory_bytes  # a name tests replace
 from qinglm.model.transformer import Transformer
-
-
-def _memory_bytes() -> int | None:
-    """Return this machine's physical memory in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def logits_bytes(cfg: ModelConfig, rows: int, tokens: int) -> int:
@@ -53,18 +46,8 @@ def check_fits(cfg: ModelConfig, batch_bytes: int = 0, batch: str = "") -> str:
     ram = _memory_bytes()
     if ram is not None and need > ram:
         raise QingLMError(f"{size}, more than this machine's {ram / 2**30:.1f} GiB; check the config")
-    check_bytes(need + batch_bytes, f"{batch} (with the model)")
+    check_bytes(need + batch_bytes, f"{batch} (with the model)", ram)
     return size
-
-
-def check_bytes(need: int, what: str) -> None:
-    """Return None; raise QingLMError naming what when need bytes are more than this machine's memory."""
-    ram = _memory_bytes()
-    if ram is not None and need > ram:
-        raise QingLMError(
-            f"{what} needs at least {need / 2**30:,.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB; "
-            "make it smaller"
-        )
 
 
 @contextlib.contextmanager

@@ -160,6 +160,25 @@ def test_kv_cache_bytes_count_keys_and_values_of_every_layer():
         check_fits(cfg, kv_cache_bytes(cfg, rows, 1 << 20), "the rollouts")
 
 
+def test_a_decode_whose_kv_cache_cannot_fit_is_refused_before_allocating(monkeypatch):
+    import qinglm.infer.engine as engine
+    from qinglm.model.transformer import Transformer
+
+    model = Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    monkeypatch.setattr(engine, "memory_bytes", lambda: 1000)  # a machine of 1000 bytes
+    with pytest.raises(QingLMError, match="decoding 2 rows of up to 10 tokens at once needs at least"):
+        next(iter(engine.Generation(model, [engine.Request([2, 5, 6], sampling)] * 2)))
+
+
+def test_a_tokenizer_sample_that_cannot_fit_is_refused_before_training():
+    from qinglm.data.sample import sample_documents
+
+    with pytest.raises(QingLMError, match="a tokenizer sample of 1,000,000,000,000,000 bytes"):
+        sample_documents(iter(["文"]), 10**18, 10**15)
+    assert list(sample_documents(iter(["文"]), 3, 10**15)) == ["文"]  # a small corpus is fed whole
+
+
 # ---------------------------------------------------------------------------- the server's numbers
 
 

@@ -55,7 +55,8 @@ from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.sampling import sample_next
 from qinglm.infer.text import TextDecoder, encode_prompt
-from qinglm.memory import check_bytes, kv_cache_bytes
+from qinglm.limits import check_bytes, memory_bytes
+from qinglm.memory import kv_cache_bytes
 from qinglm.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
@@ -164,7 +165,9 @@ class Generation:
             with torch.inference_mode():
                 dtype = next(model.parameters()).dtype
                 need = kv_cache_bytes(model.cfg, len(rows), n_slots, dtype.itemsize)
-                check_bytes(need, f"decoding {len(rows):,} rows of up to {n_slots:,} tokens at once")
+                check_bytes(
+                    need, f"decoding {len(rows):,} rows of up to {n_slots:,} tokens at once", memory_bytes()
+                )
                 cache = KVCache(model.cfg, len(rows), n_slots, self.device, dtype)
                 # Pad slots repeat the row's first token; never attended to nor counted by the penalty.
                 context = torch.tensor(
