@@ -96,7 +96,7 @@ def check_value(flag: str, value: Any, spec: str | None) -> None:
     above = value >= low if with_low else value > low
     below = value <= high if with_high else value < high
     if not (finite and above and below):
-        raise QingLMError(f"{flag} must be {describe(spec)}, got {value}")
+        raise QingLMError(f"{flag} must be {describe(spec)}, got {reprlib.repr(value)}")  # 10**400 cut short
 
 
 def check_types(cfg: Any) -> None:
