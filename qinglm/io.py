@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write obj as indented UTF-8 JSON to path atomically."""
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Return why path cannot be read as a regular file ("no such file or directory", "a directory, not a
+    file", "a character device, not a regular file", ...), or None when it is one (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "no such file or directory"
+    except OSError as e:  # permission denied on a parent, a name too long, ...
+        return f"not readable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a pipe"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a socket")
+    return f"{kind}, not a regular file"
 
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:

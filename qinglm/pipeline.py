@@ -226,9 +226,11 @@ def _run_train(
     check_supported(job, train_cfg)  # and before any process starts
     if train_cfg.fp8:
         check_fp8(train_cfg)
-    from qinglm.memory import check_fits
+    from qinglm.memory import check_fits, logits_bytes
 
-    check_fits(model_cfg)  # a model larger than memory fails now too
+    rows, tokens = train_cfg.batch_size, train_cfg.seq_len
+    batch = f"a micro-batch of --batch-size {rows:,} x --seq-len {tokens:,} tokens"
+    check_fits(model_cfg, logits_bytes(resolve_model(model_cfg), rows, tokens), batch)  # fails now, not later
     # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
     held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, job))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher

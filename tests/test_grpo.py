@@ -329,7 +329,7 @@ def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsy
     for extra, msg in [
         (["--task", "no_such_module_xyz:f"], "cannot import task module 'no_such_module_xyz'"),
         (["--task", "grpo_tiny_task:nope"], "has no function 'nope'"),
-        (["--task", tiny_task, "--group-size", "1"], "group_size must be 2 or more"),
+        (["--task", tiny_task, "--group-size", "1"], "--group-size must be in [2, 65536], got 1"),
         (["--task", tiny_task, "--max-new-tokens", "60"], "lower --max-new-tokens"),
     ]:
         assert main([*common, *extra, "--out", str(tmp_path / "run")]) == 2

@@ -234,7 +234,7 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
         ),
         "negative_layers": (
             ["train", "--data", files["utf8"], "--out", out, *TINY_FLAGS, "--n-layers", -1],
-            "n_layers must be positive",
+            "--n-layers must be 1 or more, got -1",
         ),
         "batch_larger_than_the_data": (
             ["train", "--data", run / "data", "--tokenizer", run / "tokenizer", "--out", tmp / "big_batch"]

@@ -31,6 +31,7 @@ import numpy as np
 from qinglm.data.parallel import chunked_map
 from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
+from qinglm.typecheck import check_types
 
 EXAMPLES = 3
 BATCH = 1 << 14  # documents hashed per rensa call and per spill write
@@ -87,18 +88,18 @@ class DedupConfig:
 
     exact: bool = True
     near: bool = True
-    ngram: int = 5  # characters per shingle
-    threshold: float = 0.6  # estimated Jaccard similarity of the shingle sets
-    num_perm: int = 128
-    bands: int = 0  # LSH bands of num_perm // bands rows each; 0: lsh_bands(threshold, num_perm)
-    seed: int = 1
+    ngram: int = field(default=5, metadata={"within": "[1, 1000]"})  # characters per shingle
+    # estimated Jaccard similarity of the shingle sets
+    threshold: float = field(default=0.6, metadata={"within": "(0, 1]"})
+    # MinHash's error falls as 1/sqrt(num_perm): 3% at 1024, and each document's signature grows with it
+    num_perm: int = field(default=128, metadata={"within": "[2, 1024]"})
+    # LSH bands of num_perm // bands rows each; 0: lsh_bands(threshold, num_perm)
+    bands: int = field(default=0, metadata={"within": "[0, 1024]"})
+    seed: int = field(default=1, metadata={"within": "[0, 4294967295]"})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise QingLMError(f"the similarity threshold must be in (0, 1], got {self.threshold}")
-        if self.ngram < 1 or self.num_perm < 2:
-            raise QingLMError(f"need ngram >= 1 and num_perm >= 2, got {self.ngram} and {self.num_perm}")
-        if not 0 <= self.bands <= self.num_perm:
+        check_types(self)  # each number's type and range
+        if self.bands > self.num_perm:
             raise QingLMError(f"bands must be 0 (chosen for the threshold) to num_perm, got {self.bands}")
         if not (self.exact or self.near):
             raise QingLMError("nothing to do: both exact and near-duplicate removal are off")

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from qinglm.data.encoding import LONE_SURROGATE, SAMPLE_BYTES, open_text, read_lines, whole_lines
 from qinglm.data.files import CorruptInput, format_of
 from qinglm.errors import QingLMError
-from qinglm.io import OwnedDir
+from qinglm.io import OwnedDir, not_a_file
 
 PathSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -141,7 +141,7 @@ def _expand_one(text: str) -> list[Path]:
         if not found:
             raise QingLMError(f"the pattern {text!r} matches no files; check the pattern")
         return found
-    raise QingLMError(f"{text}: no such file or directory; check the path")
+    raise QingLMError(f"{text}: {not_a_file(path)}; check the path")  # missing, /dev/zero, a pipe, ...
 
 
 def _scan_dir(root: Path) -> list[Path]:

@@ -55,6 +55,8 @@ from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.sampling import sample_next
 from qinglm.infer.text import TextDecoder, encode_prompt
+from qinglm.limits import check_bytes, memory_bytes
+from qinglm.memory import kv_cache_bytes
 from qinglm.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
@@ -162,6 +164,10 @@ class Generation:
         try:
             with torch.inference_mode():
                 dtype = next(model.parameters()).dtype
+                need = kv_cache_bytes(model.cfg, len(rows), n_slots, dtype.itemsize)
+                check_bytes(
+                    need, f"decoding {len(rows):,} rows of up to {n_slots:,} tokens at once", memory_bytes()
+                )
                 cache = KVCache(model.cfg, len(rows), n_slots, self.device, dtype)
                 # Pad slots repeat the row's first token; never attended to nor counted by the penalty.
                 context = torch.tensor(

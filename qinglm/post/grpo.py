@@ -28,6 +28,7 @@ from qinglm.evals.chat import held_out_rewards
 from qinglm.infer.chat import encode_chat
 from qinglm.infer.rollout import rollout
 from qinglm.io import write_json_atomic
+from qinglm.memory import check_fits, kv_cache_bytes
 from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from qinglm.post.tasks import Example, load_task
@@ -195,7 +196,15 @@ def run_grpo(cfg: GRPOConfig, log: Any = print, flags: dict[str, Any] | None = N
     """Return the engine's result with the held-out figures after a GRPO run of cfg."""
     from qinglm.train.driver import run_stage_command
 
-    cfg = resolve_grpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
+    model_cfg = run_dirs.model_config(cfg.base) if cfg.base else None
+    cfg = resolve_grpo(cfg, model_cfg.max_seq_len if model_cfg else 0)
+    rows = cfg.batch_size * cfg.group_size  # every row's KV cache holds room for its whole reply
+    check_fits(
+        model_cfg,
+        kv_cache_bytes(model_cfg, rows, cfg.max_new_tokens),
+        f"the rollouts of --batch-size {cfg.batch_size:,} x --group-size {cfg.group_size:,} replies of "
+        f"--max-new-tokens {cfg.max_new_tokens:,}",
+    )
     res = run_stage_command("grpo", "grpo", cfg, flags or {}, lambda: GRPOStage(cfg, log), log)
     if res:
         log(f"wrote {res['checkpoint']}")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import ROLES, check_messages, encode_turn
+from qinglm.io import not_a_file
 
 if TYPE_CHECKING:
     import torch
@@ -107,8 +108,8 @@ def read_jsonl(
     from qinglm.data.sources import json_lines
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise QingLMError(f"{what} data file not found: {p}; give a JSONL file or {builtin}")
+    if problem := not_a_file(p):  # missing, a directory, /dev/zero, ...
+        raise QingLMError(f"{what} data file {p}: {problem}; give a JSONL file or {builtin}")
     report, items = ReadReport(str(p), noun=noun), []
     try:
         for n, record, why in json_lines(p, None):
