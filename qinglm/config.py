@@ -136,6 +136,26 @@ class ModelConfig:
 
 
 @dataclass
+class ContextConfig:
+    """How far a trained model reads at inference (generate, chat, serve, eval): `--context N`."""
+
+    context: int | None = _f(
+        None,
+        "positions the model may use; the KV cache and the server's limits follow (default: max-seq-len)",
+    )
+    rope_scaling: str | None = _f(
+        None,
+        "RoPE scaling to reach --context past the trained length (default: the run's own)",
+        ROPE_SCALINGS,
+    )
+    rope_factor: float | None = _f(None, "RoPE scaling factor (default: context / trained length)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_choices(self)
+
+
+@dataclass
 class SamplingConfig:
     """How to pick the next token; temperature 0 means greedy."""
 
@@ -256,6 +276,8 @@ def with_context(
     original = c.rope_original_max_position_embeddings or c.max_seq_len
     c.max_seq_len, c.rope_scaling = context, scaling
     if scaling == "none":
+        if rope_factor is not None:
+            raise QingLMError("rope_factor needs --rope-scaling linear, dynamic or yarn")
         c.rope_factor = c.rope_original_max_position_embeddings = c.rope_attention_factor = None
     else:
         c.rope_original_max_position_embeddings = original

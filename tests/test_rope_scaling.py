@@ -115,3 +115,62 @@ def test_the_model_runs_past_its_trained_length_and_caches_agree(kind):
             torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="exceed max_seq_len 256"):
             model(torch.randint(0, 64, (1, 257)))
+
+
+# ---------------------------------------------------------------------------- inference: --context N
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_run):
+    """Return a tiny run trained (here: made) at 32 positions."""
+    from qinglm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(
+        [f"今天天气真不错，人工智能的未来{i}" for i in range(100)], 300, show_progress=False
+    )
+    return tiny_run(tmp_path_factory.mktemp("short-run"), tok, max_seq_len=32)
+
+
+def test_generate_decodes_past_the_trained_length_with_context(short_run, capsys):
+    import qinglm
+    from qinglm.cli import main
+    from qinglm.config import ContextConfig, SamplingConfig
+    from qinglm.infer.generate import generate_ids
+
+    greedy = SamplingConfig(max_new_tokens=70, temperature=0, stop_at_eos=False)
+    prompt = list(range(10, 30))
+    plain = qinglm.load(short_run, device="cpu")
+    assert (
+        len(list(generate_ids(plain.model, prompt, greedy, eos_id=None))) <= 32 - 20 + 1
+    )  # the context is full
+    lm = qinglm.load(short_run, device="cpu", context=ContextConfig(context=128, rope_scaling="yarn"))
+    cfg = lm.model.cfg
+    assert (cfg.max_seq_len, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_position_embeddings) == (
+        128, "yarn", 4.0, 32,
+    )  # fmt: skip
+    assert len(list(generate_ids(lm.model, prompt, greedy, eos_id=None))) == 70
+    args = ["generate", "--model", str(short_run), "--prompt", "今天天气", "--temperature", "0"]
+    assert main([*args, "--max-new-tokens", "60", "--context", "96", "--rope-scaling", "yarn"]) == 0
+    assert len(capsys.readouterr().out) > 0
+    assert main([*args, "--context", "96", "--rope-factor", "2"]) == 2
+    assert "rope_factor needs --rope-scaling" in capsys.readouterr().err
+
+
+def test_the_server_reports_and_accepts_the_longer_context(short_run):
+    import json
+    import urllib.request
+
+    import qinglm
+    from qinglm.config import ContextConfig
+    from qinglm.serve.app import create_app, serve_in_thread
+    from qinglm.serve.config import ServeConfig
+
+    lm = qinglm.load(short_run, device="cpu", context=ContextConfig(context=128, rope_scaling="yarn"))
+    with serve_in_thread(create_app(lm, ServeConfig(max_tokens_cap=8))) as base:
+        with urllib.request.urlopen(base + "/v1/models") as r:
+            assert json.load(r)["data"][0]["context"] == 128
+        rare = "".join(chr(0x4E00 + 37 * i) for i in range(15))  # several byte tokens each
+        body = json.dumps({"prompt": rare, "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:  # a prompt longer than 32 tokens: answered, not 400
+            assert json.load(r)["usage"]["prompt_tokens"] > 32
