@@ -174,3 +174,145 @@ def test_the_server_reports_and_accepts_the_longer_context(short_run):
         req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req) as r:  # a prompt longer than 32 tokens: answered, not 400
             assert json.load(r)["usage"]["prompt_tokens"] > 32
+
+
+# ---------------------------------------------------------------------------- export and import
+
+
+EXPORTS = [(layout, kind) for layout in ("llama", "qwen3") for kind in ("linear", "dynamic", "yarn")]
+
+
+@pytest.mark.parametrize("layout,kind", EXPORTS, ids=[f"{a}-{k}" for a, k in EXPORTS])
+def test_transformers_computes_the_same_logits_past_the_original_length(
+    tmp_path, perturbed_run, layout, kind
+):
+    import qinglm
+    from qinglm.export.hf import export_hf, import_hf
+    from qinglm.export.hf_config import same_function
+    from qinglm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(
+        [f"今天天气真不错，人工智能的未来{i}" for i in range(100)], 300, show_progress=False
+    )
+    options = dict(qk_norm=True, tie_embeddings=False) if layout == "qwen3" else {}
+    scaled = dict(rope_scaling=kind, max_seq_len=256, rope_original_max_position_embeddings=64)
+    run = perturbed_run(
+        tmp_path / "run", tok, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, **options, **scaled
+    )
+    out = export_hf(run, tmp_path / "hf")
+    lm = qinglm.load(run, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(6, tok.vocab_size, (1, 240))
+    with torch.no_grad():
+        for n in (40, 100, 240):  # within, past and far past the 64 positions it was trained at
+            torch.testing.assert_close(hf(ids[:, :n]).logits, lm.model(ids[:, :n]), rtol=0, atol=1e-4)
+    imported = import_hf(out, tmp_path / "back")
+    assert same_function(qinglm.load(imported, device="cpu").model.cfg, lm.model.cfg)
+
+
+HF_BASE = dict(
+    model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=96, max_position_embeddings=4096, rope_theta=1e6,
+)  # fmt: skip
+
+
+def test_import_reads_the_rope_scaling_configs_transformers_writes():
+    from qinglm.export.hf_config import model_config_from_hf
+
+    qwen_yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}  # Qwen's README
+    cfg = model_config_from_hf({**HF_BASE, "rope_scaling": qwen_yarn})
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_position_embeddings) == (
+        "yarn",
+        4.0,
+        1024,
+    )
+    assert (cfg.max_seq_len, cfg.rope_theta, cfg.rope_beta_fast, cfg.rope_attention_factor) == (
+        4096,
+        1e6,
+        32,
+        None,
+    )
+    v5 = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}  # transformers 5: rope_parameters only
+    cfg = model_config_from_hf({**HF_BASE, "rope_parameters": v5})
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta, cfg.max_seq_len) == ("linear", 2.0, 5e5, 4096)
+    cfg = model_config_from_hf({**HF_BASE, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert (cfg.rope_original_max_position_embeddings, cfg.max_seq_len) == (4096, 8192)
+
+
+@pytest.mark.parametrize(
+    "scaling,match",
+    [
+        ({"rope_type": "llama3", "factor": 8.0}, "'llama3' RoPE scaling, which QingLM does not implement"),
+        ({"rope_type": "longrope", "factor": 8.0}, "'longrope' RoPE scaling"),
+        ({"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0}, "mscale"),
+        ({"rope_type": "linear"}, "linear RoPE scaling needs a factor"),
+    ],
+)
+def test_import_refuses_rope_it_does_not_compute(scaling, match):
+    from qinglm.export.hf_config import model_config_from_hf
+
+    with pytest.raises(QingLMError, match=match):
+        model_config_from_hf({**HF_BASE, "rope_scaling": scaling})
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "dynamic"])
+def test_gguf_carries_llama_cpps_rope_scaling_keys(tmp_path, perturbed_run, kind):
+    gguf = pytest.importorskip("gguf")
+    import qinglm
+    from qinglm.export.gguf import export_gguf
+    from qinglm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(
+        [f"今天天气真不错，人工智能的未来{i}" for i in range(100)], 300, show_progress=False
+    )
+    scaled = dict(rope_scaling=kind, max_seq_len=256, rope_original_max_position_embeddings=64)
+    run = perturbed_run(tmp_path / "run", tok, vocab_size=320, d_model=32, n_layers=1, n_heads=4, **scaled)
+    if kind == "dynamic":
+        with pytest.raises(QingLMError, match="rope_scaling 'dynamic' is not reproduced"):
+            export_gguf(run, tmp_path / "m.gguf")
+        return
+    fields = gguf.GGUFReader(export_gguf(run, tmp_path / "m.gguf")).fields
+    got = {k.removeprefix("llama."): fields[k].contents() for k in fields if k.startswith("llama.")}
+    want = {"context_length": 256, "rope.scaling.type": kind, "rope.scaling.factor": 4.0}
+    if kind == "yarn":
+        want.update({
+            "rope.scaling.original_context_length": 64,
+            "rope.scaling.yarn_beta_fast": 32.0,
+            "rope.scaling.yarn_beta_slow": 1.0,
+        })  # fmt: skip
+    assert {k: got[k] for k in want} == want
+    assert "rope.scaling.yarn_attn_factor" not in got  # llama.cpp derives 0.1*ln(4)+1 as transformers does
+    cos, sin = llama_cpp_rope(got, n_dims=8, positions=torch.arange(256))
+    model = qinglm.load(run, device="cpu").model
+    torch.testing.assert_close(model.rope_cos[:, :4], cos, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.rope_sin[:, :4], sin, rtol=0, atol=1e-5)
+
+
+def llama_cpp_rope(kv: dict, n_dims: int, positions: torch.Tensor):
+    """Return (cos, sin) (T, n_dims/2) as ggml's rope_yarn computes them from a GGUF's rope keys
+    (ggml_rope_yarn_corr_dims, rope_yarn_ramp, mscale *= 1 + 0.1*ln(1/freq_scale) when ext_factor != 0)."""
+    import math
+
+    base, scaling = kv["rope.freq_base"], kv.get("rope.scaling.type", "none")
+    freq_scale = 1.0 / kv["rope.scaling.factor"] if scaling != "none" else 1.0
+    ext_factor = 1.0 if scaling == "yarn" else 0.0  # llama.cpp's default yarn_ext_factor for YaRN models
+    n_ctx_orig = kv.get("rope.scaling.original_context_length", kv["context_length"])
+
+    def corr_dim(n_rot):
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(kv.get("rope.scaling.yarn_beta_fast", 32.0))))
+    high = min(n_dims - 1.0, math.ceil(corr_dim(kv.get("rope.scaling.yarn_beta_slow", 1.0))))
+    mscale = kv.get("rope.scaling.yarn_attn_factor", 1.0)
+    if ext_factor != 0.0:
+        mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+    cos, sin = torch.zeros(len(positions), n_dims // 2), torch.zeros(len(positions), n_dims // 2)
+    for i0 in range(0, n_dims, 2):
+        theta_extrap = positions.double() * base ** (-i0 / n_dims)
+        theta = freq_scale * theta_extrap
+        if ext_factor != 0.0:
+            ramp_mix = (1 - min(1.0, max(0.0, (i0 // 2 - low) / max(0.001, high - low)))) * ext_factor
+            theta = theta * (1 - ramp_mix) + theta_extrap * ramp_mix
+        cos[:, i0 // 2], sin[:, i0 // 2] = theta.cos() * mscale, theta.sin() * mscale
+    return cos, sin
