@@ -261,11 +261,13 @@ def with_context(
     context: int | None = None,
     rope_scaling: str | None = None,
     rope_factor: float | None = None,
+    **rope: Any,
 ) -> ModelConfig:
     """Return cfg run at `context` positions with `rope_scaling`: the length it was trained at (its own
     original length when already scaled, else max_seq_len) becomes the original one, and the factor
-    follows context / original unless rope_factor is given. QingLMError for what cannot reach that far."""
-    c = resolve_model(cfg)
+    follows context / original unless rope_factor is given; rope sets other CONTEXT_FIELDS (YaRN's betas).
+    QingLMError for what cannot reach that far."""
+    c = dataclasses.replace(resolve_model(cfg), **rope)
     scaling = rope_scaling or c.rope_scaling
     context = context or c.max_seq_len
     if context <= 0:

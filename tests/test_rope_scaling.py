@@ -316,3 +316,27 @@ def llama_cpp_rope(kv: dict, n_dims: int, positions: torch.Tensor):
             theta = theta * (1 - ramp_mix) + theta_extrap * ramp_mix
         cos[:, i0 // 2], sin[:, i0 // 2] = theta.cos() * mscale, theta.sin() * mscale
     return cos, sin
+
+
+# ---------------------------------------------------------------------------- continued pretraining
+
+
+def test_init_from_continues_pretraining_at_four_times_the_length_with_yarn(phrase_corpus, tmp_path):
+    import json
+
+    from qinglm.pipeline import run_train
+
+    data, tok, _ = phrase_corpus
+    train = dict(data=[str(data)], tokenizer=str(tok), max_steps=2, batch_size=2, lr=1e-3, warmup_steps=1,
+                 eval_every=2, eval_tokens=128, num_threads=1, device="cpu", dtype="fp32", compile=False,
+                 sample_prompts=["你好"], sample_tokens=2)  # fmt: skip
+    small = dict(d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+    base = run_train(small, {**train, "seq_len": 16, "out": str(tmp_path / "base")}, log=lambda _: None)
+    longer = {**train, "seq_len": 64, "out": str(tmp_path / "long"), "init_from": str(base)}
+    out = run_train({"rope_scaling": "yarn"}, longer, log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    model = config["model"]
+    assert (model["max_seq_len"], model["rope_scaling"], model["rope_factor"]) == (64, "yarn", 4.0)
+    assert model["rope_original_max_position_embeddings"] == 16 and config["train"]["seq_len"] == 64
+    with pytest.raises(QingLMError, match="drop the model flag"):  # the weights' shape stays the base's
+        run_train({"rope_scaling": "yarn", "d_model": 64}, {**longer, "out": str(tmp_path / "x")})
