@@ -207,6 +207,15 @@ def test_transformers_computes_the_same_logits_past_the_original_length(
     with torch.no_grad():
         for n in (40, 100, 240):  # within, past and far past the 64 positions it was trained at
             torch.testing.assert_close(hf(ids[:, :n]).logits, lm.model(ids[:, :n]), rtol=0, atol=1e-4)
+    if kind != "dynamic":  # greedy decoding past 64 with transformers' KV cache picks QingLM's tokens
+        from qinglm.config import SamplingConfig
+        from qinglm.infer.generate import generate_ids
+
+        greedy = SamplingConfig(max_new_tokens=24, temperature=0, repetition_penalty=1.0, stop_at_eos=False)
+        ours = list(generate_ids(lm.model, ids[0, :100].tolist(), greedy, eos_id=None))
+        with torch.no_grad():
+            theirs = hf.generate(ids[:, :100], max_new_tokens=24, do_sample=False, repetition_penalty=1.0)
+        assert theirs[0, 100:].tolist() == ours
     imported = import_hf(out, tmp_path / "back")
     assert same_function(qinglm.load(imported, device="cpu").model.cfg, lm.model.cfg)
 
