@@ -349,3 +349,15 @@ def test_init_from_continues_pretraining_at_four_times_the_length_with_yarn(phra
     assert model["rope_original_max_position_embeddings"] == 16 and config["train"]["seq_len"] == 64
     with pytest.raises(QingLMError, match="drop the model flag"):  # the weights' shape stays the base's
         run_train({"rope_scaling": "yarn", "d_model": 64}, {**longer, "out": str(tmp_path / "x")})
+
+
+def test_cli_refuses_scaling_positions_that_are_not_rope(tmp_path, tiny_run, capsys):
+    from qinglm.cli import main
+    from qinglm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"今天天气真不错{i}" for i in range(50)], 280, show_progress=False)
+    run = tiny_run(tmp_path / "classic", tok, family="classic", max_seq_len=32)
+    args = ["generate", "--model", str(run), "--prompt", "今天", "--context", "64", "--rope-scaling", "yarn"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RoPE scaling needs RoPE positions; sinusoidal positions" in err
