@@ -347,6 +347,8 @@ def test_init_from_continues_pretraining_at_four_times_the_length_with_yarn(phra
     model = config["model"]
     assert (model["max_seq_len"], model["rope_scaling"], model["rope_factor"]) == (64, "yarn", 4.0)
     assert model["rope_original_max_position_embeddings"] == 16 and config["train"]["seq_len"] == 64
+    with pytest.raises(QingLMError, match="add --rope-scaling yarn"):  # a longer context is asked for
+        run_train({}, {**longer, "out": str(tmp_path / "x")})
     with pytest.raises(QingLMError, match="drop the model flag"):  # the weights' shape stays the base's
         run_train({"rope_scaling": "yarn", "d_model": 64}, {**longer, "out": str(tmp_path / "x")})
 
