@@ -61,12 +61,27 @@ def load(run: Path, context: int | None = None, kind: str | None = None):
     return qinglm.load(run, device="cpu", context=ContextConfig(context=context, rope_scaling=kind))
 
 
-def bpc(lm, n: int, data: Path) -> float:
-    """Return bits per character of lm over the whole val split in windows of n tokens."""
+def bpc(lm, n: int, data: Path, L: int) -> dict[str, float]:
+    """Return {"bpc": bits per character of lm over the whole val split in windows of n tokens, "tail": the
+    same over the tokens at positions L.. of each window only (NaN for n <= L), whose characters are
+    estimated at the split's mean characters per token}."""
+    from qinglm.data.loader import eval_batches
     from qinglm.data.shards import TokenShards
-    from qinglm.evaluate import evaluate_shards
+    from qinglm.model.transformer import IGNORE_INDEX
 
-    return evaluate_shards(lm.model, TokenShards(data, "val"), batch_size=max(1, 4096 // n), seq_len=n)["bpc"]
+    val = TokenShards(data, "val")
+    bits = tail_bits = 0.0
+    tokens = tail_tokens = 0
+    with torch.inference_mode():
+        for x, y in eval_batches(val, max(1, 4096 // n), n):
+            logits = lm.model(x).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
+            bits, tail_bits = bits + nll.sum().item(), tail_bits + nll[:, L:].sum().item()
+            tokens += int((y != IGNORE_INDEX).sum())
+            tail_tokens += int((y[:, L:] != IGNORE_INDEX).sum())
+    chars_per_token = val.n_characters / tokens
+    tail = tail_bits / math.log(2) / (tail_tokens * chars_per_token) if tail_tokens else math.nan
+    return {"bpc": bits / math.log(2) / val.n_characters, "tail": tail}
 
 
 def passkey_prompt(tok, n: int, key: str, depth: float, needle: bool) -> tuple[list[int], int]:
@@ -106,8 +121,8 @@ def passkey(lm, n: int, trials: int) -> dict[str, float]:
     return {"exact": exact / trials, "gain": gain / trials}
 
 
-def measure(lm, n: int, data: Path, trials: int) -> dict[str, float]:
-    return {"bpc": bpc(lm, n, data), **passkey(lm, n, trials)}
+def measure(lm, n: int, data: Path, L: int, trials: int) -> dict[str, float]:
+    return {**bpc(lm, n, data, L), **passkey(lm, n, trials)}
 
 
 def main() -> None:
@@ -144,11 +159,12 @@ def main() -> None:
 
     rows: dict[str, dict[int, dict[str, float]]] = {}
     for kind in KINDS:
-        rows[kind] = {m: measure(load(base, m * L, kind), m * L, data, args.trials) for m in MULTIPLES}
+        rows[kind] = {m: measure(load(base, m * L, kind), m * L, data, L, args.trials) for m in MULTIPLES}
         print(f"{kind}: " + ", ".join(f"{m}x {r['bpc']:.4f}" for m, r in rows[kind].items()), flush=True)
     # the continued run at its own setting (YaRN factor 4, 4L positions), and asked for 8L
     rows["yarn+4x train"] = {
-        m: measure(load(tuned) if m <= 4 else load(tuned, m * L), m * L, data, args.trials) for m in MULTIPLES
+        m: measure(load(tuned) if m <= 4 else load(tuned, m * L), m * L, data, L, args.trials)
+        for m in MULTIPLES
     }
     print(f"\nL = {L} tokens; tiny preset pretrained {args.steps} steps x {args.batch_size} x {L} tokens; "
           f"continued {args.long_steps} steps x {long_train['batch_size']} x {4 * L} tokens with YaRN\n")  # fmt: skip
@@ -157,6 +173,9 @@ def main() -> None:
     for name, r in rows.items():
         cells = " | ".join(f"{r[m]['bpc']:.4f}" for m in MULTIPLES)
         print(f"| {name} | {cells} | {r[4]['bpc'] / rows['none'][1]['bpc']:.3f} |")
+    print(f"\n| bits/char of the tokens past L | {head} |\n|---|" + "---|" * len(MULTIPLES))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join("-" if m == 1 else f"{r[m]['tail']:.4f}" for m in MULTIPLES) + " |")
     print(f"\n| passkey: exact / gain bits | {head} |\n|---|" + "---|" * len(MULTIPLES))
     for name, r in rows.items():
         print(
