@@ -1,4 +1,4 @@
-"""RoPE scaling (linear, dynamic NTK, YaRN): transformers' formulas, config rules, and the model past its length."""
+"""RoPE scaling (linear, dynamic NTK, YaRN): transformers' formulas, the config, the model past its length."""
 
 import pytest
 import torch
@@ -359,7 +359,7 @@ def test_cli_refuses_scaling_positions_that_are_not_rope(tmp_path, tiny_run, cap
 
     tok = train_tokenizer([f"今天天气真不错{i}" for i in range(50)], 280, show_progress=False)
     run = tiny_run(tmp_path / "classic", tok, family="classic", max_seq_len=32)
-    args = ["generate", "--model", str(run), "--prompt", "今天", "--context", "64", "--rope-scaling", "yarn"]
-    assert main(args) == 2
+    args = ["generate", "--model", str(run), "--prompt", "今天", "--context", "64"]
+    assert main([*args, "--rope-scaling", "yarn"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RoPE scaling needs RoPE positions; sinusoidal positions" in err

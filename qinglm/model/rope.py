@@ -31,7 +31,7 @@ def yarn_attention_factor(cfg: ModelConfig) -> float:
 
 
 def _yarn_ramp(cfg: ModelConfig, dim: int) -> torch.Tensor:
-    """Return each frequency's interpolation weight (dim/2,): 0 = extrapolate as trained, 1 = divide by factor."""
+    """Return each frequency's interpolation weight (dim/2,): 0 = as trained, 1 = divided by factor."""
 
     def correction_dim(
         rotations: float,
@@ -63,10 +63,13 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tens
     return inv_freq
 
 
-def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0):
+def rope_angles(
+    inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (cos, sin) of shape (*positions.shape, head_dim) in float32, rotate-half (Llama/HF) layout,
-    times scale (YaRN's attention factor)."""
-    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)  # (..., head_dim/2)
+    times scale (YaRN's attention factor), on positions' device."""
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64  # MPS has no float64
+    angles = positions.to(wide)[..., None] * inv_freq.to(positions.device, wide)  # (..., head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., head_dim)
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
