@@ -17,15 +17,20 @@ __all__ = ["LM", "__version__", "load"]
 
 if TYPE_CHECKING:
     from qinglm.api import LM
+    from qinglm.config import ContextConfig
 
 
 def load(
-    run_dir: str | Path, device: str = "auto", tokenizer: str | Path | None = None, quantize: str = "none"
+    run_dir: str | Path,
+    device: str = "auto",
+    tokenizer: str | Path | None = None,
+    quantize: str = "none",
+    context: ContextConfig | None = None,
 ) -> LM:
     """Return the trained LM in run_dir (see qinglm.api.load); imports torch on first use."""
     from qinglm.api import load as _load
 
-    return _load(run_dir, device, tokenizer, quantize)
+    return _load(run_dir, device, tokenizer, quantize, context)
 
 
 def __getattr__(name: str) -> Any:

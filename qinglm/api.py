@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qinglm.config import ModelConfig, SamplingConfig, from_dict
+from qinglm.config import ContextConfig, ModelConfig, SamplingConfig, from_dict, with_context
 from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
@@ -183,13 +183,15 @@ def load(
     device: str = "auto",
     tokenizer: str | Path | None = None,
     quantize: str = "none",
+    context: ContextConfig | None = None,
 ) -> LM:
     """Return the LM saved in run_dir, in eval mode on device.
 
     run_dir holds config.json, tokenizer/ and weights (best/model.safetensors, else the latest
     checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
-    faster CPU inference (qinglm.model.quantize; inference only).
+    faster CPU inference (qinglm.model.quantize; inference only). context runs the model at another
+    length, RoPE-scaled to reach past the trained one (qinglm.config.with_context).
     """
     from qinglm.run_dir import read_config
     from qinglm.tokenizer import Tokenizer
@@ -209,6 +211,8 @@ def load(
                 "drop --tokenizer-path or pass that tokenizer"
             )
     model_cfg = from_dict(ModelConfig, config["model"], where=f"model config in {run / 'config.json'}")
+    if context is not None:
+        model_cfg = with_context(model_cfg, **dataclasses.asdict(context))
     if tok.vocab_size > model_cfg.vocab_size:
         raise QingLMError(
             f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens but the model only "

@@ -38,6 +38,14 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 INITS = ("default", "gpt2", "small")  # Transformer._init_weights
 ROUTERS = ("softmax", "sigmoid")
+# RoPE context extension (qinglm.model.rope), transformers' rope_type of each: default, linear, dynamic, yarn.
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn")
+# The fields that set how far a model reaches, not its weights: a run may change them (continued pretraining
+# at a longer context, `--context` at inference) and keep its weights.
+CONTEXT_FIELDS = (
+    "max_seq_len", "rope_scaling", "rope_factor", "rope_original_max_position_embeddings",
+    "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+)  # fmt: skip
 
 DEFAULT_PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济"]
 
@@ -87,6 +95,32 @@ class ModelConfig:
     mlp: str | None = _f(None, "feed-forward type", MLPS)
     tie_embeddings: bool | None = _f(None, "share the input embedding with the output head")
     rope_theta: float = _f(10_000.0, "RoPE base", within="(0, inf)")
+    # RoPE scaling, with the meaning and names of transformers' rope_scaling (qinglm.model.rope).
+    rope_scaling: str = _f(
+        "none",
+        "RoPE scaling to reach past the trained length: linear (position interpolation), dynamic (NTK), "
+        "yarn; none = plain RoPE",
+        ROPE_SCALINGS,
+    )
+    rope_factor: float | None = _f(
+        None,
+        "RoPE scaling factor (default: max-seq-len / rope-original-max-position-embeddings)",
+        within="[1, inf)",
+    )
+    rope_original_max_position_embeddings: int | None = _f(
+        None, "the context the model was trained at before scaling (default: max-seq-len)", within="[1, inf)"
+    )
+    rope_beta_fast: float = _f(
+        32.0, "YaRN: rotations above which a dimension is not interpolated", within="(0, inf)"
+    )
+    rope_beta_slow: float = _f(
+        1.0, "YaRN: rotations below which a dimension is fully interpolated", within="(0, inf)"
+    )
+    rope_attention_factor: float | None = _f(
+        None,
+        "YaRN: factor on cos/sin, so on attention logits squared (default: 0.1*ln(factor)+1)",
+        within="(0, inf)",
+    )
     norm_eps: float = _f(1e-5, "epsilon of the norm layers", within="(0, 1)")
     bias: bool | None = _f(None, "biases in linear layers")
     init_std: float = _f(
@@ -128,6 +162,26 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+@dataclass
+class ContextConfig:
+    """How far a trained model reads at inference (generate, chat, serve, eval): `--context N`."""
+
+    context: int | None = _f(
+        None,
+        "positions the model may use; the KV cache and the server's limits follow (default: max-seq-len)",
+    )
+    rope_scaling: str | None = _f(
+        None,
+        "RoPE scaling to reach --context past the trained length (default: the run's own)",
+        ROPE_SCALINGS,
+    )
+    rope_factor: float | None = _f(None, "RoPE scaling factor (default: context / trained length)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_choices(self)
 
 
 @dataclass
@@ -177,6 +231,7 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         raise QingLMError(f"RoPE needs an even head dimension, got {c.head_dim}")
     if c.pos_encoding == "sinusoidal" and c.d_model % 2:
         raise QingLMError(f"sinusoidal positions need an even d_model, got {c.d_model}")
+    _resolve_rope_scaling(c)
     if c.n_experts > 0:  # each field's own range was checked when c was made (check_types)
         if not 1 <= c.experts_per_token <= c.n_experts:
             raise QingLMError(
@@ -185,6 +240,62 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     elif c.shared_experts:
         raise QingLMError("shared_experts needs n_experts > 0")
     return c
+
+
+def _resolve_rope_scaling(c: ModelConfig) -> None:
+    """Fill in the derived RoPE scaling fields of c in place; raise QingLMError for impossible ones."""
+    extra = ("rope_factor", "rope_original_max_position_embeddings", "rope_attention_factor")
+    if c.rope_scaling == "none":
+        given_ = [name for name in extra if getattr(c, name) is not None]
+        if given_:
+            raise QingLMError(f"{given_[0]} needs --rope-scaling linear, dynamic or yarn")
+        return
+    if c.pos_encoding != "rope":
+        raise QingLMError(f"RoPE scaling needs RoPE positions; {c.pos_encoding} positions cannot be scaled")
+    if c.rope_original_max_position_embeddings is None:
+        c.rope_original_max_position_embeddings = c.max_seq_len
+    if c.rope_original_max_position_embeddings <= 0:
+        raise QingLMError("rope_original_max_position_embeddings must be positive")
+    if c.rope_factor is None:
+        c.rope_factor = c.max_seq_len / c.rope_original_max_position_embeddings
+    if not c.rope_factor >= 1.0:
+        raise QingLMError(f"rope_factor must be 1 or more (it stretches the context), got {c.rope_factor}")
+    if not 0 < c.rope_beta_slow < c.rope_beta_fast:
+        raise QingLMError("YaRN needs 0 < rope_beta_slow < rope_beta_fast")
+    if c.rope_attention_factor is not None and not c.rope_attention_factor > 0:
+        raise QingLMError(f"rope_attention_factor must be positive, got {c.rope_attention_factor}")
+
+
+def with_context(
+    cfg: ModelConfig,
+    context: int | None = None,
+    rope_scaling: str | None = None,
+    rope_factor: float | None = None,
+    **rope: Any,
+) -> ModelConfig:
+    """Return cfg run at `context` positions with `rope_scaling`: the length it was trained at (its own
+    original length when already scaled, else max_seq_len) becomes the original one, and the factor
+    follows context / original unless rope_factor is given; rope sets other CONTEXT_FIELDS (YaRN's betas).
+    QingLMError for what cannot reach that far."""
+    c = dataclasses.replace(resolve_model(cfg), **rope)
+    scaling = rope_scaling or c.rope_scaling
+    context = context or c.max_seq_len
+    if context <= 0:
+        raise QingLMError(f"--context must be positive, got {context}")
+    if c.pos_encoding == "learned" and context > c.max_seq_len:
+        raise QingLMError(f"learned positions stop at {c.max_seq_len}; a longer --context needs RoPE")
+    changed = context != c.max_seq_len or scaling != c.rope_scaling
+    original = c.rope_original_max_position_embeddings or c.max_seq_len
+    c.max_seq_len, c.rope_scaling = context, scaling
+    if scaling == "none":
+        if rope_factor is not None:
+            raise QingLMError("rope_factor needs --rope-scaling linear, dynamic or yarn")
+        c.rope_factor = c.rope_original_max_position_embeddings = c.rope_attention_factor = None
+    else:
+        c.rope_original_max_position_embeddings = original
+        if rope_factor is not None or changed:
+            c.rope_factor = rope_factor
+    return resolve_model(c)
 
 
 def check_choices(cfg: Any) -> None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm.config import SamplingConfig, add_dataclass_args, given
+from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
 from qinglm.evals.cli import add_eval_options
 
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
+    add_dataclass_args(p, ContextConfig)
 
     p = sub.add_parser(
         "eval", help="held-out loss, perplexity and bits per character; task suite (--tasks), lm-eval"
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
     add_eval_options(p)
+    add_dataclass_args(p, ContextConfig)
     return {"generate": cmd_generate, "eval": cmd_eval}
 
 
@@ -87,7 +89,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from qinglm.infer.engine import complete
 
     prompts = _prompts(args)
-    lm = qinglm.load(args.model, device=args.device, tokenizer=args.tokenizer_path, quantize=args.quantize)
+    lm = qinglm.load(
+        args.model,
+        device=args.device,
+        tokenizer=args.tokenizer_path,
+        quantize=args.quantize,
+        context=ContextConfig(**given(args, ContextConfig)),
+    )
     sampling = {**given(args, SamplingConfig)}
     if args.stream:
         for prompt in prompts:
@@ -125,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise QingLMError("give --data CORPUS_OR_FILE, --tasks NAME[,NAME...]|all or --lm-eval TASKS")
     if not is_builtin(args.data):
         expand_paths(args.data)  # on the command line --data is a corpus or a path: a missing one is an error
-    lm = qinglm.load(args.model, device=args.device)
+    lm = qinglm.load(args.model, device=args.device, context=ContextConfig(**given(args, ContextConfig)))
     m = lm.evaluate(args.data, batch_size=args.batch_size, seq_len=args.seq_len, encoding=args.encoding)
     if args.json:
         print(json.dumps({k: m[k] for k in ("loss", "ppl", "bpc")}))

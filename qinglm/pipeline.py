@@ -291,11 +291,18 @@ def _from_base(
     model_cfg: ModelConfig, train_cfg: TrainConfig, model_flags: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
     """Return the configs of a run that starts from --init-from's weights: its model and tokenizer."""
+    from qinglm.config import CONTEXT_FIELDS, with_context
+
     base = Path(train_cfg.init_from)
     base_model = run_dirs.model_config(base)  # a run of any kind: pretrained, fine-tuned, imported
     changed = [k for k, v in model_flags.items() if v is not None and v != getattr(base_model, k)]
-    if changed:
-        raise QingLMError(f"--init-from {base} fixes the model; drop the model flag(s) {', '.join(changed)}")
+    weights = [k for k in changed if k not in CONTEXT_FIELDS]
+    if weights:
+        raise QingLMError(f"--init-from {base} fixes the model; drop the model flag(s) {', '.join(weights)}")
+    if changed:  # --rope-scaling / --max-seq-len: continued pretraining at another context
+        flags = {k: model_flags[k] for k in changed}
+        context = max(flags.pop("max_seq_len", 0), train_cfg.seq_len, base_model.max_seq_len)
+        base_model = with_context(base_model, context, **flags)
     if train_cfg.tokenizer is None:
         train_cfg.tokenizer = str(base / "tokenizer")
     train_cfg.init_from = str(base)

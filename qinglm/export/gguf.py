@@ -43,6 +43,7 @@ GGUF_OPTIONS: Table = {
     "mlp": ("swiglu",),
     "shared_experts": (0,),
     "moe_every": (1,),
+    "rope_scaling": ("none", "linear", "yarn"),  # llama.cpp has no dynamic NTK
 }
 
 _TOP = {
@@ -129,6 +130,25 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) 
     return out
 
 
+def add_rope_scaling(w: Any, cfg: ModelConfig) -> None:
+    """Return nothing; write llama.cpp's rope.scaling keys of a resolved cfg to GGUFWriter w, as llama.cpp's
+    convert_hf_to_gguf.py writes them from transformers' rope_scaling (an explicit YaRN attention factor
+    goes to yarn_attn_factor; without one llama.cpp derives 0.1*ln(factor)+1 itself)."""
+    import gguf
+
+    if cfg.rope_scaling == "none":
+        return
+    kind = gguf.RopeScalingType.LINEAR if cfg.rope_scaling == "linear" else gguf.RopeScalingType.YARN
+    w.add_rope_scaling_type(kind)
+    w.add_rope_scaling_factor(float(cfg.rope_factor))
+    if cfg.rope_scaling == "yarn":
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_position_embeddings)
+        w.add_rope_scaling_yarn_beta_fast(float(cfg.rope_beta_fast))
+        w.add_rope_scaling_yarn_beta_slow(float(cfg.rope_beta_slow))
+        if cfg.rope_attention_factor is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(cfg.rope_attention_factor))
+
+
 def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
     """Return {"tokens", "types", "merges"} of a byte-level BPE tokenizer, padded to the model's vocab."""
     import gguf
@@ -213,6 +233,7 @@ def export_gguf(
         w.add_value_length(cfg.head_dim)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(float(cfg.rope_theta))
+        add_rope_scaling(w, cfg)
         w.add_layer_norm_rms_eps(float(cfg.norm_eps))
         if cfg.n_experts:
             w.add_expert_count(cfg.n_experts)

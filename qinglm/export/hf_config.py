@@ -42,6 +42,12 @@ HF_OPTIONS: Table = {
     "mlp": ("swiglu", "gelu"),
     "tie_embeddings": ANY,
     "rope_theta": ANY,
+    "rope_scaling": ANY,  # transformers' rope_scaling: linear, dynamic, yarn (hf_rope_scaling)
+    "rope_factor": ANY,
+    "rope_original_max_position_embeddings": ANY,
+    "rope_beta_fast": ANY,
+    "rope_beta_slow": ANY,
+    "rope_attention_factor": ANY,
     "bias": ANY,
     "qk_norm": ANY,
     "gated_attention": (False,),
@@ -77,6 +83,33 @@ def _refuse(cfg: ModelConfig) -> str | None:
     return None
 
 
+# QingLM's rope_scaling -> transformers' rope_type
+HF_ROPE_TYPES = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
+
+
+def hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    """Return transformers' rope_scaling dict of a resolved cfg (None without scaling)."""
+    if cfg.rope_scaling == "none":
+        return None
+    d: dict[str, Any] = {"rope_type": HF_ROPE_TYPES[cfg.rope_scaling], "factor": float(cfg.rope_factor)}
+    if cfg.rope_scaling == "yarn":
+        d.update(
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+            beta_fast=float(cfg.rope_beta_fast),
+            beta_slow=float(cfg.rope_beta_slow),
+        )
+        if cfg.rope_attention_factor is not None:
+            d["attention_factor"] = float(cfg.rope_attention_factor)
+    return d
+
+
+def hf_max_position_embeddings(cfg: ModelConfig) -> int:
+    """Return max_position_embeddings: transformers' dynamic NTK reads it as the trained length."""
+    if cfg.rope_scaling == "dynamic":
+        return cfg.rope_original_max_position_embeddings
+    return cfg.max_seq_len
+
+
 def hf_model_type(cfg: ModelConfig) -> str:
     """Return the HF model_type ("llama", "qwen3", "mixtral", ...) that reproduces cfg; QingLMError if none."""
     cfg = resolve_model(cfg)
@@ -99,7 +132,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     special = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=True)
     if model_type == "gpt2":
         return {**gpt2_config(cfg), **special, "torch_dtype": dtype, "dtype": dtype}
-    theta = float(cfg.rope_theta)
+    theta, scaling = float(cfg.rope_theta), hf_rope_scaling(cfg)
     d: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -111,12 +144,13 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
+        "max_position_embeddings": hf_max_position_embeddings(cfg),
         "rms_norm_eps": cfg.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 reads rope_parameters: both, so all read the same theta.
+        # transformers < 5 reads rope_theta and rope_scaling, >= 5 rope_parameters (rope_scaling first
+        # when given): all of them, so every version computes the same frequencies.
         "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "rope_scaling": None,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta},
+        "rope_scaling": scaling,
         "tie_word_embeddings": bool(cfg.tie_embeddings),
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
@@ -164,13 +198,51 @@ def _get(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _rope_theta(d: dict[str, Any], where: str) -> float:
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+def _rope(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return the ModelConfig fields of a config.json's RoPE: theta, scaling, and max_seq_len."""
+    # transformers >= 5 reads rope_scaling before rope_parameters; older ones only rope_scaling
+    params = {**(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise QingLMError(f"{where} uses {kind!r} RoPE scaling, which QingLM does not implement")
-    theta = params.get("rope_theta", d.get("rope_theta", 10_000.0))
-    return float(theta)
+    kinds = {hf: ours for ours, hf in HF_ROPE_TYPES.items()}
+    if kind not in kinds:
+        raise QingLMError(
+            f"{where} uses {kind!r} RoPE scaling, which QingLM does not implement (only linear, dynamic, yarn)"
+        )
+    if (
+        params.get("partial_rotary_factor", 1.0) != 1.0
+        or params.get("mscale")
+        or params.get("mscale_all_dim")
+    ):
+        raise QingLMError(f"{where}: partial rotary dimensions and YaRN's mscale are not implemented")
+    if params.get("truncate", True) is not True:
+        raise QingLMError(f"{where}: YaRN with truncate false is not implemented")
+    max_len = _get(d, "max_position_embeddings", where)
+    kw: dict[str, Any] = dict(
+        rope_theta=float(params.get("rope_theta", d.get("rope_theta", 10_000.0))),
+        rope_scaling=kinds[kind],
+        max_seq_len=max_len,
+    )
+    factor = params.get("factor")
+    if kind in ("linear", "dynamic") and not (isinstance(factor, (int, float)) and factor >= 1):
+        raise QingLMError(f"{where}: {kind} RoPE scaling needs a factor of 1 or more, got {factor!r}")
+    if kind == "linear":
+        kw.update(
+            rope_factor=float(factor), rope_original_max_position_embeddings=max(1, round(max_len / factor))
+        )
+    elif kind == "dynamic":  # max_position_embeddings is the trained length; factor says how far it reaches
+        kw.update(rope_factor=float(factor), rope_original_max_position_embeddings=max_len)
+        kw["max_seq_len"] = round(max_len * factor)
+    elif kind == "yarn":
+        original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        kw.update(
+            rope_original_max_position_embeddings=original or max_len,
+            rope_factor=None if factor is None else float(factor),
+            rope_beta_fast=float(params.get("beta_fast") or 32.0),
+            rope_beta_slow=float(params.get("beta_slow") or 1.0),
+        )
+        if params.get("attention_factor") is not None:
+            kw["rope_attention_factor"] = float(params["attention_factor"])
+    return kw
 
 
 def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -204,10 +276,9 @@ def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Model
         n_heads=n_heads,
         n_kv_heads=d.get("num_key_value_heads") or n_heads,
         d_ff=_get(d, "intermediate_size", where),
-        max_seq_len=_get(d, "max_position_embeddings", where),
         family="modern",
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        rope_theta=_rope_theta(d, where),
+        **_rope(d, where),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         bias=attn_bias,
         qk_norm=model_type in ("qwen3", "qwen3_moe"),

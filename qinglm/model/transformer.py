@@ -20,19 +20,18 @@ import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
 from qinglm.model.moe import MoE
+from qinglm.model.rope import (
+    needs_recompute,
+    rope_angles,
+    rope_frequencies,
+    rope_tables,
+    yarn_attention_factor,
+)
 
 IGNORE_INDEX = -100  # targets with this value (padding) carry no loss
 
 
 # ---------------------------------------------------------------------------- positions
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (cos, sin) of shape (max_len, head_dim) in the rotate-half (Llama/HF) layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,7 +235,7 @@ class Transformer(nn.Module):
                 "pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False
             )
         else:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)  # scaled (--rope-scaling) to reach max_seq_len
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -294,10 +293,10 @@ class Transformer(nn.Module):
         elif self.cfg.pos_encoding == "sinusoidal":
             # Scale the embeddings so the fixed table does not drown them (as in the original paper).
             x = x * math.sqrt(self.cfg.d_model) + self.pos_table[pos]
-        elif pad is None:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, head_dim) each
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, head_dim)
+            rope = self.rope_at(pos, start + T if pad is None else int(pos.max()) + 1)
+            if pad is not None:
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, head_dim)
         x = self.drop(x)
         # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
         # pass; checkpoint() restores the RNG state, so dropout draws the same masks both times.
@@ -314,6 +313,19 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return self.loss_from_logits(logits, targets)
+
+    def rope_at(self, pos: slice | torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (cos, sin) at positions pos ((T, head_dim) or (B, T, head_dim)) of a forward reaching end-1.
+
+        Dynamic NTK scaling past the trained length computes its frequencies for this length, as
+        transformers does per forward; every other kind reads the tables.
+        """
+        if not needs_recompute(self.cfg, end):
+            return self.rope_cos[pos], self.rope_sin[pos]
+        if isinstance(pos, slice):
+            pos = torch.arange(pos.start, pos.stop, device=self.rope_cos.device)
+        inv_freq = rope_frequencies(self.cfg, seq_len=end)
+        return rope_angles(inv_freq, pos, yarn_attention_factor(self.cfg))
 
     def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Return forward(idx, targets)'s loss from forward(idx)'s logits: the mean cross-entropy over

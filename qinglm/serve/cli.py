@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from qinglm.config import add_dataclass_args, given
+from qinglm.config import ContextConfig, add_dataclass_args, given
 from qinglm.serve.config import ServeConfig
 
 
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "--model", "--model_path", dest="model", required=True, help="run directory (or a file in it)"
     )
     add_dataclass_args(p, ServeConfig)
+    add_dataclass_args(p, ContextConfig)
     return {"serve": cmd_serve}
 
 
@@ -40,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from qinglm.serve.http import uvicorn_config
     except ImportError as e:
         raise QingLMError(f"serving needs fastapi and uvicorn ({e}); pip install 'qinglm[serve]'") from None
-    lm = qinglm.load(args.model, device=cfg.device)
+    context = ContextConfig(**given(args, ContextConfig))
+    lm = qinglm.load(args.model, device=cfg.device, context=context)
     app = create_app(lm, cfg)
     print(f"qinglm: serving {lm.run_dir} on http://{cfg.host}:{cfg.port} (chat page at /)", flush=True)
     if cfg.exposed and not cfg.api_key:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from qinglm.config import SamplingConfig, add_dataclass_args, given
+from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, given
 from qinglm.sft.config import SFTConfig
 from qinglm.train.driver import stage_command
 
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--system", help="system prompt, kept at the start of every turn")
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
+    add_dataclass_args(p, ContextConfig)
     return {**handlers, "lora": cmd_lora, "chat": cmd_chat}
 
 
@@ -56,5 +57,5 @@ def cmd_chat(args: argparse.Namespace) -> None:
     import qinglm
     from qinglm.chat_repl import chat_loop
 
-    lm = qinglm.load(args.model, device=args.device)
+    lm = qinglm.load(args.model, device=args.device, context=ContextConfig(**given(args, ContextConfig)))
     chat_loop(lm, system=args.system, sampling=given(args, SamplingConfig))

@@ -256,7 +256,10 @@ def check_train(t: TrainConfig, m: ModelConfig) -> None:
     t.__post_init__()  # fields may have been changed since construction
     check_tracker(t.tracker)  # a missing tracker package fails before any slow work
     if t.seq_len > m.max_seq_len:
-        raise QingLMError(f"seq_len ({t.seq_len}) is longer than the model's max_seq_len ({m.max_seq_len})")
+        raise QingLMError(
+            f"seq_len ({t.seq_len}) is longer than the model's max_seq_len ({m.max_seq_len}); to continue a "
+            "run at a longer context add --rope-scaling yarn (or --max-seq-len N) to --init-from RUN"
+        )
 
 
 def split_sections(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
