@@ -71,7 +71,7 @@ def test_without_scaling_the_tables_are_plain_rope():
         (dict(family="classic", rope_scaling="yarn"), "RoPE scaling needs RoPE positions"),
         (dict(pos_encoding="learned", rope_scaling="linear"), "learned positions cannot be scaled"),
         (dict(rope_factor=2.0), "rope_factor needs --rope-scaling"),
-        (dict(rope_scaling="yarn", rope_factor=0.5), "rope_factor must be 1 or more"),
+        (dict(rope_scaling="yarn", rope_factor=0.5), "rope-factor must be 1 or more"),
         (
             dict(rope_scaling="yarn", rope_beta_fast=1.0, rope_beta_slow=2.0),
             "rope_beta_slow < rope_beta_fast",
