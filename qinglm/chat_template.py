@@ -313,18 +313,17 @@ def _call(text: str) -> dict[str, Any] | None:
     return {"name": obj["name"], "arguments": args} if isinstance(args, dict) else None
 
 
-def parse_reply(text: str, thinking: bool | None = None) -> Reply:
+def parse_reply(text: str) -> Reply:
     """Return the Reply in a generated text (the text after the generation prompt).
 
-    With thinking on the reply starts inside the thinking block, so text before </think> is reasoning;
-    a reply that opens its own <think> block is read the same way. Well-formed tool calls are taken
-    out of the text; a malformed one stays in it, as text.
+    A reply that opens with a <think> block has that block as its reasoning (thinking on: the model
+    opens it; thinking off pre-fills an empty one in the prompt, so the reply has none). Well-formed
+    tool calls are taken out of the text; a malformed one stays in it, as text.
     """
     reasoning = None
-    body = text.lstrip("\n") if thinking else text
-    if body.startswith(THINK) or (thinking and THINK_END in body):
-        body = body.removeprefix(THINK)
-        reasoning, _, body = body.partition(THINK_END)
+    body = text
+    if text.lstrip("\n").startswith(THINK):
+        reasoning, _, body = text.lstrip("\n").removeprefix(THINK).partition(THINK_END)
         reasoning = reasoning.strip("\n")
     calls = []
 

@@ -190,9 +190,8 @@ def test_parse_reply_reads_thinking_calls_and_text():
         [{"name": "calc", "arguments": {"expr": "1+1"}}],
     )
     # thinking on: the reply starts inside the block; a malformed call stays text
-    r = parse_reply("想一想\n</think>\n\n<tool_call>\n{oops}\n</tool_call>", thinking=True)
+    r = parse_reply("<think>想一想\n</think>\n\n<tool_call>\n{oops}\n</tool_call>")
     assert (
         r.reasoning == "想一想" and r.tool_calls is None and r.content == "<tool_call>\n{oops}\n</tool_call>"
     )
-    assert parse_reply("just text") == parse_reply("just text", thinking=False)
     assert parse_reply("just text").reasoning is None
