@@ -39,14 +39,9 @@ TOOL_RESPONSE, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 TOOL_TOKENS = [THINK, THINK_END, TOOL_CALL, TOOL_CALL_END, TOOL_RESPONSE, TOOL_RESPONSE_END]
 CONTROL_TOKENS = (IM_START, IM_END, *TOOL_TOKENS)
 # Written in the system turn around the tool list (no control token text: it is plain text).
-TOOLS_HEAD = (
-    "# Tools\n\nYou may call one or more functions to help with the user's request. "
-    "Their signatures, one JSON object a line:\n<tools>"
-)
-TOOLS_TAIL = (
-    "\n</tools>\n\nTo call a function, answer with a tool call holding "
-    '{"name": <function name>, "arguments": <arguments as a JSON object>}.'
-)
+# Short: the tool list is in every prompt of models whose context may be 512 tokens.
+TOOLS_HEAD = "# 工具\n可调用的函数：\n<tools>"
+TOOLS_TAIL = '\n</tools>\n调用时回复 {"name": 函数名, "arguments": 参数}'
 EMPTY_THINKING = "\n\n"  # what the pre-filled block holds between <think> and </think>
 MAX_TOOLS = 64
 
@@ -131,7 +126,7 @@ def _system(content: str | None, tools: Sequence[Any]) -> list[Piece]:
         if content:
             out += [Piece(content, content=True), Piece("\n\n")]
         out.append(Piece(TOOLS_HEAD))
-        out += [Piece("\n" + json.dumps(tool, ensure_ascii=False)) for tool in tools]
+        out += [Piece("\n" + json.dumps(tool_schema(tool), ensure_ascii=False)) for tool in tools]
         out.append(Piece(TOOLS_TAIL))
     else:
         out.append(Piece(content or "", content=True))
@@ -243,7 +238,8 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>system\\n' }}"
     "{%- if sys and messages[0].content -%}{{ messages[0].content + '\\n\\n' }}{%- endif -%}"
     "{{ " + _lit(TOOLS_HEAD) + " }}"
-    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{%- for tool in tools -%}{{ '\\n' }}"
+    "{{ (tool.function if tool.function is defined else tool) | tojson }}{%- endfor -%}"
     "{{ " + _lit(TOOLS_TAIL) + " }}{{ '<|im_end|>\\n' }}"
     "{%- elif sys -%}"
     "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"

@@ -100,4 +100,5 @@ def test_sft_loads_tools_sft_by_name():
 
     cfg = SFTConfig(base="x", data=NAME, max_examples=5, eval_examples=3)
     train, val = load_conversations(cfg, lambda _: None)
-    assert len(train) == 5 and len(val) == 3 and train[0][0]["tools"] == TOOL_SCHEMAS
+    assert len(train) == 5 and len(val) == 3
+    assert all(chat[0]["tools"] and all(t in TOOL_SCHEMAS for t in chat[0]["tools"]) for chat in train + val)

@@ -28,6 +28,7 @@ MAX_EXPONENT = 256
 MAX_DAYS = 1_000_000
 TIME_LIMIT_S = 1.0
 OUTPUT_LIMIT = 2000  # characters of a result
+IDIOM_FIELD_LIMIT = 60  # characters of an idiom's meaning or source: results stay short for small contexts
 WEEKDAYS = ("星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日")
 
 
@@ -41,16 +42,11 @@ def _fn(name: str, description: str, properties: dict[str, Any], required: list[
 
 
 TOOL_SCHEMAS = [
-    _fn("calculator", "精确计算算术式（+ - * / // % ** 和括号）", {"expression": {"type": "string"}}, ["expression"]),
+    _fn("calculator", "精确计算算术式", {"expression": {"type": "string"}}, ["expression"]),
     _fn(
         "date_calc",
-        "日期计算：days_between 两个日期相差的天数，weekday 星期几，add_days 日期加天数",
-        {
-            "op": {"type": "string", "enum": ["days_between", "weekday", "add_days"]},
-            "date": {"type": "string", "description": "YYYY-MM-DD"},
-            "date2": {"type": "string"},
-            "days": {"type": "integer"},
-        },
+        "日期计算，op：days_between 从 date 到 date2 的天数，weekday 星期几，add_days date 加 days 天",
+        {"op": {"type": "string"}, "date": {"type": "string"}, "date2": {"type": "string"}, "days": {"type": "integer"}},
         ["op", "date"],
     ),
     _fn("idiom_lookup", "查成语词典：拼音、释义、出处", {"idiom": {"type": "string"}}, ["idiom"]),
@@ -148,6 +144,10 @@ def date_calc(op: str, date: str, date2: str | None = None, days: int | None = N
 
 
 # ---------------------------------------------------------------------------- idioms
+
+
+def _cut(text: str, most: int = IDIOM_FIELD_LIMIT) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def idiom_lookup(idiom: str) -> str:

@@ -1,6 +1,7 @@
 """tools-sft: built-in chats that call the built-in tools (qinglm.data.builtin_tools), with a held-out split.
 
-Every chat offers the three tools (TOOL_SCHEMAS, on its system message) and asks one question of a kind:
+Every chat offers some of the three tools (TOOL_SCHEMAS, on its system message: the ones it needs and a
+random choice of the others, in their order) and asks one question of a kind:
 calc (one calculator call), calc2 (two calls in one turn, then a comparison), date (one date_calc call),
 date2 (two calls), idiom (idiom_lookup) and none (no tool needed: answered directly). The assistant's
 calls and the tool results are real: each result is what run_tool gives. About THINKING_PERCENT % of the
@@ -19,6 +20,7 @@ import copy
 import datetime as dt
 import functools
 import hashlib
+import json
 import random
 from typing import Any
 
@@ -127,7 +129,7 @@ def _idiom(rng: random.Random, think: bool, pool: tuple[Idiom, ...]) -> tuple[st
     want = rng.choice(("meaning", "pinyin", "source"))
     question = {"meaning": "“{w}”是什么意思？", "pinyin": "“{w}”怎么读？", "source": "“{w}”出自哪里？"}[want]
     turns = _tool_turns([_call("idiom_lookup", idiom=idiom.word)], "查成语词典。" if think else "")
-    field = {"meaning": idiom.explanation, "pinyin": idiom.pinyin, "source": idiom.derivation}[want]
+    field = json.loads(turns[1]["content"])[want]  # the tool's answer, as the model sees it
     return question.format(w=idiom.word), turns + [
         {"role": "assistant", "content": field or "词典里没有写。"}
     ]
@@ -156,7 +158,10 @@ def tools_chat(seed: int, pool: tuple[Idiom, ...]) -> tuple[str, Chat, bool]:
     kind, think = KINDS[seed % len(KINDS)], rng.random() < THINKING_PERCENT / 100
     make = {"calc": _calc, "calc2": _calc2, "date": _date_one, "date2": _date_two}.get(kind)
     question, turns = make(rng, think) if make else (_idiom if kind == "idiom" else _none)(rng, think, pool)
-    chat = [{"role": "system", "content": "", "tools": TOOL_SCHEMAS}, {"role": "user", "content": question}]
+    needed = {c["function"]["name"] for m in turns for c in m.get("tool_calls") or ()}
+    tools = [t for t in TOOL_SCHEMAS if t["function"]["name"] in needed or rng.random() < 0.5]
+    tools = tools or [rng.choice(TOOL_SCHEMAS)]  # a question that needs none still has tools at hand
+    chat = [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": question}]
     return kind, chat + turns, kind != "idiom" and kind != "none" and held_out(question)
 
 
