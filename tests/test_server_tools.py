@@ -192,3 +192,11 @@ def test_a_real_model_answers_a_tool_request(lm):
             client.chat.completions.create(
                 model="t", messages=[{"role": "user", "content": "hi"}], tool_choice="required"
             )
+
+
+def test_lm_chat_takes_tools_and_the_thinking_switch(lm):
+    user = [{"role": "user", "content": "1+1？"}]
+    out = lm.chat(user, tools=TOOLS, thinking=False, max_new_tokens=4, temperature=0)
+    assert isinstance(out, str)
+    with pytest.raises(QingLMError, match="'tools' must be a list"):
+        lm.chat(user, tools="calculator", max_new_tokens=4)
