@@ -3,7 +3,8 @@
 The backend is the Rust `tokenizers` library. Text is first split with the Qwen2 regex (so BPE
 never merges across a letter/digit/punctuation boundary, and digits stay single), then mapped to
 bytes, so every Unicode string round-trips exactly and nothing is ever unknown. [UNK] keeps its id
-only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT.
+only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT, then
+(tokenizers trained since tools came) six for thinking and tool calls at ids 6-11 (qinglm.chat_template).
 
 Text is always encoded as text: "[EOS]" or "<|im_end|>" typed by a user or found in a corpus gives
 ordinary byte tokens, never a control id (the backend's `encode_special_tokens`). Control tokens are

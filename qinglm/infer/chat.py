@@ -42,9 +42,7 @@ class ChatIds:
 
     ids: list[int]
     content: list[bool]  # True for the tokens of a message's content (not the template's)
-    train: list[bool] | None = (
-        None  # True for an assistant's tokens: its thinking, text, tool calls, <|im_end|>
-    )
+    train: list[bool] | None = None  # True for an assistant's thinking, text, tool calls and <|im_end|>
 
 
 def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> ChatIds:
@@ -58,7 +56,12 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> ChatIds:
 
     def flush() -> None:
         texts = [normalize_text(p.text) if p.content else p.text for p in run]
-        if any(texts):
+        if len({(p.content, p.train) for p in run}) == 1:  # one kind of text: no offsets needed
+            enc_ids = tokenizer.encode("".join(texts))
+            ids.extend(enc_ids)
+            content.extend([run[0].content] * len(enc_ids))
+            train.extend([run[0].train] * len(enc_ids))
+        elif any(texts):
             ends, total = [], 0
             for t in texts:
                 total += len(t)
