@@ -14,6 +14,8 @@ Limits, as documented for users:
   as extensions; ``n`` must be 1. Values the sampler cannot use are answered 400: ``temperature`` must be 0
   (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], ``top_p`` in (0, 1], ``repetition_penalty`` in
   [MIN_PENALTY, MAX_PENALTY], ``seed`` an integer of 64 bits (-2**63 <= seed < 2**64); NaN and infinities never.
+- a chat may offer ``tools``, choose with ``tool_choice`` and switch thinking (``chat_template_kwargs``):
+  see qinglm.serve.tools; the reply then carries ``tool_calls`` and ``reasoning_content``.
 - text must be valid Unicode (no lone surrogates); a chat has at most ServeConfig.max_messages messages;
   text that cannot fit the context even at the tokenizer's longest token is refused (or, with
   ``--truncate-prompt``, cut to its end) before it is tokenized.
