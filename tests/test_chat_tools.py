@@ -4,14 +4,12 @@ control tokens only by id, SFT labels on the assistant's thinking and calls, old
 import json
 
 import pytest
-import tokenizers
-from tokenizers import trainers
 
 from qinglm.chat_template import TOOL_TOKENS, parse_reply, render_chat
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import encode_chat, fit_history
 from qinglm.sft import data as sft_data
-from qinglm.tokenizer import SPECIAL_TOKENS, TOOL_TOKEN_IDS, Tokenizer, _byte_level_bpe
+from qinglm.tokenizer import TOOL_TOKEN_IDS
 
 TOOLS = [
     {
@@ -42,18 +40,6 @@ CHAT = [
     {"role": "assistant", "content": "分别是 1/2 和 6。"},
     {"role": "user", "content": "谢谢"},
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def old_tok():
-    """A tokenizer laid out as before tools: the 6 control tokens only."""
-    backend = _byte_level_bpe()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    backend.train_from_iterator(["今天天气很好。"] * 20, trainer=trainer)
-    return Tokenizer(backend)
 
 
 def test_new_tokenizers_hold_the_tool_tokens_at_fixed_ids(chat_tok):
@@ -93,15 +79,15 @@ def test_tool_tokens_typed_in_text_stay_text(chat_tok):
     assert controls == [chat_tok.token_to_id("<tool_response>"), chat_tok.token_to_id("</tool_response>")]
 
 
-def test_an_old_tokenizer_refuses_tools_and_thinking_in_one_line_and_chats_as_before(old_tok):
+def test_an_pre_tools_tokenizer_refuses_tools_and_thinking_in_one_line_and_chats_as_before(pre_tools_tok):
     plain = [{"role": "user", "content": "今天"}]
-    assert old_tok.decode(encode_chat(old_tok, plain, True).ids) == render_chat(plain, True)
+    assert pre_tools_tok.decode(encode_chat(pre_tools_tok, plain, True).ids) == render_chat(plain, True)
     for kw in ({"tools": TOOLS}, {"thinking": False}):
         with pytest.raises(QingLMError, match="no tool-call or thinking tokens") as e:
-            encode_chat(old_tok, plain, True, **kw)
+            encode_chat(pre_tools_tok, plain, True, **kw)
         assert "\n" not in str(e.value)
     with pytest.raises(QingLMError, match="no tool-call or thinking tokens"):
-        fit_history(old_tok, CHAT, 1000, tools=TOOLS)
+        fit_history(pre_tools_tok, CHAT, 1000, tools=TOOLS)
 
 
 def test_sft_labels_cover_thinking_calls_and_text_never_tools_or_results(chat_tok):

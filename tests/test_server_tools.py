@@ -200,3 +200,14 @@ def test_lm_chat_takes_tools_and_the_thinking_switch(lm):
     assert isinstance(out, str)
     with pytest.raises(QingLMError, match="'tools' must be a list"):
         lm.chat(user, tools="calculator", max_new_tokens=4)
+
+
+def test_an_old_tokenizer_answers_a_tools_request_with_one_line(pre_tools_tok):
+    from qinglm.serve.protocol import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert (
+        parse_chat(body, pre_tools_tok, 512, ServeConfig()).tool_use.parses is False
+    )  # plain chats as before
+    with pytest.raises(QingLMError, match="no tool-call or thinking tokens"):
+        parse_chat({**body, "tools": TOOLS}, pre_tools_tok, 512, ServeConfig())
