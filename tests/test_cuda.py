@@ -24,10 +24,10 @@ from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.infer.engine import Generation, Request
 from qinglm.infer.generate import generate_ids
-from qinglm.infer.rollout import rollout
 from qinglm.model.transformer import IGNORE_INDEX, KVCache, Transformer
 from qinglm.post.distill import kd_loss
 from qinglm.post.dpo_loss import dpo_loss, pair_logps
+from qinglm.infer.rollout import rollout
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.config import TrainConfig
