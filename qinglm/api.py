@@ -85,24 +85,37 @@ class LM:
         return "".join(self.stream(prompt, sampling, **overrides))
 
     def stream_chat(
-        self, messages: list[dict[str, str]], sampling: SamplingConfig | None = None, **overrides: Any
+        self,
+        messages: list[dict[str, Any]],
+        sampling: SamplingConfig | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool | None = None,
+        **overrides: Any,
     ) -> Iterator[str]:
-        """Return an iterator of text pieces of the assistant's reply to messages (ChatML, qinglm.infer.chat).
+        """Return an iterator of text pieces of the assistant's reply to messages (qinglm.chat_template).
 
         Sampling as in stream(). The reply stops at <|im_end|> or [EOS]. When the chat does not fit the
         context with room for the reply (up to max_new_tokens, at most half the context), the oldest
-        non-system turns are dropped.
+        non-system turns are dropped. tools (OpenAI function schemas) and thinking (the template's switch)
+        go to the template; read the reply's thinking and tool calls with qinglm.chat_template.parse_reply.
         """
         cfg = _sampling(sampling, overrides)
         budget = prompt_budget(self.config.max_seq_len, cfg.max_new_tokens)
-        _, prompt = fit_history(self.tokenizer, messages, budget)
+        _, prompt = fit_history(self.tokenizer, messages, budget, tools=tools, thinking=thinking)
         return self._stream_ids(prompt.ids, cfg, [IM_END], prompt.content)  # [EOS] ends it too
 
     def chat(
-        self, messages: list[dict[str, str]], sampling: SamplingConfig | None = None, **overrides: Any
+        self,
+        messages: list[dict[str, Any]],
+        sampling: SamplingConfig | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool | None = None,
+        **overrides: Any,
     ) -> str:
         """Return the assistant's reply to messages; takes stream_chat()'s arguments."""
-        return "".join(self.stream_chat(messages, sampling, **overrides))
+        return "".join(self.stream_chat(messages, sampling, tools=tools, thinking=thinking, **overrides))
 
     def evaluate(
         self,

@@ -3,7 +3,8 @@
 The backend is the Rust `tokenizers` library. Text is first split with the Qwen2 regex (so BPE
 never merges across a letter/digit/punctuation boundary, and digits stay single), then mapped to
 bytes, so every Unicode string round-trips exactly and nothing is ever unknown. [UNK] keeps its id
-only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT.
+only so the layout matches Andy-LLM (PAD, UNK, BOS, EOS) plus two chat tokens reserved for SFT, then
+(tokenizers trained since tools came) six for thinking and tool calls at ids 6-11 (qinglm.chat_template).
 
 Text is always encoded as text: "[EOS]" or "<|im_end|>" typed by a user or found in a corpus gives
 ordinary byte tokens, never a control id (the backend's `encode_special_tokens`). Control tokens are
@@ -24,21 +25,18 @@ from typing import Any
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from qinglm.chat_template import CHAT_TEMPLATE, TOOL_TOKENS
 from qinglm.errors import QingLMError
 from qinglm.io import write_text_atomic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
-# QingLM's chat format (ChatML, qinglm.infer.chat) as Jinja, saved with the tokenizer for transformers.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# Tokenizers trained since tools and thinking came also hold TOOL_TOKENS (<think> ... </tool_response>)
+# at these ids; older ones lack them and work for every chat that needs none (qinglm.chat_template).
+TOOL_TOKEN_IDS = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(TOOL_TOKENS))
+ALL_CONTROL_TOKENS = SPECIAL_TOKENS + TOOL_TOKENS
 
-MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # every byte must have a token, or round trip breaks
+MIN_VOCAB_SIZE = len(ALL_CONTROL_TOKENS) + 256  # every byte must have a token, or round trip breaks
 
 # Qwen2's pre-tokenizer split. Measured on held-out People's Daily 1998 text it gives more
 # characters per token than the GPT-2 split or a one-token-per-CJK-character split
@@ -106,6 +104,10 @@ class Tokenizer:
                     f"tokenizer lacks special token {token!r} at id {want_id} (the QingLM layout); "
                     "train a new one with `qinglm tokenizer`"
                 )
+        self.has_tool_tokens = all(
+            (got := added.get(i)) is not None and got.content == token and got.special
+            for i, token in zip(TOOL_TOKEN_IDS, TOOL_TOKENS)
+        )
         backend.encode_special_tokens = True  # "[EOS]" in text is text; control ids come only by id
         self._backend = backend
         # encode_batch_fast skips offset tracking (faster); older tokenizers only have encode_batch.
@@ -134,6 +136,19 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Return the text of `ids`; exact inverse of encode when skip_special_tokens is False."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def control_id(self, token: str) -> int:
+        """Return the id of a control token; raise QingLMError for a tool token this tokenizer lacks."""
+        if token in SPECIAL_TOKENS:
+            return SPECIAL_TOKENS.index(token)
+        if token not in TOOL_TOKENS:
+            raise ValueError(f"{token!r} is not a QingLM control token")
+        if not self.has_tool_tokens:
+            raise QingLMError(
+                "this tokenizer has no tool-call or thinking tokens (it predates them); use tools and "
+                "thinking with a tokenizer trained by this version of `qinglm tokenizer`"
+            )
+        return TOOL_TOKEN_IDS[TOOL_TOKENS.index(token)]
 
     def token_to_id(self, token: str) -> int | None:
         """Return the id of one vocabulary token, or None if it is not in the vocabulary."""
@@ -169,7 +184,9 @@ class Tokenizer:
             "eos_token": SPECIAL_TOKENS[EOS_ID],
             "pad_token": SPECIAL_TOKENS[PAD_ID],
             "unk_token": SPECIAL_TOKENS[UNK_ID],
-            "additional_special_tokens": SPECIAL_TOKENS[IM_START_ID:],
+            "additional_special_tokens": (ALL_CONTROL_TOKENS if self.has_tool_tokens else SPECIAL_TOKENS)[
+                IM_START_ID:
+            ],
             "model_max_length": model_max_length if model_max_length is not None else _HF_NO_MAX_LENGTH,
             # transformers would otherwise "clean up" spaces before punctuation and break round trip.
             "clean_up_tokenization_spaces": False,
@@ -237,7 +254,8 @@ def train_tokenizer(
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise QingLMError(
-            f"vocab size must be at least {MIN_VOCAB_SIZE} (6 special tokens + 256 bytes), got {vocab_size}"
+            f"vocab size must be at least {MIN_VOCAB_SIZE} ({len(ALL_CONTROL_TOKENS)} control tokens + 256 bytes), "
+            f"got {vocab_size}"
         )
     length = len(texts) if isinstance(texts, Sequence) else None
     n_chars = 0
@@ -253,7 +271,7 @@ def train_tokenizer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         show_progress=show_progress,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=ALL_CONTROL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(counted(), trainer=trainer, length=length)

@@ -125,6 +125,23 @@ def chat_tok():
 
 
 @pytest.fixture(scope="session")
+def pre_tools_tok():
+    """Return a tokenizer laid out as before tools and thinking: the 6 control tokens only."""
+    import tokenizers
+    from tokenizers import trainers
+
+    from qinglm.tokenizer import SPECIAL_TOKENS, Tokenizer, _byte_level_bpe
+
+    backend = _byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    backend.train_from_iterator(["今天天气很好。"] * 20, trainer=trainer)
+    return Tokenizer(backend)
+
+
+@pytest.fixture(scope="session")
 def tiny_base_run(tmp_path_factory, chat_tok) -> Path:
     """Return a run directory holding a tiny random model (d 32, 2 layers, context 64) and chat_tok,
     laid out as pretraining leaves it: the --base of post-training tests (read-only)."""

@@ -181,7 +181,7 @@ def test_bad_lines_are_counted_by_reason(tmp_path):
         "no prompt": 1,
         "'chosen' and 'rejected' must both be strings or both lists of messages": 1,
         "chosen and rejected differ before their last message": 1,
-        "bad message (role must be system/user/assistant, content a string)": 1,
+        "bad message (role must be system/user/assistant/tool, content a string)": 1,
     }
     assert "2 preference pairs from 10 lines; skipped 8 bad lines" in report.summary()
     with pytest.raises(QingLMError, match="DPO data file .*: no such file or directory.*idioms-dpo"):

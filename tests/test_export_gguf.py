@@ -12,7 +12,7 @@ from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
 from qinglm.export.gguf import export_gguf, gguf_arch, permute_for_llama_cpp
 from qinglm.export.hf import export_hf
-from qinglm.tokenizer import train_tokenizer
+from qinglm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, TOOL_TOKENS, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -84,8 +84,8 @@ def test_metadata_names_shapes_and_values(tmp_path, tokenizer, options, arch, ma
     assert (field(r, "tokenizer.ggml.model"), field(r, "tokenizer.ggml.pre")) == ("gpt2", "qwen2")
     tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == 384
-    assert tokens[:6] == ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
-    assert set(types[:6]) == {gguf.TokenType.CONTROL} and types[6] == gguf.TokenType.NORMAL
+    assert tokens[:12] == [*SPECIAL_TOKENS, *TOOL_TOKENS]  # tool and thinking tokens are control tokens too
+    assert set(types[:12]) == {gguf.TokenType.CONTROL} and types[12] == gguf.TokenType.NORMAL
     assert types[-1] == gguf.TokenType.UNUSED and tokens[-1] == "[PAD383]"
     vocab = tokenizer.backend.get_vocab()
     assert all(tokens[i] == t for t, i in vocab.items())
@@ -94,7 +94,7 @@ def test_metadata_names_shapes_and_values(tmp_path, tokenizer, options, arch, ma
     ids = {k: field(r, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "eot")}
     assert ids == {"bos": 2, "eos": 3, "padding": 0, "eot": 5}
     assert field(r, "tokenizer.ggml.add_bos_token") is True
-    assert field(r, "tokenizer.chat_template").startswith("{{ bos_token }}")
+    assert field(r, "tokenizer.chat_template") == CHAT_TEMPLATE  # tools and thinking included
 
     # Tensors: llama.cpp names and shapes, values equal to the HF export's (q/k un-permuted for llama).
     got = tensors_of(r)

@@ -138,6 +138,19 @@ def test_export_files_and_the_tokenizer_transformers_reads(tmp_path, tokenizer, 
         assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add) == rendered
         ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add, return_dict=True)
         assert ids["input_ids"] == encode_chat(tokenizer, messages, add).ids  # one [BOS], from the template
+    # tools, a tool call, its result and thinking: the exported template gives QingLM's ids
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "1+1"}}}
+    messages[2:3] = [
+        {"role": "assistant", "content": "", "reasoning_content": "算一下", "tool_calls": [call]},
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "是 2。"},
+    ]
+    for thinking in (False, True):
+        ids = hf_tok.apply_chat_template(
+            messages, tools=tools, enable_thinking=thinking, add_generation_prompt=True, return_dict=True
+        )
+        assert ids["input_ids"] == encode_chat(tokenizer, messages, True, tools=tools, thinking=thinking).ids
 
 
 @pytest.mark.parametrize("options", [v[1] for v in EXACT], ids=[v[0] for v in EXACT])

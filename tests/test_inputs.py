@@ -217,12 +217,12 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
         ),
         "vocab_smaller_than_special_tokens": (
             ["tokenizer", "train", "--data", files["utf8"], "--vocab-size", 5, "--out", out],
-            "vocab size must be at least 262",
+            "vocab size must be at least 268",
         ),
         "train_vocab_smaller_than_special_tokens": (
             # its own --out: the cases run a few at a time, and `tokenizer train` writes temp files in out
             ["train", "--data", files["utf8"], "--out", tmp / "out-train", *TINY_FLAGS, "--vocab-size", 5],
-            "vocab size must be at least 262",
+            "vocab size must be at least 268",
         ),
         "heads_do_not_divide_d_model": (
             ["train", "--data", files["utf8"], "--out", out, *TINY_FLAGS, "--d-model", 30, "--n-heads", 4],

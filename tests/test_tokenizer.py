@@ -155,7 +155,7 @@ def test_tokenizer_with_another_special_layout_is_rejected(tok, tmp_path):
 
 
 def test_vocab_too_small_or_no_text_is_a_user_error():
-    with pytest.raises(QingLMError, match="at least 262"):
+    with pytest.raises(QingLMError, match="at least 268"):
         train_tokenizer(["文本"], 261, show_progress=False)
     with pytest.raises(QingLMError, match="no text"):
         train_tokenizer(iter([]), 1000, show_progress=False)

@@ -28,15 +28,20 @@ def greedy_replies(
     chats: Sequence[Sequence[Mapping[str, str]]],
     max_new_tokens: int,
     batch_size: int = BATCH,
+    thinking: bool | None = None,
 ) -> list[str]:
-    """Return the greedy reply to each chat (ending at <|im_end|>, [EOS] or max_new_tokens), in order."""
+    """Return the greedy reply to each chat (ending at <|im_end|>, [EOS] or max_new_tokens), in order.
+
+    thinking: the chat template's thinking switch (qinglm.chat_template).
+    """
     greedy = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0
     )
     texts: list[str] = []
     for i in range(0, len(chats), batch_size):
         # Greedy replies need no random numbers: a generator of its own leaves the global RNG alone.
-        texts += rollout(model, tokenizer, chats[i : i + batch_size], 1, greedy, torch.Generator()).texts
+        batch = chats[i : i + batch_size]
+        texts += rollout(model, tokenizer, batch, 1, greedy, torch.Generator(), thinking).texts
     return texts
 
 

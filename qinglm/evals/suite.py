@@ -21,7 +21,8 @@ from qinglm.data.splits import SPLIT_BY, VAL_FRACTION
 from qinglm.evals.chat import pass_rate
 from qinglm.evals.scoring import calibrated_picks, choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
-from qinglm.evals.tasks import CHAT_ITEMS, VERIFIABLE, Item, Task, resolve
+from qinglm.evals.tasks import CHAT_ITEMS, TOOLS_SFT, VERIFIABLE, Item, Task, resolve
+from qinglm.evals.tool_use import FIGURES, score_episodes
 from qinglm.io import write_json_atomic
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import Tokenizer
@@ -128,6 +129,19 @@ def evaluate_tasks(
         items = _take(_items(task, val_fraction, split_by, tokenizer), limit or default)
         if task.kind == "bpc":
             r = {"kind": "bpc", "metric": "bpc", **score_bpc(model, tokenizer, items, device)}
+        elif task.verifier == TOOLS_SFT:
+            s = score_episodes(model, tokenizer, items, task.max_new_tokens)
+            r = {
+                "kind": "chat",
+                "metric": task.metric,
+                "score": s["answer_right_rate"],
+                "interval": s["answer_right_interval"],
+                "random": 0.0,
+                "n": s["n"],
+                "details": {f: s[f + "_rate"] for f in FIGURES},
+                "intervals": {f: s[f + "_interval"] for f in FIGURES},
+                "examples": s["examples"],
+            }
         elif task.kind == "chat":
             s = pass_rate(model, tokenizer, VERIFIABLE[task.verifier](), items, task.max_new_tokens)
             r = {

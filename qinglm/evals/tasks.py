@@ -29,6 +29,8 @@ from qinglm.data.builtin import _package_file, builtin_documents, builtin_labell
 from qinglm.data.idioms_sft import idioms
 from qinglm.data.sources import normalize_text
 from qinglm.data.splits import idiom_held_out
+from qinglm.data.tools_sft import NAME as TOOLS_SFT
+from qinglm.data.tools_sft import tools_episodes
 from qinglm.data.verifiable import TASKS as VERIFIABLE
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import Tokenizer
@@ -56,6 +58,7 @@ class Task:
     verifier: str = ""  # a "chat" task: the qinglm.data.verifiable task whose held-out split it asks
     max_new_tokens: int = 0  # a "chat" task: the longest reply
     detail: str = ""  # a "chat" task: what its mean reward is called in the results
+    in_all: bool = True  # part of --tasks all (chat-tools is asked by name: it needs a tool-trained model)
 
 
 def _seed(text: str) -> int:
@@ -270,6 +273,11 @@ def _held_out_examples(name: str) -> Callable[[float, str, Tokenizer], tuple]:
     return build
 
 
+def _tool_episodes(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple:
+    """Return tools-sft's held-out chats: questions no training split holds."""
+    return tuple(chat for _, chat in tools_episodes("heldout"))
+
+
 def _val_docs(corpus: str) -> Callable[[float, str], tuple[str, ...]]:
     def build(val_fraction: float, split_by: str, tokenizer: Tokenizer) -> tuple[str, ...]:
         return tuple(dict.fromkeys(builtin_documents(corpus, "val", val_fraction, split_by)))  # each once
@@ -293,6 +301,9 @@ TASKS: dict[str, Task] = {
              _held_out_examples("idioms-pinyin"), "pass", "idioms-pinyin", 40, "syllable_accuracy"),
         Task("chat-arithmetic", "chat", "chat: a held-out arithmetic word problem, the answer right (greedy)",
              _held_out_examples("arithmetic"), "pass", "arithmetic", 32, "mean_reward"),
+        Task("chat-tools", "chat", "chat: a held-out tools-sft episode with the built-in tools, the final answer "
+             "right (also the right tools and arguments; greedy, thinking off)",
+             _tool_episodes, "answer_right", TOOLS_SFT, 64, "args_right", in_all=False),
     )
 }  # fmt: skip
 
@@ -312,7 +323,7 @@ def resolve(names: str | list[str], kind: str | None = None) -> list[Task]:
         raise QingLMError(f"unknown task {unknown[0]!r}; choose from: all, {', '.join(TASKS)}")
     chat = kind in CHAT_KINDS
     if "all" in names:
-        return [t for t in TASKS.values() if t.kind != "chat" or chat]
+        return [t for t in TASKS.values() if (t.kind != "chat" or chat) and t.in_all]
     wrong = [n for n in names if TASKS[n].kind == "chat" and kind is not None and not chat]
     if wrong:
         raise QingLMError(

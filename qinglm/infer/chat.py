@@ -1,11 +1,8 @@
-"""The chat format, defined once: ChatML with the reserved <|im_start|> / <|im_end|> tokens.
+"""Chat ids: the template of qinglm.chat_template (ChatML turns, tools, tool calls and results, thinking)
+encoded turn by turn, and the chat policy.
 
-    [BOS]<|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
-    <|im_start|>assistant\\n{content}<|im_end|>\\n ... and, to ask for a reply, <|im_start|>assistant\\n
-
-`CHAT_TEMPLATE` is the same format as Jinja; qinglm.tokenizer defines it, since it is saved beside every
-tokenizer (tokenizer_config.json and chat_template.jinja), so that transformers' `apply_chat_template`
-renders exactly what `render_chat` does.
+`CHAT_TEMPLATE` is the same template as Jinja, saved beside every tokenizer (tokenizer_config.json and
+chat_template.jinja), so that transformers' `apply_chat_template` renders exactly what `render_chat` does.
 
 `encode_chat` gives the ids: the control tokens are inserted by id and message contents are encoded as
 text, so a message that contains "<|im_end|>" or "[EOS]" cannot forge a turn or end a document. For
@@ -19,93 +16,131 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from qinglm.chat_template import (
+    IM_END,
+    IM_START,
+    ROLES,
+    Piece,
+    chat_turns,
+    check_messages,
+    generation_pieces,
+    render_chat,
+    uses_tool_tokens,
+)
 from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
 from qinglm.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-
-def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
-    """Return nothing; raise QingLMError unless every message is {"role": one of ROLES, "content": str}."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise QingLMError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise QingLMError(
-                f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r:.80}"
-            )
-
-
-def turn_prefix(role: str) -> str:
-    """Return the text that opens a turn of `role` (its content follows)."""
-    return f"{IM_START}{role}\n"
-
-
-TURN_SUFFIX = f"{IM_END}\n"
-
-
-def render_chat(
-    messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False, bos_token: str = "[BOS]"
-) -> str:
-    """Return the chat as one string, identical to CHAT_TEMPLATE rendered by transformers."""
-    check_messages(messages)
-    text = bos_token + "".join(turn_prefix(m["role"]) + m["content"] + TURN_SUFFIX for m in messages)
-    return text + (turn_prefix("assistant") if add_generation_prompt else "")
+__all__ = ["IM_END", "IM_START", "ROLES", "check_messages", "render_chat"]
 
 
 @dataclass
 class ChatIds:
-    """Chat ids (one turn, or a whole chat) and which of them are message content."""
+    """Chat ids (one turn, or a whole chat), which of them are message content, which SFT trains on."""
 
     ids: list[int]
-    content: list[bool]  # True for the tokens of the message's content (not the template's)
+    content: list[bool]  # True for the tokens of a message's content (not the template's)
+    train: list[bool] | None = None  # True for an assistant's thinking, text, tool calls and <|im_end|>
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> ChatIds:
+    """Return the ids of pieces: control tokens by id; each run of text between two of them encoded as one
+    piece, as transformers does, so the ids match apply_chat_template's. Contents are normalised like
+    training text; a token takes the flags of the piece it starts in."""
+    ids: list[int] = []
+    content: list[bool] = []
+    train: list[bool] = []
+    run: list[Piece] = []
+
+    def flush() -> None:
+        texts = [normalize_text(p.text) if p.content else p.text for p in run]
+        if len({(p.content, p.train) for p in run}) == 1:  # one kind of text: no offsets needed
+            enc_ids = tokenizer.encode("".join(texts))
+            ids.extend(enc_ids)
+            content.extend([run[0].content] * len(enc_ids))
+            train.extend([run[0].train] * len(enc_ids))
+        elif any(texts):
+            ends, total = [], 0
+            for t in texts:
+                total += len(t)
+                ends.append(total)
+            enc = tokenizer.backend.encode("".join(texts), add_special_tokens=False)
+            for tok, (start, _) in zip(enc.ids, enc.offsets):
+                piece = run[next(k for k, e in enumerate(ends) if start < e)]
+                ids.append(tok)
+                content.append(piece.content)
+                train.append(piece.train)
+        run.clear()
+
+    for p in pieces:
+        if p.control:
+            flush()
+            ids.append(tokenizer.control_id(p.text))
+            content.append(False)
+            train.append(p.train)
+        else:
+            run.append(p)
+    flush()
+    return ChatIds(ids, content, train)
 
 
 def encode_turn(tokenizer: Tokenizer, role: str, content: str) -> ChatIds:
-    """Return one turn's ids; control tokens by id, content normalised like training text and encoded as text.
-
-    "role\\ncontent" is encoded as one piece, as transformers does with the text between two control
-    tokens, so the ids match apply_chat_template's; a token is content when it starts inside content.
-    """
-    head = f"{role}\n"
-    enc = tokenizer.backend.encode(head + normalize_text(content), add_special_tokens=False)
-    newline = tokenizer.encode("\n")
-    ids = [tokenizer.im_start_id, *enc.ids, tokenizer.im_end_id, *newline]
-    mask = [False] + [start >= len(head) for start, _ in enc.offsets] + [False] * (1 + len(newline))
-    return ChatIds(ids, mask)
+    """Return one plain turn's ids; control tokens by id, content normalised and encoded as text."""
+    return encode_pieces(tokenizer, chat_turns([{"role": role, "content": content}])[0][1])
 
 
-def generation_prompt(tokenizer: Tokenizer) -> list[int]:
-    """Return the ids that ask for a reply: <|im_start|>assistant\\n."""
-    return [tokenizer.im_start_id, *tokenizer.encode("assistant\n")]
+def generation_prompt(tokenizer: Tokenizer, thinking: bool | None = None) -> list[int]:
+    """Return the ids that ask for a reply: <|im_start|>assistant\\n (+ an empty thinking block if off)."""
+    return encode_pieces(tokenizer, generation_pieces(thinking)).ids
 
 
 def join_turns(
-    tokenizer: Tokenizer, turns: Sequence[ChatIds], add_generation_prompt: bool = False
+    tokenizer: Tokenizer,
+    turns: Sequence[ChatIds],
+    add_generation_prompt: bool = False,
+    thinking: bool | None = None,
 ) -> ChatIds:
     """Return [BOS] + the turns (+ the generation prompt) as one ChatIds."""
-    ids, mask = [tokenizer.bos_id], [False]
+    ids, mask, train = [tokenizer.bos_id], [False], [False]
     for t in turns:
         ids += t.ids
         mask += t.content
+        train += t.train or [False] * len(t.ids)
     if add_generation_prompt:
-        tail = generation_prompt(tokenizer)
+        tail = generation_prompt(tokenizer, thinking)
         ids += tail
         mask += [False] * len(tail)
-    return ChatIds(ids, mask)
+        train += [False] * len(tail)
+    return ChatIds(ids, mask, train)
+
+
+def _check_tokens(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], tools: Any, thinking: bool | None
+) -> None:
+    if not tokenizer.has_tool_tokens and uses_tool_tokens(messages, tools, thinking):
+        tokenizer.control_id("<tool_call>")  # raises the one-line QingLMError
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    *,
+    tools: Sequence[Any] | None = None,
+    thinking: bool | None = None,
 ) -> ChatIds:
-    """Return the ids of render_chat(messages) built turn by turn, with the content mask."""
+    """Return the ids of render_chat(messages, tools=, thinking=) built turn by turn, with the masks.
+
+    thinking: None leaves the template's thinking markup out (plain ChatML); False pre-fills an empty
+    thinking block in the generation prompt; True lets the model think. Raises QingLMError when tools or
+    thinking are asked of a tokenizer without their control tokens.
+    """
     check_messages(messages)
-    turns = [encode_turn(tokenizer, m["role"], m["content"]) for m in messages]
-    return join_turns(tokenizer, turns, add_generation_prompt)
+    _check_tokens(tokenizer, messages, tools, thinking)
+    turns = [encode_pieces(tokenizer, pieces) for _, pieces in chat_turns(messages, tools)]
+    return join_turns(tokenizer, turns, add_generation_prompt, thinking)
 
 
 # ---------------------------------------------------------------------------- chat policy
@@ -122,40 +157,45 @@ def prompt_budget(context: int, max_new_tokens: int) -> int:
 
 def fit_history(
     tokenizer: Tokenizer,
-    messages: Sequence[Mapping[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     budget: int,
     longest_token: int | None = None,
-) -> tuple[list[dict[str, str]], ChatIds]:
+    *,
+    tools: Sequence[Any] | None = None,
+    thinking: bool | None = None,
+) -> tuple[list[dict[str, Any]], ChatIds]:
     """Return (messages, prompt) after dropping the oldest non-system turns until the prompt fits budget.
 
-    The prompt is qinglm.infer.chat.encode_chat(messages, add_generation_prompt=True); each turn is encoded
-    at most once. System messages and the last message are always kept; raises QingLMError when even
-    that is longer than budget tokens. With longest_token (the most characters one token covers), a
-    turn too long to ever fit is not encoded at all, and an oversize system prompt or last message is
-    refused on its length alone.
+    The prompt is encode_chat(messages, add_generation_prompt=True, tools=, thinking=); each turn is
+    encoded at most once. System messages (and the tool list) and the last message are always kept;
+    raises QingLMError when even that is longer than budget tokens. A dropped user turn takes the
+    assistant and tool turns after it along, so the history still starts with a question. With
+    longest_token (the most characters one token covers), a turn too long to ever fit is not encoded at
+    all, and an oversize system prompt or last message is refused on its length alone.
     """
     check_messages(messages)
+    _check_tokens(tokenizer, messages, tools, thinking)
     msgs = [dict(m) for m in messages]
-    last = len(msgs) - 1
+    turns = chat_turns(msgs, tools)
+    n_chars = [sum(len(p.text) for p in pieces) for _, pieces in turns]
+    fixed_turn = [k == len(turns) - 1 or not idx or msgs[idx[0]]["role"] == "system" for k, (idx, _) in
+                  enumerate(turns)]  # fmt: skip
     if longest_token is not None:
-        chars = sum(len(m["content"]) for i, m in enumerate(msgs) if m["role"] == "system" or i == last)
+        chars = sum(n for n, fixed in zip(n_chars, fixed_turn) if fixed)
         if chars > budget * longest_token:
             raise QingLMError(
                 f"the chat's system prompt and last message are {chars} characters, more than the "
                 f"{budget} tokens that fit the model's context with room for a reply; shorten them"
             )
 
-    def hopeless(i: int) -> bool:  # so long that it would be dropped whatever its ids
-        return longest_token is not None and i != last and len(msgs[i]["content"]) > budget * longest_token
+    def hopeless(k: int) -> bool:  # so long that it would be dropped whatever its ids
+        return longest_token is not None and not fixed_turn[k] and n_chars[k] > budget * longest_token
 
-    turns = [
-        None if hopeless(i) else encode_turn(tokenizer, m["role"], m["content"]) for i, m in enumerate(msgs)
-    ]
-    size = [budget + 1 if t is None else len(t.ids) for t in turns]
-    fixed = 1 + len(generation_prompt(tokenizer))  # [BOS] and the generation prompt
-    total = fixed + sum(size)
-    keep = [True] * len(msgs)
-    droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+    encoded = [None if hopeless(k) else encode_pieces(tokenizer, p) for k, (_, p) in enumerate(turns)]
+    size = [budget + 1 if t is None else len(t.ids) for t in encoded]
+    total = 1 + len(generation_prompt(tokenizer, thinking)) + sum(size)  # [BOS], the turns, the prompt
+    keep = [True] * len(turns)
+    droppable = [k for k in range(len(turns)) if not fixed_turn[k]]
     d = 0
     while total > budget:
         if d == len(droppable):
@@ -166,11 +206,11 @@ def fit_history(
         keep[droppable[d]] = False
         total -= size[droppable[d]]
         d += 1
-        # Drop the reply of a dropped question too, so the history still starts with a user turn.
-        if d < len(droppable) and msgs[droppable[d]]["role"] == "assistant":
+        # Drop the replies (and tool results) of a dropped question too.
+        while d < len(droppable) and msgs[turns[droppable[d]][0][0]]["role"] in ("assistant", "tool"):
             keep[droppable[d]] = False
             total -= size[droppable[d]]
             d += 1
-    kept = [i for i in range(len(msgs)) if keep[i]]
-    prompt = join_turns(tokenizer, [turns[i] for i in kept], add_generation_prompt=True)
-    return [msgs[i] for i in kept], prompt
+    kept = [k for k in range(len(turns)) if keep[k]]
+    prompt = join_turns(tokenizer, [encoded[k] for k in kept], True, thinking)
+    return [msgs[i] for k in kept for i in turns[k][0]], prompt

@@ -45,10 +45,14 @@ def rollout(
     group_size: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
+    thinking: bool | None = None,
 ) -> Rollouts:
-    """Return group_size replies to each chat prompt, sampled with sampling (its seed is ignored)."""
+    """Return group_size replies to each chat prompt, sampled with sampling (its seed is ignored).
+
+    thinking: the chat template's thinking switch (None: no thinking markup; False: an empty block).
+    """
     seeds = torch.randint(0, _SEED_BOUND, (len(prompts) * group_size,), generator=generator).tolist()
-    chats = [encode_chat(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
+    chats = [encode_chat(tokenizer, m, add_generation_prompt=True, thinking=thinking) for m in prompts]
     requests = [
         Request(chat.ids, dataclasses.replace(sampling, seed=seed), [IM_END], chat.content)
         for chat, seed in zip((c for c in chats for _ in range(group_size)), seeds)

@@ -27,6 +27,7 @@ from qinglm.serve.config import ServeConfig
 from qinglm.serve.http import Guard, uvicorn_config
 from qinglm.serve.protocol import GenRequest
 from qinglm.serve.scheduler import Job, QueueFull, Scheduler
+from qinglm.serve.tools import StreamReader
 
 if TYPE_CHECKING:
     from qinglm.api import LM
@@ -161,18 +162,32 @@ async def _whole(job: Job, model: str, request: Request) -> Response:
 async def _stream(job: Job, model: str) -> AsyncIterator[str]:
     """Yield the server-sent events of a streamed response, ending with data: [DONE]."""
     req, rid = job.req, protocol.new_id(job.req.chat)
+    # A chat with tools or thinking streams deltas of reasoning, content and tool calls.
+    reader = StreamReader(req.tool_use) if req.tool_use is not None and req.tool_use.parses else None
+
+    def text_chunks(text: str, final: bool = False) -> Iterator[str]:
+        if reader is None:
+            yield protocol.sse(protocol.chunk(req, rid, model, text=text))
+            return
+        for delta in reader.feed(text, final):
+            yield protocol.sse(protocol.chunk(req, rid, model, delta=delta))
+
     try:
         if req.chat:
             yield protocol.sse(protocol.chunk(req, rid, model, text="", role=True))
         while True:
             kind, value = await job.events.get()
             if kind == "text":
-                yield protocol.sse(protocol.chunk(req, rid, model, text=value))
+                for event in text_chunks(value):
+                    yield event
                 continue
             if kind == "error":
                 yield protocol.sse(protocol.error_body(value, "server_error"))
             else:
-                yield protocol.sse(protocol.chunk(req, rid, model, finish=value))
+                for event in text_chunks("", final=True) if reader is not None else ():
+                    yield event
+                finish = "tool_calls" if reader is not None and reader.calls and value == "stop" else value
+                yield protocol.sse(protocol.chunk(req, rid, model, finish=finish))
                 if req.include_usage:
                     use = protocol.usage(job.prompt_tokens, job.completion_tokens)
                     yield protocol.sse(protocol.chunk(req, rid, model, use=use))

@@ -15,6 +15,8 @@ Limits, as documented for users:
   (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], ``top_p`` in (0, 1], ``repetition_penalty`` in
   [MIN_PENALTY, MAX_PENALTY], ``seed`` an integer of 64 bits (SamplingConfig.seed's range, what
   torch.Generator.manual_seed takes); NaN and infinities never.
+- a chat may offer ``tools``, choose with ``tool_choice`` and switch thinking (``chat_template_kwargs``):
+  see qinglm.serve.tools; the reply then carries ``tool_calls`` and ``reasoning_content``.
 - text must be valid Unicode (no lone surrogates); a chat has at most ServeConfig.max_messages messages;
   text that cannot fit the context even at the tokenizer's longest token is refused (or, with
   ``--truncate-prompt``, cut to its end) before it is tokenized.
@@ -31,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.infer.chat import IM_END, ROLES, fit_history, prompt_budget
+from qinglm.infer.chat import IM_END, ROLES, encode_pieces, fit_history, prompt_budget
 from qinglm.infer.text import encode_prompt
 from qinglm.serve.config import ServeConfig
+from qinglm.serve.tools import ToolUse, parse_tool_use, prefill_pieces, reply_message
 from qinglm.typecheck import check_value, ranges
 
 if TYPE_CHECKING:
@@ -57,6 +60,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     counted: list[bool] | None = None  # prompt tokens the repetition penalty counts (a chat: its contents)
+    tool_use: ToolUse | None = None  # a chat's tools and thinking switch (qinglm.serve.tools)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -202,8 +206,9 @@ def parse_completion(
     return GenRequest(False, ids, sampling, _stop(body), stream, usage)
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
-    """Return message i as {"role", "content"}; content given as a list of text parts is joined."""
+def _message(m: Any, i: int) -> dict[str, Any]:
+    """Return message i as {"role", "content"} (+ an assistant's "tool_calls" and "reasoning_content");
+    content given as a list of text parts is joined."""
     if not isinstance(m, dict):
         raise QingLMError(f"message {i} must be an object with 'role' and 'content'")
     content = m.get("content")
@@ -215,7 +220,16 @@ def _message(m: Any, i: int) -> dict[str, str]:
     role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
         raise QingLMError(f"message {i}'s 'role' must be one of {', '.join(ROLES)}, got {role!r:.40}")
-    return {"role": role, "content": _text("" if content is None else content, f"message {i}'s 'content'")}
+    out: dict[str, Any] = {
+        "role": role,
+        "content": _text("" if content is None else content, f"message {i}'s 'content'"),
+    }
+    if role == "assistant":
+        if m.get("tool_calls"):
+            out["tool_calls"] = m["tool_calls"]  # checked by the template (qinglm.chat_template)
+        if m.get("reasoning_content") is not None:
+            out["reasoning_content"] = _text(m["reasoning_content"], f"message {i}'s 'reasoning_content'")
+    return out
 
 
 def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: ServeConfig) -> GenRequest:
@@ -231,10 +245,15 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, context: int, cfg: Se
         raise QingLMError(f"a chat takes at most {cfg.max_messages} messages, got {len(messages)}")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     sampling = _sampling(body, cfg)
-    budget = prompt_budget(context, sampling.max_new_tokens)
-    _, prompt = fit_history(tokenizer, messages, budget, longest_token(tokenizer))
+    use = parse_tool_use(body)
+    prefill = encode_pieces(tokenizer, prefill_pieces(use))
+    budget = prompt_budget(context, sampling.max_new_tokens) - len(prefill.ids)
+    _, prompt = fit_history(
+        tokenizer, messages, budget, longest_token(tokenizer), tools=use.tools, thinking=use.thinking
+    )
     stream, usage = _stream_flags(body)
-    return GenRequest(True, prompt.ids, sampling, [*_stop(body), IM_END], stream, usage, prompt.content)
+    ids, counted = prompt.ids + prefill.ids, prompt.content + prefill.content
+    return GenRequest(True, ids, sampling, [*_stop(body), IM_END], stream, usage, counted, use)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -259,7 +278,8 @@ def response(
 ) -> dict[str, Any]:
     """Return the whole (non-streamed) response body."""
     if req.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        message, finish = reply_message(req.tool_use or ToolUse(), text, finish)
+        choice = {"index": 0, "message": message, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     kind = "chat.completion" if req.chat else "text_completion"
@@ -282,17 +302,21 @@ def chunk(
     finish: str | None = None,
     use: dict[str, int] | None = None,
     role: bool = False,
+    delta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return one streamed chunk: a text delta, the finish_reason, or (use given) the usage-only chunk.
 
-    A chat stream's first chunk says role=True (delta {"role": "assistant", "content": ""}).
+    A chat stream's first chunk says role=True (delta {"role": "assistant", "content": ""}); delta gives
+    a chat's delta whole (reasoning_content, tool_calls: qinglm.serve.tools.StreamReader).
     """
     kind = "chat.completion.chunk" if req.chat else "text_completion"
     out: dict[str, Any] = {"id": rid, "object": kind, "created": int(time.time()), "model": model}
     if use is not None:
         out["choices"] = []
     elif req.chat:
-        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        delta = dict(delta or {})
+        if role:
+            delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
         out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]

@@ -36,7 +36,8 @@ class SFTConfig(LoRAPart, EngineConfig):
     base: str = _f("", "the pretrained run directory to start from")
     data: str = _f(
         "idioms-sft",
-        "idioms-sft (built-in) or a JSONL file of {'conversations': [...]} "
+        "idioms-sft or tools-sft (built-in) or a JSONL file of {'conversations': [...]} "
+        "(with optional 'tools', 'tool_calls', 'reasoning_content', 'tool' messages) "
         "or {'instruction', 'input', 'output'} lines",
     )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-sft or -lora)")

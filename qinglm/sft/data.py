@@ -1,17 +1,22 @@
 """SFT data: reading chat JSONL (counting bad lines), tokenising with assistant-only labels, batching.
 
 Two line formats are read, one object per line:
-  minimind:  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  minimind:  {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
+             (or OpenAI's "messages"), optional "tools" (OpenAI function schemas; minimind-3 puts them on
+             the system message), assistant "tool_calls" and "reasoning_content", "tool" results
   Alpaca:    {"instruction": "...", "input": "...", "output": "..."}  (optional "system")
 A conversation is encoded with qinglm.infer.chat (contents as text, control tokens by id: for contents free of
-control-token text, the ids transformers' apply_chat_template gives); labels keep only the tokens of
-assistant contents and their closing <|im_end|>, everything else is IGNORE_INDEX. Batches either pack
+control-token text, the ids transformers' apply_chat_template gives); labels keep only the assistant's
+tokens (thinking, text, tool calls, closing <|im_end|>), everything else (tool list, tool results) is
+IGNORE_INDEX. A call to a tool the row does not list, arguments that are not JSON, or a tool result with
+no call skips the row, counted by reason. Batches either pack
 samples into full rows (a sample attends to the earlier samples of its row; the loss still covers only
 its own assistant tokens) or pad samples of similar length to the longest of the batch.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qinglm.errors import QingLMError
-from qinglm.infer.chat import ROLES, check_messages, encode_turn
+from qinglm.infer.chat import ROLES
+from qinglm.infer.chat import encode_chat as chat_ids
 from qinglm.io import not_a_file
 
 if TYPE_CHECKING:
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 IGNORE_INDEX = (
     -100
 )  # the same value as qinglm.model.transformer.IGNORE_INDEX (not imported: that pulls in torch)
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -59,19 +65,92 @@ class ReadReport:
         return text
 
 
+def _json_field(value: Any, why: str) -> Any:
+    """Return value, parsed first when it is JSON text (minimind-3 stores tools and calls as text)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError(why) from None
+    return value
+
+
+def _tool_calls(value: Any, names: set[str]) -> list[dict[str, Any]]:
+    """Return a message's tool calls in OpenAI's form, arguments parsed; raise ValueError(reason) if bad."""
+    calls = _json_field(value, "tool calls are not JSON")
+    if not isinstance(calls, list) or not calls:
+        raise ValueError("bad tool calls")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError("bad tool calls")
+        if fn["name"] not in names:
+            raise ValueError("call to an unknown tool")
+        args = _json_field(fn.get("arguments", {}), "tool call arguments are not JSON")
+        if not isinstance(args, dict):
+            raise ValueError("tool call arguments are not JSON")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _conversation(conv: Any, tools: Any) -> Messages:
+    """Return the messages of an OpenAI/minimind chat with tools, calls, results and reasoning."""
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("empty or non-list conversations")
+    if tools is None and isinstance(conv[0], dict) and conv[0].get("role") == "system":
+        tools = conv[0].get("tools")  # minimind-3 keeps the tool list on the system message
+    tools = _json_field(tools, "tool list is not JSON") if tools is not None else []
+    if not isinstance(tools, list) or not all(
+        isinstance(fn := (t.get("function", t) if isinstance(t, dict) else None), dict)
+        and isinstance(fn.get("name"), str)
+        for t in tools
+    ):
+        raise ValueError("bad tool list")
+    names = {t.get("function", t)["name"] for t in tools}
+    msgs: Messages = []
+    pending = 0  # calls not answered yet
+    for m in conv:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError("bad message (role must be system/user/assistant/tool, content a string)")
+        content = m.get("content")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if content is None and calls:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError("bad message (role must be system/user/assistant/tool, content a string)")
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = _tool_calls(calls, names)
+            pending = len(msg["tool_calls"])
+        if m["role"] == "assistant" and m.get("reasoning_content") is not None:
+            if not isinstance(m["reasoning_content"], str):
+                raise ValueError("reasoning_content is not a string")
+            msg["reasoning_content"] = m["reasoning_content"]
+        if m["role"] == "tool":
+            if pending == 0:
+                raise ValueError("tool result with no call")
+            pending -= 1
+        msgs.append(msg)
+    if tools:
+        if msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": ""})
+        msgs[0]["tools"] = tools
+    return msgs
+
+
 def to_messages(obj: Any) -> Messages:
-    """Return the messages of one parsed JSONL object in either format; raise ValueError(reason) if bad."""
+    """Return the messages of one parsed JSONL object in either format; raise ValueError(reason) if bad.
+
+    A chat ("conversations" or "messages") may carry OpenAI's "tools" (or minimind-3's, on the system
+    message), assistant "tool_calls" and "reasoning_content", and "tool" results; the tool list ends up
+    on the first (system) message as its "tools" key, tool calls with their arguments parsed.
+    """
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    if "conversations" in obj:
-        conv = obj["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise ValueError("empty or non-list conversations")
-        msgs = []
-        for m in conv:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError("bad message (role must be system/user/assistant, content a string)")
-            msgs.append({"role": m["role"], "content": m["content"]})
+    if "conversations" in obj or "messages" in obj:
+        conv = obj["conversations"] if "conversations" in obj else obj["messages"]
+        msgs = _conversation(conv, obj.get("tools"))
     elif "instruction" in obj and "output" in obj:
         parts = [obj.get(k, "") for k in ("system", "instruction", "input", "output")]
         if not all(isinstance(p, str) for p in parts):
@@ -84,7 +163,7 @@ def to_messages(obj: Any) -> Messages:
         ]
     else:
         raise ValueError("neither 'conversations' nor 'instruction'/'output'")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in msgs):
         raise ValueError("no assistant reply")
     return msgs
 
@@ -139,27 +218,15 @@ def read_sft_jsonl(path: str | Path, max_bad_shown: int = 3) -> tuple[list[Messa
 # ---------------------------------------------------------------------------- tokenising
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
     """Return (ids, labels) of a whole conversation; labels are IGNORE_INDEX except on assistant tokens.
 
     The ids are qinglm.infer.chat.encode_chat's (contents encoded as text, control tokens by id). An assistant
-    token is one of an assistant content or its closing <|im_end|>; the "\\n" after <|im_end|> and every
-    system/user token carry no loss.
+    token is one of its thinking block, text, tool calls or closing <|im_end|>; the "\\n" after <|im_end|>,
+    the tool list, tool results and every system/user token carry no loss.
     """
-    check_messages(messages)
-    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    for m in messages:
-        turn = encode_turn(tokenizer, m["role"], m["content"])
-        ids += turn.ids
-        if m["role"] != "assistant":
-            labels += [IGNORE_INDEX] * len(turn.ids)
-            continue
-        end = turn.ids.index(tokenizer.im_end_id)  # the first one: contents never hold a control id
-        labels += [
-            t if inside or k == end else IGNORE_INDEX
-            for k, (t, inside) in enumerate(zip(turn.ids, turn.content))
-        ]
-    return ids, labels
+    chat = chat_ids(tokenizer, messages)
+    return chat.ids, [t if train else IGNORE_INDEX for t, train in zip(chat.ids, chat.train)]
 
 
 @dataclass

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from qinglm.data.idioms_sft import NAME as IDIOMS
 from qinglm.data.idioms_sft import idioms_sft
+from qinglm.data.tools_sft import NAME as TOOLS
+from qinglm.data.tools_sft import tools_sft
 from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.model.transformer import IGNORE_INDEX
@@ -48,7 +50,9 @@ def resolve_tuning(cfg: Any, max_seq_len: int, lr: tuple[float, float], name: st
 
 
 def load_conversations(cfg: SFTConfig, log: Callable[[str], None]) -> tuple[list, list]:
-    """Return (train, held-out) conversations of cfg.data (see load_examples)."""
+    """Return (train, held-out) conversations of cfg.data (see load_examples): idioms-sft, tools-sft or a file."""
+    if cfg.data == TOOLS:
+        return load_examples(cfg, TOOLS, tools_sft, sft_data.read_sft_jsonl, "chats", log)
 
     def splits(split: str) -> list:
         return idioms_sft(split, cfg.idiom_kinds)
@@ -70,7 +74,7 @@ def load_examples(
     (seeded samples; None/0 = all)."""
     if cfg.data == builtin:
         train, val = splits("train"), splits("heldout")
-        log(f"{builtin}: {len(train):,} training {noun}, {len(val):,} {noun} about held-out idioms")
+        log(f"{builtin}: {len(train):,} training {noun}, {len(val):,} held-out {noun}")
     else:
         items, report = read(cfg.data)
         log(report.summary())

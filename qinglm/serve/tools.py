@@ -1,0 +1,197 @@
+"""Tools and thinking on the OpenAI wire: a request's tools / tool_choice / thinking switch, and the reply
+read back (qinglm.chat_template.parse_reply) as OpenAI's message or stream deltas.
+
+- ``tools``: OpenAI function schemas, rendered in the system turn by the chat template.
+- ``tool_choice``: "auto" (default: the model decides), "none" (the tools are not offered), "required"
+  or {"type": "function", "function": {"name": ...}}: the reply is pre-filled with the start of a tool
+  call (its name too, for a named function), so the model writes the arguments.
+- thinking: ``chat_template_kwargs: {"enable_thinking": bool}`` (as vLLM takes it) or ``enable_thinking``;
+  off pre-fills an empty thinking block, on lets the model think and returns ``reasoning_content``.
+A reply's tool calls come back as ``tool_calls`` (finish_reason "tool_calls"); calls to a tool the request
+did not offer, or whose JSON does not parse, stay in the content as text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from qinglm.chat_template import (
+    MAX_TOOLS,
+    THINK,
+    THINK_END,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    Piece,
+    parse_reply,
+    tool_schema,
+)
+from qinglm.errors import QingLMError
+
+
+@dataclass
+class ToolUse:
+    """What a chat request asks of tools and thinking, and how its reply is read back."""
+
+    tools: list[dict[str, Any]] | None = None  # offered to the model (None: none, or tool_choice "none")
+    thinking: bool | None = None
+    prefill: str = ""  # reply text the prompt already holds (a forced tool call's start)
+    names: set[str] = field(default_factory=set)
+
+    @property
+    def parses(self) -> bool:
+        """Return True when the reply is read for tool calls or reasoning (else it is returned as is)."""
+        return bool(self.tools) or self.thinking is not None
+
+
+def parse_tool_use(body: dict[str, Any]) -> ToolUse:
+    """Return the ToolUse of a chat request body; raise QingLMError for bad tools, tool_choice or thinking."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise QingLMError(f"'tools' must be a list of at most {MAX_TOOLS} function schemas")
+        names = [tool_schema(t)["name"] for t in tools]
+    else:
+        names = []
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise QingLMError("'chat_template_kwargs' must be an object")
+    thinking = kwargs.get("enable_thinking", body.get("enable_thinking"))
+    if thinking is not None and not isinstance(thinking, bool):
+        raise QingLMError(f"'enable_thinking' must be true or false, got {thinking!r:.40}")
+    choice = body.get("tool_choice", "auto")
+    use = ToolUse(tools or None, thinking, names=set(names))
+    if choice in ("auto", None):
+        return use
+    if choice == "none":
+        return ToolUse(None, thinking)
+    if not names:
+        raise QingLMError("'tool_choice' needs 'tools' to choose from")
+    if choice == "required":
+        use.prefill = TOOL_CALL
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise QingLMError(f"'tool_choice' names {name!r:.40}, which is not one of the request's tools")
+        use.prefill = f'{TOOL_CALL}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    else:
+        raise QingLMError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', ...}")
+    use.thinking = False if thinking is not None else None  # a forced call starts at once
+    return use
+
+
+def prefill_pieces(use: ToolUse) -> list[Piece]:
+    """Return the pieces of use.prefill (its control token by id) to append to the prompt."""
+    if not use.prefill:
+        return []
+    return [Piece(TOOL_CALL, control=True), Piece(use.prefill.removeprefix(TOOL_CALL))]
+
+
+def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
+    args = json.dumps(call["arguments"], ensure_ascii=False)
+    fn = {"name": call["name"], "arguments": args}
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn}
+
+
+def reply_message(use: ToolUse, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    """Return (the assistant message of a generated text, the finish_reason) in OpenAI's form."""
+    if not use.parses:
+        return {"role": "assistant", "content": text}, finish
+    reply = parse_reply(use.prefill + text)
+    calls = [c for c in reply.tool_calls or () if c["name"] in use.names]
+    content = reply.content
+    for c in reply.tool_calls or ():
+        if c["name"] not in use.names:  # not a tool of this request: back into the text
+            call = json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
+            content += f"{TOOL_CALL}\n{call}\n{TOOL_CALL_END}"
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    if calls:
+        message["tool_calls"] = [_openai_call(c) for c in calls]
+        finish = "tool_calls" if finish == "stop" else finish
+    return message, finish
+
+
+class StreamReader:
+    """Turns a reply's text, as it streams, into OpenAI deltas: reasoning_content, content and tool_calls.
+
+    Text that may begin a marker (</think>, <tool_call>) is held back until it is known; a tool call is
+    sent whole once its </tool_call> arrives (its id and name, then its arguments as one delta).
+    """
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self.buf = use.prefill
+        self.thinking = False
+        self.starting = True  # whether the reply opens with <think> is not known yet
+        self.sent_reasoning = False
+        self.calls = 0
+
+    def _split(self, marker: str) -> tuple[str, str | None]:
+        """Return (text safe to send, the rest after marker or None when marker has not come yet)."""
+        at = self.buf.find(marker)
+        if at >= 0:
+            return self.buf[:at], self.buf[at + len(marker) :]
+        keep = next((k for k in range(min(len(marker) - 1, len(self.buf)), 0, -1)
+                     if self.buf.endswith(marker[:k])), 0)  # fmt: skip
+        return self.buf[: len(self.buf) - keep], None
+
+    def feed(self, text: str, final: bool = False) -> list[dict[str, Any]]:
+        """Return the deltas that text (and, final, whatever is held back) completes."""
+        self.buf += text
+        out: list[dict[str, Any]] = []
+        while True:
+            if self.starting:  # a reply that opens with <think> streams it as reasoning_content
+                self.buf = self.buf.lstrip("\n")
+                if not final and len(self.buf) < len(THINK) and THINK.startswith(self.buf):
+                    return out
+                self.starting = False
+                self.thinking = self.buf.startswith(THINK)
+                self.buf = self.buf.removeprefix(THINK)
+            if self.thinking:
+                if not self.sent_reasoning:
+                    self.buf = self.buf.lstrip("\n")
+                sent, rest = self._split(THINK_END)
+                if rest is None and final:
+                    sent, rest = self.buf, ""
+                text = sent.rstrip("\n")  # newlines that may precede </think> wait for it
+                if text:
+                    out.append({"reasoning_content": text})
+                    self.sent_reasoning = True
+                if rest is None:
+                    self.buf = self.buf[len(text) :]
+                    return out
+                self.buf, self.thinking = rest.lstrip("\n"), False
+                continue
+            sent, rest = self._split(TOOL_CALL)
+            if sent:
+                out.append({"content": sent})
+            if rest is None:
+                self.buf = self.buf[len(sent) :]
+                if final and self.buf:
+                    out.append({"content": self.buf})
+                    self.buf = ""
+                return out
+            body, end, after = rest.partition(TOOL_CALL_END)
+            if not end and not final:
+                self.buf = TOOL_CALL + rest
+                return out
+            message, _ = reply_message(self.use_without_prefill(), TOOL_CALL + body + end, "stop")
+            for call in message.get("tool_calls") or ():
+                fn = call["function"]
+                head = {"index": self.calls, "id": call["id"], "type": "function",
+                        "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
+                out.append({"tool_calls": [head]})
+                out.append(
+                    {"tool_calls": [{"index": self.calls, "function": {"arguments": fn["arguments"]}}]}
+                )
+                self.calls += 1
+            if message.get("content"):
+                out.append({"content": message["content"]})
+            self.buf = after
+
+    def use_without_prefill(self) -> ToolUse:
+        return ToolUse(self.use.tools, None, "", self.use.names)
