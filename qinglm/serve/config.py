@@ -40,6 +40,10 @@ class ServeConfig:
         False, "/v1/completions: keep the end of a prompt longer than the context instead of answering 400"
     )
     max_batch_size: int = _f(32, "most requests decoding at once (1 = one at a time)")
+    kv_cache_tokens: int | None = _f(
+        None, "KV-cache budget in tokens, rows x positions (default: max-batch-size x the context)"
+    )
+    compile: bool | None = _f(None, "torch.compile the decoding step (default: on for CUDA, off for CPUs)")
     max_queue: int = _f(256, "most requests waiting or running; more are answered 503")
     max_request_bytes: int = _f(1 << 20, "largest request body in bytes; larger ones are answered 413")
     max_messages: int = _f(4096, "most messages in one chat request")
@@ -58,6 +62,8 @@ class ServeConfig:
         for name in ("max_tokens_cap", "default_max_tokens", "max_batch_size", "max_queue", "max_messages"):
             if getattr(self, name) < 1:
                 raise QingLMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise QingLMError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
         if self.max_request_bytes < 1024:
             raise QingLMError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_connections < 2:
