@@ -76,7 +76,12 @@ class Slots:
             self.n_graphs = n_graphs = len(_powers(1, self.rows, 2)) * len(_powers(WINDOW, self.positions, 4))
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, n_graphs + 1)
-        self._step = compiled(_decode, compile, log, "decoding", **COMPILE_OPTIONS)
+        options = dict(COMPILE_OPTIONS)
+        if compile and device.type == "cuda":  # CUDA graphs: one launch per step instead of one per kernel
+            options.setdefault("mode", "reduce-overhead")
+            torch._dynamo.mark_static_address(self.cache.k)  # updated in place: graphs may keep pointers
+            torch._dynamo.mark_static_address(self.cache.v)
+        self._step = compiled(_decode, compile, log, "decoding", **options)
 
     @property
     def positions(self) -> int:
