@@ -62,7 +62,7 @@ from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.request import Event, Request, Row, check_request
 from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, penalise_seen, sample_rows
-from qinglm.infer.slots import MIN_BUCKET, Slots, bucket
+from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
 from qinglm.infer.text import encode_prompt
 from qinglm.model.transformer import Transformer
 
@@ -121,16 +121,11 @@ class Engine:
         """Queue req under key (its events carry it); raise QingLMError if it can never run."""
         check_request(req, self.model, self.tokenizer)
         row = Row(key, req, self.tokenizer, self.device)
-        need = row.need(self.max_len)
         if req.sampling.max_new_tokens == 0:
             self._ready.append(Event(key, [], "", "length"))
-        elif bucket(need, self.max_len, MIN_BUCKET) > self.kv_tokens:
-            raise QingLMError(
-                f"the request needs {need} KV-cache positions but the cache budget is {self.kv_tokens} "
-                "tokens; shorten the prompt or max_new_tokens, or raise the KV-cache budget"
-            )
-        else:
-            self.waiting.append(row)
+            return
+        check_fits(len(req.prompt_ids), req.sampling.max_new_tokens, self.max_len, self.kv_tokens)
+        self.waiting.append(row)
 
     def cancel(self, key: Hashable) -> None:
         """Stop request key before the next step (thread-safe); its last event has finish_reason "cancelled"."""

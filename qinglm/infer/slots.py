@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from qinglm.device import compiled
+from qinglm.errors import QingLMError
 from qinglm.model.transformer import KVCache, Transformer
 
 MIN_BUCKET = 8  # positions are allocated in powers of two from 8
@@ -36,6 +37,17 @@ def decode_compile(flag: bool | None, device: torch.device | str) -> bool:
     """Return whether to compile the decoding step: as asked, or by default on CUDA only (on a CPU the
     compile warm-up costs more than short generations save: benchmarks/README.md)."""
     return flag if flag is not None else torch.device(device).type == "cuda"
+
+
+def check_fits(prompt: int, max_new_tokens: int, max_len: int, kv_tokens: int) -> None:
+    """Raise QingLMError when one request (prompt tokens, max_new_tokens) can never fit a cache of
+    kv_tokens tokens, even alone; return None otherwise."""
+    need = min(max(prompt, prompt + max_new_tokens - 1), max_len)
+    if bucket(need, max_len, MIN_BUCKET) > kv_tokens:
+        raise QingLMError(
+            f"the request needs {need} KV-cache positions but the cache budget is {kv_tokens} tokens; "
+            "shorten the prompt or max_tokens, or raise the KV-cache budget (--kv-cache-tokens)"
+        )
 
 
 def bucket(n: int, limit: int, smallest: int = 1, factor: int = 2) -> int:

@@ -123,6 +123,8 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
             job = scheduler.submit(req)
         except QueueFull as e:
             return _error(503, str(e), "server_error", "overloaded")
+        except QingLMError as e:  # it could never fit the KV-cache budget
+            return _error(400, str(e))
         if req.stream:
             return StreamingResponse(_stream(job, name), media_type="text/event-stream")
         return await _whole(job, name, request)

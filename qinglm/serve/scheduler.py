@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from qinglm.errors import QingLMError
 from qinglm.infer.engine import Engine, Event, Request
+from qinglm.infer.slots import check_fits
 from qinglm.serve.protocol import GenRequest
 
 if TYPE_CHECKING:
@@ -103,7 +104,11 @@ class Scheduler:
             self._thread = None
 
     def submit(self, req: GenRequest) -> Job:
-        """Return a queued Job for req; raise QueueFull when max_queue jobs are in flight."""
+        """Return a queued Job for req; raise QueueFull when max_queue jobs are in flight, QingLMError when
+        req could never fit the KV-cache budget."""
+        if self.kv_tokens is not None:
+            context = self.lm.model.cfg.max_seq_len
+            check_fits(len(req.prompt_ids), req.sampling.max_new_tokens, context, self.kv_tokens)
         with self._lock:
             if self._active >= self.max_queue:
                 raise QueueFull(f"the server is busy ({self._active} requests in flight); retry later")
