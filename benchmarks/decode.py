@@ -9,7 +9,9 @@ random model of the preset: only the engine differs), greedily continuing B prom
 Tokens/s = B * new tokens / seconds of the whole generation (prefill included), after one warm-up
 generation (which is when the compiled variant compiles: its warm-up seconds are printed apart).
 The contestants take turns in every round and the table shows medians: the fair way on a shared machine.
-Variants: fp32, int8 (qinglm.model.quantize) and compiled (fp32, Generation(compile=True); this tree only).
+Variants: fp32, int8 (qinglm.model.quantize), compiled (fp32, Generation(compile=True); this tree only)
+and sampled (fp32, temperature 0.8, top-k 50, top-p 0.95, a seed per row: GRPO rollouts' decoding;
+"same tokens" is not expected there, as the new engine draws with one uniform number per row).
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ def worker(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(10, model.cfg.vocab_size, (args.batch, 10), generator=gen).tolist()
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
+    cfgs = [cfg] * len(prompts)
+    if args.variant == "sampled":  # as GRPO rollouts: temperature, top-k, top-p, a seed per row
+        cfgs = [
+            SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.8, seed=i, stop_at_eos=False)
+            for i in range(len(prompts))
+        ]
     extra = {"compile": True} if args.variant == "compiled" else {}
 
     def run() -> list[list[int]]:
         ids = [[] for _ in prompts]
-        for events in Generation(model, [Request([2, *p], cfg) for p in prompts], **extra):
+        requests = [Request([2, *p], c) for p, c in zip(prompts, cfgs)]
+        for events in Generation(model, requests, **extra):
             for ev in events:
                 ids[ev.row] += ev.ids
         return ids
@@ -76,7 +85,7 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "int8", "compiled"])
+    p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "int8", "compiled", "sampled"])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -148,8 +148,9 @@ class Engine:
         """Return the events of one step: every decoding row gets a token; new requests are admitted,
         prefilled (a chunk of a long prompt per step while others decode) and get their first token."""
         events, self._ready = self._ready, []
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.model.training  # eval() walks every module: only when it changes anything
+        if was_training:
+            self.model.eval()
         try:
             with torch.inference_mode():
                 events += self._drop_cancelled()
@@ -165,7 +166,8 @@ class Engine:
                 if logits:
                     events += self._sample(torch.cat(logits))
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return events
 
     def _decode(self) -> torch.Tensor:
@@ -352,11 +354,13 @@ def _sample_rows(
     logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor, seen: torch.Tensor
 ) -> torch.Tensor:
     """Return the next token (n,) of each row: its repetition penalty, temperature, top-k, top-p, all at once."""
-    settings = RowSettings.of([r.cfg for r in rows], logits.device)
     logits = logits.float()
-    if any(r.cfg.repetition_penalty != 1.0 for r in rows):
-        logits = penalise_seen(logits, seen, settings.penalty)
-    return sample_rows(logits, settings, uniform)
+    penalty = [r.cfg.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in penalty):
+        logits = penalise_seen(logits, seen, torch.tensor(penalty, device=logits.device))
+    if all(r.cfg.temperature == 0 for r in rows):
+        return logits.argmax(dim=-1)
+    return sample_rows(logits, RowSettings.of([r.cfg for r in rows], logits.device), uniform)
 
 
 def _sample_apart(
