@@ -160,3 +160,24 @@ def test_compiled_step_recompiles_a_bounded_number_of_times(monkeypatch):
     assert engine.slots.n_graphs == 4
     assert counts[2] > counts[0] and counts[-1] == 4
     torch._dynamo.reset()
+
+
+def test_a_group_of_identical_prompts_is_prefilled_once_and_long_prompts_in_chunks():
+    model = model_of("modern-gqa")
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    engine = Engine(model, max_batch_size=8, prefill_chunk=8)
+    for g in range(4):  # a GRPO group: one prompt, four seeds
+        engine.add(g, Request(PROMPTS[0], sampled(6, seed=g)))
+    engine.add("other", Request(PROMPTS[2], greedy(6)))
+    out = {}
+    while engine.busy:
+        for ev in engine.step():
+            out.setdefault(ev.row, []).extend(ev.ids)
+        if len(shapes) == 2:  # rows are decoding now: a long prompt joins and is prefilled 8 at a time
+            engine.add("long", Request([2] + list(range(10, 40)), greedy(3)))
+    assert shapes[0] == (2, 9)  # two distinct prompts, one forward, no copy of the group's prompt
+    assert (1, 8) in shapes and max(s[1] for s in shapes[1:]) == 8
+    assert len({tuple(out[g]) for g in range(4)}) > 1  # the group's rows still sample apart
+    assert out["other"] == naive_greedy(model, PROMPTS[2], 6)
+    assert out["long"] == naive_greedy(model, [2] + list(range(10, 40)), 3)
