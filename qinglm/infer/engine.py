@@ -174,7 +174,8 @@ class Engine:
         """Return the logits (n, vocab) after feeding each decoding row its last token."""
         positions = [r.length for r in self.active]
         tokens = torch.tensor([r.last for r in self.active], device=self.device)
-        logits = self.slots.decode(tokens, torch.tensor(positions, device=self.device), max(positions) + 1)
+        longest, aligned = max(positions) + 1, min(positions) == max(positions)
+        logits = self.slots.decode(tokens, torch.tensor(positions, device=self.device), longest, aligned)
         for r in self.active:
             r.length += 1
         return logits

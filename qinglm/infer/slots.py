@@ -133,13 +133,19 @@ class Slots:
             self.cache.k[:, dst, :, :n] = scratch.k[:, s, :, :n]
             self.cache.v[:, dst, :, :n] = scratch.v[:, s, :, :n]
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
-        """Return the logits (n, vocab) of one token per row 0..n-1 at its position; longest = max position + 1.
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, longest: int, aligned: bool = False
+    ) -> torch.Tensor:
+        """Return the logits (n, vocab) of one token per row 0..n-1 at its position; longest = max position + 1;
+        aligned: every row is at the same position (eager, that step needs no mask).
 
         Compiled, rows and window are bucketed (the extra rows are free rows: what they compute is
         thrown away); eager, the step runs on exactly n rows and the window the rows need.
         """
         n = tokens.size(0)
+        if not self.compile and aligned:  # every row at position longest-1: no mask, plain attention
+            view = self.cache.first_rows(n)
+            return self.model(tokens[:, None], cache=view, start=longest - 1, last_only=True)[:, -1]
         if not self.compile:
             return self._step(self.model, tokens, positions, self.cache, longest)
         rows = bucket(n, self.rows)

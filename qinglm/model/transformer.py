@@ -82,6 +82,12 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def first_rows(self, n: int) -> KVCache:
+        """Return a KVCache of rows 0..n-1 that shares this one's storage (writes go through)."""
+        view = object.__new__(KVCache)
+        view.max_len, view.k, view.v = self.max_len, self.k[:, :n], self.v[:, :n]
+        return view
+
     def update_at(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
