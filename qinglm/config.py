@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from qinglm.errors import QingLMError
-from qinglm.typecheck import check_types
+from qinglm.typecheck import check_types, ranges
 
 # (vocab_size, d_model, n_heads, n_layers) exactly as the seed projects give them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,10 +42,15 @@ ROUTERS = ("softmax", "sigmoid")
 DEFAULT_PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济"]
 
 
-def _f(default: Any, help: str, choices: Sequence | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
+def _f(default: Any, help: str, choices: Sequence | None = None, within: str | None = None, **kw: Any) -> Any:
+    """Return a dataclass field with its --help text, its allowed values or, for a number, its range: an
+    interval such as "(0, 1]" or "[1, inf)" that qinglm.typecheck.check_types enforces (NaN and infinity
+    are refused for every float field)."""
+    meta: dict[str, Any] = {"help": help}
     if choices:
         meta["choices"] = list(choices)
+    if within:
+        meta["within"] = within
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -55,15 +60,23 @@ def _f(default: Any, help: str, choices: Sequence | None = None, **kw: Any) -> A
 class ModelConfig:
     """The Transformer's shape and options; None means 'derive from the rest'."""
 
-    vocab_size: int = _f(10_000, "vocabulary size (taken from the tokenizer when one is given)")
-    d_model: int = _f(128, "hidden size")
-    n_layers: int = _f(2, "number of Transformer blocks")
-    n_heads: int = _f(2, "attention heads")
-    n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (default: n_heads)")
-    d_ff: int | None = _f(None, "MLP hidden size (default: 4*d_model for gelu, ~8/3*d_model for swiglu)")
-    max_seq_len: int = _f(512, "maximum context length")
+    vocab_size: int = _f(
+        10_000, "vocabulary size (taken from the tokenizer when one is given)", within="[1, inf)"
+    )
+    d_model: int = _f(128, "hidden size", within="[1, inf)")
+    n_layers: int = _f(2, "number of Transformer blocks", within="[1, inf)")
+    n_heads: int = _f(2, "attention heads", within="[1, inf)")
+    n_kv_heads: int | None = _f(
+        None, "key/value heads for grouped-query attention (default: n_heads)", within="[1, inf)"
+    )
+    d_ff: int | None = _f(
+        None, "MLP hidden size (default: 4*d_model for gelu, ~8/3*d_model for swiglu)", within="[1, inf)"
+    )
+    max_seq_len: int = _f(512, "maximum context length", within="[1, inf)")
     # The seeds use 0.1; on short pretraining runs 0 learns faster (measured: benchmarks/README.md).
-    dropout: float = _f(0.0, "dropout probability (0 is best for short pretraining; try 0.1 for many epochs)")
+    dropout: float = _f(
+        0.0, "dropout probability (0 is best for short pretraining; try 0.1 for many epochs)", within="[0, 1)"
+    )
     family: str = _f(
         "modern",
         "architecture family: fills pos-encoding, norm, mlp, tie-embeddings, bias when not given",
@@ -73,10 +86,12 @@ class ModelConfig:
     norm: str | None = _f(None, "normalisation layer", NORMS)
     mlp: str | None = _f(None, "feed-forward type", MLPS)
     tie_embeddings: bool | None = _f(None, "share the input embedding with the output head")
-    rope_theta: float = _f(10_000.0, "RoPE base")
-    norm_eps: float = _f(1e-5, "epsilon of the norm layers")
+    rope_theta: float = _f(10_000.0, "RoPE base", within="(0, inf)")
+    norm_eps: float = _f(1e-5, "epsilon of the norm layers", within="(0, 1)")
     bias: bool | None = _f(None, "biases in linear layers")
-    init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)")
+    init_std: float = _f(
+        0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)", within="(0, inf)"
+    )
     init: str = _f(
         "gpt2",
         "weight init: gpt2 = normal(init-std), small = normal(sqrt(2/(5*d_model))) (Nguyen & Salazar), "
@@ -91,15 +106,21 @@ class ModelConfig:
         False, "recompute each block's activations in the backward pass: less memory, ~30%% more time"
     )
     # Mixture of experts (qinglm/model/moe.py): off while n_experts is 0, so default models are unchanged.
-    n_experts: int = _f(0, "routed experts per MoE feed-forward layer (0 = dense MLP)")
-    experts_per_token: int = _f(2, "MoE: experts each token is routed to (top-k)")
-    shared_experts: int = _f(0, "MoE: always-on experts added to the routed output")
+    n_experts: int = _f(0, "routed experts per MoE feed-forward layer (0 = dense MLP)", within="[0, inf)")
+    experts_per_token: int = _f(2, "MoE: experts each token is routed to (top-k)", within="[1, inf)")
+    shared_experts: int = _f(0, "MoE: always-on experts added to the routed output", within="[0, inf)")
     moe_every: int = _f(
-        1, "MoE on every k-th block: block i (from 0) is MoE when i %% k == k-1 (1 = every block)"
+        1,
+        "MoE on every k-th block: block i (from 0) is MoE when i %% k == k-1 (1 = every block)",
+        within="[1, inf)",
     )
     router: str = _f("softmax", "MoE router scores", ROUTERS)
-    moe_aux_coef: float = _f(0.01, "MoE: weight of the load-balancing loss (Switch/GShard)")
-    moe_z_coef: float = _f(0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)")
+    moe_aux_coef: float = _f(
+        0.01, "MoE: weight of the load-balancing loss (Switch/GShard)", within="[0, inf)"
+    )
+    moe_z_coef: float = _f(
+        0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2)", within="[0, inf)"
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -113,30 +134,24 @@ class ModelConfig:
 class SamplingConfig:
     """How to pick the next token; temperature 0 means greedy."""
 
-    max_new_tokens: int = _f(100, "tokens to generate")
-    temperature: float = _f(0.8, "softmax temperature (0 = greedy)")
-    top_k: int | None = _f(50, "keep the k most likely tokens (0 or None = all)")
-    top_p: float | None = _f(0.95, "nucleus sampling mass (1.0 or None = off)")
-    repetition_penalty: float = _f(1.1, "penalty > 1 makes already generated tokens less likely")
-    seed: int | None = _f(None, "random seed for sampling")
+    max_new_tokens: int = _f(100, "tokens to generate", within="[0, inf)")
+    temperature: float = _f(0.8, "softmax temperature (0 = greedy)", within="[0, inf)")
+    top_k: int | None = _f(50, "keep the k most likely tokens (0 or None = all)", within="[0, inf)")
+    top_p: float | None = _f(0.95, "nucleus sampling mass (1.0 or None = off)", within="(0, 1]")
+    repetition_penalty: float = _f(
+        1.1, "penalty > 1 makes already generated tokens less likely", within="(0, inf)"
+    )
+    seed: int | None = _f(
+        None, "random seed for sampling", within="[-9223372036854775808, 18446744073709551615]"
+    )
     stop_at_eos: bool = _f(True, "stop when the model emits [EOS]")
 
     def __post_init__(self) -> None:
-        check_types(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise QingLMError for settings that make no sense; return None otherwise."""
-        if self.max_new_tokens < 0:
-            raise QingLMError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise QingLMError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise QingLMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise QingLMError(
-                f"repetition_penalty must be positive (1.0 = off), got {self.repetition_penalty}"
-            )
+        """Raise QingLMError for settings that make no sense (each field's range); return None otherwise."""
+        check_types(self)
 
 
 # ---------------------------------------------------------------------------- resolving
@@ -154,9 +169,6 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     if c.d_ff is None:
         # SwiGLU has three matrices, so 2/3 of 4*d keeps the parameter count of a 4*d GELU MLP.
         c.d_ff = 4 * c.d_model if c.mlp == "gelu" else 64 * math.ceil(8 * c.d_model / 3 / 64)
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-        if getattr(c, name) <= 0:
-            raise QingLMError(f"{name} must be positive, got {getattr(c, name)}")
     if c.d_model % c.n_heads:
         raise QingLMError(f"d_model ({c.d_model}) must be divisible by n_heads ({c.n_heads})")
     if c.n_heads % c.n_kv_heads:
@@ -165,21 +177,11 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
         raise QingLMError(f"RoPE needs an even head dimension, got {c.head_dim}")
     if c.pos_encoding == "sinusoidal" and c.d_model % 2:
         raise QingLMError(f"sinusoidal positions need an even d_model, got {c.d_model}")
-    if not 0.0 <= c.dropout < 1.0:
-        raise QingLMError(f"dropout must be in [0, 1), got {c.dropout}")
-    if c.n_experts < 0:
-        raise QingLMError(f"n_experts must be 0 (dense) or positive, got {c.n_experts}")
-    if c.n_experts > 0:
+    if c.n_experts > 0:  # each field's own range was checked when c was made (check_types)
         if not 1 <= c.experts_per_token <= c.n_experts:
             raise QingLMError(
                 f"experts_per_token must be between 1 and n_experts ({c.n_experts}), got {c.experts_per_token}"
             )
-        if c.shared_experts < 0:
-            raise QingLMError(f"shared_experts must be 0 or positive, got {c.shared_experts}")
-        if c.moe_every < 1:
-            raise QingLMError(f"moe_every must be positive, got {c.moe_every}")
-        if c.moe_aux_coef < 0 or c.moe_z_coef < 0:
-            raise QingLMError("moe_aux_coef and moe_z_coef must not be negative")
     elif c.shared_experts:
         raise QingLMError("shared_experts needs n_experts > 0")
     return c
@@ -270,7 +272,10 @@ def add_dataclass_args(
         if "_" in f.name and tp is not bool:  # seed projects spell flags with underscores
             names.append(f"--{f.name}")
         names += (aliases or {}).get(f.name, [])
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        help = f.metadata.get("help", "")
+        if f.name in ranges(cls):
+            help += f" (range {ranges(cls)[f.name]})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(tp) is list:

@@ -13,6 +13,7 @@ from typing import Any
 
 from qinglm.errors import QingLMError
 
+RESULTS = ("results.md", "init_comparison.png")  # written into OUT beside the runs
 DEFAULT_STEPS = 300  # the budget when no --max-steps / --max-time / --epochs is given (~2 min each for tiny)
 
 
@@ -24,11 +25,7 @@ def compare_inits(
     log=print,
 ) -> list[dict[str, Any]]:
     """Return one result row per init after training each; write the PNG and results.md into OUT."""
-    from qinglm.io import write_text_atomic
-    from qinglm.pipeline import run_train
-    from qinglm.plot import plot_runs
-    from qinglm.run_dir import read_config
-    from qinglm.train.metrics import read_metrics
+    from qinglm.io import OwnedDir
 
     if len(set(inits)) != len(inits):
         raise QingLMError("--inits lists an initialisation twice")
@@ -37,6 +34,32 @@ def compare_inits(
         train_flags["max_steps"] = DEFAULT_STEPS
     preset = train_flags.get("preset", "tiny")
     out = Path(train_flags.pop("out", None) or f"runs/experiment-init-{preset}")
+    try:  # refused now, not after training every run; each run claims its own folder
+        owned = OwnedDir.claim(out, "experiment", RESULTS, overwrite=bool(train_flags.get("overwrite")))
+    except OSError as e:
+        raise QingLMError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        return _compare(model_flags, train_flags, inits, config_file, log, out)
+    except BaseException:
+        owned.release_unused()  # nothing written: the folder is not claimed
+        raise
+
+
+def _compare(
+    model_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    inits: list[str],
+    config_file: str | None,
+    log: Any,
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Return compare_inits's rows, out already claimed."""
+    from qinglm.io import write_text_atomic
+    from qinglm.pipeline import run_train
+    from qinglm.plot import plot_runs
+    from qinglm.run_dir import read_config
+    from qinglm.train.metrics import read_metrics
+
     rows, first = [], None
     for name in inits:
         flags = {**train_flags, "out": str(out / f"init-{name}")}
@@ -63,8 +86,8 @@ def compare_inits(
             }
         )
     table = results_table(rows)
-    write_text_atomic(out / "results.md", table + "\n")
-    png = plot_runs([r["run"] for r in rows], out / "init_comparison.png")
+    write_text_atomic(out / RESULTS[0], table + "\n")
+    png = plot_runs([r["run"] for r in rows], out / RESULTS[1])
     log("\n" + table)
     log(f"\nwrote {png} and {out / 'results.md'}")
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,10 +64,19 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise QingLMError(f"prompts file not found: {path}")
-        try:
-            prompts += [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-        except UnicodeDecodeError:
-            raise QingLMError(f"{path} is not UTF-8 text") from None
+        from qinglm.data.encoding import LONE_SURROGATE, whole_lines
+        from qinglm.data.sources import MAX_LINE_CHARS
+
+        # read as the data tools read: encoding detected, a line too long to hold comes as None
+        lines = [ln for _, ln in whole_lines(path, None, MAX_LINE_CHARS)]
+        bad = [ln is None or LONE_SURROGATE.search(ln) is not None for ln in lines]
+        prompts += [ln.strip() for ln, b in zip(lines, bad) if not b and ln.strip()]
+        if any(bad):
+            print(
+                f"skipped {sum(bad)} line(s) of {path}: longer than {MAX_LINE_CHARS:,} characters or "
+                "undecodable",
+                file=sys.stderr,
+            )
     if not prompts:
         raise QingLMError("give a prompt with --prompt TEXT or --prompts-file FILE")
     return prompts

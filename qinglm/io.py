@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write obj as indented UTF-8 JSON to path atomically."""
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Return why path cannot be read as a regular file ("no such file or directory", "a directory, not a
+    file", "a character device, not a regular file", ...), or None when it is one (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "no such file or directory"
+    except OSError as e:  # permission denied on a parent, a name too long, ...
+        return f"not readable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a pipe"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a socket")
+    return f"{kind}, not a regular file"
 
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:
@@ -142,6 +161,9 @@ class OwnedDir:
 
     def __init__(self, path: Path, kind: str, names: Iterable[str]):
         self.path, self.kind, self.names = path, kind, set(names)
+        # What a claim that wrote the manifest found: the folders it created (leaf first) and the entries
+        # already there. None when the manifest was there before (release_unused then keeps it).
+        self._claimed: tuple[list[Path], set[str]] | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> OwnedDir | None:
@@ -169,10 +191,12 @@ class OwnedDir:
         or overwrite is set (then its entries count as QingLM's). Raises OSError if path is unwritable.
         """
         path = Path(path)
+        created = [p for p in (path, *path.parents) if not p.exists()]
         path.mkdir(parents=True, exist_ok=True)
         owned = cls.read(path)
         if owned is None:
-            existing = sorted(p.name for p in path.iterdir())
+            # a concurrent first claim's manifest temp file and lock are no one's files yet
+            existing = sorted(p.name for p in path.iterdir() if not _claims_own(p.name))
             parent = cls.read(path.parent)
             adopted = legacy(path) if legacy and existing else None
             if existing and adopted is None and (overwrite or (parent and path.name in parent.names)):
@@ -185,10 +209,45 @@ class OwnedDir:
                 )
             owned = cls(path, kind, adopted or [])
             owned.add(*names, force=True)
+            owned._claimed = (created, set(existing))
         elif owned.kind != kind:
             raise QingLMError(f"{path} is a QingLM {owned.kind} directory, not a {kind} directory")
         owned.add(*names)
         return owned
+
+    @classmethod
+    @contextlib.contextmanager
+    def claiming(
+        cls, path: str | os.PathLike, kind: str, names: Iterable[str] = (), **claim: Any
+    ) -> Iterator[OwnedDir]:
+        """Yield OwnedDir.claim(path, kind, names, **claim); if the block fails, release_unused() undoes it."""
+        owned = cls.claim(path, kind, names, **claim)
+        try:
+            yield owned
+        except BaseException:
+            owned.release_unused()
+            raise
+
+    def release_unused(self) -> bool:
+        """Return whether this claim was undone: a command that fails (or is refused) before writing a
+        file leaves no manifest and none of the folders it created.
+
+        Only a manifest this claim wrote goes, and only while the directory holds nothing new besides it
+        and the lock; undoing a claim only ever gives names back to the user.
+        """
+        if self._claimed is None:
+            return False
+        created, before = self._claimed
+        try:
+            now = {p.name for p in self.path.iterdir()} - {MANIFEST, LOCK_FILE}
+        except OSError:
+            return False
+        if now != before:
+            return False
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        self._claimed, self.names = None, set()
+        _remove_empty(created)
+        return True
 
     def add(self, *names: str, force: bool = False) -> None:
         """Return nothing; record names as written by QingLM (before writing them)."""
@@ -211,6 +270,36 @@ class OwnedDir:
     def remove_leftovers(self) -> None:
         """Return nothing; delete temp files/dirs of owned names whose writing process is dead."""
         remove_stale_temps(self.path, self.names)
+
+
+def _claims_own(name: str) -> bool:
+    """Return whether name is what a claim itself writes: the lock, or the manifest's temp file."""
+    return name == LOCK_FILE or name.startswith(f".{MANIFEST}.tmp-")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Return nothing; remove the folders (leaf first) while they are empty: the ones a claim created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): the rest are its parents
+            return
+
+
+def claim_file(path: str | os.PathLike, overwrite: bool | None = None) -> Path:
+    """Return path once QingLM may write that one file: it is new, its folder's manifest lists it, or
+    overwrite is set. The folder's manifest, if it has one, records the name before it is written.
+
+    overwrite None: the command has no --overwrite, so the message asks to move the file away.
+    """
+    path = Path(path)
+    owned = OwnedDir.read(path.parent)
+    if (path.exists() or path.is_symlink()) and not overwrite and not (owned and owned.owns(path.name)):
+        what = "move it away first" if overwrite is None else "choose another name, or pass --overwrite"
+        raise QingLMError(f"{path} exists and was not written by QingLM; {what}")
+    if owned:
+        owned.add(path.name)
+    return path
 
 
 @contextlib.contextmanager

@@ -1,31 +1,38 @@
-"""Refusing a model larger than memory in one line, before (or while) allocating it."""
+"""Refusing a model, or a batch, larger than memory in one line, before (or while) allocating it."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
+from qinglm.limits import check_bytes
+from qinglm.limits import memory_bytes as _memory_bytes  # a name tests replace
 from qinglm.model.transformer import Transformer
 
 
-def _memory_bytes() -> int | None:
-    """Return this machine's physical memory in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+def logits_bytes(cfg: ModelConfig, rows: int, tokens: int) -> int:
+    """Return the bytes of the float32 logits a training loss takes over rows x tokens positions: a lower
+    bound of a micro-batch's memory (its activations and gradients come on top)."""
+    return rows * tokens * cfg.vocab_size * 4
 
 
-def check_fits(cfg: ModelConfig) -> str:
-    """Return a description of the model's size; raise QingLMError when it is larger than this machine's memory.
+def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int, element_size: int = 2) -> int:
+    """Return the bytes of a decode's KV cache for rows x slots positions (qinglm.model.transformer.KVCache)."""
+    n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+    return 2 * cfg.n_layers * rows * n_kv_heads * slots * (cfg.d_model // cfg.n_heads) * element_size
+
+
+def check_fits(cfg: ModelConfig, batch_bytes: int = 0, batch: str = "") -> str:
+    """Return a description of the model's size; raise QingLMError when it, plus batch_bytes (what the
+    sizes of a batch, described by batch, need at least), is larger than this machine's memory.
 
     The size is measured on the meta device (no memory), so a config with an absurd vocab_size or
-    max_seq_len is refused in one line instead of failing (or being killed) while allocating.
+    max_seq_len, or a batch of absurd size, is refused in one line instead of failing (or being killed)
+    while allocating.
     """
     with torch.device("meta"):
         shape = Transformer(cfg)
@@ -39,6 +46,7 @@ def check_fits(cfg: ModelConfig) -> str:
     ram = _memory_bytes()
     if ram is not None and need > ram:
         raise QingLMError(f"{size}, more than this machine's {ram / 2**30:.1f} GiB; check the config")
+    check_bytes(need + batch_bytes, f"{batch} (with the model)", ram)
     return size
 
 

@@ -21,6 +21,7 @@ from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
 from qinglm.train.driver import launch_torchrun, write_report
+from qinglm.train.support import check_supported
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
 DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
@@ -222,11 +223,14 @@ def _run_train(
         run_dir = Path(train_cfg.out or default_out(train_cfg))
         train_cfg.out = str(run_dir)
     check_train(train_cfg, resolve_model(model_cfg))  # fail before any slow work
+    check_supported(job, train_cfg)  # and before any process starts
     if train_cfg.fp8:
         check_fp8(train_cfg)
-    from qinglm.memory import check_fits
+    from qinglm.memory import check_fits, logits_bytes
 
-    check_fits(model_cfg)  # a model larger than memory fails now too
+    rows, tokens = train_cfg.batch_size, train_cfg.seq_len
+    batch = f"a micro-batch of --batch-size {rows:,} x --seq-len {tokens:,} tokens"
+    check_fits(model_cfg, logits_bytes(resolve_model(model_cfg), rows, tokens), batch)  # fails now, not later
     # Refuses a directory QingLM did not write (unless --overwrite) and one another process writes to.
     held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, job))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
@@ -385,6 +389,10 @@ def report(
         seed=cfg.seed,
     )
     for prompt in cfg.sample_prompts:
+        n = len(lm.tokenizer.encode(prompt)) + 1  # + [BOS]
+        if n > lm.model.cfg.max_seq_len:  # a short-context run still ends with its report, not an error
+            log(f"  {prompt} → (not sampled: {n} tokens, the model's context is {lm.model.cfg.max_seq_len})")
+            continue
         text = lm.generate(prompt, **{k: v for k, v in to_dict(sampling).items() if k != "stop_at_eos"})
         log(f"  {prompt} → {prompt}{text}")
     log(f"\nrun directory: {run_dir}   (generate: qinglm generate --model {run_dir} --prompt 你好)")

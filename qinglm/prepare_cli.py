@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "--pre-tokenizer", choices=f.metadata["choices"], default=f.default, help=f.metadata["help"]
     )
     t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that QingLM did not create"
+    )
 
     p = sub.add_parser("prepare", help="tokenize text into packed train/val shards")
     _add_data_options(p)
@@ -75,18 +78,6 @@ def _data_cfg(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
 def _print_as(staging: str, out: str, line: str) -> None:
     print(line.replace(staging, out), flush=True)
 
@@ -99,31 +90,29 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     import shutil
     import signal
 
+    from qinglm.io import OwnedDir, remove_stale_temps
     from qinglm.killable import run_killable
     from qinglm.pipeline import train_tokenizer_on
+    from qinglm.tokenizer import TOKENIZER_FILE, TOKENIZER_NAMES
 
     out = Path(args.out)
-    created = not out.exists()
-    for old in out.glob(".tokenizer.tmp-*") if out.is_dir() else []:  # left by a killed run
-        pid = old.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    staging = out / f".tokenizer.tmp-{os.getpid()}"
-    try:
-        staging.mkdir(parents=True)
+    try:  # refuses a folder QingLM did not write; a failed training leaves no claim on it
+        with OwnedDir.claiming(out, "tokenizer", TOKENIZER_NAMES, overwrite=args.overwrite):
+            remove_stale_temps(out, ["tokenizer"])  # .tokenizer.tmp-PID of a killed run
+            staging = out / f".tokenizer.tmp-{os.getpid()}"
+            staging.mkdir(parents=True)  # parents: a concurrent failed run may have just removed out
+            try:
+                log = functools.partial(_print_as, str(staging), str(out))
+                run_killable(train_tokenizer_on, args.data, args.vocab_size, staging, _data_cfg(args), log)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # all files or none
+                # tokenizer.json first, as Tokenizer.save
+                for f in sorted(staging.iterdir(), key=lambda f: f.name != TOKENIZER_FILE):
+                    os.replace(f, out / f.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     except OSError as e:
         raise QingLMError(f"cannot write the tokenizer to {out}: {e.strerror or e}") from None
-    try:
-        log = functools.partial(_print_as, str(staging), str(out))
-        run_killable(train_tokenizer_on, args.data, args.vocab_size, staging, _data_cfg(args), log)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # all files or none
-        for f in sorted(staging.iterdir(), key=lambda f: f.name != "tokenizer.json"):  # as Tokenizer.save
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -64,12 +64,16 @@ def claim(path: str | Path, overwrite: bool = False, kind: str | None = None) ->
         owned = OwnedDir.claim(path, "run", RUN_NAMES, overwrite=overwrite, legacy=_legacy_run)
     except OSError as e:  # not a directory, no permission, a read-only or full disk
         raise QingLMError(f"cannot write to run directory {path}: {e.strerror or e}") from None
-    if kind is not None and (Path(path) / CONFIG).is_file():
-        found = read_config(path)["kind"]
-        if found != kind:
-            raise QingLMError(
-                f"{path} holds a run of kind {found!r}; write this {kind} run to another directory"
-            )
+    try:
+        if kind is not None and (Path(path) / CONFIG).is_file():
+            found = read_config(path)["kind"]
+            if found != kind:
+                raise QingLMError(
+                    f"{path} holds a run of kind {found!r}; write this {kind} run to another directory"
+                )
+    except QingLMError:
+        owned.release_unused()  # a refused directory is left as it was found
+        raise
     return owned
 
 
@@ -86,17 +90,21 @@ def writing(path: str | Path, overwrite: bool = False, kind: str | None = None) 
     owned = claim(path, overwrite, kind)
     held_by_parent = os.environ.get(LOCK_HELD_ENV) == str(path.resolve())
     lock = contextlib.nullcontext() if held_by_parent else exclusive_lock(path)
-    with lock:
-        owned.remove_leftovers()  # temp files of a killed writer (best.tmp-PID, .config.json.tmp-PID-...)
-        old = os.environ.get(LOCK_HELD_ENV)
-        os.environ[LOCK_HELD_ENV] = str(path.resolve())
-        try:
-            yield path
-        finally:
-            if old is None:
-                os.environ.pop(LOCK_HELD_ENV, None)
-            else:
-                os.environ[LOCK_HELD_ENV] = old
+    try:
+        with lock:
+            owned.remove_leftovers()  # temp files of a killed writer (best.tmp-PID, .config.json.tmp-PID-...)
+            old = os.environ.get(LOCK_HELD_ENV)
+            os.environ[LOCK_HELD_ENV] = str(path.resolve())
+            try:
+                yield path
+            finally:
+                if old is None:
+                    os.environ.pop(LOCK_HELD_ENV, None)
+                else:
+                    os.environ[LOCK_HELD_ENV] = old
+    except BaseException:
+        owned.release_unused()  # a run that failed before writing anything does not claim the directory
+        raise
 
 
 def holds_run(path: str | Path) -> bool:

@@ -25,8 +25,10 @@ from typing import Any, get_type_hints
 
 from qinglm.config import ModelConfig
 from qinglm.errors import QingLMError
+from qinglm.io import OwnedDir, claim_file
 from qinglm.train.config import TrainConfig
 
+SWEEP_NAMES = ("results.md", "best_config.json", "tokenizer", "data")  # what a sweep writes beside its trials
 PRUNERS = ("median", "none")  # Optuna's MedianPruner, or no pruning
 # Fields that decide the data, the tokenizer or the run's bookkeeping, not what is learnt.
 NOT_SEARCHABLE = {
@@ -204,7 +206,7 @@ def _run_trial(
         )
     record["elapsed_s"] = round(time.perf_counter() - t0, 2)
     if run_dir.is_dir():
-        write_text_atomic(run_dir / "train.log", "\n".join(lines) + "\n")
+        write_text_atomic(claim_file(run_dir / "train.log"), "\n".join(lines) + "\n")
     return record
 
 
@@ -242,11 +244,15 @@ def run_sweep(
     out = Path(base[1].out)
     if any(out.glob("trial-*")):
         raise QingLMError(f"{out} already holds trials; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    try:  # a folder QingLM did not write is refused unless --overwrite (trials claim their own folders)
+        owned = OwnedDir.claim(out, "sweep", SWEEP_NAMES, overwrite=base[1].overwrite)
     except OSError as e:
         raise QingLMError(f"cannot create sweep directory {out}: {e.strerror}") from None
-    tokenizer, data_dir = _prepare_shared(*base, out, log)
+    try:
+        tokenizer, data_dir = _prepare_shared(*base, out, log)
+    except BaseException:
+        owned.release_unused()  # nothing written: the folder is not claimed
+        raise
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A trial is compared with the median of earlier ones from its second validation on: the first

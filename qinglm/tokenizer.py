@@ -58,6 +58,7 @@ PRE_TOKENIZERS = {"qwen2": QWEN2_PATTERN, "chars": CHARS_PATTERN}
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_NAMES = (TOKENIZER_FILE, CONFIG_FILE, "chat_template.jinja")  # what Tokenizer.save writes
 _HF_NO_MAX_LENGTH = int(1e30)  # what transformers itself writes when a tokenizer has no length limit
 
 
@@ -185,7 +186,7 @@ class Tokenizer:
                 directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n"
             )
             if chat_template is not None:
-                write_text_atomic(directory / "chat_template.jinja", chat_template)
+                write_text_atomic(directory / TOKENIZER_NAMES[2], chat_template)
         except OSError as e:
             raise QingLMError(f"cannot write the tokenizer to {directory}: {e.strerror or e}") from None
 

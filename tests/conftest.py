@@ -220,3 +220,30 @@ def sigkill_resume():
         return done
 
     return check
+
+
+TINY_TASK = '''
+from qinglm.post.tasks import Example, Task
+
+def letters():
+    """Replies are rewarded for the share of their characters that are Latin letters (like pinyin)."""
+    asks = ["拼音呢？", "“画蛇添足”是什么意思？", "你好", "今天天气很好。"]
+    examples = {
+        "train": [Example([{"role": "user", "content": a}], "") for a in asks],
+        "heldout": [Example([{"role": "user", "content": "画蛇添足？"}], "")],
+    }
+
+    def reward(prompt, completion, reference):
+        return sum(c.isascii() and c.isalpha() for c in completion) / max(1, len(completion))
+
+    return Task("letters", examples.__getitem__, reward, pass_reward=0.5)
+'''
+
+
+@pytest.fixture
+def tiny_task(tmp_path, monkeypatch):
+    """Return the MODULE:FUNCTION of a tiny plug-in task; the current directory is where it lives."""
+    (tmp_path / "grpo_tiny_task.py").write_text(TINY_TASK, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # subprocesses find the module in their current directory
+    return "grpo_tiny_task:letters"

@@ -98,7 +98,7 @@ def test_language_id_keeps_chinese_only():
 def test_unknown_step_and_bad_threshold_are_one_line_errors():
     with pytest.raises(QingLMError, match="unknown cleaning step"):
         CleanConfig(enabled={"spelling"})
-    with pytest.raises(QingLMError, match="min cjk"):
+    with pytest.raises(QingLMError, match=r"--min-cjk must be in \[0, 1\], got 2"):
         CleanConfig(min_cjk=2)
 
 

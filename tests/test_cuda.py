@@ -15,7 +15,7 @@ from conftest import CHAT
 from test_distill import STUDENT, teacher, train_flags  # noqa: F401  (teacher is a fixture)
 from test_dpo_run import flags as dpo_flags
 from test_dpo_run import pairs  # noqa: F401  (a fixture)
-from test_grpo import _grpo_flags, tiny_task  # noqa: F401  (tiny_task is a fixture)
+from test_grpo import _grpo_flags
 from test_sft import _jsonl
 
 from qinglm.cli import main
@@ -24,10 +24,10 @@ from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.infer.engine import Generation, Request
 from qinglm.infer.generate import generate_ids
+from qinglm.infer.rollout import rollout
 from qinglm.model.transformer import IGNORE_INDEX, KVCache, Transformer
 from qinglm.post.distill import kd_loss
 from qinglm.post.dpo_loss import dpo_loss, pair_logps
-from qinglm.infer.rollout import rollout
 from qinglm.train import train
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.config import TrainConfig

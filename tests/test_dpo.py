@@ -184,7 +184,7 @@ def test_bad_lines_are_counted_by_reason(tmp_path):
         "bad message (role must be system/user/assistant, content a string)": 1,
     }
     assert "2 preference pairs from 10 lines; skipped 8 bad lines" in report.summary()
-    with pytest.raises(QingLMError, match="DPO data file not found.*idioms-dpo"):
+    with pytest.raises(QingLMError, match="DPO data file .*: no such file or directory.*idioms-dpo"):
         dpo_data.read_dpo_jsonl(tmp_path / "missing.jsonl")
 
 

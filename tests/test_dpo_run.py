@@ -233,3 +233,26 @@ def test_moe_dpo_adds_the_routers_load_balancing_loss(chat_tok, pairs, tmp_path,
     assert router > 0.01  # about moe_aux_coef per MoE layer
     assert got == pytest.approx(math.log(2) + router, abs=1e-6)
     assert train_records(tmp_path / "dpo")[0]["loss"] == pytest.approx(got, abs=1e-6)
+
+
+def test_lora_dropout_is_off_in_the_dpo_policy_so_its_log_ratios_are_exact(tiny_base_run, pairs, tmp_path):
+    from qinglm.post.dpo import DPOStage, resolve_dpo
+    from qinglm.train.distributed import Dist
+    from qinglm.train.stage import StageContext
+
+    cfg = resolve_dpo(
+        DPOConfig(**flags(tiny_base_run, pairs, tmp_path / "d", lora=True, lora_dropout=0.5)), 64
+    )
+    stage = DPOStage(cfg, log=lambda _: None)
+    stage.bind(StageContext(torch.device("cpu"), "fp32", Dist(), tmp_path, lambda _: None))
+    policy = stage.build_model().train()
+    assert not [m for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    with torch.no_grad():  # adapters that have learned something: LoRA's dropout would now show
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.randint(0, policy.cfg.vocab_size, (2, 8))
+    torch.manual_seed(0)
+    a = policy(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, policy(x))  # in training mode, as each step runs it

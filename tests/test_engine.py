@@ -187,7 +187,7 @@ def test_bad_requests_are_user_errors():
         Generation(model, [Request([], greedy(3))])
     with pytest.raises(QingLMError, match="tokenizer"):
         Generation(model, [Request(PROMPTS[0], greedy(3), stop=["x"])])
-    with pytest.raises(QingLMError, match="top_p"):
+    with pytest.raises(QingLMError, match=r"--top-p must be in \(0, 1\]"):
         Generation(model, [Request(PROMPTS[0], SamplingConfig(top_p=2.0))])
 
 

@@ -463,6 +463,14 @@ def test_train_and_sft_write_a_report_at_the_end_unless_told_not_to(tmp_path, ti
     assert not (tmp_path / "sft2" / "report.md").exists()
 
 
+def test_the_default_install_draws_the_report_plots():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    base = [d.split(">")[0].split("=")[0].strip() for d in pyproject["project"]["dependencies"]]
+    assert "matplotlib" in base  # not an extra: `bash scripts/setup.sh` alone gives a report with plots
+
+
 def test_without_matplotlib_the_report_has_no_plots_and_says_so(runs, monkeypatch):
     import sys
 

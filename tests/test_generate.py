@@ -229,5 +229,5 @@ def test_prompts_are_normalised_like_training_text(tok):
 
 def test_sampling_settings_are_checked_when_made():
     for bad in ("max_new_tokens", -1), ("temperature", -1.0), ("top_p", 2.0), ("repetition_penalty", 0.0):
-        with pytest.raises(QingLMError, match=bad[0]):
+        with pytest.raises(QingLMError, match="--" + bad[0].replace("_", "-")):
             SamplingConfig(**dict([bad]))

@@ -245,32 +245,6 @@ def test_the_kl_term_is_the_k3_estimate_and_sums_over_a_fixed_denominator():
 
 # ---------------------------------------------------------------------------- the grpo run
 
-TINY_TASK = '''
-from qinglm.post.tasks import Example, Task
-
-def letters():
-    """Replies are rewarded for the share of their characters that are Latin letters (like pinyin)."""
-    asks = ["拼音呢？", "“画蛇添足”是什么意思？", "你好", "今天天气很好。"]
-    examples = {
-        "train": [Example([{"role": "user", "content": a}], "") for a in asks],
-        "heldout": [Example([{"role": "user", "content": "画蛇添足？"}], "")],
-    }
-
-    def reward(prompt, completion, reference):
-        return sum(c.isascii() and c.isalpha() for c in completion) / max(1, len(completion))
-
-    return Task("letters", examples.__getitem__, reward, pass_reward=0.5)
-'''
-
-
-@pytest.fixture
-def tiny_task(tmp_path, monkeypatch):
-    """Return the MODULE:FUNCTION of a tiny plug-in task; the current directory is where it lives."""
-    (tmp_path / "grpo_tiny_task.py").write_text(TINY_TASK, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.chdir(tmp_path)  # subprocesses find the module in their current directory
-    return "grpo_tiny_task:letters"
-
 
 def _grpo_flags(base, task, out, threads=1, **kw):
     return {
@@ -337,6 +311,17 @@ def test_a_grpo_run_logs_its_metrics_and_is_a_base_for_the_next(tmp_path, tiny_b
     assert json.loads((pre / "config.json").read_text())["kind"] == "pretrain"
 
 
+def test_a_resumed_grpo_run_reports_the_held_out_reward_measured_before_its_first_step(
+    tmp_path, tiny_base_run, tiny_task
+):
+    from qinglm.post.grpo import GRPOConfig
+
+    flags = _grpo_flags(tiny_base_run, tiny_task, tmp_path / "run", max_steps=2, lr_schedule="constant")
+    first = _run(GRPOConfig(**flags))
+    resumed = _run(GRPOConfig(**{**flags, "max_steps": 4, "resume": True}))
+    assert resumed["step"] == 4 and resumed["heldout_before"] == first["heldout_before"] is not None
+
+
 def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsys):
     from qinglm.cli import main
 
@@ -344,23 +329,12 @@ def test_grpo_user_errors_are_one_line(tmp_path, tiny_base_run, tiny_task, capsy
     for extra, msg in [
         (["--task", "no_such_module_xyz:f"], "cannot import task module 'no_such_module_xyz'"),
         (["--task", "grpo_tiny_task:nope"], "has no function 'nope'"),
-        (["--task", tiny_task, "--group-size", "1"], "group_size must be 2 or more"),
+        (["--task", tiny_task, "--group-size", "1"], "--group-size must be in [2, 65536], got 1"),
         (["--task", tiny_task, "--max-new-tokens", "60"], "lower --max-new-tokens"),
     ]:
         assert main([*common, *extra, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err and "Traceback" not in err, err
-
-
-def test_grpo_refuses_fsdp_whose_shards_cannot_sample(tmp_path, tiny_base_run, tiny_task):
-    from qinglm.post.grpo import GRPOConfig, GRPOStage, resolve_grpo
-    from qinglm.train.distributed import Dist
-    from qinglm.train.stage import StageContext
-
-    stage = GRPOStage(resolve_grpo(GRPOConfig(**_grpo_flags(tiny_base_run, tiny_task, tmp_path)), 64), print)
-    stage.bind(StageContext(torch.device("cpu"), "fp32", Dist(1, 2, 1, "fsdp"), tmp_path, print))
-    with pytest.raises(QingLMError, match="use --parallel ddp"):
-        stage.build_model()
 
 
 @pytest.mark.slow

@@ -129,6 +129,18 @@ def run(tmp_path_factory, files) -> Path:
     return run_train(dict(TINY), train, log=lambda _line: None)
 
 
+def test_the_end_of_run_report_skips_a_sample_prompt_longer_than_the_context(run):
+    """A run with a short context ends with its report, not with "prompt is N tokens" (exit 2)."""
+    from qinglm.pipeline import report
+    from qinglm.train.config import TrainConfig
+
+    lines: list[str] = []
+    cfg = TrainConfig(**{**TINY_TRAIN, "sample_prompts": ["你好", "长" * 200]})
+    report(run, run / "data", cfg, {}, log=lines.append)
+    assert any(line.startswith("  你好 → 你好") for line in lines), lines
+    assert any("not sampled: " in line and "context is 64" in line for line in lines), lines
+
+
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory) -> Path:
     """Return a tokenizer with the run's vocabulary size trained on other text (idioms)."""
@@ -168,7 +180,7 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
     """Return case name -> (qinglm arguments, fragment the one error line must contain)."""
     out = tmp / "out"
     step2 = run / "checkpoints" / "step-00000002"
-    return {
+    cases = {
         "missing_path": (["tokenizer", "train", "--data", tmp / "missing.txt", "--out", out], "missing.txt"),
         "empty_file": (["tokenizer", "train", "--data", files["empty"], "--out", out], "is empty"),
         "directory_without_text_files": (
@@ -222,7 +234,7 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
         ),
         "negative_layers": (
             ["train", "--data", files["utf8"], "--out", out, *TINY_FLAGS, "--n-layers", -1],
-            "n_layers must be positive",
+            "--n-layers must be 1 or more, got -1",
         ),
         "batch_larger_than_the_data": (
             ["train", "--data", run / "data", "--tokenizer", run / "tokenizer", "--out", tmp / "big_batch"]
@@ -287,6 +299,10 @@ def error_cases(files: dict[str, Path], run: Path, broken: dict[str, Path], tok:
             "but the model's context is 64",
         ),
         "eval_text_missing": (["eval", "--model", run, "--data", tmp / "nope.txt"], "nope.txt"),
+    }
+    # each its own --out: the cases run a few at a time, and a command claims the --out it writes into
+    return {
+        name: ([out / name if a == out else a for a in args], hint) for name, (args, hint) in cases.items()
     }
 
 

@@ -99,7 +99,7 @@ def test_presets_match_the_seeds():
         (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
         (dict(dropout=1.5), "dropout"),
         (dict(family="weird"), "unknown family"),
-        (dict(n_layers=0), "positive"),
+        (dict(n_layers=0), "--n-layers must be 1 or more"),
     ],
 )
 def test_impossible_dimensions_are_user_errors(kw, msg):

@@ -97,11 +97,11 @@ def test_dense_default_is_unchanged():
     "kw,msg",
     [
         (dict(n_experts=2, experts_per_token=3), "experts_per_token"),
-        (dict(n_experts=2, experts_per_token=0), "experts_per_token"),
-        (dict(n_experts=-1), "n_experts"),
-        (dict(n_experts=2, moe_every=0), "moe_every"),
+        (dict(n_experts=2, experts_per_token=0), "--experts-per-token must be 1 or more"),
+        (dict(n_experts=-1), "--n-experts must be 0 or more"),
+        (dict(n_experts=2, moe_every=0), "--moe-every must be 1 or more"),
         (dict(n_experts=2, router="weird"), "unknown router"),
-        (dict(n_experts=2, moe_aux_coef=-1.0), "must not be negative"),
+        (dict(n_experts=2, moe_aux_coef=-1.0), "--moe-aux-coef must be 0 or more"),
         (dict(shared_experts=1), "needs n_experts"),
     ],
 )

@@ -282,8 +282,7 @@ def test_sigterm_during_prepare_leaves_no_temp_file(tmp_path, phrase_corpus, tex
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "Traceback" not in err, err
-    assert not [f for f in os.listdir(out) if "tmp" in f]
-    assert not (out / ".qinglm.lock").exists()
+    assert not out.exists()  # nothing was finished: the folder it made goes with its claim
 
 
 SLOW_GGUF = """

@@ -81,6 +81,19 @@ def test_sft_on_two_processes_follows_one_with_the_same_global_batch(tiny_base_r
     assert b == pytest.approx(a, rel=1e-4)  # float rounding: gradients averaged over ranks, other padding
 
 
+def test_a_resumed_sft_run_reports_the_held_out_loss_measured_before_its_first_step(tiny_base_run, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl", n=16)
+    out = tmp_path / "sft"
+    flags = sft_flags(tiny_base_run, data, out, max_steps=2, save_every=2, lr_schedule="constant")
+    first = run_sft(SFTConfig(**flags), log=lambda _: None)
+    lines: list[str] = []
+    resumed = run_sft(SFTConfig(**{**flags, "max_steps": 4, "resume": True}), log=lines.append)
+    assert resumed["step"] == 4 and resumed["val_loss_before"] == first["val_loss_before"] is not None
+    assert f"(before {first['val_loss_before']:.4f})" in next(x for x in lines if "loss after" in x)
+    saved = json.loads((out / "sft_results.json").read_text())
+    assert saved["val_loss_before"] == first["val_loss_before"]
+
+
 def test_base_and_init_from_accept_an_sft_run(tiny_base_run, tmp_path):
     data = write_chats(tmp_path / "chats.jsonl", n=16)
     first = tmp_path / "sft1"

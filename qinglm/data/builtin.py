@@ -14,7 +14,7 @@ from pathlib import Path
 from qinglm.data.sources import normalize_text, split_of
 from qinglm.data.splits import is_val_block, names_held_out_idiom, pd1998_blocks
 from qinglm.errors import QingLMError
-from qinglm.io import atomic_open
+from qinglm.io import atomic_open, claim_file
 
 SPLITS = ("all", "train", "val")
 
@@ -116,17 +116,22 @@ def builtin_info(name: str) -> dict[str, object]:
 
 
 def export_builtin(
-    name: str, out_path: str | os.PathLike[str], split: str = "all", val_fraction: float = 0.02
+    name: str,
+    out_path: str | os.PathLike[str],
+    split: str = "all",
+    val_fraction: float = 0.02,
+    overwrite: bool = False,
 ) -> int:
     """Return the number of documents written to `out_path`, one per line, UTF-8.
 
     The file is written to a temporary name in the same folder and then renamed, so a
-    crash never leaves a half-written file behind.
+    crash never leaves a half-written file behind. An existing file QingLM did not write needs overwrite.
     """
     docs = builtin_documents(name, split, val_fraction)
     out = Path(out_path)
     if out.is_dir():
         raise QingLMError(f"{out} is a directory; give a file name to export to")
+    claim_file(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out) as f:
         for doc in docs:

@@ -21,12 +21,14 @@ from typing import Any
 
 from qinglm.data.parallel import chunked_map
 from qinglm.errors import QingLMError
+from qinglm.typecheck import check_types
 
 FIXES = ("html", "boilerplate", "mask", "t2s")
 FILTERS = ("length", "cjk", "repetition", "symbols", "punctuation", "langid")
 OPTIONAL = ("t2s", "langid")  # off unless asked for: they need an extra package
 EXAMPLES = 3  # dropped documents kept per filter in the report
 EXAMPLE_CHARS = 200
+SHARE = {"within": "[0, 1]"}  # a share of a document's characters, lines or paragraphs
 
 _TAG = re.compile(r"<\s*/?\s*[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?\s*>")
 _SCRIPT = re.compile(r"<\s*(script|style)\b.*?<\s*/\s*\1\s*>", re.S | re.I)
@@ -56,38 +58,37 @@ class CleanConfig:
     """Which fix-ups and filters run, and their thresholds."""
 
     enabled: set[str] = field(default_factory=lambda: set(FIXES + FILTERS) - set(OPTIONAL))
-    min_chars: int = 20
-    max_chars: int = 100_000
-    min_cjk: float = 0.3  # CJK ideographs / non-space characters
-    max_dup_line: float = 0.3  # duplicate lines / lines (Gopher)
-    max_dup_para: float = 0.3  # duplicate paragraphs / paragraphs
-    max_dup_line_chars: float = 0.2  # characters in duplicate lines / all characters
-    max_dup_para_chars: float = 0.2
+    min_chars: int = field(default=20, metadata={"within": "[0, inf)"})
+    max_chars: int = field(default=100_000, metadata={"within": "[0, inf)"})
+    min_cjk: float = field(default=0.3, metadata=SHARE)  # CJK ideographs / non-space characters
+    max_dup_line: float = field(default=0.3, metadata=SHARE)  # duplicate lines / lines (Gopher)
+    max_dup_para: float = field(default=0.3, metadata=SHARE)  # duplicate paragraphs / paragraphs
+    max_dup_line_chars: float = field(default=0.2, metadata=SHARE)  # characters in duplicate lines / all
+    max_dup_para_chars: float = field(default=0.2, metadata=SHARE)
     # (n, most share of the characters): the most frequent n-gram (seen 3 times or more), and all the
     # n-grams seen twice or more; set above the 99.9th percentile of edited news (pd1998, documents of
     # 100+ characters), since characters repeat more than words do
     top_ngrams: tuple[tuple[int, float], ...] = ((3, 0.25), (5, 0.25), (8, 0.25))
     dup_ngrams: tuple[tuple[int, float], ...] = ((10, 0.35), (15, 0.30), (20, 0.25))
-    max_symbols: float = 0.1  # symbol characters (#, emoji, box drawing, ...) / non-space characters
-    max_punctuation: float = 0.3
+    # symbol characters (#, emoji, box drawing, ...) / non-space characters
+    max_symbols: float = field(default=0.1, metadata=SHARE)
+    max_punctuation: float = field(default=0.3, metadata=SHARE)
     langid: str = "zh"
     mask: dict[str, str] = field(
         default_factory=lambda: {"url": "<URL>", "email": "<EMAIL>", "phone": "<PHONE>"}
     )
 
     def __post_init__(self) -> None:
+        check_types(self)  # each number's type and range
         unknown = set(self.enabled) - set(FIXES + FILTERS)
         if unknown:
             raise QingLMError(
                 f"unknown cleaning step(s) {', '.join(sorted(unknown))}; known: {', '.join(FIXES + FILTERS)}"
             )
-        if not 0 <= self.min_chars <= self.max_chars:
-            raise QingLMError(f"need 0 <= min chars <= max chars, got {self.min_chars} and {self.max_chars}")
-        for name in ("min_cjk", "max_symbols", "max_punctuation"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise QingLMError(
-                    f"{name.replace('_', ' ')} must be between 0 and 1, got {getattr(self, name)}"
-                )
+        if self.min_chars > self.max_chars:
+            raise QingLMError(
+                f"--min-chars ({self.min_chars}) must not be more than --max-chars ({self.max_chars})"
+            )
 
 
 @dataclass
@@ -256,10 +257,18 @@ def check_punctuation(text: str, c: CleanConfig) -> str:
 def _langid(want: str) -> Callable[[str, CleanConfig], str]:
     try:
         import py3langid
+        from py3langid import langid
     except ImportError:
         raise QingLMError(
             "--langid needs py3langid: pip install 'qinglm[data]' (or pip install py3langid)"
         ) from None
+    if langid.IDENTIFIER is None:
+        py3langid.classify("")  # loads the model, which holds the languages it knows
+    known = sorted(langid.IDENTIFIER.nb_classes)
+    if want not in known:  # it would drop every document
+        raise QingLMError(
+            f"--lang {want!r} is not a language py3langid knows; choose one of {' '.join(known)}"
+        )
 
     def check(text: str, c: CleanConfig) -> str:
         lang = py3langid.classify(text.replace("\n", " "))[0]

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     e.add_argument("name")
     e.add_argument("out")
     e.add_argument("--split", default="all", choices=["all", "train", "val"])
+    e.add_argument("--overwrite", action="store_true", help="replace an OUT file QingLM did not write")
     add_parsers(dsub)
     return {"data": cmd_data}
 
@@ -34,7 +35,7 @@ def cmd_data(args: argparse.Namespace) -> None:
             print(f"{name:<8} {info['documents']:>10,} {info['characters']:>12,}  {info['source']}")
             print(f"{'':<8} {info['description']}")
     else:
-        n = export_builtin(args.name, args.out, split=args.split)
+        n = export_builtin(args.name, args.out, split=args.split, overwrite=args.overwrite)
         print(f"wrote {n:,} documents to {args.out}")
 
 
@@ -47,7 +48,7 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
         "and filter (length, CJK share, repetition, symbols, punctuation, optional language id) "
         "documents; write DIR/clean_0000.jsonl, ... and DIR/clean_report.json.",
     )
-    _add_io(c)
+    _add_io(c, nfkc_help="normalise full-width Latin letters and digits (default: on)")
     for step in FIXES + FILTERS:
         c.add_argument(
             f"--{step}",
@@ -71,7 +72,12 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
         description="Keep the first of each group of duplicates; write DIR/dedup_0000.jsonl, ... and "
         "DIR/dedup_report.json.",
     )
-    _add_io(p)
+    _add_io(
+        p,
+        nfkc=False,
+        nfkc_help="write full-width Latin letters and digits as ASCII (default: off, the documents kept are "
+        "written as read; duplicates are compared normalised either way)",
+    )
     add_download_parser(dsub)
     from qinglm.data.dedup import DedupConfig
 
@@ -84,9 +90,15 @@ def add_parsers(dsub: argparse._SubParsersAction) -> None:
     p.add_argument("--ngram", type=int, default=dd.ngram, help="characters per n-gram")
     p.add_argument("--num-perm", type=int, default=dd.num_perm, help="MinHash permutations")
     p.add_argument(
+        "--bands",
+        type=int,
+        default=dd.bands,
+        help="LSH bands, of num-perm // bands permutations each (default 0: chosen for the threshold)",
+    )
+    p.add_argument(
         "--tmp-dir",
         default=None,
-        help="where the spill files go (about 650 bytes per document; default: $TMPDIR or /tmp)",
+        help="where the spill files go (about 720 bytes per document; default: $TMPDIR or /tmp)",
     )
 
 
@@ -114,16 +126,14 @@ def add_download_parser(dsub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_io(p: argparse.ArgumentParser) -> None:
+def _add_io(p: argparse.ArgumentParser, nfkc_help: str, nfkc: bool = True) -> None:
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="file(s), directory or glob (.txt, .jsonl, ...)"
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--encoding", default=None, help="text encoding (default: detect)")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
-    p.add_argument(
-        "--nfkc", action=argparse.BooleanOptionalAction, default=True, help="normalise full-width Latin"
-    )
+    p.add_argument("--nfkc", action=argparse.BooleanOptionalAction, default=nfkc, help=nfkc_help)
     p.add_argument("--shard-mb", type=int, default=256, help="size of each output shard")
     p.add_argument(
         "--workers", type=int, default=0, help="worker processes (default 0: one per CPU; 1: none)"
@@ -177,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
         from qinglm.data.dedup import DedupConfig, DedupReport, dedup_documents
 
         config = DedupConfig(
-            **{k: getattr(args, k) for k in ("exact", "near", "ngram", "threshold", "num_perm")}
+            **{k: getattr(args, k) for k in ("exact", "near", "ngram", "threshold", "num_perm", "bands")}
         )
         report = DedupReport()
         kept = dedup_documents(

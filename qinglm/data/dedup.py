@@ -3,7 +3,7 @@ character n-grams, LSH bands, signatures compared), keeping the first of each gr
 
 Two passes over the input, the way corpus-scale pipelines (datatrove's MinHash stages) do it, so memory
 does not hold an index of the corpus. Pass 1 writes each document's exact hash, MinHash signature and
-LSH band hashes to spill files (648 bytes per document at 128 permutations, 16 bands). Then, one file
+LSH band hashes to spill files (720 bytes per document at 128 permutations, 25 bands). Then, one file
 at a time, a stable sort finds the documents that share the exact hash with an earlier document (exact
 copies) or a band's hash (candidates); a candidate is a near copy when its signature agrees with an
 earlier document of the bucket (its first, or one of the LOOKBACK before it) in at least `threshold`
@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from qinglm.data.parallel import chunked_map
+from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
+from qinglm.typecheck import check_types
 
 EXAMPLES = 3
 BATCH = 1 << 14  # documents hashed per rensa call and per spill write
@@ -40,8 +42,9 @@ _SENTENCE_END = re.compile(r"[。！？!?；;\n]+")
 
 
 def normalise(text: str) -> str:
-    """Return text lower-cased without whitespace, punctuation or symbols: what duplicates are compared on."""
-    return _NOT_WORD.sub("", text.lower())
+    """Return text with full-width letters and digits half-width (normalize_text), lower-cased, without
+    whitespace, punctuation or symbols: what duplicates are compared on, never what is written."""
+    return _NOT_WORD.sub("", normalize_text(text).lower())
 
 
 def exact_key(text: str) -> int:
@@ -62,18 +65,20 @@ def shingles(text: str, n: int) -> list[str]:
 
 
 def lsh_bands(threshold: float, num_perm: int) -> int:
-    """Return the number of LSH bands (dividing num_perm) that minimises false positives + false negatives
-    for the Jaccard threshold, as datasketch chooses them."""
+    """Return the number of LSH bands (of num_perm // bands rows each) that minimises 0.1 x false positives +
+    0.9 x false negatives for the Jaccard threshold, as datasketch chooses them with weights (0.1, 0.9):
+    a candidate's signature is checked afterwards, so a false positive costs one comparison, a miss is final
+    (with equal weights, copies at Jaccard 0.75 were proposed 4 times in 5: benchmarks/dedup_recall.py)."""
     steps = 200
     low = [(i + 0.5) * threshold / steps for i in range(steps)]
     high = [threshold + (i + 0.5) * (1 - threshold) / steps for i in range(steps)]
     best = None
-    for b in (b for b in range(1, num_perm + 1) if num_perm % b == 0):
+    for b in range(1, num_perm + 1):
         r = num_perm // b
         fp = sum(1 - (1 - s**r) ** b for s in low) * threshold / steps
         fn = sum((1 - s**r) ** b for s in high) * (1 - threshold) / steps
-        if best is None or fp + fn < best[0]:
-            best = (fp + fn, b)
+        if best is None or 0.1 * fp + 0.9 * fn < best[0]:
+            best = (0.1 * fp + 0.9 * fn, b)
     return best[1]
 
 
@@ -83,18 +88,27 @@ class DedupConfig:
 
     exact: bool = True
     near: bool = True
-    ngram: int = 5  # characters per shingle
-    threshold: float = 0.7  # estimated Jaccard similarity of the shingle sets
-    num_perm: int = 128
-    seed: int = 1
+    ngram: int = field(default=5, metadata={"within": "[1, 1000]"})  # characters per shingle
+    # estimated Jaccard similarity of the shingle sets
+    threshold: float = field(default=0.6, metadata={"within": "(0, 1]"})
+    # MinHash's error falls as 1/sqrt(num_perm): 3% at 1024, and each document's signature grows with it
+    num_perm: int = field(default=128, metadata={"within": "[2, 1024]"})
+    # LSH bands of num_perm // bands rows each; 0: lsh_bands(threshold, num_perm)
+    bands: int = field(default=0, metadata={"within": "[0, 1024]"})
+    seed: int = field(default=1, metadata={"within": "[0, 4294967295]"})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise QingLMError(f"the similarity threshold must be in (0, 1], got {self.threshold}")
-        if self.ngram < 1 or self.num_perm < 2:
-            raise QingLMError(f"need ngram >= 1 and num_perm >= 2, got {self.ngram} and {self.num_perm}")
+        check_types(self)  # each number's type and range
+        if self.bands > self.num_perm:
+            raise QingLMError(f"bands must be 0 (chosen for the threshold) to num_perm, got {self.bands}")
         if not (self.exact or self.near):
             raise QingLMError("nothing to do: both exact and near-duplicate removal are off")
+
+    def lsh_bands(self) -> int:
+        """Return the number of LSH bands used: `bands`, or the one chosen for the threshold (0 without near)."""
+        if not self.near:
+            return 0
+        return self.bands or lsh_bands(self.threshold, self.num_perm)
 
 
 @dataclass
@@ -118,7 +132,7 @@ class DedupReport:
             "kept": self.kept,
             "dropped": {k: self.dropped[k] for k in ("exact", "near") if getattr(config, k)},
             "examples": self.examples,
-            "config": vars(config),
+            "config": vars(config) | {"bands": config.lsh_bands()},  # the bands used
         }
 
 
@@ -187,7 +201,7 @@ def _deduped(
 
 def _spill(docs: Iterable[str], config: DedupConfig, spill: Path, workers: int) -> list[Path]:
     """Return the spill files written from docs: exact hashes, then one file of hashes per LSH band."""
-    bands = lsh_bands(config.threshold, config.num_perm) if config.near else 0
+    bands = config.lsh_bands()
     paths = [spill / "exact.u64"] + [spill / "minhash.u32"] * bool(bands)
     paths += [spill / f"band{j:03d}.u64" for j in range(bands)]
     outs = [open(p, "wb") for p in paths]
@@ -214,7 +228,7 @@ _worker: dict[str, Any] = {}  # this process's config, band count and rensa (set
 
 def _init_worker(config: DedupConfig) -> None:
     _worker["config"] = config
-    _worker["bands"] = lsh_bands(config.threshold, config.num_perm) if config.near else 0
+    _worker["bands"] = config.lsh_bands()
     _worker["rensa"] = _rensa() if config.near else None
 
 
@@ -228,7 +242,8 @@ def hash_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sets = [shingles(d, config.ngram) or [""] for d in docs]
     rows = rensa.RMinHash.digest_matrix_from_token_sets(sets, config.num_perm, config.seed).to_rows()
     sigs = np.array(rows, dtype=np.uint32)
-    by_band = sigs.astype(np.uint64).reshape(len(docs), bands, -1)
+    rows_per_band = config.num_perm // bands  # the first bands * rows_per_band permutations make the bands
+    by_band = sigs[:, : bands * rows_per_band].astype(np.uint64).reshape(len(docs), bands, rows_per_band)
     h = np.zeros(by_band.shape[:2], dtype=np.uint64)
     for k in range(by_band.shape[2]):  # a band's hash: its rows' minima mixed in turn
         h = _mix(h ^ by_band[:, :, k])

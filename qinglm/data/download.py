@@ -115,13 +115,13 @@ def download(
     repo = repo or name
     patterns = list(include) or (list(entry.include) if entry else None)
     path = Path(out)
-    try:
-        owned = OwnedDir.claim(path, "download", [LOCK_FILE], overwrite=overwrite)
-    except OSError as e:
+    try:  # a download that fails (offline, no such dataset) leaves no claim on path
+        with OwnedDir.claiming(path, "download", [LOCK_FILE], overwrite=overwrite) as owned:
+            with exclusive_lock(path):
+                (_hf_download if source == "hf" else _modelscope_download)(repo, path, patterns)
+                owned.add(*(p.name for p in path.iterdir() if not p.name.startswith(".")))
+    except OSError as e:  # the clients' own errors are QingLMErrors by now
         raise QingLMError(f"cannot write to {path}: {e.strerror or e}") from None
-    with exclusive_lock(path):
-        (_hf_download if source == "hf" else _modelscope_download)(repo, path, patterns)
-        owned.add(*(p.name for p in path.iterdir() if not p.name.startswith(".")))
     try:
         return expand_paths(path)
     except QingLMError:

@@ -165,3 +165,16 @@ def read_lines(path: Path, encoding: str | None, limit: int) -> Iterator[tuple[i
                     piece = piece.lstrip("\ufeff")
             more = len(piece) >= limit and not piece.endswith("\n")
             yield number, piece, more
+
+
+def whole_lines(path: Path, encoding: str | None, limit: int) -> Iterator[tuple[int, str | None]]:
+    """Yield (line number, text) for each line of `path` as read_lines does; text is None, once, for a
+    line longer than `limit` characters, which is read past in pieces and never held whole."""
+    skipping = False
+    for number, piece, more in read_lines(path, encoding, limit):
+        if skipping or more:
+            if not skipping:
+                yield number, None
+            skipping = more
+            continue
+        yield number, piece

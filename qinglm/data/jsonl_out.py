@@ -40,8 +40,10 @@ def write_jsonl_shards(
     shard_name = re.compile(rf"^{re.escape(prefix)}_\d{{4}}\.jsonl$")
     temps: list[tuple[Path, Path]] = []  # (temp, final)
     try:
-        owned = OwnedDir.claim(out, KIND, [report_name, LOCK_FILE], overwrite=overwrite)
-        with exclusive_lock(out):
+        with (
+            OwnedDir.claiming(out, KIND, [report_name, LOCK_FILE], overwrite=overwrite) as owned,
+            exclusive_lock(out),
+        ):
             owned.remove_leftovers()
             (out / report_name).unlink(missing_ok=True)  # the directory is incomplete until it is back
             f, size = None, 0

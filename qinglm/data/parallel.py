@@ -16,10 +16,11 @@ from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from typing import Any, TypeVar
 
-from qinglm.errors import QingLMError
+from qinglm.typecheck import check_value
 
 T = TypeVar("T")
 R = TypeVar("R")
+MAX_WORKERS = 1024  # each worker is a process: more than this is a typo, not a machine
 
 
 def default_workers() -> int:
@@ -28,9 +29,8 @@ def default_workers() -> int:
 
 
 def check_workers(workers: int) -> int:
-    """Return workers (0 = one per CPU) after checking it is not negative."""
-    if workers < 0:
-        raise QingLMError(f"--workers must be >= 0 (0: one per CPU), got {workers}")
+    """Return workers (0 = one per CPU) after checking it is in [0, MAX_WORKERS]."""
+    check_value("--workers (0: one per CPU)", workers, f"[0, {MAX_WORKERS}]")
     return workers or default_workers()
 
 

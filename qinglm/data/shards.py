@@ -159,10 +159,10 @@ def prepare_stream(
     dtype = _dtype_for(tokenizer.vocab_size)
     counts = {split: [0, 0] for split in splits}  # documents, characters
     try:
-        owned = OwnedDir.claim(
+        claimed = OwnedDir.claiming(
             out, "data", [INDEX_FILE, LOCK_FILE], overwrite=overwrite, legacy=_legacy_prepared
         )
-        with exclusive_lock(out):
+        with claimed as owned, exclusive_lock(out):
             owned.remove_leftovers()  # temp files of a killed preparation
             # Drop the old index first: if we are killed midway, the directory must not look complete.
             (out / INDEX_FILE).unlink(missing_ok=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from qinglm.data.encoding import LONE_SURROGATE, SAMPLE_BYTES, open_text, read_lines
+from qinglm.data.encoding import LONE_SURROGATE, SAMPLE_BYTES, open_text, read_lines, whole_lines
 from qinglm.data.files import CorruptInput, format_of
 from qinglm.errors import QingLMError
-from qinglm.io import OwnedDir
+from qinglm.io import OwnedDir, not_a_file
 
 PathSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -141,7 +141,7 @@ def _expand_one(text: str) -> list[Path]:
         if not found:
             raise QingLMError(f"the pattern {text!r} matches no files; check the pattern")
         return found
-    raise QingLMError(f"{text}: no such file or directory; check the path")
+    raise QingLMError(f"{text}: {not_a_file(path)}; check the path")  # missing, /dev/zero, a pipe, ...
 
 
 def _scan_dir(root: Path) -> list[Path]:
@@ -352,21 +352,29 @@ def _json_texts(path: Path, encoding: str | None, text_field: str) -> Iterator[R
         for number, item in enumerate(items, 1):
             yield Raw(number, *_record_text(item, text_field), unit="item")
         return
-    skipping = False  # inside a line too long to parse
-    for number, line, more in read_lines(path, encoding, MAX_LINE_CHARS):
-        if skipping or more:
-            if not skipping:
-                yield Raw(number, None, f"line longer than {MAX_LINE_CHARS:,} characters")
-            skipping = more
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            yield Raw(number, None, "invalid JSON")
-            continue
-        yield Raw(number, *_record_text(record, text_field))
+    for number, record, reason in json_lines(path, encoding):
+        yield Raw(number, None, reason) if reason else Raw(number, *_record_text(record, text_field))
+
+
+def json_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, object, str]]:
+    """Yield (line number, record, "") for each non-blank line of a JSON-lines file, or (line number,
+    None, why) for a line skipped: longer than MAX_LINE_CHARS, undecodable bytes, or not JSON.
+
+    The one reader of user JSONL (corpora, SFT and DPO data): memory stays bounded by MAX_LINE_CHARS
+    whatever the lines' lengths.
+    """
+    for number, line in whole_lines(path, encoding, MAX_LINE_CHARS):
+        if line is None:
+            yield number, None, f"line longer than {MAX_LINE_CHARS:,} characters"
+        elif LONE_SURROGATE.search(line):
+            yield number, None, "undecodable bytes"
+        elif line.strip():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # RecursionError: nested too deep
+                yield number, None, "invalid JSON"
+                continue
+            yield number, record, ""
 
 
 def _json_array(path: Path, encoding: str | None) -> list[object] | None:

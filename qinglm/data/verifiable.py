@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from qinglm.data.sources import normalize_text
 from qinglm.errors import QingLMError
@@ -55,10 +57,11 @@ class Task:
     pass_reward: float = 1.0  # a completion passes (held-out pass rate) when its reward reaches this
 
     def split(self, split: str) -> list[Example]:
-        """Return the examples of split, checked; QingLMError when the task gives none or bad ones."""
+        """Return the examples of split, checked; QingLMError when the task gives none or bad ones, or its
+        examples function raises."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
-        out = list(self.examples(split))
+        out = list(_call(self, "examples function", self.examples, split))
         if not out:
             raise QingLMError(f"task {self.name} has no {split} examples; give it some")
         for ex in out:
@@ -69,13 +72,36 @@ class Task:
         return out
 
     def reward(self, ex: Example, completion: str) -> float:
-        """Return the verifier's reward of completion; QingLMError when it is not a number in [0, 1]."""
-        r = self.verify(ex.messages, completion, ex.reference)
-        if not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:  # bools are 0 / 1
+        """Return the verifier's reward of completion; QingLMError when the verifier raises or returns
+        anything but a real number in [0, 1]: an int, a float, a bool (True is 1: `return answer == ref`
+        is a verifier), a NumPy scalar or a 0-d array or tensor; NaN never."""
+        r = _call(self, "verifier", self.verify, ex.messages, completion, ex.reference)
+        if getattr(r, "shape", None) == () and hasattr(r, "item"):  # a NumPy scalar, a 0-d array or tensor
+            r = r.item()
+        if not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:  # NaN fails too
             raise QingLMError(
-                f"task {self.name}'s verifier returned {r!r:.40}; it must return a number in [0, 1]"
+                f"task {self.name}'s verifier {_name(self.verify)} returned {r!r:.40}; "
+                "it must return a number in [0, 1]"
             )
         return float(r)
+
+
+def _name(fn: Callable) -> str:
+    """Return module.qualname of a function, for messages."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _call(task: Task, role: str, fn: Callable, *args: object) -> Any:
+    """Return fn(*args); a task's function is the user's code, so what it raises becomes a QingLMError
+    naming the function and the error (a QingLMError of its own passes unchanged)."""
+    try:
+        return fn(*args)
+    except QingLMError:
+        raise
+    except Exception as e:
+        raise QingLMError(
+            f"task {task.name}'s {role} {_name(fn)} raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        ) from None
 
 
 def _user(text: str) -> list[dict[str, str]]:

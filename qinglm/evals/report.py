@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from qinglm.config import DEFAULT_PROMPTS
-from qinglm.errors import QingLMError
 from qinglm.evals.suite import RESULTS_FILE, evaluate_tasks, merged_results, write_run_file
 
 REPORT, PLOTS = "report.md", "report"
@@ -268,14 +267,10 @@ def _plots(run: Path, runs: list[Path], info: dict[str, Any]) -> dict[str, str] 
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    from qinglm.io import OwnedDir
+    from qinglm.io import claim_file
     from qinglm.plot import plot_runs
 
-    owned = OwnedDir.read(run)
-    if (run / PLOTS).exists() and not (owned and owned.owns(PLOTS)):
-        raise QingLMError(f"{run / PLOTS} exists and was not written by QingLM; move it away first")
-    if owned:
-        owned.add(PLOTS)
+    claim_file(run / PLOTS)
     with_records = [r for r in runs if (r / "metrics.jsonl").is_file()]
     plots = {}
     if info["records"]:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from qinglm.data.splits import SPLIT_BY, VAL_FRACTION
-from qinglm.errors import QingLMError
 from qinglm.evals.chat import pass_rate
 from qinglm.evals.scoring import calibrated_picks, choose, encode_pair, score_ids
 from qinglm.evals.stats import bootstrap_ratio_interval, summary_score, wilson_interval
@@ -215,14 +214,9 @@ def merged_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 def write_run_file(run: Path, name: str, data: str | bytes) -> Path:
     """Write RUN/name atomically, first recording it in the run's manifest; refuse a file QingLM did not write."""
-    from qinglm.io import OwnedDir, atomic_open
+    from qinglm.io import atomic_open, claim_file
 
-    owned = OwnedDir.read(run)
-    path = run / name
-    if path.exists() and not (owned and owned.owns(name)):
-        raise QingLMError(f"{path} exists and was not written by QingLM; move it away first")
-    if owned:
-        owned.add(name)
+    path = claim_file(run / name)
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     return path

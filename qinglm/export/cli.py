@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     g.add_argument(
         "--dtype", default="f16", choices=GGUF_DTYPES, help="matrix precision (norms stay f32; default f16)"
     )
+    g.add_argument("--overwrite", action="store_true", help="replace an OUT.gguf QingLM did not write")
 
     p = sub.add_parser("import", help="make a run directory from another format")
     actions = p.add_subparsers(dest="import_action", metavar="FORMAT", required=True)
@@ -67,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         from qinglm.export.gguf import export_gguf
 
-        out = export_gguf(args.run, args.out, dtype=args.dtype)
+        out = export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
 
 

@@ -24,7 +24,7 @@ from qinglm.config import ModelConfig, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.export.hf_config import HF_OPTIONS, hf_model_type
 from qinglm.export.options import Table, unreproduced
-from qinglm.io import remove_stale_temps, temp_path
+from qinglm.io import claim_file, remove_stale_temps, temp_path
 from qinglm.tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer
 
 if TYPE_CHECKING:  # torch and numpy load when a file is written, so the CLI's --help stays fast
@@ -167,8 +167,12 @@ def _tensor_data(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     return a.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-def export_gguf(run_dir: str | Path, out_path: str | Path, dtype: str = "f16") -> Path:
+def export_gguf(
+    run_dir: str | Path, out_path: str | Path, dtype: str = "f16", overwrite: bool = False
+) -> Path:
     """Return out_path after writing the run's model, tokenizer and chat template as one GGUF file.
+
+    An existing out_path QingLM did not write needs overwrite.
 
     dtype: f32, f16 or q8_0 for the matrices (norm weights stay f32; q8_0 falls back to f16 for rows
     not a multiple of 32). Raises QingLMError for a model llama.cpp cannot run exactly.
@@ -186,7 +190,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, dtype: str = "f16") -
     arch = gguf_arch(cfg)
     tensors = gguf_tensors(model_tensors(lm.model), cfg, arch)
     vocab = tokenizer_metadata(lm.tokenizer, cfg.vocab_size)
-    out = Path(out_path)
+    out = claim_file(out_path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent, [out.name])  # .OUT.tmp-PID of an export that was killed
     tmp = temp_path(out)

@@ -207,14 +207,16 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     _check_not_a_run(out)
     # A folder QingLM did not write (e.g. another model's) is refused unless overwrite.
     try:
-        OwnedDir.claim(out, "export", HF_EXPORT_FILES, overwrite=overwrite).remove_leftovers()
+        with OwnedDir.claiming(out, "export", HF_EXPORT_FILES, overwrite=overwrite) as owned:
+            owned.remove_leftovers()
+            with atomic_open(out / HF_WEIGHTS, "wb") as f:
+                f.write(save(hf, metadata={"format": "pt"}))
+            write_json_atomic(out / "config.json", hf_config(cfg, dtype))
+            write_json_atomic(out / "generation_config.json", generation_config())
+            template = chat_template_of(lm.run_dir / "tokenizer")
+            save_hf_tokenizer(lm.tokenizer, out, cfg.max_seq_len, template)
     except OSError as e:
         raise QingLMError(f"cannot write the export to {out}: {e.strerror or e}") from None
-    with atomic_open(out / HF_WEIGHTS, "wb") as f:
-        f.write(save(hf, metadata={"format": "pt"}))
-    write_json_atomic(out / "config.json", hf_config(cfg, dtype))
-    write_json_atomic(out / "generation_config.json", generation_config())
-    save_hf_tokenizer(lm.tokenizer, out, cfg.max_seq_len, chat_template_of(lm.run_dir / "tokenizer"))
     return out
 
 

@@ -25,6 +25,8 @@ import torch
 
 from qinglm.device import compiled
 from qinglm.errors import QingLMError
+from qinglm.limits import check_bytes, memory_bytes
+from qinglm.memory import kv_cache_bytes
 from qinglm.model.transformer import KVCache, Transformer
 
 MIN_BUCKET = 8  # positions are allocated in powers of two from 8
@@ -116,11 +118,17 @@ class Slots:
         if rows == self.rows and positions == self.positions:
             return
         old = self.cache
-        self.cache = KVCache(self.model.cfg, rows, positions, self.device, self.dtype)
+        self.cache = self._allocate(rows, positions, "decoding")
         keep = min(self.rows, rows, n_rows)
         self.cache.k[:, :keep, :, : old.max_len] = old.k[:, :keep]
         self.cache.v[:, :keep, :, : old.max_len] = old.v[:, :keep]
         self.rows = rows
+
+    def _allocate(self, rows: int, positions: int, what: str) -> KVCache:
+        """Return a new KVCache of rows x positions; QingLMError when it is larger than this machine's memory."""
+        need = kv_cache_bytes(self.model.cfg, rows, positions, self.dtype.itemsize)
+        check_bytes(need, f"{what} {rows:,} rows of up to {positions:,} tokens at once", memory_bytes())
+        return KVCache(self.model.cfg, rows, positions, self.device, self.dtype)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first length positions of row src into row dst (filling a finished row); returns None."""
@@ -165,7 +173,7 @@ class Slots:
         """
         width = max(len(p) for p in prompts)
         if scratch is None:
-            scratch = KVCache(self.model.cfg, len(prompts), width, self.device, self.dtype)
+            scratch = self._allocate(len(prompts), width, "prefilling")
         ids = torch.tensor(
             [p[start:end] + [0] * (end - start - len(p[start:end])) for p in prompts],
             dtype=torch.long,

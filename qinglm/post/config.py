@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from qinglm.config import _f
 from qinglm.data.verifiable import TASKS
-from qinglm.errors import QingLMError
 from qinglm.post.dpo_data import BUILTIN as DPO_BUILTIN
 from qinglm.sft.config import LoRAPart
 from qinglm.train.config import EngineConfig, TrainConfig
@@ -18,14 +17,12 @@ class DistillConfig(TrainConfig):
     """Pretraining a student (its size from --preset and the model flags) against a teacher run."""
 
     teacher: str = _f("", "the teacher run directory (any kind); its tokenizer is the student's")
-    alpha: float = _f(0.5, "weight of the distillation loss; 1 - alpha weighs the ordinary next-token loss")
-    temperature: float = _f(2.0, "softmax temperature of both distributions in the distillation loss")
-
-    def check(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise QingLMError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise QingLMError(f"temperature must be positive, got {self.temperature}")
+    alpha: float = _f(
+        0.5, "weight of the distillation loss; 1 - alpha weighs the ordinary next-token loss", within="[0, 1]"
+    )
+    temperature: float = _f(
+        2.0, "softmax temperature of both distributions in the distillation loss", within="(0, inf)"
+    )
 
 
 @dataclass
@@ -38,12 +35,22 @@ class GRPOConfig(EngineConfig):
         f"{', '.join(TASKS)} (built-in) or MODULE:FUNCTION, a function returning a qinglm.post.tasks.Task",
     )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-grpo)")
-    group_size: int = _f(8, "replies sampled per prompt; each is judged against its group's mean reward")
-    kl_coef: float = _f(0.04, "weight of the KL to the frozen base model (0: no reference model is kept)")
-    clip_eps: float = _f(0.2, "the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]")
-    max_new_tokens: int = _f(32, "longest reply in tokens")
-    temperature: float = _f(1.0, "sampling temperature of the replies (the log-probabilities use it too)")
-    eval_prompts: int = _f(50, "held-out prompts answered greedily at each validation (0 = all)")
+    group_size: int = _f(
+        8, "replies sampled per prompt; each is judged against its group's mean reward", within="[2, 65536]"
+    )
+    kl_coef: float = _f(
+        0.04, "weight of the KL to the frozen base model (0: no reference model is kept)", within="[0, inf)"
+    )
+    clip_eps: float = _f(
+        0.2, "the probability ratio is clipped to [1 - clip_eps, 1 + clip_eps]", within="(0, 1]"
+    )
+    max_new_tokens: int = _f(32, "longest reply in tokens", within="[1, inf)")
+    temperature: float = _f(
+        1.0, "sampling temperature of the replies (the log-probabilities use it too)", within="(0, inf)"
+    )
+    eval_prompts: int = _f(
+        50, "held-out prompts answered greedily at each validation (0 = all)", within="[0, inf)"
+    )
     batch_size: int = _f(2, "prompts per micro-batch (each gets group_size replies)")
     seq_len: int | None = _f(None, "longest prompt + reply in tokens (default: the model's context)")
     lr: float = _f(1e-4, "peak learning rate")
@@ -52,15 +59,6 @@ class GRPOConfig(EngineConfig):
     compile: bool | None = _f(False, "torch.compile the model (off: reply lengths change every step)")
     eval_every: int = _f(50, "validate every N optimizer steps")
     log_every: int = _f(10, "log a metrics line every N steps")
-
-    def check(self) -> None:
-        for name in ("group_size", "max_new_tokens", "temperature", "clip_eps"):
-            if getattr(self, name) <= 0:
-                raise QingLMError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise QingLMError("group_size must be 2 or more: advantages compare replies within a group")
-        if self.kl_coef < 0 or self.eval_prompts < 0:
-            raise QingLMError("kl_coef and eval_prompts must be 0 or more")
 
 
 @dataclass
@@ -76,12 +74,18 @@ class DPOConfig(LoRAPart, EngineConfig):
     ref: str | None = _f(
         None, "the frozen reference run (default: the base; with --lora, the base without its adapters)"
     )
-    beta: float = _f(0.1, "DPO beta: the strength of the pull towards the reference (TRL's default)")
+    beta: float = _f(
+        0.1, "DPO beta: the strength of the pull towards the reference (TRL's default)", within="(0, inf)"
+    )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-dpo)")
     num_epochs: float | None = _f(None, "passes over the training pairs (default 1 if no other limit)")
-    max_examples: int | None = _f(None, "use at most this many training pairs (a seeded random subset)")
-    eval_examples: int = _f(200, "held-out pairs for the DPO loss and reward accuracy (0 = all)")
-    val_fraction: float = _f(0.05, "JSONL data: fraction of pairs held out")
+    max_examples: int | None = _f(
+        None, "use at most this many training pairs (a seeded random subset)", within="[1, inf)"
+    )
+    eval_examples: int = _f(
+        200, "held-out pairs for the DPO loss and reward accuracy (0 = all)", within="[0, inf)"
+    )
+    val_fraction: float = _f(0.05, "JSONL data: fraction of pairs held out", within="(0, 1)")
     batch_size: int = _f(4, "preference pairs per micro-batch (each pair is a chosen and a rejected row)")
     seq_len: int | None = _f(None, "longest row in tokens (default: the model's context)")
     lr: float | None = _f(None, "peak learning rate (default: 1e-4 full, 5e-4 LoRA)")
@@ -89,11 +93,3 @@ class DPOConfig(LoRAPart, EngineConfig):
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
     log_every: int = _f(10, "log a metrics line every N steps")
     seed: int = _f(0, "random seed (pair subset, batch order, LoRA init)")
-
-    def check(self) -> None:
-        if not self.beta > 0:
-            raise QingLMError(f"beta must be positive, got {self.beta}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.max_examples is not None and self.max_examples <= 0:
-            raise QingLMError(f"max_examples must be positive, got {self.max_examples}")

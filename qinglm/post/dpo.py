@@ -88,14 +88,15 @@ class DPOStage(TuningStage):
 
     def build_model(self) -> nn.Module:
         cfg, device = self.cfg, self.ctx.device
-        model = disable_dropout(self.base_model())
+        model = self.base_model()
         if cfg.ref:
             self.reference: nn.Module | None = _frozen(disable_dropout(load_base(cfg.ref, device)))
             if self.reference.cfg.vocab_size != model.cfg.vocab_size:
                 raise QingLMError(f"--ref {cfg.ref} has another vocabulary size than --base {cfg.base}")
         else:  # LoRA: the policy with its adapters switched off is the reference
-            self.reference = None if cfg.lora else _frozen(copy.deepcopy(model))
-        return self.tune(model)
+            self.reference = None if cfg.lora else _frozen(copy.deepcopy(disable_dropout(model)))
+        # Last: the policy's dropout off includes LoRA's (--lora-dropout), which tune() adds.
+        return disable_dropout(self.tune(model))
 
     def batches(self, cfg: DPOConfig) -> EpochBatches:
         def order(epoch: int) -> list[dpo_data.PairIds]:
@@ -156,7 +157,7 @@ class DPOStage(TuningStage):
             f"DPO: beta {cfg.beta:g}, reference {ref}, dropout off",
         ]
 
-    def finish(self, model: nn.Module) -> dict[str, Any]:
+    def finish(self, model: nn.Module, whole: nn.Module | None) -> dict[str, Any]:
         """Return the held-out figures after training; write adapter/ (LoRA) and dpo_results.json."""
         out, log, v = self.ctx.run_dir, self.ctx.log, self.last_val
         result: dict[str, Any] = {
@@ -173,7 +174,7 @@ class DPOStage(TuningStage):
                 f"held-out pairs: DPO loss {v['val_loss']:.4f} (log 2 = {math.log(2):.4f} at the start), "
                 f"reward accuracy {v['val_rewards/accuracies']:.1%}, margin {v['val_rewards/margins']:.4f}"
             )
-        self.save_adapter(model)
+        self.save_adapter(whole)
         if self.ctx.dist.is_main:
             write_json_atomic(out / "dpo_results.json", result)
         return result

@@ -28,6 +28,7 @@ from qinglm.evals.chat import held_out_rewards
 from qinglm.infer.chat import encode_chat
 from qinglm.infer.rollout import rollout
 from qinglm.io import write_json_atomic
+from qinglm.memory import check_fits, kv_cache_bytes
 from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from qinglm.post.tasks import Example, load_task
@@ -85,8 +86,6 @@ class GRPOStage(BaseRunStage):
         log(f"task {self.task.name}: {len(self.train):,} train prompts, {len(held):,} held-out prompts")
 
     def build_model(self) -> nn.Module:
-        if self.ctx.dist.mode == "fsdp":  # rollouts decode with the bare model: whole on every process
-            raise QingLMError("grpo samples with the whole model on each process; use --parallel ddp")
         model = self.base_model()
         if self.cfg.kl_coef > 0:  # the frozen start: what the KL term keeps the policy near
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -170,7 +169,13 @@ class GRPOStage(BaseRunStage):
             f"{len(self.heldout)} held-out prompts per validation"
         ]
 
-    def finish(self, model: nn.Module) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        return {"heldout_before": self.before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = state.get("heldout_before", self.before)
+
+    def finish(self, model: nn.Module, whole: nn.Module | None) -> dict[str, Any]:
         """Return the held-out figures before and after training; write grpo_results.json."""
         after = self.held_out(model)
         self.ctx.log(f"held-out reward after: {self._figures(after)}")
@@ -191,7 +196,15 @@ def run_grpo(cfg: GRPOConfig, log: Any = print, flags: dict[str, Any] | None = N
     """Return the engine's result with the held-out figures after a GRPO run of cfg."""
     from qinglm.train.driver import run_stage_command
 
-    cfg = resolve_grpo(cfg, run_dirs.model_config(cfg.base).max_seq_len if cfg.base else 0)
+    model_cfg = run_dirs.model_config(cfg.base) if cfg.base else None
+    cfg = resolve_grpo(cfg, model_cfg.max_seq_len if model_cfg else 0)
+    rows = cfg.batch_size * cfg.group_size  # every row's KV cache holds room for its whole reply
+    check_fits(
+        model_cfg,
+        kv_cache_bytes(model_cfg, rows, cfg.max_new_tokens),
+        f"the rollouts of --batch-size {cfg.batch_size:,} x --group-size {cfg.group_size:,} replies of "
+        f"--max-new-tokens {cfg.max_new_tokens:,}",
+    )
     res = run_stage_command("grpo", "grpo", cfg, flags or {}, lambda: GRPOStage(cfg, log), log)
     if res:
         log(f"wrote {res['checkpoint']}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass
 
 from qinglm.config import _f  # a field with its --help text, as every config dataclass declares them
@@ -22,7 +21,7 @@ class ServeConfig:
         "address to listen on; any address but loopback (127.0.0.1, ::1, localhost) exposes the server "
         "to the network: then also set --api-key",
     )
-    port: int = _f(8000, "TCP port")
+    port: int = _f(8000, "TCP port", within="[1, 65535]")
     api_key: str | None = _f(
         None,
         "require 'Authorization: Bearer KEY' on /v1/* requests; needed whenever --host is not a loopback "
@@ -34,44 +33,41 @@ class ServeConfig:
         "guard); '*' accepts any",
     )
     model_name: str | None = _f(None, "model id reported by /v1/models (default: the run directory's name)")
-    max_tokens_cap: int = _f(512, "upper bound on max_tokens; larger or negative requests are clamped")
-    default_max_tokens: int = _f(256, "max_tokens when a request does not give one")
+    max_tokens_cap: int = _f(
+        512, "upper bound on max_tokens; larger or negative requests are clamped", within="[1, inf)"
+    )
+    default_max_tokens: int = _f(256, "max_tokens when a request does not give one", within="[1, inf)")
     truncate_prompt: bool = _f(
         False, "/v1/completions: keep the end of a prompt longer than the context instead of answering 400"
     )
-    max_batch_size: int = _f(32, "most requests decoding at once (1 = one at a time)")
+    max_batch_size: int = _f(32, "most requests decoding at once (1 = one at a time)", within="[1, 4096]")
     kv_cache_tokens: int | None = _f(
-        None, "KV-cache budget in tokens, rows x positions (default: max-batch-size x the context)"
+        None,
+        "KV-cache budget in tokens, rows x positions (default: max-batch-size x the context)",
+        within="[1, inf)",
     )
     compile: bool | None = _f(None, "torch.compile the decoding step (default: on for CUDA, off for CPUs)")
-    max_queue: int = _f(256, "most requests waiting or running; more are answered 503")
-    max_request_bytes: int = _f(1 << 20, "largest request body in bytes; larger ones are answered 413")
-    max_messages: int = _f(4096, "most messages in one chat request")
-    request_timeout: float = _f(
-        30.0, "seconds a client may take to send one request (headers and body); slower ones are cut off"
+    max_queue: int = _f(256, "most requests waiting or running; more are answered 503", within="[1, 1000000]")
+    max_request_bytes: int = _f(
+        1 << 20, "largest request body in bytes; larger ones are answered 413", within="[1024, 1073741824]"
     )
-    max_connections: int = _f(512, "most open connections and requests; more are answered 503")
+    max_messages: int = _f(4096, "most messages in one chat request", within="[1, 1000000]")
+    request_timeout: float = _f(
+        30.0,
+        "seconds a client may take to send one request (headers and body); slower ones are cut off",
+        within="(0, inf)",
+    )
+    max_connections: int = _f(
+        512, "most open connections and requests; more are answered 503", within="[2, 1000000]"
+    )
     device: str = _f("auto", "cpu, cuda, mps or auto")
 
     def __post_init__(self) -> None:
-        check_types(self)
         self.check()
 
     def check(self) -> None:
         """Return None; raise QingLMError for a setting the server cannot run with."""
-        for name in ("max_tokens_cap", "default_max_tokens", "max_batch_size", "max_queue", "max_messages"):
-            if getattr(self, name) < 1:
-                raise QingLMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
-            raise QingLMError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
-        if self.max_request_bytes < 1024:
-            raise QingLMError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
-        if self.max_connections < 2:
-            raise QingLMError(f"--max-connections must be >= 2, got {self.max_connections}")
-        if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
-            raise QingLMError(f"--request-timeout must be positive seconds, got {self.request_timeout}")
-        if not 0 < self.port < 65536:
-            raise QingLMError(f"--port must be in 1..65535, got {self.port}")
+        check_types(self)  # types and each field's range
         if self.api_key is not None and not self.api_key.strip():
             raise QingLMError("--api-key must not be empty")
         bad = [h for h in self.allowed_hosts if not h or any(c.isspace() or c in "/[]" for c in h)]

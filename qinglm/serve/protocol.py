@@ -13,7 +13,8 @@ Limits, as documented for users:
 - sampling defaults are QingLM's (SamplingConfig); ``top_k``, ``repetition_penalty`` and ``seed`` are accepted
   as extensions; ``n`` must be 1. Values the sampler cannot use are answered 400: ``temperature`` must be 0
   (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], ``top_p`` in (0, 1], ``repetition_penalty`` in
-  [MIN_PENALTY, MAX_PENALTY], ``seed`` an integer of 64 bits (-2**63 <= seed < 2**64); NaN and infinities never.
+  [MIN_PENALTY, MAX_PENALTY], ``seed`` an integer of 64 bits (SamplingConfig.seed's range, what
+  torch.Generator.manual_seed takes); NaN and infinities never.
 - text must be valid Unicode (no lone surrogates); a chat has at most ServeConfig.max_messages messages;
   text that cannot fit the context even at the tokenizer's longest token is refused (or, with
   ``--truncate-prompt``, cut to its end) before it is tokenized.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from qinglm.errors import QingLMError
 from qinglm.infer.chat import IM_END, ROLES, fit_history, prompt_budget
 from qinglm.infer.text import encode_prompt
 from qinglm.serve.config import ServeConfig
+from qinglm.typecheck import check_value, ranges
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
@@ -42,7 +43,6 @@ MAX_STOP_STRINGS = 4  # as in the OpenAI API
 # Below MIN_TEMPERATURE, logits / temperature can overflow float32 and sampling fails: 0 means greedy.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
 MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0  # the same overflow, through the repetition penalty
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for system prompts
 
 
@@ -88,13 +88,11 @@ def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default
     return value
 
 
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
-    """Return body[name] as a float in [low, high] (default when missing); raise QingLMError otherwise."""
+def _number(body: dict[str, Any], name: str, default: float, within: str) -> float:
+    """Return body[name] as a float in the interval within (default when missing); QingLMError otherwise."""
     value = _get(body, name, (float, int), default)
-    value = float(value) if abs(value) <= 1e300 else math.inf  # float(10**400) raises
-    if not low <= value <= high:  # NaN fails too
-        raise QingLMError(f"'{name}' must be a number in [{low:g}, {high:g}], got {value!r}")
-    return value
+    check_value(f"'{name}'", value, within)  # NaN and infinities never; an int past 1e308 is out of range
+    return float(value)
 
 
 def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
@@ -104,24 +102,21 @@ def _sampling(body: dict[str, Any], cfg: ServeConfig) -> SamplingConfig:
         body, "max_completion_tokens", int, _get(body, "max_tokens", int, cfg.default_max_tokens)
     )
     top_k = _get(body, "top_k", int, d.top_k)
-    temperature = _number(body, "temperature", d.temperature, 0.0, MAX_TEMPERATURE)
+    temperature = _number(body, "temperature", d.temperature, f"[0, {MAX_TEMPERATURE:g}]")
     if 0 < temperature < MIN_TEMPERATURE:
         raise QingLMError(
-            f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}"
+            f"'temperature' must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}"
         )
-    top_p = _number(body, "top_p", d.top_p if d.top_p is not None else 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise QingLMError("'top_p' must be in (0, 1], got 0")
+    top_p = _number(body, "top_p", d.top_p if d.top_p is not None else 1.0, ranges(SamplingConfig)["top_p"])
     seed = _get(body, "seed", int, None)
-    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise QingLMError(f"'seed' must be a 64-bit integer (-2**63 <= seed < 2**64), got {str(seed):.30}")
+    check_value("'seed'", seed, ranges(SamplingConfig)["seed"])
     sampling = SamplingConfig(
         max_new_tokens=min(max(max_tokens, 1), cfg.max_tokens_cap),
         temperature=temperature,
         top_k=top_k if top_k and top_k > 0 else None,
         top_p=top_p,
         repetition_penalty=_number(
-            body, "repetition_penalty", d.repetition_penalty, MIN_PENALTY, MAX_PENALTY
+            body, "repetition_penalty", d.repetition_penalty, f"[{MIN_PENALTY:g}, {MAX_PENALTY:g}]"
         ),
         seed=seed,
     )

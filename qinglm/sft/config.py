@@ -18,20 +18,14 @@ class LoRAPart(Part):
     """LoRA adapters: which layers, their rank and scale (off unless lora is set)."""
 
     lora: bool = _f(False, "train LoRA adapters only; the base weights stay frozen")
-    lora_rank: int = _f(8, "LoRA rank r")
-    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_rank: int = _f(8, "LoRA rank r", within="[1, 65536]")
+    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/rank", within="(0, inf)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input", within="[0, 1)")
     lora_targets: list[str] = _f(
         list(LINEAR_NAMES), "HF module names that get LoRA (default: every linear layer)"
     )
 
     def check(self) -> None:
-        if self.lora_rank <= 0 or self.lora_alpha <= 0:
-            raise QingLMError(
-                f"lora_rank and lora_alpha must be positive, got {self.lora_rank}, {self.lora_alpha}"
-            )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise QingLMError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check_lora_targets(self.lora_targets)
 
 
@@ -47,13 +41,21 @@ class SFTConfig(LoRAPart, EngineConfig):
     )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-sft or -lora)")
     num_epochs: float | None = _f(None, "passes over the training examples (default 1 if no other limit)")
-    max_examples: int | None = _f(None, "use at most this many training examples (a seeded random subset)")
+    max_examples: int | None = _f(
+        None, "use at most this many training examples (a seeded random subset)", within="[1, inf)"
+    )
     idiom_kinds: list[str] | None = _f(
         None, "idioms-sft: only these question kinds (meaning origin example pinyin; default all four)"
     )
-    eval_examples: int = _f(500, "held-out examples for the assistant-token loss (0 = all)")
-    eval_pinyin: int = _f(100, "idioms-sft: held-out idioms asked for their pinyin after training (0 = skip)")
-    val_fraction: float = _f(0.05, "JSONL data: fraction of conversations held out for the loss")
+    eval_examples: int = _f(
+        500, "held-out examples for the assistant-token loss (0 = all)", within="[0, inf)"
+    )
+    eval_pinyin: int = _f(
+        100, "idioms-sft: held-out idioms asked for their pinyin after training (0 = skip)", within="[0, inf)"
+    )
+    val_fraction: float = _f(
+        0.05, "JSONL data: fraction of conversations held out for the loss", within="(0, 1)"
+    )
     batch_size: int = _f(4, "rows per batch (packed rows of seq-len tokens, or padded chats)")
     seq_len: int | None = _f(None, "longest row in tokens (default: the model's context)")
     batching: str = _f(
@@ -69,9 +71,5 @@ class SFTConfig(LoRAPart, EngineConfig):
     seed: int = _f(0, "random seed (example subset, batch order, LoRA init)")
 
     def check(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.max_examples is not None and self.max_examples <= 0:
-            raise QingLMError(f"max_examples must be positive, got {self.max_examples}")
         if self.batching not in BATCHING:
             raise QingLMError(f"unknown batching {self.batching!r}; choose one of {', '.join(BATCHING)}")

@@ -12,7 +12,6 @@ its own assistant tokens) or pad samples of similar length to the longest of the
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qinglm.errors import QingLMError
 from qinglm.infer.chat import ROLES, check_messages, encode_turn
+from qinglm.io import not_a_file
 
 if TYPE_CHECKING:
     import torch
@@ -100,27 +100,31 @@ def read_jsonl(
     """Return (parse(obj) of every good line, report) of a JSONL file; bad lines are counted, never kept.
 
     parse raises ValueError(reason) for a bad object. what ("SFT"), builtin ("idioms-sft") and noun
-    ("conversations") name the data in messages. Raises QingLMError when the file is missing, not UTF-8, or has no usable line.
+    ("conversations") name the data in messages. Lines are read as the data tools read them (encoding
+    detected; a line longer than MAX_LINE_CHARS is skipped without being held). Raises QingLMError when
+    the file is missing, not text, or has no usable line.
     """
+    from qinglm.data.files import CorruptInput
+    from qinglm.data.sources import json_lines
+
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise QingLMError(f"{what} data file not found: {p}; give a JSONL file or {builtin}")
+    if problem := not_a_file(p):  # missing, a directory, /dev/zero, ...
+        raise QingLMError(f"{what} data file {p}: {problem}; give a JSONL file or {builtin}")
     report, items = ReadReport(str(p), noun=noun), []
     try:
-        with open(p, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                report.lines += 1
+        for n, record, why in json_lines(p, None):
+            report.lines += 1
+            if not why:
                 try:
-                    items.append(parse(json.loads(line)))
-                except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                    why = "invalid JSON" if isinstance(e, json.JSONDecodeError) else str(e)
-                    report.skipped[why] += 1
-                    if len(report.first_bad) < max_bad_shown:
-                        report.first_bad.append((n, why))
-    except UnicodeDecodeError:
-        raise QingLMError(f"{p} is not UTF-8 text; convert it (e.g. iconv -f gbk -t utf-8)") from None
+                    items.append(parse(record))
+                    continue
+                except ValueError as e:
+                    why = str(e)
+            report.skipped[why] += 1
+            if len(report.first_bad) < max_bad_shown:
+                report.first_bad.append((n, why))
+    except CorruptInput as e:
+        raise QingLMError(f"cannot decompress {p} ({e}); download or compress it again") from None
     report.kept = len(items)
     if not items:
         raise QingLMError(f"no usable {noun} in {p}: {report.summary()}")

@@ -101,8 +101,9 @@ class TuningStage(BaseRunStage):
     def inference_weights(self, model: nn.Module) -> nn.Module:
         return merge_lora(copy.deepcopy(model)) if self.cfg.lora else model
 
-    def save_adapter(self, model: nn.Module) -> None:
-        """Return nothing; write RUN/adapter (PEFT's format) of a LoRA run, on the main process."""
+    def save_adapter(self, model: nn.Module | None) -> None:
+        """Return nothing; write RUN/adapter (PEFT's format) of a LoRA run, on the main process (model:
+        the whole model there, None elsewhere)."""
         if self.cfg.lora and self.ctx.dist.is_main:
             save_adapter(model, self.ctx.run_dir / "adapter", base=str(self.cfg.base))
 
@@ -167,7 +168,13 @@ class SFTStage(TuningStage):
             f"({cfg.batching}, {cfg.batch_size} x {cfg.seq_len})"
         ]
 
-    def finish(self, model: nn.Module) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_loss_before": self.val_before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.val_before = state.get("val_loss_before", self.val_before)
+
+    def finish(self, model: nn.Module, whole: nn.Module | None) -> dict[str, Any]:
         """Return the held-out figures after training; write adapter/ (LoRA) and sft_results.json."""
         cfg, out, log = self.cfg, self.ctx.run_dir, self.ctx.log
         result: dict[str, Any] = {
@@ -179,12 +186,14 @@ class SFTStage(TuningStage):
             "val_loss_before": self.val_before,
             "val_loss_after": self.held_out_loss(model),
         }
-        log(f"held-out assistant-token loss after: {result['val_loss_after']:.4f} (before {self.val_before})")
-        self.save_adapter(model)
+        # A checkpoint of an older version lacks the figure before training.
+        before = "unknown" if self.val_before is None else f"{self.val_before:.4f}"
+        log(f"held-out assistant-token loss after: {result['val_loss_after']:.4f} (before {before})")
         if not self.ctx.dist.is_main:
             return result
+        self.save_adapter(whole)
         if cfg.data == IDIOMS and cfg.eval_pinyin:
-            p = pinyin_accuracy(self.inference_weights(model), self.tok, cfg.eval_pinyin)
+            p = pinyin_accuracy(self.inference_weights(whole), self.tok, cfg.eval_pinyin)
             result["pinyin"] = p
             log(
                 f"held-out pinyin exact match: {p['exact']}/{p['n']} = {p['accuracy']:.1%} "

@@ -26,15 +26,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise QingLMError(f"{name} must be positive, got {v}")
-
-
 class Part:
-    """A config part: its fields' types and every part's own check run when the config is built."""
+    """A config part: its fields' types and ranges (the "within" of each number field, enforced by
+    check_types) and every part's own check of what ranges cannot say, run when the config is built."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -47,63 +41,61 @@ class Part:
 class OptimPart(Part):
     """The optimizer and the learning-rate schedule."""
 
-    lr: float = _f(2e-3, "peak learning rate (the seeds' 3e-4 learns far slower for these sizes)")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    lr: float = _f(
+        2e-3, "peak learning rate (the seeds' 3e-4 learns far slower for these sizes)", within="(0, inf)"
+    )
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak", within="[0, 1]")
     lr_schedule: str = _f(
         "cosine",
         "lr after warmup: cosine or linear decay to the floor, wsd (constant, then linear decay), constant",
         list(SCHEDULES),
     )
-    decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying")
-    warmup_steps: int = _f(1000, "linear warmup steps (capped at 5%% of a run whose length is known)")
-    weight_decay: float = _f(0.01, "AdamW weight decay on matrices only")
+    decay_fraction: float = _f(0.2, "WSD: fraction of the run spent decaying", within="(0, 1]")
+    warmup_steps: int = _f(
+        1000, "linear warmup steps (capped at 5%% of a run whose length is known)", within="[0, inf)"
+    )
+    weight_decay: float = _f(0.01, "AdamW weight decay on matrices only", within="[0, inf)")
     optimizer: str = _f(
         "adamw",
         "adamw, or muon: Muon for the 2-D weight matrices inside the blocks, AdamW for the rest",
         list(OPTIMIZERS),
     )
-    muon_lr: float = _f(0.02, "Muon learning rate for the hidden 2-D weight matrices")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    muon_lr: float = _f(0.02, "Muon learning rate for the hidden 2-D weight matrices", within="(0, inf)")
+    beta1: float = _f(0.9, "AdamW beta1", within="[0, 1)")
+    beta2: float = _f(0.999, "AdamW beta2", within="[0, 1)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", within="[0, inf)")
 
     def check(self) -> None:
-        _positive(self, "lr")
         if self.lr_schedule not in SCHEDULES:
             raise QingLMError(
                 f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}"
             )
         if self.optimizer not in OPTIMIZERS:
             raise QingLMError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise QingLMError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass
 class LengthPart(Part):
     """How long the run is: steps, minutes or passes over the data, whichever comes first."""
 
-    max_steps: int | None = _f(None, "stop after this many optimizer steps")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps", within="[1, inf)")
     max_time: float | None = _f(
         None,
         "stop after this many minutes of training (with no limit given: 8 minutes or 8 passes, the first reached)",
+        within="(0, inf)",
     )
-    num_epochs: float | None = _f(None, "stop after this many passes over the training data")
-
-    def check(self) -> None:
-        _positive(self, "max_steps", "max_time", "num_epochs")
+    num_epochs: float | None = _f(
+        None, "stop after this many passes over the training data", within="(0, inf)"
+    )
 
 
 @dataclass
 class BatchPart(Part):
     """The shape of a step: rows per micro-batch, micro-batches per step, tokens per row."""
 
-    batch_size: int = _f(32, "sequences per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    seq_len: int = _f(256, "training sequence length (<= max_seq_len)")
-
-    def check(self) -> None:
-        _positive(self, "batch_size", "grad_accum", "seq_len")
+    batch_size: int = _f(32, "sequences per micro-batch", within="[1, inf)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", within="[1, 65536]")
+    seq_len: int = _f(256, "training sequence length (<= max_seq_len)", within="[1, inf)")
 
 
 @dataclass
@@ -124,23 +116,22 @@ class RuntimePart(Part):
         "float8 matmuls for the block linears through torchao (CUDA, compute capability 8.9+: Ada/Hopper); "
         "weights, checkpoints and exports stay unchanged",
     )
-    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
-    seed: int = _f(0, "random seed")
+    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", within="[1, 4096]")
+    seed: int = _f(0, "random seed", within="[0, 4294967295]")
     parallel: str = _f(
         "auto",
         "multi-process training under torchrun: ddp (replicas), fsdp (sharded, FSDP2); auto = ddp",
         list(PARALLEL_MODES),
     )
-    nproc: int = _f(0, "launch this many processes on this machine with torchrun (0 = no launch)")
+    nproc: int = _f(
+        0, "launch this many processes on this machine with torchrun (0 = no launch)", within="[0, 1024]"
+    )
 
     def check(self) -> None:
-        _positive(self, "num_threads")
         if self.parallel not in PARALLEL_MODES:
             raise QingLMError(
                 f"unknown parallel mode {self.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}"
             )
-        if self.nproc < 0:
-            raise QingLMError(f"nproc must be 0 (no launch) or a number of processes, got {self.nproc}")
 
 
 @dataclass
@@ -150,32 +141,30 @@ class RunPart(Part):
     out: str | None = _f(None, "run directory (default: runs/<time>-<kind>)")
     resume: bool = _f(False, "continue the run in --out from its last complete checkpoint")
     overwrite: bool = _f(False, "write into a non-empty --out that QingLM did not create")
-    save_every: int = _f(200, "write a checkpoint every N optimizer steps")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
+    save_every: int = _f(200, "write a checkpoint every N optimizer steps", within="[1, inf)")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep", within="[1, inf)")
     report: bool = _f(
         True, "write RUN/report.md and its plots at the end (no task is evaluated then: see qinglm report)"
     )
-
-    def check(self) -> None:
-        _positive(self, "save_every", "keep_checkpoints")
 
 
 @dataclass
 class EvalPart(Part):
     """Validation and logging during the run."""
 
-    eval_every: int = _f(200, "validate every N optimizer steps")
-    eval_tokens: int = _f(200_000, "tokens used by each periodic validation (0 = whole split)")
-    log_every: int = _f(50, "log a metrics line every N steps")
-    patience: int | None = _f(None, "early stop after N validations without improvement")
+    eval_every: int = _f(200, "validate every N optimizer steps", within="[1, inf)")
+    eval_tokens: int = _f(
+        200_000, "tokens used by each periodic validation (0 = whole split)", within="[0, inf)"
+    )
+    log_every: int = _f(50, "log a metrics line every N steps", within="[1, inf)")
+    patience: int | None = _f(None, "early stop after N validations without improvement", within="[1, inf)")
     eval_tasks: list[str] = _f(
         [],
         "tasks of `qinglm eval --tasks` run at each validation (their scores go to metrics.jsonl and trackers)",
     )
-    eval_task_limit: int = _f(100, "items per task at each validation (--eval-tasks)")
+    eval_task_limit: int = _f(100, "items per task at each validation (--eval-tasks)", within="[1, inf)")
 
     def check(self) -> None:
-        _positive(self, "eval_every", "log_every", "patience", "eval_task_limit")
         if self.eval_tasks:
             from qinglm.evals.tasks import resolve
 
@@ -225,7 +214,7 @@ class TrainConfig(EngineConfig):
         "start from the weights of this run directory (another run, or one made by `qinglm import hf`) "
         "instead of random ones; its model config and tokenizer are used",
     )
-    val_fraction: float = _f(VAL_FRACTION, "fraction of the data held out for validation")
+    val_fraction: float = _f(VAL_FRACTION, "fraction of the data held out for validation", within="(0, 1)")
     split_by: str = _f(
         "auto",
         "held out whole: document, block (--split-block consecutive documents) or file; auto: block for "
@@ -233,12 +222,14 @@ class TrainConfig(EngineConfig):
         "blocks, reviews, idioms)",
         ["auto", "document", "block", "file"],
     )
-    split_block: int = _f(100, "documents per held-out block with --split-by block")
+    split_block: int = _f(100, "documents per held-out block with --split-by block", within="[1, inf)")
     encoding: str | None = _f(None, "text encoding of data files (default: detect)")
     nfkc: bool = _f(True, "normalise full-width Latin letters and digits")
     text_field: str = _f("text", "JSONL/Parquet field holding the text")
     tokenizer_sample_bytes: int = _f(
-        32 << 20, "train the tokenizer on an even sample of about this many bytes of the corpus"
+        32 << 20,
+        "train the tokenizer on an even sample of about this many bytes of the corpus",
+        within="[1, inf)",
     )
     pre_tokenizer: str = _f(
         "qwen2",
@@ -248,17 +239,15 @@ class TrainConfig(EngineConfig):
     )
     sample_prompts: list[str] = _f(DEFAULT_PROMPTS, "prompts to sample from after training")
     sample_tokens: int = _f(
-        60, "tokens to generate per sample prompt (after training; greedy ones at each validation)"
+        60,
+        "tokens to generate per sample prompt (after training; greedy ones at each validation)",
+        within="[0, inf)",
     )
 
     def check(self) -> None:
         if self.preset not in PRESETS:
             raise QingLMError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise QingLMError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         parse_seq_len_schedule(self.seq_len_schedule, self.seq_len)
-        if self.parallel == "fsdp" and self.optimizer != "adamw":
-            raise QingLMError("--parallel fsdp works with --optimizer adamw; use --parallel ddp for Muon")
 
 
 def check_train(t: TrainConfig, m: ModelConfig) -> None:

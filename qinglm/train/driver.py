@@ -92,7 +92,9 @@ def run_stage_command(
     run's lock; with --nproc N (outside torchrun) launch N processes of the same command instead, given
     the flags and what resolving filled in (resolved_flags), and return {}."""
     from qinglm.train.loop import train_stage
+    from qinglm.train.support import check_supported
 
+    check_supported(kind, cfg)  # before any process starts
     run_dir = Path(cfg.out)
     if not cfg.resume and run_dirs.holds_run(run_dir):  # a new run never replaces one
         raise QingLMError(

@@ -26,6 +26,7 @@ from qinglm.train.optim import step_optimizer
 from qinglm.train.pretrain import PretrainStage
 from qinglm.train.session import Run, setup_run, step_seed
 from qinglm.train.stage import Stage
+from qinglm.train.support import check_supported
 from qinglm.train.validation import finish, val_line, validate
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row before giving up
@@ -266,6 +267,7 @@ def train_stage(
 
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
+    check_supported(stage.kind, cfg)  # the commands check it before launching; callers of the API here
     device = resolve_device(cfg.device)
     dist = distributed.init(device, cfg.parallel)
     with distributed.group(dist), deterministic_algorithms(device):  # same seed, same weights: exact resume

@@ -20,7 +20,7 @@ from qinglm.data.loader import saved_global_batch
 from qinglm.device import compiled, grad_scaler, resolve_compile, resolve_device, resolve_dtype
 from qinglm.errors import QingLMError
 from qinglm.tracking import make_trackers
-from qinglm.train import distributed
+from qinglm.train import distributed, whole
 from qinglm.train.checkpoint import (
     checkpoint_dirs,
     latest_checkpoint,
@@ -56,6 +56,7 @@ class Run:
     forward: Callable | None = None  # the model (or its DDP wrapper), or their torch.compile'd wrapper
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     wrapped: torch.nn.Module | None = None  # the model, DDP(model), or the model sharded by FSDP
+    skeleton: torch.nn.Module | None = None  # FSDP, rank 0: the model unsharded, weightless (train/whole.py)
     compile: bool = False
     step: int = 0
     tokens_seen: int = 0
@@ -81,6 +82,7 @@ class Run:
             "total_steps_est": self.length.total,
             "skipped_steps": self.skipped_steps,
             "kind": self.stage.kind,
+            "stage": self.stage.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -94,6 +96,7 @@ class Run:
         )
         self.best_val_loss, self.bad_evals = state.get("best_val_loss"), state.get("bad_evals", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.stage.load_state_dict(state.get("stage", {}))
 
 
 def _find_resume(
@@ -184,6 +187,7 @@ def setup_run(
         load_model_weights(model, resume_from)  # before wrapping: DDP copies and FSDP shards these
     if cfg.fp8:  # before wrapping: FSDP shards the converted modules
         enable_fp8(model, device, dtype, log)
+    skeleton = whole.skeleton(model) if dist.mode == "fsdp" and dist.is_main else None  # before sharding
     wrapped = distributed.wrap(model, dist, device)
     batches = stage.batches(cfg)
     max_time_s = cfg.max_time * 60 if cfg.max_time is not None else None
@@ -209,6 +213,7 @@ def setup_run(
         metrics=distributed.metrics_for(dist, run_dir),
         dist=dist,
         wrapped=wrapped,
+        skeleton=skeleton,
     )
     if resume_from is not None:
         _resume(r, resume_from, state, trainer)

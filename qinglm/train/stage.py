@@ -61,7 +61,10 @@ class Stage:
     validate()    held-out metrics named as logged, holding "val_loss" (lower is better: best/ and
                   --patience follow it); None when the stage has no held-out data
     inference_weights() what best/ and exports hold (LoRA: the merged weights)
-    finish()      end-of-run extras (an adapter folder, held-out figures) -> merged into the result
+    finish()      end-of-run extras (an adapter folder, held-out figures) -> merged into the result;
+                  whole is the model unsharded on rank 0 (None elsewhere): what rank 0 alone may run
+    state_dict()  what the stage measured that a resumed run must keep (the held-out figures before
+                  training), saved in each checkpoint's state.json; load_state_dict() restores it
     """
 
     kind = "pretrain"
@@ -115,8 +118,14 @@ class Stage:
     def inference_weights(self, model: nn.Module) -> nn.Module:
         return model
 
-    def finish(self, model: nn.Module) -> dict[str, Any]:
+    def finish(self, model: nn.Module, whole: nn.Module | None) -> dict[str, Any]:
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def header(self) -> list[str]:
         return []

@@ -6,26 +6,32 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from qinglm.train import distributed
 from qinglm.train.checkpoint import save_best
 from qinglm.train.session import Run
+from qinglm.train.whole import unsharded
 
 
 def validate(r: Run) -> dict[str, Any]:
     """Return the stage's validation metrics (empty without held-out data); log them, and save best/
     when val_loss improved."""
-    v = r.stage.validate(r.model, r.step)
+    v = r.stage.validate(r.model, r.step)  # every rank runs it (a sharded forward is collective)
     if not v:
         return {}
+    loss = v["val_loss"]  # rank 0's on every rank: the ranks decide alike
+    improved = math.isfinite(loss) and (r.best_val_loss is None or loss < r.best_val_loss)
+    # Weights only to save stay on the CPU: a model sharded to fit needs no second copy on the device.
+    on = r.device if r.cfg.eval_tasks else torch.device("cpu")
+    whole = whole_model(r, on) if improved or r.cfg.eval_tasks else None
     if r.cfg.eval_tasks:
-        v = {**v, **task_scores(r)}
+        v = {**v, **task_scores(r, whole)}
     numbers = {k: x for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
-    loss = v["val_loss"]
-    if math.isfinite(loss) and (r.best_val_loss is None or loss < r.best_val_loss):
+    if improved:
         r.best_val_loss, r.bad_evals = loss, 0
-        gathered = distributed.full_model_tensors(r.model, r.dist)  # FSDP: every rank takes part
         if r.dist.is_main:
-            weights = r.stage.inference_weights(r.model) if gathered is None else gathered
+            weights = r.stage.inference_weights(whole)
             save_best(r.run_dir, weights, {"step": r.step, **numbers, "tokens_seen": r.tokens_seen})
     else:
         r.bad_evals += 1
@@ -33,8 +39,15 @@ def validate(r: Run) -> dict[str, Any]:
     return v
 
 
-def task_scores(r: Run) -> dict[str, float]:
-    """Return the --eval-tasks scores of the model ({"task/NAME": score, "task/summary": ...}), from rank 0."""
+def whole_model(r: Run, device: torch.device) -> torch.nn.Module | None:
+    """Return the run's model unsharded on rank 0 (None elsewhere), FSDP's gathered onto device;
+    collective: every rank calls it."""
+    return unsharded(r.model, r.skeleton, r.dist, device)
+
+
+def task_scores(r: Run, model: torch.nn.Module | None) -> dict[str, float]:
+    """Return the --eval-tasks scores ({"task/NAME": score, "task/summary": ...}) of model, the whole
+    model on rank 0 (whole_model), which alone runs them."""
     scores = None
     if r.dist.is_main:
         from qinglm.evals.suite import run_tasks
@@ -42,7 +55,7 @@ def task_scores(r: Run) -> dict[str, float]:
 
         split = {k: getattr(r.cfg, k) for k in ("val_fraction", "split_by") if hasattr(r.cfg, k)}
         tok = Tokenizer.load(r.run_dir / "tokenizer")
-        scores = run_tasks(r.model, tok, r.cfg.eval_tasks, r.device, r.cfg.eval_task_limit, **split)
+        scores = run_tasks(model, tok, r.cfg.eval_tasks, r.device, r.cfg.eval_task_limit, **split)
     return distributed.broadcast_object(r.dist, scores)
 
 
@@ -56,7 +69,9 @@ def val_line(r: Run, v: dict[str, Any]) -> str:
 def finish(r: Run) -> dict[str, Any]:
     """Return the stage's end-of-run extras; give a run whose checkpoints cannot be loaded for inference
     as they are (LoRA) its inference weights in best/ when no validation wrote them."""
-    weights = r.stage.inference_weights(r.model)
-    if r.dist.is_main and weights is not r.model and not (r.run_dir / "best").exists():
-        save_best(r.run_dir, weights, {"step": r.step, "tokens_seen": r.tokens_seen})
-    return r.stage.finish(r.model)
+    whole = whole_model(r, r.device)  # the stage may run it (held-out generation)
+    if r.dist.is_main and not (r.run_dir / "best").exists():
+        weights = r.stage.inference_weights(whole)
+        if weights is not whole:
+            save_best(r.run_dir, weights, {"step": r.step, "tokens_seen": r.tokens_seen})
+    return r.stage.finish(r.model, whole)
