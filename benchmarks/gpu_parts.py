@@ -169,12 +169,17 @@ def child_throughput(args: argparse.Namespace, model_kw: dict, seq: int) -> dict
 
 
 def decode_speed(device_name: str, quick: bool) -> dict:
-    """Return decode tokens/s at batch 1 and 32 for QingLM's engine and transformers generate (bf16)."""
+    """Return decode tokens/s at batch 1 and 32 for QingLM's engine (eager and compiled: CUDA graphs) and
+    transformers generate (bf16)."""
     from benchmarks.inference import hf_run, make_model, qinglm_run, to_transformers
     from qinglm.config import ModelConfig
     from qinglm.model.transformer import Transformer
 
     device = torch.device(device_name)
+    if quick:  # the code path of the compiled step without minutes of C++ compiling
+        from qinglm.infer import slots
+
+        slots.COMPILE_OPTIONS = {"backend": "eager", "dynamic": False}
     n, plen = (8, 8) if quick else (128, 32)
     if quick:
         model = make_model("tiny", plen + n + 8)
@@ -189,7 +194,11 @@ def decode_speed(device_name: str, quick: bool) -> dict:
     for batch in (1, 4) if quick else (1, 32):
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, model.cfg.vocab_size, (batch, plen), generator=g).to(device)
-        runs = {"qinglm": lambda p: qinglm_run(model, p, n), "transformers": lambda p: hf_run(hf, p, n)}
+        runs = {
+            "qinglm": lambda p: qinglm_run(model, p, n),
+            "qinglm_compiled": lambda p: qinglm_run(model, p, n, compile=True),
+            "transformers": lambda p: hf_run(hf, p, n),
+        }
         tokens = {k: run(prompts)[0] for k, run in runs.items()}  # warm-up
         decode = {k: [] for k in runs}
         for _ in range(2 if quick else 3):
@@ -201,11 +210,20 @@ def decode_speed(device_name: str, quick: bool) -> dict:
         tps = {k: batch * (n - 1) / statistics.median(v) for k, v in decode.items()}
         out[f"b{batch}"] = {
             "qinglm_tok_s": round(tps["qinglm"]),
+            "qinglm_compiled_tok_s": round(tps["qinglm_compiled"]),  # CUDA graphs of the static-cache step
+            "compiled_same_tokens": tokens["qinglm_compiled"] == tokens["qinglm"],
             "transformers_tok_s": round(tps["transformers"]),
             "ratio": round(tps["qinglm"] / tps["transformers"], 2),
             "same_greedy_tokens": tokens["qinglm"] == tokens["transformers"],
         }
     return out
+
+
+def _compiled(b: dict) -> str:
+    """Return ' (compiled N, same tokens T)' for a decode result that has the compiled step (newer runs)."""
+    if "qinglm_compiled_tok_s" not in b:
+        return ""
+    return f" (compiled {b['qinglm_compiled_tok_s']:,}, same tokens {b['compiled_same_tokens']})"
 
 
 def table(r: dict) -> str:
@@ -262,7 +280,7 @@ def _short(name: str, v: dict | None) -> str:
         return "; ".join(f"{k}: {d}" for k, d in v.items() if k != "seconds")
     keys = [k for k in v if k.startswith("b")]
     return f"{v['model']} {v['dtype']}, {v['new_tokens']} new tokens: " + "; ".join(
-        f"batch {k[1:]}: QingLM {v[k]['qinglm_tok_s']:,} vs transformers {v[k]['transformers_tok_s']:,} tok/s "
-        f"({v[k]['ratio']}x, same tokens {v[k]['same_greedy_tokens']})"
+        f"batch {k[1:]}: QingLM {v[k]['qinglm_tok_s']:,}{_compiled(v[k])} vs transformers "
+        f"{v[k]['transformers_tok_s']:,} tok/s ({v[k]['ratio']}x, same tokens {v[k]['same_greedy_tokens']})"
         for k in keys
     )

@@ -65,10 +65,12 @@ def to_transformers(model: Transformer):
 # what follows the first token, so prefill is timed apart as the time to the first token.
 
 
-def qinglm_run(model: Transformer, prompts: torch.Tensor, n: int) -> tuple[list[list[int]], float]:
+def qinglm_run(
+    model: Transformer, prompts: torch.Tensor, n: int, compile: bool = False
+) -> tuple[list[list[int]], float]:
     cfg = SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop_at_eos=False)
     out, first = [[] for _ in range(len(prompts))], 0.0
-    for events in Generation(model, [Request(p, cfg) for p in prompts.tolist()]):
+    for events in Generation(model, [Request(p, cfg) for p in prompts.tolist()], compile=compile):
         first = first or time.perf_counter()
         for ev in events:
             out[ev.row] += ev.ids

@@ -6,6 +6,10 @@ stream=true and greedy decoding. Every streamed output is checked against the sa
 alone through the library (lm.generate), so mixed-up or corrupted streams are counted as wrong.
 
     python -m benchmarks.serve_load [--model RUN] [--clients 50] [--max-tokens 32] [--batch-sizes 1 16]
+                                    [--spread 2]   (clients arrive evenly over 2 s)
+
+Old vs new engine: run it once more with PYTHONPATH=/path/to/other/checkout:. (the script only uses
+ServeConfig, create_app and LM, which every version has).
 
 Without --model the model is a randomly initialised `tiny` preset (d_model 128, 2 layers, context 512)
 with the cached 10k pd1998 tokenizer: serving speed does not depend on what the weights learned.
@@ -47,8 +51,11 @@ def prompts(n: int) -> list[str]:
     return [f"{SEEDS[i % len(SEEDS)]}{i}" for i in range(n)]
 
 
-async def one_client(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
-    """Return {"text", "ttft", "tokens", "seconds"} of one streamed greedy completion."""
+async def one_client(
+    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, delay: float = 0.0
+) -> dict:
+    """Return {"text", "ttft", "tokens", "seconds"} of one streamed greedy completion sent after delay s."""
+    await asyncio.sleep(delay)
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -73,12 +80,15 @@ async def one_client(client: httpx.AsyncClient, url: str, prompt: str, max_token
     return {"text": "".join(parts), "ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
-async def load(url: str, texts: list[str], max_tokens: int) -> tuple[list[dict], float]:
-    """Return (one result per prompt, wall seconds) with every client streaming at once."""
+async def load(url: str, texts: list[str], max_tokens: int, spread: float = 0.0) -> tuple[list[dict], float]:
+    """Return (one result per prompt, wall seconds) with the clients starting evenly over spread s."""
     limits = httpx.Limits(max_connections=len(texts) + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, url, p, max_tokens) for p in texts))
+        delays = [spread * i / len(texts) for i in range(len(texts))]
+        results = await asyncio.gather(
+            *(one_client(client, url, p, max_tokens, d) for p, d in zip(texts, delays))
+        )
         return list(results), time.perf_counter() - t0
 
 
@@ -97,6 +107,7 @@ def main() -> None:
         "--batch-sizes", type=int, nargs="+", default=[1, 16], help="ServeConfig.max_batch_size values"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--spread", type=float, default=0.0, help="seconds over which the clients arrive")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +130,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         cfg = ServeConfig(max_tokens_cap=args.max_tokens, max_batch_size=batch, max_queue=args.clients + 8)
         with serve_in_thread(create_app(lm, cfg)) as url:
-            results, wall = asyncio.run(load(url, texts, args.max_tokens))
+            results, wall = asyncio.run(load(url, texts, args.max_tokens, args.spread))
         correct = sum(r["text"] == e for r, e in zip(results, expected))
         ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
         tokens = sum(r["tokens"] for r in results)

@@ -75,11 +75,14 @@ def resolve_compile(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" and any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 
 
-def compiled(model: torch.nn.Module, enabled: bool, log: Callable[[str], None] = print) -> Callable:
-    """Return model's torch.compile'd forward, falling back to eager (with a warning) if compiling fails."""
+def compiled(
+    model: Callable, enabled: bool, log: Callable[[str], None] = print, what: str = "training", **options
+) -> Callable:
+    """Return model's torch.compile'd forward (or any function's), falling back to eager (with a one-line
+    warning) if compiling fails; options go to torch.compile."""
     if not enabled:
         return model
-    fn = torch.compile(model)
+    fn = torch.compile(model, **options)
     state = {"fn": fn, "proven": False}
 
     def forward(*args, **kwargs):
@@ -90,7 +93,7 @@ def compiled(model: torch.nn.Module, enabled: bool, log: Callable[[str], None] =
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
             log(
                 f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                "training without it (pass --no-compile to skip the attempt)"
+                f"{what} without it (pass --no-compile to skip the attempt)"
             )
             state["fn"] = model
             out = model(*args, **kwargs)

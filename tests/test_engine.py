@@ -153,7 +153,9 @@ def test_eos_ends_only_its_row():
     reqs = [Request(PROMPTS[0], SamplingConfig(max_new_tokens=6, seed=0)) for _ in range(2)]
     ids, _, reasons = run_rows(model, reqs, eos_id=EOS)
     assert [len(r) for r in ids] == [2, 6] and reasons == ["stop", "length"]
-    assert calls == [2, 2, 2, 1, 1, 1]  # the finished row leaves the batch: later steps run one row
+    # The identical prompts are prefilled once (one row), both rows decode, and the finished row leaves
+    # the batch: later steps run one row.
+    assert calls == [1, 2, 2, 1, 1, 1]
 
 
 def test_cancel_a_row():

@@ -55,3 +55,11 @@ def test_quick_check_runs_each_post_training_stage_from_the_main_jobs_run(tmp_pa
         assert 0 < v["median_step_ms"] and 0 < v["peak_mem_gib"] and math.isfinite(v["last_loss"])
         assert f"| {stage} | True | {v['median_step_ms']} |" in stdout
     assert "cpu, dtype fp32, compile off" in stdout
+
+
+def test_quick_check_decode_section_runs_the_compiled_static_cache_step(tmp_path):
+    r, stdout = quick_check(tmp_path, "decode")
+    d = r["sections"]["decode"]
+    for b in ("b1", "b4"):
+        assert d[b]["qinglm_compiled_tok_s"] > 0 and d[b]["compiled_same_tokens"], d
+    assert "decode: tiny" in stdout and "compiled" in stdout

@@ -162,12 +162,14 @@ def test_kv_cache_bytes_count_keys_and_values_of_every_layer():
 
 def test_a_decode_whose_kv_cache_cannot_fit_is_refused_before_allocating(monkeypatch):
     import qinglm.infer.engine as engine
+    import qinglm.infer.slots as slots
     from qinglm.model.transformer import Transformer
 
     model = Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
     sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
-    monkeypatch.setattr(engine, "memory_bytes", lambda: 1000)  # a machine of 1000 bytes
-    with pytest.raises(QingLMError, match="decoding 2 rows of up to 10 tokens at once needs at least"):
+    monkeypatch.setattr(slots, "memory_bytes", lambda: 2000)  # a machine of 2000 bytes: the prompt fits
+    # 10 positions a row, allocated as 16 (the static cache grows in powers of two)
+    with pytest.raises(QingLMError, match="decoding 2 rows of up to 16 tokens at once needs at least"):
         next(iter(engine.Generation(model, [engine.Request([2, 5, 6], sampling)] * 2)))
 
 

@@ -353,3 +353,22 @@ def test_cli_serve_answers_on_the_given_port(run_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_kv_cache_budget_refuses_what_never_fits_and_queues_the_rest(lm):
+    # 32 tokens of cache: one row of up to 32 positions at a time; the others wait their turn.
+    cfg = ServeConfig(kv_cache_tokens=32, max_batch_size=4, max_tokens_cap=CAP)
+    with serve_in_thread(create_app(lm, cfg)) as base:
+        big = httpx.post(base + "/v1/completions", json={"prompt": LONG[:8], "max_tokens": CAP}, timeout=60)
+        assert big.status_code == 400 and "KV-cache" in big.json()["error"]["message"]
+        body = {"max_tokens": 8, "temperature": 0}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda p: httpx.post(base + "/v1/completions", json={"prompt": p, **body}, timeout=60),
+                    PROMPTS[:4],
+                )
+            )
+    texts = [r.json()["choices"][0]["text"] for r in answers]
+    ids = [encode_prompt(lm.tokenizer, p) for p in PROMPTS[:4]]
+    assert texts == [reference(lm, i, 8) for i in ids]

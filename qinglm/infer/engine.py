@@ -34,71 +34,277 @@ The API (the server, the CLI and ``qinglm.infer.generate`` all use it)::
   dropping ``gen``) ends everything.
 - ``complete(model, tokenizer, prompts, sampling, batch_size=8, stop=())``: offline batched
   generation of plain-text prompts, returning the completions in order.
+- ``Engine(model, tokenizer=, max_batch_size=32, kv_tokens=None, prefill_chunk=256, compile=False)``: the
+  engine under Generation, for callers whose requests come and go (the server): ``engine.add(key, req)``
+  at any time between steps, ``engine.step()`` returns one step's events (``ev.row`` is the key),
+  ``engine.cancel(key)``, ``engine.busy``. One forward per step decodes every row, whatever request it
+  belongs to; requests join and leave between steps without touching the other rows.
 
-How it works: prompts are left-padded to the longest one and prefilled in one forward; each row's
-positions start at 0 after its padding, and pad slots are masked out of attention
-(``Transformer.forward(pad=...)``), so every row decodes exactly as it would alone. Then one token per
-step for all rows; finished rows are dropped from the batch and the cache. The same seed gives the
-same tokens whether a request runs alone or in a batch (each row has its own generator).
+How it works (qinglm.infer.slots): a static KV cache of rows x positions; row i holds active request
+i from position 0, with its own length. A step feeds every row its last token at its own position
+(attention masks the rest of the row), samples all rows at once (qinglm.infer.sampling.sample_rows:
+each row draws its own uniform number from its own generator, so a seed gives the same tokens alone
+or in any batch), and frees the rows that finished by moving the last row into their place. New
+requests are admitted while rows and the KV budget allow, and prefilled (identical prompts once) in
+chunks while others decode; the step compiles (``compile=True``) to a bounded set of shapes.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.infer.sampling import sample_next
-from qinglm.infer.text import TextDecoder, encode_prompt
-from qinglm.limits import check_bytes, memory_bytes
-from qinglm.memory import kv_cache_bytes
-from qinglm.model.transformer import KVCache, Transformer
+from qinglm.infer.request import Event, Request, Row, check_request
+from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, penalise_seen, sample_rows
+from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
+from qinglm.infer.text import encode_prompt
+from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from qinglm.tokenizer import Tokenizer
 
 
-@dataclass
-class Request:
-    """One prompt to continue, with its own sampling settings and stop strings."""
+class _Prefill:
+    """Prompts admitted together, prefilled chunk by chunk into a scratch cache of their own."""
 
-    prompt_ids: list[int]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    stop: Sequence[str] = ()
-    # Which prompt tokens the repetition penalty counts (None: all); a chat counts its contents only.
-    counted: Sequence[bool] | None = None
-
-
-@dataclass
-class Event:
-    """What one row produced in one step; finish_reason is set on its last event."""
-
-    row: int
-    ids: list[int]
-    text: str = ""
-    finish_reason: str | None = None
-    error: Exception | None = None  # with finish_reason "error" (isolate_rows only)
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+        unique: dict[tuple[int, ...], int] = {}  # identical prompts (a GRPO group) are prefilled once
+        self.src = [unique.setdefault(tuple(r.req.prompt_ids), len(unique)) for r in rows]
+        self.prompts = [list(p) for p in unique]
+        self.width, self.done, self.scratch = max(len(p) for p in self.prompts), 0, None
 
 
-class _Row:
-    """The decoding state of one request."""
+class Engine:
+    """The one decode engine: the rows of many requests share one static KV cache and one step."""
 
-    def __init__(self, index: int, req: Request, tokenizer: Tokenizer | None, device: torch.device):
-        self.index, self.cfg, self.n_tokens = index, req.sampling, len(req.prompt_ids)
-        self.generated = 0
-        self.generator = None
-        if req.sampling.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
-        self.text = TextDecoder(tokenizer, req.stop) if tokenizer is not None else None
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        tokenizer: Tokenizer | None = None,
+        eos_id: int | None = None,
+        device: torch.device | str | None = None,
+        max_batch_size: int = 32,
+        kv_tokens: int | None = None,
+        prefill_chunk: int = 256,
+        compile: bool = False,
+        isolate_rows: bool = False,
+        log: Callable[[str], None] = print,
+    ):
+        if max_batch_size < 1:
+            raise QingLMError(f"max batch size must be 1 or more, got {max_batch_size}")
+        self.model, self.tokenizer, self.isolate_rows = model, tokenizer, isolate_rows
+        self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.max_len, self.prefill_chunk = model.cfg.max_seq_len, max(1, prefill_chunk)
+        full = bucket(max_batch_size, max_batch_size) * bucket(self.max_len, self.max_len, MIN_BUCKET)
+        self.kv_tokens = full if kv_tokens is None else kv_tokens
+        self.slots = Slots(model, max_batch_size, self.kv_tokens, self.device, compile, log)
+        self.active: list[Row] = []  # row i of the cache is active[i]
+        self.seen = torch.zeros(max_batch_size, model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.waiting: collections.deque[Row] = collections.deque()
+        self.prefilling: _Prefill | None = None
+        self._ready: list[Event] = []  # events that need no step (max_new_tokens 0)
+        self._cancelled: set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------- callers' side
+
+    def add(self, key: Hashable, req: Request) -> None:
+        """Queue req under key (its events carry it); raise QingLMError if it can never run."""
+        check_request(req, self.model, self.tokenizer)
+        row = Row(key, req, self.tokenizer, self.device)
+        if req.sampling.max_new_tokens == 0:
+            self._ready.append(Event(key, [], "", "length"))
+            return
+        check_fits(len(req.prompt_ids), req.sampling.max_new_tokens, self.max_len, self.kv_tokens)
+        self.waiting.append(row)
+
+    def cancel(self, key: Hashable) -> None:
+        """Stop request key before the next step (thread-safe); its last event has finish_reason "cancelled"."""
+        with self._lock:
+            self._cancelled.add(key)
+
+    @property
+    def busy(self) -> bool:
+        """Return True while any request is waiting, prefilling or decoding."""
+        return bool(self.active or self.waiting or self.prefilling or self._ready)
+
+    @property
+    def rows(self) -> int:
+        """Return the number of requests prefilling or decoding."""
+        return len(self.active) + (len(self.prefilling.rows) if self.prefilling else 0)
+
+    # -------------------------------------------------------------- one step
+
+    def step(self) -> list[Event]:
+        """Return the events of one step: every decoding row gets a token; new requests are admitted,
+        prefilled (a chunk of a long prompt per step while others decode) and get their first token."""
+        events, self._ready = self._ready, []
+        was_training = self.model.training  # eval() walks every module: only when it changes anything
+        if was_training:
+            self.model.eval()
+        try:
+            with torch.inference_mode():
+                events += self._drop_cancelled()
+                logits = []
+                if self.active:
+                    logits.append(self._decode())
+                if self.prefilling is None:
+                    self._admit()
+                if self.prefilling is not None:
+                    new = self._prefill(self.prefilling)
+                    if new is not None:
+                        logits.append(new)
+                if logits:
+                    events += self._sample(torch.cat(logits))
+        finally:
+            if was_training:
+                self.model.train()
+        return events
+
+    def _decode(self) -> torch.Tensor:
+        """Return the logits (n, vocab) after feeding each decoding row its last token."""
+        positions = [r.length for r in self.active]
+        tokens = torch.tensor([r.last for r in self.active], device=self.device)
+        longest, aligned = max(positions) + 1, min(positions) == max(positions)
+        logits = self.slots.decode(tokens, torch.tensor(positions, device=self.device), longest, aligned)
+        for r in self.active:
+            r.length += 1
+        return logits
+
+    def _admit(self) -> None:
+        """Start prefilling the waiting requests that fit beside the decoding rows (rows and KV budget)."""
+        taken: list[Row] = []
+        longest = max((r.need(self.max_len) for r in self.active), default=1)
+        while self.waiting and len(self.active) + len(taken) < self.slots.max_rows:
+            nxt = self.waiting[0]
+            longest_with = max(longest, nxt.need(self.max_len))
+            if not self.slots.fits(len(self.active) + len(taken) + 1, longest_with):
+                break
+            taken.append(self.waiting.popleft())
+            longest = longest_with
+        if taken:
+            self.prefilling = _Prefill(taken)
+
+    def _prefill(self, job: _Prefill) -> torch.Tensor | None:
+        """Run the next chunk of job; return the logits (k, vocab) of the k prompts that ended in it
+        (now the last k active rows), or None."""
+        start = job.done
+        job.done = job.width if not self.active else min(job.width, start + self.prefill_chunk)
+        job.scratch, logits = self.slots.prefill(job.prompts, job.scratch, start, job.done)
+        ends = [k for k, r in enumerate(job.rows) if start < r.length <= job.done and not r.cancelled]
+        if job.done == job.width:
+            self.prefilling = None
+        if not ends:
+            return None
+        new, n = [job.rows[k] for k in ends], len(self.active)
+        self.slots.reserve(n + len(new), max(r.need(self.max_len) for r in self.active + new))
+        src = [job.src[k] for k in ends]
+        self.slots.store(list(range(n, n + len(new))), job.scratch, src, [r.length for r in new])
+        for i, r in enumerate(new, start=n):
+            r.placed = True
+            self.seen[i] = False
+            ids = torch.tensor(r.req.prompt_ids, device=self.device)
+            if r.req.counted is not None:
+                ids = ids[torch.tensor(list(r.req.counted), dtype=torch.bool, device=self.device)]
+            self.seen[i, ids[ids >= N_CONTROL_IDS]] = True  # the prompt tokens the penalty counts
+        self.active += new
+        return logits[torch.tensor(src, device=self.device)]
+
+    def _sample(self, logits: torch.Tensor) -> list[Event]:
+        """Return the events of the active rows after sampling a token for each from logits (n, vocab)."""
+        rows, n = self.active, len(self.active)
+        uniform = torch.zeros(n)  # the number each sampling row draws its token with
+        shared = [k for k, r in enumerate(rows) if r.cfg.temperature > 0 and r.generator is None]
+        if shared:  # rows without a seed draw from torch's global RNG, as torch.multinomial would
+            uniform[shared] = torch.rand(len(shared))
+        for k, r in enumerate(rows):
+            if r.cfg.temperature > 0 and r.generator is not None:
+                uniform[k] = torch.rand(1, generator=r.generator, device=r.generator.device).item()
+        uniform = uniform.to(self.device)
+        seen = self.seen[:n]
+        if self.isolate_rows:
+            tokens, failed = _sample_apart(logits, rows, uniform, seen)
+        else:
+            tokens, failed = _sample_rows(logits, rows, uniform, seen), {}
+        self.seen[torch.arange(n, device=self.device), tokens] = True
+        self.seen[:n, :N_CONTROL_IDS] = False  # control tokens are never penalised
+        events, done = [], []
+        for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+            ev = self._event(row, tok, failed.get(k))
+            row.last = tok
+            events.append(ev)
+            if ev.finish_reason:
+                done.append(k)
+        self._free(done)
+        return events
+
+    def _free(self, done: list[int]) -> None:
+        """Remove the active rows at indices done; the last rows move into the holes they leave."""
+        for i in sorted(done, reverse=True):
+            last = len(self.active) - 1
+            if i != last:
+                self.slots.move(last, i, self.active[last].length)
+                self.seen[i] = self.seen[last]
+                self.active[i] = self.active[last]
+            self.active.pop()
+
+    def _drop_cancelled(self) -> list[Event]:
+        """Return the "cancelled" events of the requests cancelled since the last step, now removed."""
+        with self._lock:
+            keys, self._cancelled = self._cancelled, set()
+        if not keys:
+            return []
+        gone = [r for r in self.waiting if r.key in keys]
+        self.waiting = collections.deque(r for r in self.waiting if r.key not in keys)
+        if self.prefilling is not None:
+            for r in self.prefilling.rows:
+                if r.key in keys and not r.placed and not r.cancelled:
+                    r.cancelled = True
+                    gone.append(r)
+        done = [i for i, r in enumerate(self.active) if r.key in keys]
+        gone += [self.active[i] for i in done]
+        self._free(done)
+        return [Event(r.key, [], "", "cancelled") for r in gone]
+
+    def _event(self, row: Row, tok: int, error: Exception | None) -> Event:
+        """Return _advance's Event, or with isolate_rows the "error" Event of a row that failed."""
+        if error is None:
+            try:
+                return self._advance(row, tok)
+            except Exception as e:
+                if not self.isolate_rows:
+                    raise
+                error = e
+        return Event(row.key, [], "", "error", error)
+
+    def _advance(self, row: Row, tok: int) -> Event:
+        """Return the Event of row after sampling tok (EOS, max_new_tokens, a full context, stop strings)."""
+        cfg = row.cfg
+        if cfg.stop_at_eos and self.eos_id is not None and tok == self.eos_id:
+            return Event(row.key, [], row.text.finish() if row.text else "", "stop")
+        row.generated += 1
+        row.n_tokens += 1
+        text, stopped = row.text.feed(tok) if row.text else ("", False)
+        if stopped:
+            return Event(row.key, [tok], text, "stop")
+        # The token sampled after a full context is emitted but cannot be fed back.
+        if row.generated >= cfg.max_new_tokens or row.n_tokens > self.max_len:
+            return Event(row.key, [tok], text + (row.text.finish() if row.text else ""), "length")
+        return Event(row.key, [tok], text)
 
 
 class Generation:
-    """Decode a batch of requests step by step; iterate it for lists of Events (see the module doc)."""
+    """Decode a fixed set of requests step by step on an Engine of their own; iterate it for lists of
+    Events (see the module doc)."""
 
     def __init__(
         self,
@@ -109,220 +315,71 @@ class Generation:
         eos_id: int | None = None,
         device: torch.device | str | None = None,
         isolate_rows: bool = False,
+        compile: bool = False,
     ):
-        self.model, self.requests, self.tokenizer = model, list(requests), tokenizer
-        self.isolate_rows = isolate_rows
-        self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
-        param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
-        for req in self.requests:
-            _check_request(req, model, tokenizer)
-        self._cancelled: set[int] = set()
-        self._lock = threading.Lock()
+        self.requests = list(requests)
+        for req in self.requests:  # every request is checked before any runs
+            check_request(req, model, tokenizer)
+        self.engine = Engine(
+            model,
+            tokenizer=tokenizer,
+            eos_id=eos_id,
+            device=device,
+            max_batch_size=max(1, len(self.requests)),
+            isolate_rows=isolate_rows,
+            compile=compile,
+        )
+        for i, req in enumerate(self.requests):
+            self.engine.add(i, req)
         self._steps = self._run()
 
     def cancel(self, row: int) -> None:
         """Stop request `row` before the next step; its final event has finish_reason "cancelled"."""
-        with self._lock:
-            self._cancelled.add(row)
+        self.engine.cancel(row)
 
     def close(self) -> None:
-        """End generation now (restores the model's training mode); returns None."""
+        """End generation now; returns None."""
         self._steps.close()
 
     def __iter__(self) -> Iterator[list[Event]]:
         return self._steps
 
-    def _take_cancelled(self) -> set[int]:
-        with self._lock:
-            out, self._cancelled = self._cancelled, set()
-        return out
-
     def _run(self) -> Iterator[list[Event]]:
-        model, max_len = self.model, self.model.cfg.max_seq_len
-        rows = [_Row(i, r, self.tokenizer, self.device) for i, r in enumerate(self.requests)]
-        first = [Event(r.index, [], "", "length") for r in rows if r.cfg.max_new_tokens == 0]
-        rows = [r for r in rows if r.cfg.max_new_tokens > 0]
-        if not rows:
-            if first:
-                yield first
-            return
-        prompts = [self.requests[r.index].prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        pads = [width - len(p) for p in prompts]
-        # Slots a row needs: its padding, its prompt and every emitted token but the last (never fed
-        # back), and at most max_len positions.
-        n_slots = max(
-            width,
-            *(
-                pad + min(len(p) + r.cfg.max_new_tokens - 1, max_len)
-                for pad, p, r in zip(pads, prompts, rows)
-            ),
-        )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                dtype = next(model.parameters()).dtype
-                need = kv_cache_bytes(model.cfg, len(rows), n_slots, dtype.itemsize)
-                check_bytes(
-                    need, f"decoding {len(rows):,} rows of up to {n_slots:,} tokens at once", memory_bytes()
-                )
-                cache = KVCache(model.cfg, len(rows), n_slots, self.device, dtype)
-                # Pad slots repeat the row's first token; never attended to nor counted by the penalty.
-                context = torch.tensor(
-                    [[p[0]] * pad + p + [0] * (n_slots + 1 - width) for p, pad in zip(prompts, pads)],
-                    dtype=torch.long,
-                    device=self.device,
-                )
-                # The repetition penalty counts generated tokens and the prompt's counted ones, not padding.
-                counted = torch.ones_like(context, dtype=torch.bool)
-                for k, (r, n_pad) in enumerate(zip(rows, pads)):
-                    mask = self.requests[r.index].counted
-                    counted[k, :n_pad] = False
-                    if mask is not None:
-                        counted[k, n_pad:width] = torch.tensor(list(mask), dtype=torch.bool)
-                pad = torch.tensor(pads, dtype=torch.long, device=self.device)
-                padded = max(pads) > 0  # without padding the model takes its plain causal path
-                prefill_pad = pad if padded else None
-                logits = model(context[:, :width], cache=cache, last_only=True, pad=prefill_pad)[:, -1]
-            slot = width  # slots filled so far; the next token goes into context[:, slot]
-            while True:
-                with torch.inference_mode():
-                    prev, cnt = context[:, :slot], counted[:, :slot]
-                    nxt, failed = (
-                        _sample_apart(logits, rows, prev, cnt)
-                        if self.isolate_rows
-                        else (_sample_rows(logits, rows, prev, cnt), {})
-                    )
-                    context[:, slot] = nxt
-                    ids = nxt.tolist()
-                events = first + [
-                    self._event(row, tok, max_len, failed.get(k))
-                    for k, (row, tok) in enumerate(zip(rows, ids))
-                ]
-                first = []
+        while self.engine.busy:
+            events = self.engine.step()
+            if events:
                 yield events
-                # Rows cancelled while the caller handled the events (or while the model ran) end here.
-                cancelled = self._take_cancelled()
-                gone = [ev.row for ev in events if ev.finish_reason is None and ev.row in cancelled]
-                if gone:
-                    yield [Event(i, [], "", "cancelled") for i in gone]
-                keep = [k for k, ev in enumerate(events[-len(rows) :]) if ev.finish_reason is None]
-                keep = [k for k in keep if rows[k].index not in gone]
-                if not keep:
-                    return
-                with torch.inference_mode():
-                    if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-                        index = torch.tensor(keep, device=self.device)
-                        cache.keep_rows(index)
-                        context, pad, counted = context[index], pad[index], counted[index]
-                        rows = [rows[k] for k in keep]
-                        padded = bool(pad.any())
-                    logits = model(
-                        context[:, slot : slot + 1],
-                        cache=cache,
-                        start=slot,
-                        last_only=True,
-                        pad=pad if padded else None,
-                    )[:, -1]
-                slot += 1
-        finally:
-            model.train(was_training)
-
-    def _event(self, row: _Row, tok: int, max_len: int, error: Exception | None) -> Event:
-        """Return _advance's Event, or with isolate_rows the "error" Event of a row that failed."""
-        if error is None:
-            try:
-                return self._advance(row, tok, max_len)
-            except Exception as e:
-                if not self.isolate_rows:
-                    raise
-                error = e
-        return Event(row.index, [], "", "error", error)
-
-    def _advance(self, row: _Row, tok: int, max_len: int) -> Event:
-        """Return the Event of row after sampling tok (EOS, max_new_tokens, a full context, stop strings)."""
-        cfg = row.cfg
-        if cfg.stop_at_eos and self.eos_id is not None and tok == self.eos_id:
-            return Event(row.index, [], row.text.finish() if row.text else "", "stop")
-        row.generated += 1
-        row.n_tokens += 1
-        text, stopped = row.text.feed(tok) if row.text else ("", False)
-        if stopped:
-            return Event(row.index, [tok], text, "stop")
-        # The token sampled after a full context is emitted but cannot be fed back.
-        if row.generated >= cfg.max_new_tokens or row.n_tokens > max_len:
-            return Event(row.index, [tok], text + (row.text.finish() if row.text else ""), "length")
-        return Event(row.index, [tok], text)
 
 
 def _sample_rows(
-    logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor, counted: torch.Tensor
+    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor, seen: torch.Tensor
 ) -> torch.Tensor:
-    """Return the next token (K,) of each row, each drawn with its own settings and generator."""
-    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy: dict[float, list[int]] = {}  # greedy rows sharing a penalty are one batched argmax
-    for k, row in enumerate(rows):
-        if row.cfg.temperature == 0:
-            greedy.setdefault(row.cfg.repetition_penalty, []).append(k)
-        else:
-            out[k] = sample_next(
-                logits[k : k + 1], row.cfg, row.generator, prev[k : k + 1], counted[k : k + 1]
-            )[0]
-    for ks in greedy.values():
-        cfg = rows[ks[0]].cfg
-        if len(ks) == len(rows):
-            out = sample_next(logits, cfg, None, prev, counted)
-        else:
-            index = torch.tensor(ks, device=logits.device)
-            out[index] = sample_next(logits[index], cfg, None, prev[index], counted[index])
-    return out
+    """Return the next token (n,) of each row: its repetition penalty, temperature, top-k, top-p, all at once."""
+    logits = logits.float()
+    penalty = [r.cfg.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in penalty):
+        logits = penalise_seen(logits, seen, torch.tensor(penalty, device=logits.device))
+    if all(r.cfg.temperature == 0 for r in rows):
+        return logits.argmax(dim=-1)
+    return sample_rows(logits, RowSettings.of([r.cfg for r in rows], logits.device), uniform)
 
 
 def _sample_apart(
-    logits: torch.Tensor, rows: list[_Row], prev: torch.Tensor, counted: torch.Tensor
+    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor, seen: torch.Tensor
 ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Return _sample_rows' tokens and {k: error} of the rows whose sampling raised (token 0 for them)."""
-    states = [r.generator.get_state() if r.generator is not None else None for r in rows]
     try:
-        return _sample_rows(logits, rows, prev, counted), {}
-    except Exception:  # find the rows at fault: sample each alone, as if the batched draw never happened
+        return _sample_rows(logits, rows, uniform, seen), {}
+    except Exception:  # find the rows at fault: sample each alone with the same numbers
         pass
     out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     failed: dict[int, Exception] = {}
-    for k, (row, state) in enumerate(zip(rows, states)):
-        if state is not None:
-            row.generator.set_state(state)
+    for k, row in enumerate(rows):
         try:
-            out[k] = _sample_rows(logits[k : k + 1], [row], prev[k : k + 1], counted[k : k + 1])[0]
+            out[k] = _sample_rows(logits[k : k + 1], [row], uniform[k : k + 1], seen[k : k + 1])[0]
         except Exception as e:
             failed[k] = e
     return out, failed
-
-
-def _check_request(req: Request, model: Transformer, tokenizer: Tokenizer | None) -> None:
-    """Raise QingLMError for a request that cannot run; return None otherwise."""
-    req.sampling.validate()  # again: a config may have been changed since it was built
-    max_len, vocab = model.cfg.max_seq_len, model.cfg.vocab_size
-    n = len(req.prompt_ids)
-    if n == 0:
-        raise QingLMError("the prompt is empty; encode it as [BOS] + tokens")
-    if n > max_len:
-        raise QingLMError(f"prompt is {n} tokens but the model's context is {max_len}; shorten it")
-    if any(not 0 <= t < vocab for t in req.prompt_ids):
-        raise QingLMError(
-            f"prompt has token ids outside the model's vocabulary of {vocab}; "
-            "use the tokenizer that was trained with this model"
-        )
-    if req.counted is not None and len(req.counted) != n:
-        raise QingLMError(f"counted has {len(req.counted)} flags for a prompt of {n} tokens")
-    if isinstance(req.stop, str):
-        raise QingLMError("stop must be a list of strings, not one string")
-    if any(not isinstance(s, str) or not s for s in req.stop):
-        raise QingLMError("stop strings must be non-empty strings")
-    if req.stop and tokenizer is None:
-        raise QingLMError("stop strings need the tokenizer")
 
 
 def complete(

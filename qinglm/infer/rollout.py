@@ -1,4 +1,7 @@
-"""Rollouts: group_size sampled replies per chat prompt, all decoded together by the batched engine.
+"""Rollouts: group_size sampled replies per chat prompt, all decoded together by the one engine.
+
+A group's rows share one prompt, so the engine prefills it once and copies its keys/values into the
+group's rows (qinglm.infer.engine); every step then decodes all rows of all groups in one forward.
 
 Each row gets its own sampling seed, drawn from a torch generator (torch's global RNG by default), so
 the same RNG state gives the same rollouts, whatever the batch holds (the engine's rows are

@@ -1,8 +1,10 @@
 """Sampling: the one function that picks the next token, used by every way QingLM generates text.
 
-``sample_next`` applies the repetition penalty, temperature, top-k and top-p of a SamplingConfig (whose
-checks run when it is built: qinglm.config) and draws from the softmax; the engine (qinglm.infer.engine)
-calls it for every row of a batch, and so do generate, stream, chat, the server and their tests.
+``sample_rows`` applies each row's temperature, top-k and top-p (a SamplingConfig's, whose checks run when
+it is built: qinglm.config) to a batch of logits at once and picks each row's token with a uniform
+number of its own (drawn from the row's seeded generator by the engine, qinglm.infer.engine), so a row
+samples the same tokens alone or in any batch. ``penalise_seen`` is the repetition penalty on the
+engine's per-row record of seen tokens; ``sample_next`` is both with one SamplingConfig for every row.
 """
 
 from __future__ import annotations
@@ -49,27 +51,74 @@ def sample_next(
     """Return the next token id for each row of logits (B, V) as a (B,) LongTensor.
 
     Order: repetition penalty over prev_ids where counted (see apply_repetition_penalty), then
-    temperature (0 = argmax), top-k, top-p, and a draw from the softmax with the given generator.
+    temperature (0 = argmax), top-k, top-p, and a draw from the softmax with one uniform number per
+    row from the given generator. This is sample_rows with the same settings for every row.
     """
     logits = logits.float()  # softmax and the filters below want fp32 even under bf16 autocast
     if prev_ids is not None:
         logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty, counted)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    use_top_p = cfg.top_p is not None and cfg.top_p < 1.0
-    # Candidates in descending order: the top k only (so top-p sorts k values, not the vocabulary),
-    # or all tokens sorted when top-p needs them, or all tokens as they are.
-    order = None
-    if cfg.top_k is not None and 0 < cfg.top_k < logits.size(-1):
-        logits, order = torch.topk(logits, cfg.top_k, dim=-1)
-    elif use_top_p:
-        logits, order = logits.sort(dim=-1, descending=True)
-    if use_top_p:
-        probs = logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach p; the first is always kept.
-        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
-    return (choice if order is None else order.gather(1, choice)).squeeze(1)
+    B = logits.size(0)
+    settings = RowSettings.of([cfg] * B, logits.device)
+    uniform = torch.rand(B, generator=generator, device=generator.device if generator else logits.device)
+    return sample_rows(logits, settings, uniform.to(logits.device))
+
+
+class RowSettings:
+    """Each row's sampling settings as tensors (B,): what sample_rows needs for a batch of rows."""
+
+    def __init__(self, temperature, top_k, top_p, penalty):
+        self.temperature, self.top_k, self.top_p, self.penalty = temperature, top_k, top_p, penalty
+
+    @classmethod
+    def of(cls, cfgs: list[SamplingConfig], device: torch.device) -> RowSettings:
+        """Return the settings of rows with these configs (top-k 0/None: all; top-p None or 1.0: off)."""
+        return cls(
+            torch.tensor([c.temperature for c in cfgs], device=device),
+            torch.tensor([c.top_k or 0 for c in cfgs], device=device),
+            torch.tensor(
+                [c.top_p if c.top_p is not None and c.top_p < 1 else 2.0 for c in cfgs], device=device
+            ),
+            torch.tensor([c.repetition_penalty for c in cfgs], device=device),
+        )
+
+
+def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Return logits (B, V) with the tokens marked in seen (B, V) penalised by each row's penalty (B,).
+
+    apply_repetition_penalty for rows whose seen tokens are already known; the caller never marks
+    control ids (they are never penalised).
+    """
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
+def sample_rows(logits: torch.Tensor, rows: RowSettings, uniform: torch.Tensor) -> torch.Tensor:
+    """Return the next token (B,) of each row of penalised logits (B, V), all rows at once.
+
+    Row b: argmax when its temperature is 0; otherwise logits / temperature, its top-k, its top-p, and
+    the token where uniform[b] (in [0, 1)) falls in the cumulative softmax. A row's token depends
+    only on its own logits, settings and number, never on the other rows of the batch.
+    """
+    logits = logits.float()
+    best = logits.argmax(dim=-1)
+    sampled = rows.temperature > 0
+    if not bool(sampled.any()):
+        return best
+    V = logits.size(-1)
+    k = torch.where((rows.top_k > 0) & (rows.top_k < V), rows.top_k, V)  # (B,)
+    # Candidates in descending order: the largest k of any sampling row (top-p needs the sorted tail).
+    width = V if bool((sampled & (rows.top_p <= 1)).any()) else int(k[sampled].max())
+    temperature = torch.where(sampled, rows.temperature, 1.0)[:, None]
+    values, order = torch.topk(logits / temperature, width, dim=-1)  # (B, width), sorted
+    rank = torch.arange(width, device=logits.device)[None, :]
+    values = values.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    # Drop a token when the tokens before it already reach p; the first is always kept.
+    drop = (probs.cumsum(dim=-1) - probs >= rows.top_p[:, None]) & (rank > 0)
+    probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)  # rounding at the very top
+    return torch.where(sampled, order.gather(1, choice).squeeze(1), best)

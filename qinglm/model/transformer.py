@@ -81,9 +81,22 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows given by index (e.g. drop finished sequences); returns None."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+    def first_rows(self, n: int) -> KVCache:
+        """Return a KVCache of rows 0..n-1 that shares this one's storage (writes go through)."""
+        view = object.__new__(KVCache)
+        view.max_len, view.k, view.v = self.max_len, self.k[:, :n], self.v[:, :n]
+        return view
+
+    def update_at(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token's k, v (B, n_kv_heads, 1, head_dim) of rows 0..B-1 at their own positions (B,)
+        and return those rows' keys/values over positions 0..window-1 (the caller masks what lies past
+        each row's length): the static-shape decoding step of qinglm.infer.slots."""
+        rows = torch.arange(k.size(0), device=k.device)
+        self.k[layer][rows, :, positions] = k[:, :, 0]  # (B, n_kv_heads, head_dim) written per row
+        self.v[layer][rows, :, positions] = v[:, :, 0]
+        return self.k[layer, : k.size(0), :, :window], self.v[layer, : k.size(0), :, :window]
 
 
 def padded_positions(start: int, length: int, pad: torch.Tensor) -> torch.Tensor:
@@ -105,6 +118,19 @@ def padded_causal_mask(start: int, length: int, pad: torch.Tensor) -> torch.Tens
     k = torch.arange(start + length, device=pad.device)[None, None, :]  # (1, 1, S)
     first = torch.minimum(pad[:, None, None], q)  # (B, T, 1): the first slot each query may see
     return ((k <= q) & (k >= first)).unsqueeze(1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Return softmax(q k^T / sqrt(head_dim) + bias) v for one query per row: (B, n_heads, 1, head_dim).
+
+    k, v: (B, n_kv_heads, W, head_dim), each kv head shared by n_heads / n_kv_heads query heads; bias
+    (B, 1, 1, W): 0 where a row may attend, -inf past its length. Written out because scaled_dot_product
+    _attention with a mask costs several times more than these four ops for a single query on a CPU.
+    """
+    B, H, _, D = q.shape
+    q = q.view(B, k.size(1), H // k.size(1), D)  # (B, n_kv_heads, group, head_dim)
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5 + bias  # (B, n_kv_heads, group, W)
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -140,7 +166,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         layer: int,
-        start: int,
+        start: int | torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -156,26 +182,32 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):  # one token per row at its own position
+            k, v = cache.update_at(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start, mask.size(-1))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        elif cache is not None:
             k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if isinstance(start, torch.Tensor):  # one query per row over its cache row: mask is additive
+            y = decode_attention(q, k, v, mask)
         # Queries at positions start..start+T-1 see keys 0..their own position.
-        if mask is not None:  # left-padded rows: the caller's mask (B, 1, T, start+T)
+        elif mask is not None:  # left-padded rows or per-row positions: the caller's mask (B, 1, T, keys)
             causal = False
         elif start == 0 or T == 1:
             mask, causal = None, T > 1
         else:  # a chunk appended after cached positions: causal within the chunk, full over the past
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if not isinstance(start, torch.Tensor):
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         if self.use_gate:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, n_heads, T, 1)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d_model)
@@ -265,9 +297,10 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
-        start: int = 0,
-        last_only: bool = False,
+        start: int | torch.Tensor = 0,
+        last_only: bool | torch.Tensor = False,
         pad: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Return logits (B, T, vocab), or the mean loss over targets != IGNORE_INDEX when targets are given.
 
@@ -276,9 +309,18 @@ class Transformer(nn.Module):
         head for the final position only (what decoding needs). pad (B,), for batches of prompts
         of different lengths: row b is left-padded by pad[b] slots, so idx holds slots
         start..start+T-1, its positions are slot - pad[b] and its pad slots are never attended to.
+        start as a tensor (B,) (decoding with a static cache, qinglm.infer.slots): idx (B, 1) holds one
+        token per row at position start[b]; it attends to cache positions 0..start[b] within the first
+        `window` (default: all) positions of the cache. last_only as a tensor (B,) takes each row's
+        head at its own index (right-padded prompts of different lengths).
         """
         B, T = idx.shape
-        if pad is None:
+        if isinstance(start, torch.Tensor):
+            window = window or cache.max_len
+            pos = start[:, None]  # (B, 1)
+            past = torch.arange(window, device=idx.device)[None, :] > pos  # (B, W): beyond the row's length
+            mask = torch.zeros(past.shape, device=idx.device).masked_fill(past, float("-inf"))[:, None, None]
+        elif pad is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
             pos, mask = slice(start, start + T), None
@@ -294,8 +336,12 @@ class Transformer(nn.Module):
             # Scale the embeddings so the fixed table does not drown them (as in the original paper).
             x = x * math.sqrt(self.cfg.d_model) + self.pos_table[pos]
         else:
-            rope = self.rope_at(pos, start + T if pad is None else int(pos.max()) + 1)
-            if pad is not None:
+            if isinstance(start, torch.Tensor):  # no host sync unless dynamic NTK needs the length
+                end = int(pos.max()) + 1 if self.cfg.rope_scaling == "dynamic" else 1
+            else:
+                end = start + T if pad is None else int(pos.max()) + 1
+            rope = self.rope_at(pos, end)
+            if pad is not None or isinstance(start, torch.Tensor):
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, head_dim)
         x = self.drop(x)
         # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
@@ -307,7 +353,9 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope, cache, i, start, mask)
         x = self.norm(x)
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            x = x[torch.arange(B, device=x.device), last_only][:, None]  # (B, 1, d_model)
+        elif last_only:
             x = x[:, -1:]
         logits = self.head(x)
         if targets is None:

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from qinglm.errors import QingLMError
+from qinglm.infer.slots import decode_compile
 from qinglm.serve import protocol
 from qinglm.serve.config import ServeConfig
 from qinglm.serve.http import Guard, uvicorn_config
@@ -57,7 +58,13 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
     """Return the FastAPI app serving lm; its worker thread starts and stops with the app."""
     cfg = cfg or ServeConfig()
     cfg.check()  # the CLI's checks, for fields changed after the config was made
-    scheduler = Scheduler(lm, max_queue=cfg.max_queue, max_batch_size=cfg.max_batch_size)
+    scheduler = Scheduler(
+        lm,
+        max_queue=cfg.max_queue,
+        max_batch_size=cfg.max_batch_size,
+        kv_tokens=cfg.kv_cache_tokens,
+        compile=decode_compile(cfg.compile, lm.device),
+    )
     parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="qinglm-serve-parse")
     name = model_name(lm, cfg)
     created = int(time.time())
@@ -117,6 +124,8 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
             job = scheduler.submit(req)
         except QueueFull as e:
             return _error(503, str(e), "server_error", "overloaded")
+        except QingLMError as e:  # it could never fit the KV-cache budget
+            return _error(400, str(e))
         if req.stream:
             return StreamingResponse(_stream(job, name), media_type="text/event-stream")
         return await _whole(job, name, request)

@@ -41,6 +41,12 @@ class ServeConfig:
         False, "/v1/completions: keep the end of a prompt longer than the context instead of answering 400"
     )
     max_batch_size: int = _f(32, "most requests decoding at once (1 = one at a time)", within="[1, 4096]")
+    kv_cache_tokens: int | None = _f(
+        None,
+        "KV-cache budget in tokens, rows x positions (default: max-batch-size x the context)",
+        within="[1, inf)",
+    )
+    compile: bool | None = _f(None, "torch.compile the decoding step (default: on for CUDA, off for CPUs)")
     max_queue: int = _f(256, "most requests waiting or running; more are answered 503", within="[1, 1000000]")
     max_request_bytes: int = _f(
         1 << 20, "largest request body in bytes; larger ones are answered 413", within="[1024, 1073741824]"

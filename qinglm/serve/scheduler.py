@@ -2,10 +2,10 @@
 
 The app (asyncio) submits a GenRequest and gets a Job; the worker thread pushes the job's events onto
 its asyncio queue: ("text", piece) as text is produced, then ("done", finish_reason) or ("error", message).
-Decoding is qinglm.infer.engine's: each request is one row of a Generation, with its own sampling settings,
-stop strings and KV-cache row, so batched requests never see each other's tokens, and a row whose
-sampling fails ends alone (the engine's isolate_rows): the other requests of its batch go on. A job
-whose client went away is cancelled: the worker checks between decoding steps and the row leaves the batch.
+Decoding is qinglm.infer.engine's: the worker owns one Engine and each request is one row of it, with its
+own sampling settings, stop strings and KV-cache row, so requests never see each other's tokens, and a
+row whose sampling fails ends alone (the engine's isolate_rows): the other requests go on. A job whose
+client went away is cancelled: the worker checks between decoding steps and the row leaves the engine.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qinglm.errors import QingLMError
-from qinglm.infer.engine import Event, Generation, Request
+from qinglm.infer.engine import Engine, Event, Request
+from qinglm.infer.slots import check_fits
 from qinglm.serve.protocol import GenRequest
 
 if TYPE_CHECKING:
@@ -64,29 +63,25 @@ class Job:
             self.cancel()
 
 
-@dataclass
-class _Batch:
-    """Jobs decoding together in one engine Generation; open holds the rows not finished yet."""
-
-    gen: Generation
-    jobs: list[Job]
-    steps: Iterator[list[Event]]
-    open: set[int] = field(default_factory=set)
-
-
 class Scheduler:
-    """Owns the model: one worker thread decodes every job, many at once.
+    """Owns the model: one worker thread decodes every job on one engine, many at once.
 
-    Waiting jobs are taken together (up to max_batch_size rows in flight) into one engine Generation.
-    A Generation's rows are fixed once it starts, so jobs that arrive meanwhile start their own
-    Generation and the worker steps all Generations in turn: a newcomer waits for one prefill, not
-    for the running batch to finish.
+    Jobs join the engine as they arrive (up to max_batch_size rows decode at once, within the KV-cache
+    budget kv_tokens; the rest wait in the engine's queue) and each engine step is one forward for
+    every decoding row, whichever job it belongs to: a newcomer waits for one step, not for a batch.
     """
 
-    def __init__(self, lm: LM, max_queue: int = 256, max_batch_size: int = 16):
+    def __init__(
+        self,
+        lm: LM,
+        max_queue: int = 256,
+        max_batch_size: int = 16,
+        kv_tokens: int | None = None,
+        compile: bool = False,
+    ):
         self.lm = lm
         self.max_queue = max_queue
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.kv_tokens, self.compile = max_batch_size, kv_tokens, compile
         self.stats = {"served": 0, "cancelled": 0, "errors": 0, "peak_batch": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._active = 0  # jobs submitted and not finished
@@ -109,7 +104,11 @@ class Scheduler:
             self._thread = None
 
     def submit(self, req: GenRequest) -> Job:
-        """Return a queued Job for req; raise QueueFull when max_queue jobs are in flight."""
+        """Return a queued Job for req; raise QueueFull when max_queue jobs are in flight, QingLMError when
+        req could never fit the KV-cache budget."""
+        if self.kv_tokens is not None:
+            context = self.lm.model.cfg.max_seq_len
+            check_fits(len(req.prompt_ids), req.sampling.max_new_tokens, context, self.kv_tokens)
         with self._lock:
             if self._active >= self.max_queue:
                 raise QueueFull(f"the server is busy ({self._active} requests in flight); retry later")
@@ -125,80 +124,71 @@ class Scheduler:
 
     # -------------------------------------------------------------- worker side
 
-    def _work(self) -> None:
-        batches: list[_Batch] = []
-        while True:
-            rows = sum(len(b.open) for b in batches)
-            jobs = self._take(self.max_batch_size - rows, wait=not batches)
-            if jobs is None:
-                return
-            if jobs:
-                batches += self._start(jobs)
-                self.stats["peak_batch"] = max(self.stats["peak_batch"], sum(len(b.open) for b in batches))
-            for batch in batches:
-                self._step(batch)
-            batches = [b for b in batches if b.open]
-
-    def _take(self, room: int, wait: bool) -> list[Job] | None:
-        """Return up to room waiting jobs (blocking for the first when wait); None means stop."""
-        jobs: list[Job] = []
-        while len(jobs) < room:
-            try:
-                job = self._queue.get(block=wait and not jobs)
-            except queue.Empty:
-                break
-            if job is None:
-                return None
-            if job.cancelled:  # its client left while it waited
-                self._finish(job, "cancelled")
-            else:
-                jobs.append(job)
-        return jobs
-
-    def _start(self, jobs: list[Job]) -> list[_Batch]:
-        """Return the Generation of jobs as a _Batch (one per job when one of them is invalid)."""
+    def _engine(self) -> Engine:
         lm = self.lm
-        requests = [Request(j.req.prompt_ids, j.req.sampling, j.req.stop, j.req.counted) for j in jobs]
-        try:
-            gen = Generation(lm.model, requests, tokenizer=lm.tokenizer, device=lm.device, isolate_rows=True)
-        except QingLMError as e:
-            if len(jobs) > 1:  # fail only the job at fault
-                return [b for j in jobs for b in self._start([j])]
-            self._finish(jobs[0], "error", str(e))
-            return []
-        return [_Batch(gen, jobs, iter(gen), set(range(len(jobs))))]
+        return Engine(
+            lm.model,
+            tokenizer=lm.tokenizer,
+            device=lm.device,
+            max_batch_size=self.max_batch_size,
+            kv_tokens=self.kv_tokens,
+            isolate_rows=True,
+            compile=self.compile,
+            log=log.warning,
+        )
 
-    def _step(self, batch: _Batch) -> None:
-        """Run one decoding step of batch and hand each job its events."""
-        try:
-            events = next(batch.steps)
-        except StopIteration:  # every row should have finished with an event before this
-            events = []
-        except Exception:  # a bug must not kill the worker: log it, fail these jobs, serve the rest
-            log.exception("generation failed")
-            for row in batch.open:
-                self._finish(batch.jobs[row], "error", "internal error while generating; see the server log")
-            batch.open.clear()
-            return
-        for ev in events:
-            job = batch.jobs[ev.row]
-            job.completion_tokens += len(ev.ids)
-            if ev.text and not job.cancelled:
-                job.put("text", ev.text)
-            if ev.finish_reason == "error":  # this row alone failed
-                log.error("a request failed while generating", exc_info=ev.error)
-                batch.open.discard(ev.row)
-                self._finish(job, "error", "internal error while generating; see the server log")
-            elif ev.finish_reason:
-                batch.open.discard(ev.row)
-                self._finish(job, ev.finish_reason)
-        for row in batch.open:
-            if batch.jobs[row].cancelled:
-                batch.gen.cancel(row)
-        if not events:
-            for row in batch.open:
-                self._finish(batch.jobs[row], "error", "generation ended early; see the server log")
-            batch.open.clear()
+    def _work(self) -> None:
+        engine, jobs = self._engine(), set()  # jobs: those added to the engine and not finished
+        while True:
+            if not self._take(engine, jobs, wait=not engine.busy):
+                return
+            for job in jobs:
+                if job.cancelled:
+                    engine.cancel(job)
+            try:
+                events = engine.step()
+            except Exception:  # a bug must not kill the worker: log it, fail these jobs, serve the rest
+                log.exception("generation failed")
+                for job in jobs:
+                    self._finish(job, "error", "internal error while generating; see the server log")
+                engine, jobs = self._engine(), set()
+                continue
+            finished = sum(1 for ev in events if ev.finish_reason)
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], engine.rows + finished)
+            for ev in events:
+                self._event(ev, jobs)
+
+    def _take(self, engine: Engine, jobs: set[Job], wait: bool) -> bool:
+        """Add the waiting jobs to engine (blocking for the first when wait); return False to stop."""
+        while True:
+            try:
+                job = self._queue.get(block=wait)
+            except queue.Empty:
+                return True
+            wait = False
+            if job is None:
+                return False
+            req = job.req
+            try:
+                engine.add(job, Request(req.prompt_ids, req.sampling, req.stop, req.counted))
+            except QingLMError as e:
+                self._finish(job, "error", str(e))
+                continue
+            jobs.add(job)
+
+    def _event(self, ev: Event, jobs: set[Job]) -> None:
+        """Hand one engine event to its job."""
+        job = ev.row
+        job.completion_tokens += len(ev.ids)
+        if ev.text and not job.cancelled:
+            job.put("text", ev.text)
+        if ev.finish_reason == "error":  # this row alone failed
+            log.error("a request failed while generating", exc_info=ev.error)
+            self._finish(job, "error", "internal error while generating; see the server log")
+        elif ev.finish_reason:
+            self._finish(job, ev.finish_reason)
+        if ev.finish_reason:
+            jobs.discard(job)
 
     def _finish(self, job: Job, reason: str, message: str = "") -> None:
         """Count job as finished and send its last event."""

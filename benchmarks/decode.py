@@ -1,0 +1,151 @@
+"""Decode speed of this tree's engine against another checkout's engine (today's main), side by side.
+
+`python -m benchmarks.decode --baseline /work/main [--presets tiny small] [--batches 1 8 32]
+ [--threads 1 2] [--new-tokens 128] [--rounds 7] [--variants fp32 sampled int8 compiled]`
+
+One process per (preset, batch, threads, variant) loads the baseline's ``qinglm/infer/engine.py`` beside
+this tree's (both on this tree's model code, which computes the same logits: only the engine differs)
+and runs the two in turn, --rounds times each, greedily continuing B prompts of 10 tokens by
+--new-tokens tokens (EOS ignored) through ``Generation``, the API both engines share. Tokens/s = B * new
+tokens / seconds of the whole generation (prefill included), after one warm-up generation each (when
+the compiled variant compiles: its warm-up seconds are printed apart). The table shows the median and
+the best round of each: on a shared machine the best round is the least disturbed one.
+Variants: fp32; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed per row: GRPO rollouts'
+decoding); int8 (qinglm.model.quantize); compiled (this tree with Generation(compile=True), the
+baseline eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def baseline_engine(checkout: str):
+    """Return the module qinglm/infer/engine.py of checkout, run on this tree's model code."""
+    from qinglm.model.transformer import KVCache
+
+    if not hasattr(KVCache, "keep_rows"):  # the old engine dropped finished rows by copying the cache
+
+        def keep_rows(self, rows):
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+        KVCache.keep_rows = keep_rows
+    spec = importlib.util.spec_from_file_location(
+        "baseline_engine", Path(checkout) / "qinglm/infer/engine.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_engine"] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure both engines for one configuration and print their figures as JSON."""
+    import torch
+
+    from qinglm.config import PRESETS, ModelConfig, SamplingConfig
+    from qinglm.infer import engine
+    from qinglm.model.quantize import quantize
+    from qinglm.model.transformer import Transformer
+
+    torch.set_num_threads(args.threads)
+    old = baseline_engine(args.baseline)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**PRESETS[args.preset], max_seq_len=512)).eval()
+    if args.variant == "int8":
+        quantize(model, "int8")
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, model.cfg.vocab_size, (args.batch, 10), generator=gen).tolist()
+    n = args.new_tokens
+    cfgs = [SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False)] * len(prompts)
+    if args.variant == "sampled":
+        cfgs = [
+            SamplingConfig(max_new_tokens=n, temperature=0.8, seed=i, stop_at_eos=False)
+            for i in range(len(prompts))
+        ]
+
+    def run(module, **kw) -> list[list[int]]:
+        ids = [[] for _ in prompts]
+        for events in module.Generation(
+            model, [module.Request([2, *p], c) for p, c in zip(prompts, cfgs)], **kw
+        ):
+            for ev in events:
+                ids[ev.row] += ev.ids
+        return ids
+
+    contestants = {
+        "baseline": lambda: run(old),
+        "this": lambda: run(engine, compile=args.variant == "compiled"),
+    }
+    out = {}
+    for name, fn in contestants.items():
+        t0 = time.perf_counter()
+        out[name] = {"tokens": fn()[0][:16], "warmup_s": time.perf_counter() - t0, "tok_s": []}
+    for _ in range(args.rounds):
+        for name, fn in contestants.items():
+            t0 = time.perf_counter()
+            ids = fn()
+            out[name]["tok_s"].append(sum(map(len, ids)) / (time.perf_counter() - t0))
+    print(json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", default="/work/main", help="checkout of the engine to compare with")
+    p.add_argument("--presets", nargs="+", default=["tiny"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "sampled", "int8", "compiled"])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.threads = args.threads[0]
+        return worker(args)
+    print("| preset | batch | threads | variant | baseline tok/s median (best) | this tok/s median (best) "
+          "| ratio of medians (of bests) | same tokens |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---|")
+    for preset in args.presets:
+        for batch in args.batches:
+            for threads in args.threads:
+                for variant in args.variants:
+                    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": str(threads)}
+                    cmd = [sys.executable, "-m", "benchmarks.decode", "--worker", "--baseline", args.baseline]
+                    cmd += ["--preset", preset, "--batch", str(batch), "--threads", str(threads)]
+                    cmd += [
+                        "--variant",
+                        variant,
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--rounds",
+                        str(args.rounds),
+                    ]
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=HERE)
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    b, t = r["baseline"]["tok_s"], r["this"]["tok_s"]
+                    warm = f" (warm-up {r['this']['warmup_s']:.1f} s)" if variant == "compiled" else ""
+                    print(
+                        f"| {preset} | {batch} | {threads} | {variant}{warm} | {statistics.median(b):,.0f} "
+                        f"({max(b):,.0f}) | {statistics.median(t):,.0f} ({max(t):,.0f}) | "
+                        f"{statistics.median(t) / statistics.median(b):.2f}x ({max(t) / max(b):.2f}x) | "
+                        f"{r['baseline']['tokens'] == r['this']['tokens']} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
