@@ -68,9 +68,10 @@ def measure(name: str, busy: int, args: argparse.Namespace) -> dict:
     """Return throughput.child's result for the tiny recipe under setting `name` beside `busy` spinners."""
     threads = setting_env(name)[1]
     ns = argparse.Namespace(steps=args.steps, warmup=args.warmup, threads=threads)
+    load = os.getloadavg()[0]  # the machine's own load before the run (other work on a shared machine)
     procs = spinners(busy)
     try:
-        return run_child("tiny", ns, env=child_env(name))
+        return {**run_child("tiny", ns, env=child_env(name)), "load": load}
     finally:
         stop(procs)
 
@@ -131,7 +132,10 @@ def main() -> None:
         for p, rs in results.items()
     }
     print(f"\n{os.cpu_count()} CPUs | {args.rounds} rounds x {args.steps} steps (medians) | tiny recipe\n")
-    print("| setting | threads | " + " | ".join(f"busy {b}: tokens/s" for b in args.busy) + " |")
+    for b in args.busy:
+        loads = [r["load"] for s in args.settings for r in results[s, b]]
+        print(f"busy {b}: 1-minute load average before the runs, median {statistics.median(loads):.1f}")
+    print("\n| setting | threads | " + " | ".join(f"busy {b}: tokens/s" for b in args.busy) + " |")
     print("|---|---:|" + "---:|" * len(args.busy))
     quiet = {s: tps[s, args.busy[0]] for s in args.settings}
     for s in args.settings:
