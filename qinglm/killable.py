@@ -55,8 +55,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def run_killable(fn: Callable[..., Any], *args: Any) -> None:
     """Return after fn(*args) has run in a spawned child process; a QingLMError there is raised here.
 
-    Ctrl-C or SIGTERM kills the child at once and raises KeyboardInterrupt (Interrupted for SIGTERM). fn and args must be
-    picklable; fn's output goes to this process's stdout/stderr, its return value is dropped.
+    Ctrl-C or SIGTERM kills the child at once and raises KeyboardInterrupt (Interrupted for SIGTERM).
+    fn and args must be picklable; fn's output goes to this process's stdout/stderr, its return value
+    is dropped.
     """
     ctx = multiprocessing.get_context("spawn")  # no fork: this process may hold threads
     receive, send = ctx.Pipe(duplex=False)

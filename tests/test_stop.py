@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qinglm.cli import main
-from qinglm.errors import Interrupted, exit_status
+from qinglm.errors import Interrupted, QingLMError, exit_status
 from qinglm.train import launch
 from qinglm.train.checkpoint import latest_checkpoint
 from qinglm.train.driver import cli_flags, raise_if_interrupted
@@ -122,7 +122,6 @@ def test_more_processes_than_cpu_cores_are_refused_before_any_starts(
 
 
 def test_every_stage_launches_through_the_same_check(tiny_base_run, tmp_path, monkeypatch):
-    from qinglm.errors import QingLMError
     from qinglm.sft.config import SFTConfig
     from qinglm.sft.train import run_sft
 
@@ -131,6 +130,18 @@ def test_every_stage_launches_through_the_same_check(tiny_base_run, tmp_path, mo
     given = {"base": str(tiny_base_run), "nproc": 2, "device": "cpu", "out": str(tmp_path / "sft")}
     with pytest.raises(QingLMError, match="--nproc 2 starts one training process per CPU core"):
         run_sft(SFTConfig(**given), log=lambda _: None, flags=given)
+
+
+def test_on_cuda_the_limit_is_one_process_per_gpu(monkeypatch):
+    import torch
+
+    import qinglm.device
+
+    monkeypatch.setattr(qinglm.device, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert launch.check_nproc(2, "auto") == "NCCL on 2 of 2 GPUs"
+    with pytest.raises(QingLMError, match=r"--nproc 3 starts one training process per GPU, .* has 2; use"):
+        launch.check_nproc(3, "auto")
 
 
 @pytest.mark.slow

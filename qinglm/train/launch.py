@@ -31,8 +31,8 @@ def cpu_cores() -> int:
 
 
 def check_nproc(nproc: int, device: str) -> str:
-    """Return what the nproc processes will run on ("gloo on 2 CPU cores"), or raise QingLMError when the
-    machine has fewer GPUs (CUDA) or CPU cores than processes: each process is a whole copy of the run."""
+    """Return what the nproc processes will run on ("gloo on 2 of 4 CPU cores"), or raise QingLMError when
+    the machine has fewer GPUs (CUDA) or CPU cores than processes: each process is a whole copy of the run."""
     from qinglm.device import resolve_device
 
     kind = resolve_device(device).type
@@ -47,7 +47,7 @@ def check_nproc(nproc: int, device: str) -> str:
             f"--nproc {nproc} starts one training process per {what}, and this machine has {have}; use "
             f"--nproc {have} or fewer (or start torchrun yourself to oversubscribe it)"
         )
-    return f"{backend} on {nproc} of {have} {what}s"
+    return f"{backend} on {nproc} of {have} {what}{'s' if have > 1 else ''}"
 
 
 def run_torchrun(cmd: list[str], nproc: int, where: str) -> None:
