@@ -58,8 +58,10 @@ def run_torchrun(cmd: list[str], nproc: int, where: str) -> None:
         "process group before rank 0 prints the run (slower on a busy machine)",
         flush=True,
     )
+    # torchrun's own default is 1 thread per process (and a banner saying so): share the cores instead.
+    env = {"OMP_NUM_THREADS": str(max(1, cpu_cores() // nproc)), **os.environ}
     signum = None
-    with subprocess.Popen(cmd, start_new_session=True, preexec_fn=kill_on_parent_death()) as p:
+    with subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_on_parent_death()) as p:
         while True:
             try:
                 rc = p.wait()
