@@ -15,11 +15,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from qinglm.errors import Interrupted, QingLMError
 from qinglm.killable import kill_on_parent_death
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def cpu_cores() -> int:
@@ -60,28 +63,44 @@ def run_torchrun(cmd: list[str], nproc: int, where: str) -> None:
     )
     # torchrun's own default is 1 thread per process (and a banner saying so): share the cores instead.
     env = {"OMP_NUM_THREADS": str(max(1, cpu_cores() // nproc)), **os.environ}
-    signum = None
-    with subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_on_parent_death()) as p:
-        while True:
-            try:
-                rc = p.wait()
-                break
-            except KeyboardInterrupt as e:
-                if signum is not None:  # a second signal: stop now, unsaved
-                    os.killpg(p.pid, signal.SIGKILL)  # the agent; its workers die with it
-                    p.wait()
-                    raise Interrupted(signum) from None
-                signum = getattr(e, "signum", signal.SIGINT)
-                print(
-                    "stopping: the training processes finish their step and save (again to kill them now)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                _signal_workers(p.pid, signum)
-    if signum is not None:
-        raise Interrupted(signum)
-    if rc != 0:
-        raise QingLMError(f"the {nproc} training processes failed (torchrun exit status {rc}); see above")
+    received: list[int] = []  # the signals this process got, noted by a handler: none is lost mid-way
+    main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    old = (
+        {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in STOP_SIGNALS} if main else {}
+    )
+    try:
+        with subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_on_parent_death()) as p:
+            _supervise(p, received)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if received:
+        raise Interrupted(received[0])
+    if p.returncode != 0:
+        raise QingLMError(
+            f"the {nproc} training processes failed (torchrun exit status {p.returncode}); see above"
+        )
+
+
+def _supervise(p: subprocess.Popen, received: list[int]) -> None:
+    """Return once torchrun (p) has exited, passing the first signal received on to its processes and
+    killing them all at a second one."""
+    passed_on = False
+    while p.poll() is None:
+        if len(received) > 1:  # a second signal: stop now, unsaved
+            _kill(p.pid, signal.SIGKILL)  # the agent; its processes die with it
+        elif received and not passed_on:
+            print(
+                "stopping: the training processes finish their step and save (again to kill them now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            _signal_workers(p.pid, received[0])
+            passed_on = True
+        try:
+            p.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal_workers(agent: int, signum: int) -> None:
