@@ -83,9 +83,10 @@ def yield_idle_openmp_threads(environ: MutableMapping[str, str] = os.environ) ->
     (OMP_WAIT_POLICY=PASSIVE), unless the user set a wait policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
 
     A spinning thread keeps its core busy: on a machine shared with other work, the thread that has
-    the next piece of work waits for a core the spinners hold. Measured on 2 shared cores
-    (benchmarks/busy.py): about 2x the tokens/s of spinning, the same weights bit for bit. OpenMP
-    reads it once, when torch loads, so this runs before any command imports torch.
+    the next piece of work waits for a core the spinners hold. Measured on 2 cores (benchmarks/busy.py):
+    1.5-3x the tokens/s of spinning beside about ten other jobs, the same speed on a quiet machine, the
+    same weights bit for bit. OpenMP reads it once, when torch loads, so this runs before any command
+    imports torch.
     """
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
