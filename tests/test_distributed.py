@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,9 @@ def assert_close_weights(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------------------- data split, global batch
 
 
-def step_windows(data: Path, batch: int, accum: int, world: int, steps: int) -> list[set[tuple]]:
-    """Return, per optimizer step, the set of windows all ranks' micro-batches train on."""
+def step_windows(data: Path, batch: int, accum: int, world: int, steps: int) -> list[Counter]:
+    """Return, per optimizer step, the windows (a multiset: the phrase corpus repeats itself, so two
+    windows may hold the same tokens) all ranks' micro-batches train on."""
     shards = TokenShards(data, "train")
     ranks = [
         TrainBatches(shards, batch, 16, seed=3, rank=r, world_size=world, grad_accum=accum)
@@ -145,8 +147,8 @@ def step_windows(data: Path, batch: int, accum: int, world: int, steps: int) -> 
     out = []
     for _ in range(steps):
         rows = [tuple(x.tolist()) for b in ranks for _ in range(accum) for x in next(b)[0]]
-        assert len(rows) == len(set(rows)) == batch * accum * world  # ranks and micro-batches are disjoint
-        out.append(set(rows))
+        assert len(rows) == batch * accum * world
+        out.append(Counter(rows))  # equal to one process's step: ranks and micro-batches are disjoint
     return out
 
 
