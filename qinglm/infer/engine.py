@@ -238,7 +238,7 @@ class Engine:
         else:
             tokens, failed = _sample_rows(logits, rows, uniform, seen), {}
         self.seen[torch.arange(n, device=self.device), tokens] = True
-        self.seen[:n, :self.n_control] = False  # control tokens are never penalised
+        self.seen[:n, : self.n_control] = False  # control tokens are never penalised
         events, done = [], []
         for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             ev = self._event(row, tok, failed.get(k))
