@@ -128,6 +128,7 @@ class StreamReader:
         self.thinking = False
         self.starting = True  # whether the reply opens with <think> is not known yet
         self.sent_reasoning = False
+        self.after_think = False  # the newlines after </think> are the template's, not content
         self.calls = 0
 
     def _split(self, marker: str) -> tuple[str, str | None]:
@@ -164,8 +165,13 @@ class StreamReader:
                 if rest is None:
                     self.buf = self.buf[len(text) :]
                     return out
-                self.buf, self.thinking = rest.lstrip("\n"), False
+                self.buf, self.thinking, self.after_think = rest, False, True
                 continue
+            if self.after_think:  # they may come in a later piece than </think>
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf and not final:
+                    return out
+                self.after_think = False
             sent, rest = self._split(TOOL_CALL)
             if sent:
                 out.append({"content": sent})
