@@ -52,7 +52,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--models", nargs="+", default=["tiny:2", "tiny:10", "small:30"], help="PRESET:MINUTES or PRESET@STEPS"
+        "--models",
+        nargs="+",
+        default=["tiny:2", "tiny:10", "small:30"],
+        help="PRESET:MINUTES or PRESET@STEPS",
     )
     ap.add_argument("--train-only", action="store_true", help="train the models and stop")
     ap.add_argument("--data", nargs="+", default=["pd1998", "reviews", "idioms"])

@@ -148,7 +148,8 @@ def child(spec: str, steps: int, warmup: int) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def run_child(spec: str, args: argparse.Namespace) -> dict:
+def run_child(spec: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
+    """Return the result of one config measured in a fresh subprocess (env: its environment, default ours)."""
     cmd = [
         sys.executable,
         "-m",
@@ -160,7 +161,7 @@ def run_child(spec: str, args: argparse.Namespace) -> dict:
         "--warmup",
         str(args.warmup),
     ] + (["--threads", str(args.threads)] if args.threads else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])

@@ -13,24 +13,33 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from qinglm.errors import QingLMError
+from qinglm.errors import Interrupted, QingLMError
 
 
-def _die_with_parent(parent: int) -> None:
-    """Return nothing; ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere)."""
+def kill_on_parent_death() -> Callable[[], None]:
+    """Return a function that asks Linux to SIGKILL the process calling it when its parent dies (a no-op
+    elsewhere); it imports and looks up nothing, so it is safe as a Popen preexec_fn."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
+        return lambda: None
+    kill = int(signal.SIGKILL)
+    return lambda: prctl(1, kill)  # PR_SET_PDEATHSIG
+
+
+def die_with_parent(parent: int) -> None:
+    """Return nothing; this process is SIGKILLed when its parent dies (Linux), and exits now if the parent,
+    whose id is given, died before the request took effect."""
+    kill_on_parent_death()()
+    if os.getppid() != parent:
         os._exit(1)
 
 
 def _child(conn: Any, parent: int, fn: Callable[..., Any], args: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches both; the parent acts
-    _die_with_parent(parent)
+    die_with_parent(parent)
     try:
         fn(*args)
     except QingLMError as e:
@@ -40,14 +49,15 @@ def _child(conn: Any, parent: int, fn: Callable[..., Any], args: tuple) -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def run_killable(fn: Callable[..., Any], *args: Any) -> None:
     """Return after fn(*args) has run in a spawned child process; a QingLMError there is raised here.
 
-    Ctrl-C or SIGTERM kills the child at once and raises KeyboardInterrupt. fn and args must be
-    picklable; fn's output goes to this process's stdout/stderr, its return value is dropped.
+    Ctrl-C or SIGTERM kills the child at once and raises KeyboardInterrupt (Interrupted for SIGTERM).
+    fn and args must be picklable; fn's output goes to this process's stdout/stderr, its return value
+    is dropped.
     """
     ctx = multiprocessing.get_context("spawn")  # no fork: this process may hold threads
     receive, send = ctx.Pipe(duplex=False)

@@ -20,7 +20,7 @@ from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model, resolve_model, to_dict
 from qinglm.errors import QingLMError
 from qinglm.train.config import TrainConfig, check_train, split_sections
-from qinglm.train.driver import launch_torchrun, write_report
+from qinglm.train.driver import launch_torchrun, raise_if_interrupted, write_report
 from qinglm.train.support import check_supported
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
@@ -235,7 +235,11 @@ def _run_train(
     held.enter_context(run_dirs.writing(run_dir, train_cfg.overwrite, job))
     if train_cfg.nproc and "RANK" not in os.environ:  # --nproc N: this process becomes the launcher
         launch_torchrun(
-            command, train_cfg.nproc, {**model_flags, **train_flags, "out": str(run_dir)}, config_file
+            command,
+            train_cfg.nproc,
+            {**model_flags, **train_flags, "out": str(run_dir)},
+            config_file,
+            device=train_cfg.device,
         )
         return run_dir
 
@@ -259,7 +263,8 @@ def _run_train(
             run_dirs.write_config(run_dir, job, {**record, **mixture_record(train_cfg.data, data_dir)})
             distributed.barrier(dist)
         result = train_stage(_stage(job, model_cfg, train_cfg, data_dir), train_cfg, run_dir, log=log)
-    if dist.is_main:
+    raise_if_interrupted(result)  # saved; no held-out report: leave quickly
+    if dist.is_main and result["stop_reason"] != "interrupted":
         report(run_dir, data_dir, train_cfg, result, log)
         write_report(train_cfg, run_dir, result, log)
     return run_dir

@@ -1,6 +1,7 @@
 """The command line end to end: the whole path on real text, and every user mistake as one clear line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,16 @@ def test_init_from_continues_pretraining_from_another_runs_weights(run, corpus, 
         "train", "--data", corpus, "--init-from", run, "--out", tmp_path / "x", "--d-model", 64, *flags
     )
     assert_user_error(bad, "--init-from")
+
+
+def test_the_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, capsys):
+    from qinglm.cli import main, yield_idle_openmp_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert main([]) == 0  # before any command imports torch, whose OpenMP reads it once
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        env = dict(chosen)
+        yield_idle_openmp_threads(env)
+        assert env == chosen

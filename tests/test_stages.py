@@ -180,7 +180,7 @@ def test_nproc_launches_every_stage_with_the_launchers_resolved_config(tiny_base
 
     monkeypatch.chdir(tmp_path)  # the default out, runs/<time>-sft, is relative
     launched: list[dict] = []
-    monkeypatch.setattr(driver, "launch_torchrun", lambda command, n, flags: launched.append(flags))
+    monkeypatch.setattr(driver, "launch_torchrun", lambda command, n, flags, **kw: launched.append(flags))
     for cls, resolve, run in ((SFTConfig, resolve_sft, run_sft), (DPOConfig, resolve_dpo, run_dpo)):
         given = {"base": str(tiny_base_run), "nproc": 2, "device": "cpu", "lora": True}
         assert run(cls(**given), log=lambda _: None, flags=given) == {}

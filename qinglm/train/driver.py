@@ -1,12 +1,13 @@
-"""Running a stage as a command: the run directory's lock, --resume from its saved config, and --nproc N
-(the process becomes a torchrun launcher of the same command)."""
+"""Running a stage as a command: the run directory's lock, --resume from its saved config, --nproc N
+(the process becomes a torchrun launcher of the same command: qinglm.train.launch), and the exit status
+of a run that a signal stopped."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-import subprocess
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 from qinglm import run_dir as run_dirs
 from qinglm.config import from_dict
-from qinglm.errors import QingLMError
+from qinglm.errors import Interrupted, QingLMError
+from qinglm.train.launch import check_nproc, run_torchrun
 
 
 def cli_flags(flags: dict[str, Any]) -> list[str]:
@@ -33,28 +35,18 @@ def cli_flags(flags: dict[str, Any]) -> list[str]:
     return out
 
 
-def launch_torchrun(command: str, nproc: int, flags: dict[str, Any], config_file: str | None = None) -> None:
+def launch_torchrun(
+    command: str, nproc: int, flags: dict[str, Any], config_file: str | None = None, device: str = "auto"
+) -> None:
     """Return nothing after `torchrun --standalone --nproc_per_node N -m qinglm COMMAND ...` (these flags
-    minus --nproc) has finished; raise QingLMError if it failed."""
+    minus --nproc) has finished on device; refuse more processes than GPUs or CPU cores, raise QingLMError
+    if it failed and Interrupted after Ctrl-C or SIGTERM (see qinglm.train.launch)."""
+    where = check_nproc(nproc, device)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "qinglm", command, *cli_flags({k: v for k, v in flags.items() if k != "nproc"})]
     if config_file:
         cmd += ["--config", config_file]
-    interrupted = False
-    with subprocess.Popen(cmd) as p:
-        while (rc := _wait(p)) is None:
-            # Ctrl-C reached torchrun and its workers too: wait while they save and stop.
-            interrupted = True
-    if rc != 0 and not interrupted:
-        raise QingLMError(f"the {nproc} training processes failed (torchrun exit status {rc}); see above")
-
-
-def _wait(p: subprocess.Popen) -> int | None:
-    """Return p's exit status, or None if a Ctrl-C interrupted the wait."""
-    try:
-        return p.wait()
-    except KeyboardInterrupt:
-        return None
+    run_torchrun(cmd, nproc, where)
 
 
 def stage_config(cls: type, kind: str, flags: dict[str, Any]) -> Any:
@@ -103,12 +95,26 @@ def run_stage_command(
     with contextlib.ExitStack() as held:
         held.enter_context(run_dirs.writing(run_dir, cfg.overwrite, kind))
         if cfg.nproc and "RANK" not in os.environ:
-            launch_torchrun(command, cfg.nproc, {**resolved_flags(cfg, flags), "out": str(run_dir)})
+            launch_torchrun(
+                command, cfg.nproc, {**resolved_flags(cfg, flags), "out": str(run_dir)}, device=cfg.device
+            )
             return {}
         result = train_stage(make_stage(), cfg, run_dir, log=log)
         if os.environ.get("RANK", "0") == "0":
             write_report(cfg, run_dir, result, log)
+        raise_if_interrupted(result)
         return result
+
+
+def raise_if_interrupted(result: dict[str, Any]) -> None:
+    """Return nothing after a run that was not stopped by a signal; else raise Interrupted (the run has
+    saved), so the command exits 130 after Ctrl-C and 143 after SIGTERM, not 0 like a finished run.
+
+    A torchrun worker returns: it exits 0 for torchrun, and the launcher that passed the signal on
+    exits with the signal's status (launch_torchrun).
+    """
+    if result.get("stop_reason") == "interrupted" and "RANK" not in os.environ:
+        raise Interrupted(result.get("stop_signal") or signal.SIGINT)
 
 
 def write_report(cfg: Any, run_dir: Path, result: dict[str, Any], log: Callable[[str], None]) -> None:

@@ -65,12 +65,14 @@ class _StopRequest:
 
     def __init__(self, second_aborts: bool = True) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self.second_aborts = second_aborts
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested and self.second_aborts and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_StopRequest]:
@@ -262,8 +264,8 @@ def train_stage(
     sinks: list[MetricsSink] | None = None,
 ) -> dict[str, Any]:
     """Return {"step", "train_loss", "val_loss", "val_ppl", "val_bpc", "best_val_loss", "elapsed_s",
-    "tokens_per_s", "tokens_seen", "skipped_steps", "stop_reason", "checkpoint", **stage.finish()} after
-    training stage in run_dir.
+    "tokens_per_s", "tokens_seen", "skipped_steps", "stop_reason", "stop_signal", "checkpoint",
+    **stage.finish()} after training stage in run_dir.
 
     sinks also receive every metrics record (e.g. a hyperparameter search reporting validation losses).
     """
@@ -372,6 +374,7 @@ def _train(
         "tokens_seen": r.tokens_seen,
         "skipped_steps": r.skipped_steps,
         "stop_reason": reason,
+        "stop_signal": stop.signum,  # None, or the signal that stopped this process (a command exits 128 + it)
         "checkpoint": str(ckpt or ""),
         **extras,
     }
