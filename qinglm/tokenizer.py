@@ -150,6 +150,14 @@ class Tokenizer:
             )
         return TOOL_TOKEN_IDS[TOOL_TOKENS.index(token)]
 
+    @property
+    def n_control_ids(self) -> int:
+        """Return how many ids from 0 are control tokens: 12 with the tool and thinking tokens, else 6.
+
+        In a tokenizer that predates them, ids 6-11 are ordinary text (the repetition penalty counts them).
+        """
+        return len(ALL_CONTROL_TOKENS) if self.has_tool_tokens else len(SPECIAL_TOKENS)
+
     def token_to_id(self, token: str) -> int | None:
         """Return the id of one vocabulary token, or None if it is not in the vocabulary."""
         return self._backend.token_to_id(token)

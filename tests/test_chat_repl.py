@@ -3,6 +3,7 @@
 import io
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,6 +92,8 @@ def test_stream_chat_fits_a_long_history_into_the_context(run_dir):
 class FakeLM:
     """Replies 'reply N' and records the messages of every call."""
 
+    tokenizer = SimpleNamespace(has_tool_tokens=False)  # from before tools: plain ChatML
+
     def __init__(self):
         self.calls = []
 
@@ -155,3 +158,104 @@ def test_chat_command_through_stdin(run_dir):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("qinglm: error:")
+
+
+CALC = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*(3+4)"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_lm(tmp_path_factory, tok, tiny_run):
+    """Return an LM whose context holds the built-in tool list (its generation is planted by `planted`)."""
+    assert tok.has_tool_tokens
+    run = tiny_run(tmp_path_factory.mktemp("tools"), tok, n_layers=1, n_heads=2, max_seq_len=2048)
+    return qinglm.load(run, device="cpu")
+
+
+def typed(*lines):
+    """Return a read() that gives lines, then the end of input."""
+    it = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def planted(monkeypatch, lm, replies):
+    """Make lm generate replies in turn (the last one again and again); return the prompts it was given."""
+    prompts = []
+
+    def stream_ids(prompt_ids, cfg, stop, counted=None):
+        prompts.append(list(prompt_ids))
+        text = replies[min(len(prompts), len(replies)) - 1]
+        return iter([text[k : k + 3] for k in range(0, len(text), 3)])  # pieces that split the markers
+
+    monkeypatch.setattr(lm, "_stream_ids", stream_ids)
+    return prompts
+
+
+def test_repl_runs_a_builtin_tool_and_feeds_the_result_back(tool_lm, monkeypatch):
+    from qinglm.chat_repl import ChatConfig
+
+    prompts = planted(monkeypatch, tool_lm, [CALC, "答案是84。"])
+    out = io.StringIO()
+    history = chat_loop(tool_lm, chat=ChatConfig(tools="builtin"), read=typed("算一下12*(3+4)"), out=out)
+    tok = tool_lm.tokenizer
+    first, second = (tok.decode(p) for p in prompts)
+    assert '"name": "calculator"' in first  # the tools are offered in the system turn
+    assert first.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off: pre-filled
+    response = tok.control_id("<tool_response>")
+    assert response in prompts[1] and response not in prompts[0]
+    assert "<tool_response>\n84\n</tool_response>" in second and second.startswith(first[:-30])
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[2]["content"] == "84" and history[3]["content"] == "答案是84。"
+    text = out.getvalue()
+    assert '\n[tool call] calculator {"expression": "12*(3+4)"}\n[tool result] 84\n' in text
+    assert "assistant> 答案是84。\n" in text and "<tool_call>" not in text, text
+
+
+def test_repl_stops_at_the_tool_call_cap(tool_lm, monkeypatch):
+    from qinglm.chat_repl import ChatConfig
+
+    prompts = planted(monkeypatch, tool_lm, [CALC])  # the model calls again and again
+    out = io.StringIO()
+    history = chat_loop(
+        tool_lm, chat=ChatConfig(tools="builtin", max_tool_calls=2), read=typed("算"), out=out
+    )
+    assert len(prompts) == 3 and [m["role"] for m in history].count("tool") == 2
+    assert "tool_calls" not in history[-1] and history[-1]["role"] == "assistant"  # the third call: not run
+    assert out.getvalue().count("[tool result] 84") == 2
+    assert "(tool-call limit of 2 per turn reached; 1 call(s) not run)" in out.getvalue()
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_repl_shows_thinking_dimmed_on_a_terminal(tool_lm, monkeypatch, tty):
+    from qinglm.chat_repl import DIM, UNDIM, ChatConfig
+
+    prompts = planted(monkeypatch, tool_lm, ["<think>\n先想一想\n</think>\n\n好的"])
+    out = io.StringIO()
+    out.isatty = lambda: tty
+    history = chat_loop(tool_lm, chat=ChatConfig(thinking=True), read=typed("你好"), out=out)
+    assert tool_lm.tokenizer.decode(prompts[0]).endswith("<|im_start|>assistant\n")  # the model thinks
+    assert history[-1] == {"role": "assistant", "content": "好的", "reasoning_content": "先想一想"}
+    shown = f"{DIM}先想一想{UNDIM}\n好的" if tty else "(thinking) 先想一想\n好的"
+    assert f"assistant> {shown}\n" in out.getvalue()
+    assert tty or "\x1b" not in out.getvalue()
+
+
+def test_tools_or_thinking_with_a_tokenizer_from_before_them(tmp_path, pre_tools_tok, tiny_run):
+    from qinglm.chat_repl import ChatConfig
+
+    run = tiny_run(tmp_path / "old", pre_tools_tok, n_layers=1, n_heads=2)
+    lm = qinglm.load(run, device="cpu")
+    with pytest.raises(QingLMError, match="no tool-call or thinking tokens"):
+        chat_loop(lm, chat=ChatConfig(thinking=True), read=typed("你好"), out=io.StringIO())
+    proc = subprocess.run(
+        [sys.executable, "-m", "qinglm", "chat", "--model", str(run), "--tools", "builtin", "--device", "cpu"],
+        input="你好\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("qinglm: error: this tokenizer has no tool-call")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "assistant>" not in proc.stdout

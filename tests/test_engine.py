@@ -270,3 +270,22 @@ def test_complete_keeps_the_order_of_prompts(tok):
     cfg = greedy(8)
     want = [generate(model, tok, p, cfg) for p in prompts]
     assert list(complete(model, tok, prompts, cfg, batch_size=2)) == want
+
+
+@pytest.mark.parametrize("layout", ["tools", "pre-tools"])
+def test_penalty_never_counts_the_tokenizers_control_ids(layout, chat_tok, pre_tools_tok):
+    # Ids 6..11 are <think> ... </tool_response> in a tokenizer that has them (a second <tool_call> in
+    # one reply must not be penalised) but ordinary text in an older one (penalised like any text).
+    from qinglm.infer.engine import Engine
+    from qinglm.infer.sampling import apply_repetition_penalty
+
+    tok = chat_tok if layout == "tools" else pre_tools_tok
+    assert tok.n_control_ids == (12 if layout == "tools" else 6)
+    engine = Engine(tiny(tok.vocab_size), tokenizer=tok, max_batch_size=2)
+    engine.add(0, Request(prompt_ids=[2, 7, 9, 20], sampling=greedy(3, penalty=2.0)))
+    engine.step()  # prefill and first token: the row's record of what the penalty counts is set
+    assert bool(engine.seen[0, 20])
+    assert bool(engine.seen[0, 7]) is bool(engine.seen[0, 9]) is (layout == "pre-tools")
+    logits = torch.full((1, tok.vocab_size), 2.0)
+    out = apply_repetition_penalty(logits, torch.tensor([[7, 20]]), 2.0, n_control=tok.n_control_ids)
+    assert out[0, 20] == 1.0 and out[0, 7] == (1.0 if layout == "pre-tools" else 2.0)

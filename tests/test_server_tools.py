@@ -76,13 +76,32 @@ def test_streamed_deltas_add_up_to_the_whole_reply(step):
     deltas += reader.feed("", final=True)
     whole, _ = reply_message(use, text, "stop")
     assert "".join(d.get("reasoning_content", "") for d in deltas) == whole["reasoning_content"]
-    assert "".join(d.get("content", "") for d in deltas).strip() == whole["content"]
+    content = "".join(d.get("content", "") for d in deltas)  # no newlines of the template before it
+    assert content.startswith("好的") and content.rstrip() == whole["content"]
     args = {}
     for d in deltas:
         for c in d.get("tool_calls", ()):
             args[c["index"]] = args.get(c["index"], "") + c["function"]["arguments"]
-    assert [args[i] for i in sorted(args)] == [c["function"]["arguments"] for c in whole["tool_calls"]]
+    assert [json.loads(args[i]) for i in sorted(args)] == [
+        json.loads(c["function"]["arguments"]) for c in whole["tool_calls"]
+    ]
     assert reader.calls == 2
+
+
+def test_a_calls_name_then_its_arguments_stream_as_they_are_generated():
+    use = parse_tool_use({"tools": TOOLS})
+    reader, before_end = StreamReader(use), []
+    for k in range(0, len(CALL) - 2, 2):  # all but the last characters of </tool_call>
+        before_end += reader.feed(CALL[k : min(k + 2, len(CALL) - 2)])
+    first, *rest = [c for d in before_end for c in d["tool_calls"]]
+    assert first["id"].startswith("call_") and first["function"] == {"name": "calculator", "arguments": ""}
+    sent = "".join(c["function"]["arguments"] for c in rest)
+    assert len(rest) > 3 and sent == '{"expression": "1+1"}'  # piece by piece, before </tool_call> came
+    assert reader.feed(CALL[-2:]) == [] and reader.feed("", final=True) == [] and reader.calls == 1
+    # a call to a tool not offered, or malformed before its name, is read whole: back into the text
+    other = StreamReader(use)
+    deltas = [d for k in range(len(CALL)) for d in other.feed(CALL.replace("calculator", "shell")[k : k + 1])]
+    assert "".join(d["content"] for d in deltas) == CALL.replace("calculator", "shell") and other.calls == 0
 
 
 class PlantedScheduler:
@@ -134,6 +153,7 @@ def test_openai_client_function_calling_round_trip(lm, monkeypatch, stream):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "1+1 等于几？"}]
         extra = {"chat_template_kwargs": {"enable_thinking": True}}
+        arg_chunks = []
 
         def ask(msgs):
             if not stream:
@@ -153,6 +173,8 @@ def test_openai_client_function_calling_round_trip(lm, monkeypatch, stream):
                 for c in d.tool_calls or ():
                     got = calls.setdefault(c.index, [c.id, c.function.name, ""])
                     got[2] += c.function.arguments or ""
+                    if c.function.arguments:
+                        arg_chunks.append(c.function.arguments)
                 finish = ch.choices[0].finish_reason or finish
             return content or None, reasoning, [tuple(v) for _, v in sorted(calls.items())], finish
 
@@ -160,6 +182,7 @@ def test_openai_client_function_calling_round_trip(lm, monkeypatch, stream):
         assert (content, reasoning, finish) == (None, "要用计算器", "tool_calls")
         ((call_id, name, args),) = calls
         assert name == "calculator" and json.loads(args) == {"expression": "1+1"}
+        assert len(arg_chunks) > 1 if stream else not arg_chunks  # the arguments streamed as deltas
         history = messages + [
             {"role": "assistant", "content": None,
              "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]},

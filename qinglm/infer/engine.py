@@ -102,6 +102,8 @@ class Engine:
             raise QingLMError(f"max batch size must be 1 or more, got {max_batch_size}")
         self.model, self.tokenizer, self.isolate_rows = model, tokenizer, isolate_rows
         self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
+        # The ids the repetition penalty never counts: 6, or 12 with the tool and thinking tokens.
+        self.n_control = N_CONTROL_IDS if tokenizer is None else tokenizer.n_control_ids
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_len, self.prefill_chunk = model.cfg.max_seq_len, max(1, prefill_chunk)
         full = bucket(max_batch_size, max_batch_size) * bucket(self.max_len, self.max_len, MIN_BUCKET)
@@ -215,7 +217,7 @@ class Engine:
             ids = torch.tensor(r.req.prompt_ids, device=self.device)
             if r.req.counted is not None:
                 ids = ids[torch.tensor(list(r.req.counted), dtype=torch.bool, device=self.device)]
-            self.seen[i, ids[ids >= N_CONTROL_IDS]] = True  # the prompt tokens the penalty counts
+            self.seen[i, ids[ids >= self.n_control]] = True  # the prompt tokens the penalty counts
         self.active += new
         return logits[torch.tensor(src, device=self.device)]
 
@@ -236,7 +238,7 @@ class Engine:
         else:
             tokens, failed = _sample_rows(logits, rows, uniform, seen), {}
         self.seen[torch.arange(n, device=self.device), tokens] = True
-        self.seen[:n, :N_CONTROL_IDS] = False  # control tokens are never penalised
+        self.seen[:n, : self.n_control] = False  # control tokens are never penalised
         events, done = [], []
         for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             ev = self._event(row, tok, failed.get(k))

@@ -14,11 +14,17 @@ import torch
 from qinglm.config import SamplingConfig
 from qinglm.tokenizer import SPECIAL_TOKENS
 
-N_CONTROL_IDS = len(SPECIAL_TOKENS)  # ids 0..5 in every QingLM tokenizer (qinglm.tokenizer's layout)
+# Ids 0..5 are control tokens in every QingLM tokenizer (qinglm.tokenizer's layout); tokenizers with the
+# tool and thinking tokens have more (Tokenizer.n_control_ids), which callers pass as n_control.
+N_CONTROL_IDS = len(SPECIAL_TOKENS)
 
 
 def apply_repetition_penalty(
-    logits: torch.Tensor, prev_ids: torch.Tensor, penalty: float, counted: torch.Tensor | None = None
+    logits: torch.Tensor,
+    prev_ids: torch.Tensor,
+    penalty: float,
+    counted: torch.Tensor | None = None,
+    n_control: int = N_CONTROL_IDS,
 ) -> torch.Tensor:
     """Return logits (B, V) with the tokens in prev_ids (B, L) made less likely (CTRL-style).
 
@@ -26,9 +32,10 @@ def apply_repetition_penalty(
     loses probability whatever its sign (dividing a negative logit would raise it). Each token is
     penalised once however often it occurs. Only positions where `counted` (B, L) is True count
     (None: all); callers count the generated text and the prompt's text, not a chat template's
-    structure (role names, the newlines around turns). Control tokens (ids below
-    len(SPECIAL_TOKENS): [BOS], [EOS], <|im_start|>, <|im_end|> ...) are never penalised, so a
-    chat's history never makes the end of a turn less likely.
+    structure (role names, the newlines around turns). Control tokens (ids below n_control: [BOS],
+    [EOS], <|im_start|>, <|im_end|> ..., and <think> ... </tool_response> in a tokenizer that has them,
+    Tokenizer.n_control_ids) are never penalised, so a chat's history never makes the end of a turn or
+    a second tool call less likely.
     """
     if penalty == 1.0 or prev_ids.numel() == 0:
         return logits
@@ -37,7 +44,7 @@ def apply_repetition_penalty(
         torch.ones_like(prev_ids, dtype=torch.float) if counted is None else counted.to(logits.device).float()
     )
     seen = torch.zeros_like(logits).scatter_add_(1, prev_ids, weight) > 0  # (B, V)
-    seen[:, :N_CONTROL_IDS] = False
+    seen[:, :n_control] = False
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
@@ -47,6 +54,7 @@ def sample_next(
     generator: torch.Generator | None = None,
     prev_ids: torch.Tensor | None = None,
     counted: torch.Tensor | None = None,
+    n_control: int = N_CONTROL_IDS,
 ) -> torch.Tensor:
     """Return the next token id for each row of logits (B, V) as a (B,) LongTensor.
 
@@ -56,7 +64,7 @@ def sample_next(
     """
     logits = logits.float()  # softmax and the filters below want fp32 even under bf16 autocast
     if prev_ids is not None:
-        logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty, counted)
+        logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty, counted, n_control)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     B = logits.size(0)

@@ -14,6 +14,7 @@ did not offer, or whose JSON does not parse, stay in the content as text.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,10 +90,33 @@ def prefill_pieces(use: ToolUse) -> list[Piece]:
     return [Piece(TOOL_CALL, control=True), Piece(use.prefill.removeprefix(TOOL_CALL))]
 
 
+def _call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
     args = json.dumps(call["arguments"], ensure_ascii=False)
     fn = {"name": call["name"], "arguments": args}
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn}
+    return {"id": _call_id(), "type": "function", "function": fn}
+
+
+# The start of a call as the template writes it, up to its arguments object: {"name": "...", "arguments": {
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _args_end(body: str, done: bool) -> int:
+    """Return how much of body (a call's arguments and what follows them so far) is surely arguments: the
+    text before the last "}" when only blanks or the start of </tool_call> follow it (the call's own "}"),
+    less, while the call is open, an end that may begin </tool_call>."""
+    last = body.rfind("}")
+    after = body[last + 1 :].strip() if done else body[last + 1 :].lstrip()
+    if last >= 0 and (not after if done else TOOL_CALL_END.startswith(after)):
+        return last
+    if done:
+        return len(body)
+    keep = next((k for k in range(min(len(TOOL_CALL_END) - 1, len(body)), 0, -1)
+                 if body.endswith(TOOL_CALL_END[:k])), 0)  # fmt: skip
+    return len(body) - keep
 
 
 def reply_message(use: ToolUse, text: str, finish: str) -> tuple[dict[str, Any], str]:
@@ -118,8 +142,11 @@ def reply_message(use: ToolUse, text: str, finish: str) -> tuple[dict[str, Any],
 class StreamReader:
     """Turns a reply's text, as it streams, into OpenAI deltas: reasoning_content, content and tool_calls.
 
-    Text that may begin a marker (</think>, <tool_call>) is held back until it is known; a tool call is
-    sent whole once its </tool_call> arrives (its id and name, then its arguments as one delta).
+    Text that may begin a marker (</think>, <tool_call>) is held back until it is known. A call to an
+    offered tool is streamed as OpenAI streams one: its id and name once they are read, then its arguments
+    as they come (the model's own JSON text, which the client joins); once its name is sent a call stays a
+    call, even if its JSON then turns out malformed (a whole reply keeps such a call in its text). Any
+    other call (keys in another order, arguments as a JSON string) is read whole at its </tool_call>.
     """
 
     def __init__(self, use: ToolUse):
@@ -128,7 +155,9 @@ class StreamReader:
         self.thinking = False
         self.starting = True  # whether the reply opens with <think> is not known yet
         self.sent_reasoning = False
+        self.after_think = False  # the newlines after </think> are the template's, not content
         self.calls = 0
+        self.open: tuple[int, int] | None = None  # a call being streamed: (where its arguments start, sent)
 
     def _split(self, marker: str) -> tuple[str, str | None]:
         """Return (text safe to send, the rest after marker or None when marker has not come yet)."""
@@ -164,8 +193,13 @@ class StreamReader:
                 if rest is None:
                     self.buf = self.buf[len(text) :]
                     return out
-                self.buf, self.thinking = rest.lstrip("\n"), False
+                self.buf, self.thinking, self.after_think = rest, False, True
                 continue
+            if self.after_think:  # they may come in a later piece than </think>
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf and not final:
+                    return out
+                self.after_think = False
             sent, rest = self._split(TOOL_CALL)
             if sent:
                 out.append({"content": sent})
@@ -176,15 +210,32 @@ class StreamReader:
                     self.buf = ""
                 return out
             body, end, after = rest.partition(TOOL_CALL_END)
+            head = _CALL_HEAD.match(body) if self.open is None else None
+            if head and head.group(1) in self.use.names:  # a call to an offered tool: its id and name now
+                out.append({"tool_calls": [{"index": self.calls, "id": _call_id(), "type": "function",
+                                            "function": {"name": head.group(1), "arguments": ""}}]})  # fmt: skip
+                self.open, self.calls = (head.end(), 0), self.calls + 1
+            if self.open is not None:
+                start, sent = self.open
+                upto = _args_end(body[start:], bool(end) or final)
+                if upto > sent:
+                    args = body[start + sent : start + upto]
+                    out.append({"tool_calls": [{"index": self.calls - 1, "function": {"arguments": args}}]})
+                    self.open = (start, upto)
+                if not end and not final:
+                    self.buf = TOOL_CALL + rest
+                    return out
+                self.open, self.buf = None, after
+                continue
             if not end and not final:
                 self.buf = TOOL_CALL + rest
                 return out
             message, _ = reply_message(self.use_without_prefill(), TOOL_CALL + body + end, "stop")
             for call in message.get("tool_calls") or ():
                 fn = call["function"]
-                head = {"index": self.calls, "id": call["id"], "type": "function",
-                        "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
-                out.append({"tool_calls": [head]})
+                head_delta = {"index": self.calls, "id": call["id"], "type": "function",
+                              "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
+                out.append({"tool_calls": [head_delta]})
                 out.append(
                     {"tool_calls": [{"index": self.calls, "function": {"arguments": fn["arguments"]}}]}
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from qinglm.chat_repl import ChatConfig
 from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, given
 from qinglm.sft.config import SFTConfig
 from qinglm.train.driver import stage_command
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
     add_dataclass_args(p, ContextConfig)
+    add_dataclass_args(p, ChatConfig)
     return {**handlers, "lora": cmd_lora, "chat": cmd_chat}
 
 
@@ -57,5 +59,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
     import qinglm
     from qinglm.chat_repl import chat_loop
 
+    chat = ChatConfig(**given(args, ChatConfig))  # bad flags fail before the model loads
     lm = qinglm.load(args.model, device=args.device, context=ContextConfig(**given(args, ContextConfig)))
-    chat_loop(lm, system=args.system, sampling=given(args, SamplingConfig))
+    chat_loop(lm, system=args.system, sampling=given(args, SamplingConfig), chat=chat)
