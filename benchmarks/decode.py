@@ -1,6 +1,7 @@
 """Decode speed of this tree's engine against another checkout's engine (today's main), side by side.
 
-`python -m benchmarks.decode --baseline /work/main [--presets tiny small] [--batches 1 8 32]
+`git worktree add ../qinglm-old d4549af` (the last commit with the old engine), then
+`python -m benchmarks.decode --baseline ../qinglm-old [--presets tiny small] [--batches 1 8 32]
  [--threads 1 2] [--new-tokens 128] [--rounds 7] [--variants fp32 sampled int8 compiled]`
 
 One process per (preset, batch, threads, variant) loads the baseline's ``qinglm/infer/engine.py`` beside
@@ -101,7 +102,11 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", default="/work/main", help="checkout of the engine to compare with")
+    p.add_argument(
+        "--baseline",
+        required=True,
+        help="checkout of the engine to compare with (old engine: commit d4549af)",
+    )
     p.add_argument("--presets", nargs="+", default=["tiny"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
