@@ -86,7 +86,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import qinglm
-    from qinglm.infer.engine import complete
+    from qinglm.infer.generate import complete
 
     prompts = _prompts(args)
     lm = qinglm.load(

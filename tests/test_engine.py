@@ -5,8 +5,8 @@ import torch
 
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.infer.engine import Event, Generation, Request, complete
-from qinglm.infer.generate import generate, generate_ids
+from qinglm.infer.engine import Event, Generation, Request
+from qinglm.infer.generate import complete, generate, generate_ids
 from qinglm.infer.sampling import N_CONTROL_IDS
 from qinglm.infer.text import TextDecoder
 from qinglm.model.transformer import KVCache, Transformer

@@ -2,8 +2,7 @@
 
 The API (the server, the CLI and ``qinglm.infer.generate`` all use it)::
 
-    from qinglm.config import SamplingConfig
-    from qinglm.infer.engine import Generation, Request
+        from qinglm.infer.engine import Generation, Request
 
     requests = [
         Request(prompt_ids=[bos, *tok.encode("今天")], sampling=SamplingConfig(temperature=0.7, seed=1)),
@@ -32,8 +31,8 @@ The API (the server, the CLI and ``qinglm.infer.generate`` all use it)::
   alone with finish_reason ``"error"`` (``ev.error`` holds the exception); the other rows go on.
 - ``gen.cancel(row)``: stop a row early (thread-safe). ``gen.close()`` (or leaving the for loop and
   dropping ``gen``) ends everything.
-- ``complete(model, tokenizer, prompts, sampling, batch_size=8, stop=())``: offline batched
-  generation of plain-text prompts, returning the completions in order.
+- ``qinglm.infer.generate.complete(model, tokenizer, prompts, sampling, batch_size=8, stop=())``:
+  offline batched generation of plain-text prompts, returning the completions in order.
 - ``Engine(model, tokenizer=, max_batch_size=32, kv_tokens=None, prefill_chunk=256, compile=False)``: the
   engine under Generation, for callers whose requests come and go (the server): ``engine.add(key, req)``
   at any time between steps, ``engine.step()`` returns one step's events (``ev.row`` is the key),
@@ -58,12 +57,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.request import Event, Request, Row, check_request
 from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, penalise_seen, sample_rows
 from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
-from qinglm.infer.text import encode_prompt
 from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -382,37 +379,3 @@ def _sample_apart(
         except Exception as e:
             failed[k] = e
     return out, failed
-
-
-def complete(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str],
-    sampling: SamplingConfig | None = None,
-    *,
-    batch_size: int = 8,
-    stop: Sequence[str] = (),
-    device: torch.device | str | None = None,
-) -> Iterator[str]:
-    """Return an iterator over the completions of plain-text prompts, in order, batch_size at a time.
-
-    Prompts are sorted by length so each batch pads little; with a seed every prompt gets the same seed.
-    """
-    if batch_size < 1:
-        raise QingLMError(f"batch size must be 1 or more, got {batch_size}")
-    sampling = sampling or SamplingConfig()
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    done: dict[int, str] = {}
-    nxt = 0
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
-        reqs = [Request(encoded[i], sampling, stop) for i in chunk]
-        texts = [""] * len(chunk)
-        for events in Generation(model, reqs, tokenizer=tokenizer, device=device):
-            for ev in events:
-                texts[ev.row] += ev.text
-        done.update(zip(chunk, texts))
-        while nxt in done:  # yield in the caller's order as soon as possible
-            yield done.pop(nxt)
-            nxt += 1

@@ -8,7 +8,7 @@ step), which picks tokens with ``qinglm.infer.sampling.sample_next`` and turns i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
 
 import torch
@@ -100,3 +100,37 @@ def generate(
 ) -> str:
     """Return the generated continuation of prompt (without the prompt)."""
     return "".join(stream(model, tokenizer, prompt, cfg, device=device))
+
+
+def complete(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig | None = None,
+    *,
+    batch_size: int = 8,
+    stop: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> Iterator[str]:
+    """Return an iterator over the completions of plain-text prompts, in order, batch_size at a time.
+
+    Prompts are sorted by length so each batch pads little; with a seed every prompt gets the same seed.
+    """
+    if batch_size < 1:
+        raise QingLMError(f"batch size must be 1 or more, got {batch_size}")
+    sampling = sampling or SamplingConfig()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    done: dict[int, str] = {}
+    nxt = 0
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        reqs = [Request(encoded[i], sampling, stop) for i in chunk]
+        texts = [""] * len(chunk)
+        for events in Generation(model, reqs, tokenizer=tokenizer, device=device):
+            for ev in events:
+                texts[ev.row] += ev.text
+        done.update(zip(chunk, texts))
+        while nxt in done:  # yield in the caller's order as soon as possible
+            yield done.pop(nxt)
+            nxt += 1
