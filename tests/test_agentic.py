@@ -13,7 +13,7 @@ from qinglm.errors import QingLMError
 from qinglm.infer import episodes as eps
 from qinglm.infer.chat import encode_chat, encode_pieces
 from qinglm.post import agentic
-from qinglm.post.tasks import Example, Task, load_task
+from qinglm.post.tasks import Example, load_task
 
 TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {}}}]
 PROMPT = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "3 × 4 等于多少？"}]
@@ -59,10 +59,14 @@ def planted(monkeypatch):
 
 def play(tok, scripts, n, **kw):
     kw = {"max_tool_calls": 4, **kw}
-    return eps.run_episodes(Model, tok, [PROMPT] * n, [100 * (k + 1) for k in range(n)], SAMPLING, run_tool, **kw)
+    return eps.run_episodes(
+        Model, tok, [PROMPT] * n, [100 * (k + 1) for k in range(n)], SAMPLING, run_tool, **kw
+    )
 
 
-def test_an_episode_runs_the_call_appends_the_tool_turn_and_masks_all_but_the_models_tokens(planted, chat_tok):
+def test_an_episode_runs_the_call_appends_the_tool_turn_and_masks_all_but_the_models_tokens(
+    planted, chat_tok
+):
     scripts, seeds = planted
     scripts += [[CALL, "3 × 4 = 12。"], ["12"]]
     first, second = play(chat_tok, scripts, 2)
@@ -79,7 +83,9 @@ def test_an_episode_runs_the_call_appends_the_tool_turn_and_masks_all_but_the_mo
     assert first.ids[: len(prompt)] == prompt and not any(first.mask[: len(prompt)])
     assert second.status == "answered" and second.n_calls == 0 and len(second.turns) == 1
     ids, mask = eps.episode_batch([first, second], chat_tok.pad_id, torch.device("cpu"))
-    assert ids.shape == mask.shape == (2, len(first.ids)) and mask.sum() == len(model_ids) + second.mask.count(True)
+    assert ids.shape == mask.shape == (2, len(first.ids)) and mask.sum() == len(
+        model_ids
+    ) + second.mask.count(True)
 
 
 def test_max_tool_calls_is_honoured_and_bad_calls_are_told_apart(planted, chat_tok):
@@ -107,7 +113,12 @@ def test_an_episode_ends_when_the_next_reply_would_not_fit(planted, chat_tok):
 
 def test_the_reward_is_verifier_and_format_terms(planted, chat_tok):
     scripts, _ = planted
-    scripts += [[CALL, "3 × 4 = 12。"], [CALL, "3 × 4 = 13。"], ["<tool_call>\n{bad\n</tool_call>"], [CALL] * 9]
+    scripts += [
+        [CALL, "3 × 4 = 12。"],
+        [CALL, "3 × 4 = 13。"],
+        ["<tool_call>\n{bad\n</tool_call>"],
+        [CALL] * 9,
+    ]
     task = load_task("tools")
     ex = Example(PROMPT, "3 × 4 = 12。")
     got = [agentic.episode_reward(task, ex, ep) for ep in play(chat_tok, scripts, 4, max_tool_calls=1)]
@@ -155,7 +166,9 @@ def test_the_tools_task_trains_on_the_tools_sets_training_split_only():
 
     task = load_task("tools")
     train, held = task.split("train"), task.split("heldout")
-    assert task.multi_turn and len(train) == len(tools_sft("train")) and len(held) == len(tools_sft("heldout"))
+    assert (
+        task.multi_turn and len(train) == len(tools_sft("train")) and len(held) == len(tools_sft("heldout"))
+    )
     assert all(ex.messages[0].get("tools") and ex.messages[-1]["role"] == "user" for ex in train[:30])
     assert not {ex.messages[-1]["content"] for ex in train} & {ex.messages[-1]["content"] for ex in held}
     assert task.reward(train[0], " " + train[0].reference.replace("，", " ，")) == 1.0
@@ -229,7 +242,9 @@ def test_a_grpo_run_over_episodes_logs_the_reward_terms(tmp_path, agent_task, lo
 
 
 @pytest.mark.slow
-def test_sigkill_during_agentic_grpo_then_resume_is_bit_identical(tmp_path, agent_task, long_base, sigkill_resume):
+def test_sigkill_during_agentic_grpo_then_resume_is_bit_identical(
+    tmp_path, agent_task, long_base, sigkill_resume
+):
     import sys
 
     from qinglm.post.grpo import GRPOConfig, run_grpo

@@ -234,4 +234,8 @@ def tools() -> Task:
 
 # ---------------------------------------------------------------------------- the built-in tasks
 
-TASKS: dict[str, Callable[[], Task]] = {"idioms-pinyin": idioms_pinyin, "arithmetic": arithmetic, "tools": tools}
+TASKS: dict[str, Callable[[], Task]] = {
+    "idioms-pinyin": idioms_pinyin,
+    "arithmetic": arithmetic,
+    "tools": tools,
+}

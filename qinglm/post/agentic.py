@@ -95,7 +95,14 @@ def play(
     seeds = torch.randint(0, _SEED_BOUND, (n,), generator=generator).tolist()
     prompts = [ex.messages for ex in examples for _ in range(group_size)]
     episodes = run_episodes(
-        model, tokenizer, prompts, seeds, sampling, tools, max_tool_calls=max_tool_calls, max_tokens=max_tokens
+        model,
+        tokenizer,
+        prompts,
+        seeds,
+        sampling,
+        tools,
+        max_tool_calls=max_tool_calls,
+        max_tokens=max_tokens,
     )
     terms = [episode_reward(task, examples[k // group_size], ep) for k, ep in enumerate(episodes)]
     rewards = torch.tensor([t[0] for t in terms])

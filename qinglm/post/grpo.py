@@ -74,7 +74,8 @@ class GRPOStage(BaseRunStage):
         self.heldout = held[: cfg.eval_prompts] if cfg.eval_prompts else held
         thinking = False if self.task.multi_turn else None  # episodes pre-fill an empty thinking block
         longest = max(
-            len(encode_chat(self.tok, ex.messages, True, thinking=thinking).ids) for ex in self.train + self.heldout
+            len(encode_chat(self.tok, ex.messages, True, thinking=thinking).ids)
+            for ex in self.train + self.heldout
         )
         if longest + cfg.max_new_tokens > cfg.seq_len:
             raise QingLMError(
