@@ -102,7 +102,7 @@ def test_a_plugged_in_task_loads_from_module_function(tmp_path, monkeypatch):
     ex = task.split("heldout")[0]
     assert task.name == "mine" and task.reward(ex, " 2") == 1.0 and task.reward(ex, "3") == 0.0
     for spec, msg in [
-        ("nope", "unknown task 'nope'; choose idioms-pinyin, arithmetic or MODULE:FUNCTION"),
+        ("nope", "unknown task 'nope'; choose idioms-pinyin, arithmetic, tools or MODULE:FUNCTION"),
         ("no_such_module_xyz:make", "cannot import task module 'no_such_module_xyz'"),
         ("my_task:missing", "has no function 'missing'"),
         ("my_task:broken", "raised RuntimeError: no data"),

@@ -13,6 +13,10 @@ user turn, and the reference answer) and `verify(prompt, completion, reference)`
   text says so (HELD_OUT_PERCENT %), and each split keeps only its own kind, so no held-out question
   is ever a training question, whichever seeds produced it.
 
+- ``tools``: tools-sft's chats (a system turn with the tool list, a question; qinglm.data.tools_sft) played
+  as multi-turn episodes that call the built-in tools (`Task.multi_turn`); reward 1 when the final answer
+  equals the reference's, spaces aside. Held-out = tools-sft's held-out split.
+
 Here, below the stages and the evaluation suite, so that GRPO trains on these tasks and the suite's
 chat tasks (qinglm.evals.chat) score their held-out splits with the same verifiers. Your own task
 for GRPO: see qinglm.post.tasks.load_task.
@@ -55,6 +59,7 @@ class Task:
     examples: Callable[[str], Sequence[Example]]  # split ("train" | "heldout") -> examples
     verify: Verifier  # (prompt messages, completion, reference) -> reward in [0, 1]
     pass_reward: float = 1.0  # a completion passes (held-out pass rate) when its reward reaches this
+    multi_turn: bool = False  # episodes with tools (qinglm.infer.episodes): completion = the final answer
 
     def split(self, split: str) -> list[Example]:
         """Return the examples of split, checked; QingLMError when the task gives none or bad ones, or its
@@ -203,6 +208,34 @@ def arithmetic() -> Task:
     return Task("arithmetic", _arithmetic_examples, _arithmetic_reward)
 
 
+# ---------------------------------------------------------------------------- tools
+
+
+@functools.cache
+def _tools_examples(split: str) -> tuple[Example, ...]:
+    from qinglm.data.tools_sft import tools_sft
+
+    out = []
+    for chat in tools_sft(split):
+        first = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        out.append(Example(chat[:first], chat[-1]["content"]))
+    return tuple(out)
+
+
+def _tools_reward(prompt: Sequence[Mapping[str, str]], completion: str, reference: str) -> float:
+    return 1.0 if "".join(completion.split()) == "".join(reference.split()) else 0.0
+
+
+def tools() -> Task:
+    """Return the tools task: tools-sft's chats played as episodes with the built-in tools (multi-turn);
+    reward 1 when the final answer is the reference's (spaces aside). Held-out: tools-sft's held-out split."""
+    return Task("tools", _tools_examples, _tools_reward, multi_turn=True)
+
+
 # ---------------------------------------------------------------------------- the built-in tasks
 
-TASKS: dict[str, Callable[[], Task]] = {"idioms-pinyin": idioms_pinyin, "arithmetic": arithmetic}
+TASKS: dict[str, Callable[[], Task]] = {
+    "idioms-pinyin": idioms_pinyin,
+    "arithmetic": arithmetic,
+    "tools": tools,
+}

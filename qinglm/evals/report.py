@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qinglm.config import DEFAULT_PROMPTS
-from qinglm.evals.suite import RESULTS_FILE, evaluate_tasks, merged_results, write_run_file
+from qinglm.evals.suite import RESULTS_FILE, detail_interval, evaluate_tasks, merged_results, write_run_file
 
 REPORT, PLOTS = "report.md", "report"
 SAMPLE_TOKENS = 40
@@ -129,7 +129,9 @@ def _tasks_table(results: dict[str, Any]) -> list[str]:
         )
     tasks = results.get("tasks") or {}
     notes = [
-        f"- {name}: {k} {v:.4f}" for name, r in tasks.items() for k, v in (r.get("details") or {}).items()
+        f"- {name}: {k} {v:.4f}{detail_interval(r, k)}"
+        for name, r in tasks.items()
+        for k, v in (r.get("details") or {}).items()
     ]
     lines += ["", *notes] if notes else []
     if results.get("summary") is not None:

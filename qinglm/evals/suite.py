@@ -129,18 +129,20 @@ def evaluate_tasks(
         items = _take(_items(task, val_fraction, split_by, tokenizer), limit or default)
         if task.kind == "bpc":
             r = {"kind": "bpc", "metric": "bpc", **score_bpc(model, tokenizer, items, device)}
-        elif task.verifier == TOOLS_SFT:
-            s = score_episodes(model, tokenizer, items, task.max_new_tokens)
+        elif task.verifier == TOOLS_SFT:  # thinking off (the score), then on (its figures end "_thinking")
+            off, on = (score_episodes(model, tokenizer, items, task.max_new_tokens, t) for t in (False, True))
+            both = [(f, s) for s in (off, on) for f in FIGURES]
+            tail = lambda s: "_thinking" if s["thinking"] else ""  # noqa: E731
             r = {
                 "kind": "chat",
                 "metric": task.metric,
-                "score": s["answer_right_rate"],
-                "interval": s["answer_right_interval"],
+                "score": off["answer_right_rate"],
+                "interval": off["answer_right_interval"],
                 "random": 0.0,
-                "n": s["n"],
-                "details": {f: s[f + "_rate"] for f in FIGURES},
-                "intervals": {f: s[f + "_interval"] for f in FIGURES},
-                "examples": s["examples"],
+                "n": off["n"],
+                "details": {f + tail(s): s[f + "_rate"] for f, s in both},
+                "intervals": {f + tail(s): s[f + "_interval"] for f, s in both},
+                "examples": off["examples"] + on["examples"][:1],
             }
         elif task.kind == "chat":
             s = pass_rate(model, tokenizer, VERIFIABLE[task.verifier](), items, task.max_new_tokens)
@@ -188,6 +190,12 @@ def run_tasks(
     return flat
 
 
+def detail_interval(result: dict[str, Any], key: str) -> str:
+    """Return " [lo, hi]", the 95 % interval of a task's detail figure, or "" when it has none."""
+    lo_hi = (result.get("intervals") or {}).get(key)
+    return f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
+
+
 def format_table(out: dict[str, Any]) -> str:
     """Return the results as an aligned text table, the summary score last."""
     lines = [f"{'task':<20} {'metric':<14} {'score':>7}  {'95% interval':<17} {'random':>7} {'n':>6}"]
@@ -197,7 +205,7 @@ def format_table(out: dict[str, Any]) -> str:
             f"{name:<20} {r['metric']:<14} {r['score']:>7.4f}  [{lo:.4f}, {hi:.4f}]  {r['random']:>7.4f} {r['n']:>6}"
         )
     for name, r in out["tasks"].items():
-        lines += [f"{name}: {k} {v:.4f}" for k, v in (r.get("details") or {}).items()]
+        lines += [f"{name}: {k} {v:.4f}{detail_interval(r, k)}" for k, v in (r.get("details") or {}).items()]
     if out["summary"] is not None:
         lines.append(f"summary (mean accuracy rescaled: random 0, perfect 1): {out['summary']:.4f}")
     return "\n".join(lines)

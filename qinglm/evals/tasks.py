@@ -302,7 +302,8 @@ TASKS: dict[str, Task] = {
         Task("chat-arithmetic", "chat", "chat: a held-out arithmetic word problem, the answer right (greedy)",
              _held_out_examples("arithmetic"), "pass", "arithmetic", 32, "mean_reward"),
         Task("chat-tools", "chat", "chat: a held-out tools-sft episode with the built-in tools, the final answer "
-             "right (also the right tools and arguments; greedy, thinking off)",
+             "right (also well-formed calls, the right tools and arguments, no call where none is needed; "
+             "greedy, thinking off, then on)",
              _tool_episodes, "answer_right", TOOLS_SFT, 64, "args_right", in_all=False),
     )
 }  # fmt: skip

@@ -41,6 +41,27 @@ class Rollouts:
     group_size: int
 
 
+def decode(
+    model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request]
+) -> tuple[list[list[int]], list[str], list[str]]:
+    """Return (reply ids, reply texts, finish reasons) of requests decoded together by the engine.
+
+    A reply's ids hold its stop token (<|im_end|>, or [EOS], which the engine never emits, appended).
+    """
+    replies: list[list[int]] = [[] for _ in requests]
+    texts = [""] * len(requests)
+    finish = [""] * len(requests)
+    for events in Generation(model, requests, tokenizer=tokenizer):
+        for ev in events:
+            replies[ev.row] += ev.ids
+            texts[ev.row] += ev.text
+            if ev.finish_reason == "stop" and not ev.ids:  # [EOS]: the engine never emits it
+                replies[ev.row].append(tokenizer.eos_id)
+            if ev.finish_reason:
+                finish[ev.row] = ev.finish_reason
+    return replies, texts, finish
+
+
 def rollout(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -60,22 +81,22 @@ def rollout(
         Request(chat.ids, dataclasses.replace(sampling, seed=seed), [IM_END], chat.content)
         for chat, seed in zip((c for c in chats for _ in range(group_size)), seeds)
     ]
-    replies: list[list[int]] = [[] for _ in requests]
-    texts = [""] * len(requests)
-    truncated = [False] * len(requests)
-    for events in Generation(model, requests, tokenizer=tokenizer):
-        for ev in events:
-            replies[ev.row] += ev.ids
-            texts[ev.row] += ev.text
-            if ev.finish_reason == "stop" and not ev.ids:  # [EOS]: the engine never emits it
-                replies[ev.row].append(tokenizer.eos_id)
-            truncated[ev.row] = ev.finish_reason == "length"
+    replies, texts, finish = decode(model, tokenizer, requests)
+    truncated = [f == "length" for f in finish]
     rows = [r.prompt_ids + reply for r, reply in zip(requests, replies)]
+    masks = [[False] * len(r.prompt_ids) + [True] * len(reply) for r, reply in zip(requests, replies)]
+    ids, mask = padded(rows, masks, tokenizer.pad_id, next(model.parameters()).device)
+    return Rollouts(ids, mask, texts, [len(r) for r in replies], truncated, group_size)
+
+
+def padded(
+    rows: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (ids, mask) (N, T) on device: the rows right-padded with pad_id, their masks with False."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for k, (req, row) in enumerate(zip(requests, rows)):
-        ids[k, : len(row)] = torch.tensor(row)
-        mask[k, len(req.prompt_ids) : len(row)] = True
-    device = next(model.parameters()).device
-    return Rollouts(ids.to(device), mask.to(device), texts, [len(r) for r in replies], truncated, group_size)
+    for k, (row, m) in enumerate(zip(rows, masks)):
+        ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[k, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), mask.to(device)

@@ -34,6 +34,14 @@ class GRPOConfig(EngineConfig):
         "idioms-pinyin",
         f"{', '.join(TASKS)} (built-in) or MODULE:FUNCTION, a function returning a qinglm.post.tasks.Task",
     )
+    tools: str = _f(
+        "builtin",
+        "tools a multi-turn task's episodes call (e.g. --task tools): builtin (calculator, date_calc, "
+        "idiom_lookup) or MODULE:FUNCTION, a function (name, arguments) -> result text",
+    )
+    max_tool_calls: int = _f(
+        4, "tool calls an episode of a multi-turn task may make before it is cut off", within="[0, 16]"
+    )
     out: str | None = _f(None, "run directory for the result (default: runs/<time>-grpo)")
     group_size: int = _f(
         8, "replies sampled per prompt; each is judged against its group's mean reward", within="[2, 65536]"

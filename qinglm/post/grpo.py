@@ -26,9 +26,11 @@ from qinglm.device import autocast
 from qinglm.errors import QingLMError
 from qinglm.evals.chat import held_out_rewards
 from qinglm.infer.chat import encode_chat
+from qinglm.infer.episodes import episode_batch
 from qinglm.infer.rollout import rollout
 from qinglm.io import write_json_atomic
 from qinglm.memory import check_fits, kv_cache_bytes
+from qinglm.post import agentic
 from qinglm.post.config import GRPOConfig
 from qinglm.post.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from qinglm.post.tasks import Example, load_task
@@ -66,10 +68,15 @@ class GRPOStage(BaseRunStage):
     def __init__(self, cfg: GRPOConfig, log: Any = print):
         super().__init__(cfg)
         self.task = load_task(cfg.task)
+        self.tools = agentic.load_tools(cfg.tools) if self.task.multi_turn else None
         self.train = self.task.split("train")
         held = self.task.split("heldout")
         self.heldout = held[: cfg.eval_prompts] if cfg.eval_prompts else held
-        longest = max(len(encode_chat(self.tok, ex.messages, True).ids) for ex in self.train + self.heldout)
+        thinking = False if self.task.multi_turn else None  # episodes pre-fill an empty thinking block
+        longest = max(
+            len(encode_chat(self.tok, ex.messages, True, thinking=thinking).ids)
+            for ex in self.train + self.heldout
+        )
         if longest + cfg.max_new_tokens > cfg.seq_len:
             raise QingLMError(
                 f"task {self.task.name}: the longest prompt is {longest} tokens, which leaves no room for "
@@ -113,11 +120,21 @@ class GRPOStage(BaseRunStage):
 
     def loss(self, forward: Any, model: nn.Module, batch: list[Example]) -> StepOut:
         cfg, G = self.cfg, self.cfg.group_size
-        r = rollout(model, self.tok, [ex.messages for ex in batch], G, self.sampling)
-        rewards = torch.tensor(
-            [self.task.reward(batch[k // G], text) for k, text in enumerate(r.texts)], device=r.ids.device
-        )
-        x, y, mask = r.ids[:, :-1], r.ids[:, 1:], r.completion_mask[:, 1:]
+        device = next(model.parameters()).device
+        extra: dict[str, torch.Tensor] = {}
+        if self.tools is not None:  # multi-turn episodes with tools (qinglm.post.agentic)
+            episodes, rewards, extra = agentic.play(
+                model, self.tok, self.task, batch, G, self.sampling, self.tools,
+                max_tool_calls=cfg.max_tool_calls, max_tokens=cfg.seq_len,
+            )  # fmt: skip
+            ids, completion = episode_batch(episodes, self.tok.pad_id, device)
+            truncated = [ep.status in ("length", "context") for ep in episodes]
+        else:
+            r = rollout(model, self.tok, [ex.messages for ex in batch], G, self.sampling)
+            rewards = torch.tensor([self.task.reward(batch[k // G], text) for k, text in enumerate(r.texts)])
+            ids, completion, truncated = r.ids, r.completion_mask, r.truncated
+        rewards = rewards.to(device)
+        x, y, mask = ids[:, :-1], ids[:, 1:], completion[:, 1:]
         logp = token_logprobs(forward(x), y, cfg.temperature)
         ref_logp = None
         if self.reference is not None:
@@ -140,15 +157,23 @@ class GRPOStage(BaseRunStage):
                 "reward_std": group_std.mean(),
                 "frac_reward_zero_std": (group_std == 0).float().mean(),
                 "completions/mean_length": mask.sum(dim=1).float().mean(),
-                "completions/clipped_ratio": torch.tensor(r.truncated, dtype=torch.float).mean(),
+                "completions/clipped_ratio": torch.tensor(truncated, dtype=torch.float).mean(),
+                **extra,
             }
         )
         return StepOut(model.with_router_losses(loss), int(mask.sum()), metrics)  # MoE: the policy's
 
     def held_out(self, model: nn.Module) -> dict[str, float]:
         """Return {"val_loss", "val_reward", "val_pass_rate"} of greedy replies to the held-out prompts."""
+        cfg = self.cfg
         with autocast(self.ctx.device, self.ctx.dtype):
-            _, rewards = held_out_rewards(model, self.tok, self.task, self.heldout, self.cfg.max_new_tokens)
+            if self.tools is not None:
+                rewards = agentic.held_out(
+                    model, self.tok, self.task, self.heldout, cfg.max_new_tokens, self.tools,
+                    max_tool_calls=cfg.max_tool_calls, max_tokens=cfg.seq_len,
+                )  # fmt: skip
+            else:
+                _, rewards = held_out_rewards(model, self.tok, self.task, self.heldout, cfg.max_new_tokens)
         mean = sum(rewards) / len(rewards)
         passed = sum(x >= self.task.pass_reward for x in rewards) / len(rewards)
         return {"val_loss": 1.0 - mean, "val_reward": mean, "val_pass_rate": passed}
@@ -163,10 +188,16 @@ class GRPOStage(BaseRunStage):
     def header(self) -> list[str]:
         cfg = self.cfg
         kl = f"KL to the base x {cfg.kl_coef:g}" if self.reference is not None else "no KL term"
+        turns = (
+            f"; episodes with tools ({cfg.tools}, up to {cfg.max_tool_calls} calls), "
+            f"reward {agentic.VERIFIER_WEIGHT:g} x verifier + {agentic.FORMAT_WEIGHT:g} x format"
+            if self.tools is not None
+            else ""
+        )
         return [
             f"GRPO: {cfg.batch_size} prompts x {cfg.group_size} replies per micro-batch, up to "
             f"{cfg.max_new_tokens} new tokens at temperature {cfg.temperature:g}, clip {cfg.clip_eps:g}, {kl}; "
-            f"{len(self.heldout)} held-out prompts per validation"
+            f"{len(self.heldout)} held-out prompts per validation{turns}"
         ]
 
     def state_dict(self) -> dict[str, Any]:
