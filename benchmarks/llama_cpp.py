@@ -34,8 +34,11 @@ from qinglm.train.checkpoint import save_run
 PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济稳步增长，", "Hello, world 2024"]
 
 
-def random_run(directory: Path, qk_norm: bool, moe: bool, bias: bool) -> Path:
-    """Return a run directory with a random d_model-128 model and a tokenizer trained on the builtin corpus."""
+def random_run(
+    directory: Path, qk_norm: bool = False, moe: bool = False, bias: bool = False, **fields
+) -> Path:
+    """Return a run directory with a random d_model-128 model and a tokenizer trained on the builtin corpus;
+    `fields` are further ModelConfig fields (RoPE scaling, max_seq_len, ...)."""
     from qinglm.data.builtin import builtin_documents
     from qinglm.tokenizer import train_tokenizer
 
@@ -54,6 +57,7 @@ def random_run(directory: Path, qk_norm: bool, moe: bool, bias: bool) -> Path:
             bias=bias,
             init_std=0.1,  # larger weights than training's init: decisive logits, fewer near-ties
             **extra,
+            **fields,
         )
     )
     torch.manual_seed(0)
@@ -65,14 +69,14 @@ def random_run(directory: Path, qk_norm: bool, moe: bool, bias: bool) -> Path:
     return save_run(directory, model, tok)
 
 
-def compare(run: Path, gguf_path: Path, n_tokens: int) -> bool:
+def compare(run: Path, gguf_path: Path, n_tokens: int, prompts: list[str] = PROMPTS) -> bool:
     """Return True when llama.cpp matches QingLM on every prompt; print one line per prompt."""
     from llama_cpp import Llama
 
     lm = qinglm.load(run, device="cpu")
     llm = Llama(model_path=str(gguf_path), n_ctx=lm.config.max_seq_len, logits_all=True, verbose=False)
     ok = True
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = encode_prompt(lm.tokenizer, prompt)
         same_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False) == ids
         llm.reset()
@@ -94,7 +98,8 @@ def compare(run: Path, gguf_path: Path, n_tokens: int) -> bool:
         n_same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
         ok &= same_ids and got == want
         print(
-            f"{prompt!r:28} tokenizer {'same' if same_ids else 'DIFFERENT'}  max |logit diff| {diff:.2e}  "
+            f"{prompt[:17]!r:28} {len(ids):4} ids, tokenizer {'same' if same_ids else 'DIFFERENT'}  "
+            f"max |logit diff| {diff:.2e}  "
             f"greedy: {n_same}/{len(want)} tokens equal"
         )
     return ok

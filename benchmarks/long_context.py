@@ -1,17 +1,22 @@
 """Longer context than trained: RoPE scaling without training, and after a short continued pretraining.
 
-Pretrains the tiny preset at L tokens on pd1998 train (`qinglm train`, --steps), then measures at 1x, 2x, 4x
-and 8x L, for no scaling (positions simply go further), linear, dynamic NTK and YaRN (`--context N
+Pretrains the tiny preset at L tokens on pd1998 train (`qinglm train`, --steps), then measures at 1x, 2x, 4x,
+8x and 16x L, for no scaling (positions simply go further), linear, dynamic NTK and YaRN (`--context N
 --rope-scaling KIND`, factor N/L), and for the run continued at 4L with YaRN for --long-steps steps
 (`qinglm train --init-from BASE --seq-len 4L --rope-scaling yarn`, same tokens per step):
 
   bpc      bits per character of the pd1998 val split (blocks of whole articles held out, their paragraphs
            concatenated in order), cut into windows of N tokens: every token is predicted once
-  passkey  a 5-digit key said twice at a random depth of N tokens of filler, asked for at the end:
-           exact = all key tokens are the greedy choice; gain = bits the needle saves on the key
-           (its NLL without the needle minus with it), averaged over --trials keys
+  passkey  the built-in passkey corpus's format (qinglm.data.passkey): a held-out 5-digit key said twice at a
+           random depth of N tokens of pd1998 val text, asked for at the end: exact = all key tokens are the
+           greedy choice; gain = bits the needle saves on the key (its NLL without the needle minus with
+           it), averaged over --trials keys
 
-    python -m benchmarks.long_context [--quick] [--length 128] [--steps 1200] [--long-steps 300]
+--passkey-share S mixes passkey documents (training keys only, pd1998 train filler, lengths up to the stage's
+sequence length) into both trainings, S of the training characters; 0 trains on news alone.
+
+    python -m benchmarks.long_context [--quick] [--length 128] [--steps 1200] [--long-steps 300] \
+        [--passkey-share 0.5]
 
 BPC and passkey figures do not depend on the machine's load; the budget is in steps, not minutes.
 """
@@ -30,11 +35,8 @@ import torch.nn.functional as F
 
 from benchmarks import common
 
-MULTIPLES = (1, 2, 4, 8)
+MULTIPLES = (1, 2, 4, 8, 16)
 KINDS = ("none", "linear", "dynamic", "yarn")
-FILLER = "草是绿的。天是蓝的。太阳是黄的。我们走了又回来。"
-NEEDLE = "通行密码是{key}。记住它，通行密码是{key}。"
-QUERY = "通行密码是"
 
 
 def train_run(out: Path, model: dict, train: dict) -> Path:
@@ -84,45 +86,91 @@ def bpc(lm, n: int, data: Path, L: int) -> dict[str, float]:
     return {"bpc": bits / math.log(2) / val.n_characters, "tail": tail}
 
 
-def passkey_prompt(tok, n: int, key: str, depth: float, needle: bool) -> tuple[list[int], int]:
-    """Return (ids of n tokens ending with the key, index of the key's first token)."""
-    filler, query, key_ids = tok.encode(FILLER), tok.encode(QUERY), tok.encode(key)
-    middle = tok.encode(NEEDLE.format(key=key)) if needle else []
-    room = n - 1 - len(middle) - len(query) - len(key_ids)
-    if room < 8:
+def passkey_prompt(tok, n: int, key: str, depth: float, filler: str) -> tuple[list[int], list[int], int]:
+    """Return (ids of at most n tokens ending with the key, the same without the needle, index of the key's
+    first token): as much of `filler` as fits, the needle at `depth`, the question, the key."""
+    from qinglm.data.passkey import passkey_text
+
+    def ids(chars: int, needle: bool) -> list[int]:
+        return [tok.bos_id, *tok.encode(passkey_text(filler[:chars].strip(), key, depth, needle) + key)]
+
+    lo, hi = 0, min(len(filler), 4 * n)  # the longest filler whose prompt fits: a bisection on characters
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(ids(mid, True)) <= n else (lo, mid - 1)
+    with_needle = ids(lo, True)
+    if len(with_needle) > n or lo < 8:
         raise ValueError(f"{n} tokens hold no filler around the needle")
-    hay = (filler * (room // len(filler) + 1))[:room]
-    cut = int(depth * room)
-    ids = [tok.bos_id, *hay[:cut], *middle, *hay[cut:], *query, *key_ids]
-    return ids, len(ids) - len(key_ids)
+    return with_needle, ids(lo, False), len(with_needle) - len(tok.encode(key))
 
 
-def passkey(lm, n: int, trials: int) -> dict[str, float]:
-    """Return {"exact": share of keys greedy decoding reproduces, "gain": mean bits the needle saves}
-    (NaN when n tokens cannot hold the needle and some filler)."""
-    rng, exact, gain = random.Random(n), 0, 0.0
-    try:
-        passkey_prompt(lm.tokenizer, n, "12345", 0.5, True)
-    except ValueError:
-        return {"exact": math.nan, "gain": math.nan}
+def passkey_prompts(tok, n: int, trials: int) -> list[tuple[list[int], list[int], int]] | None:
+    """Return `trials` passkey prompts of n tokens with held-out keys in pd1998 val text (None: too short)."""
+    from qinglm.data.passkey import filler_text, keys
+
+    rng, text, pool = random.Random(n), filler_text("val"), keys("val")
+    prompts = []
     for _ in range(trials):
-        key, depth = str(rng.randrange(10_000, 100_000)), rng.uniform(0.1, 0.9)
+        key, depth, start = rng.choice(pool), rng.uniform(0.1, 0.9), rng.randrange(len(text) - 4 * n)
+        try:
+            prompts.append(passkey_prompt(tok, n, key, depth, text[start:]))
+        except ValueError:
+            return None
+    return prompts
+
+
+def passkey(lm, prompts) -> dict[str, float]:
+    """Return {"exact": share of keys greedy decoding reproduces, "gain": mean bits the needle saves}
+    (NaN without prompts)."""
+    if not prompts:
+        return {"exact": math.nan, "gain": math.nan}
+    exact, gain = 0, 0.0
+    for with_needle, without, at in prompts:
         nll = {}
-        for needle in (True, False):
-            ids, at = passkey_prompt(lm.tokenizer, n, key, depth, needle)
-            x = torch.tensor([ids])
+        for needle, ids in ((True, with_needle), (False, without)):
+            x, start = torch.tensor([ids]), len(ids) - (len(with_needle) - at)
             with torch.inference_mode():
-                logits = lm.model(x[:, :-1])[0, at - 1 :].float()  # predicting the key's tokens
-            target = x[0, at:]
+                logits = lm.model(x[:, :-1])[0, start - 1 :].float()  # predicting the key's tokens
+            target = x[0, start:]
             nll[needle] = F.cross_entropy(logits, target, reduction="sum").item() / math.log(2)
             if needle:
                 exact += bool((logits.argmax(-1) == target).all())
         gain += nll[False] - nll[True]
-    return {"exact": exact / trials, "gain": gain / trials}
+    return {"exact": exact / len(prompts), "gain": gain / len(prompts)}
 
 
-def measure(lm, n: int, data: Path, L: int, trials: int) -> dict[str, float]:
-    return {**bpc(lm, n, data, L), **passkey(lm, n, trials)}
+def measure(lm, n: int, data: Path, L: int, prompts) -> dict[str, float]:
+    return {**bpc(lm, n, data, L), **passkey(lm, prompts)}
+
+
+def passkey_data(share: float, max_tokens: int, vocab_size: int) -> Path:
+    """Return a prepared data directory: pd1998 train plus passkey documents (training keys) making `share`
+    of the training characters, whose filler is up to 0.9 * max_tokens tokens long; pd1998 val as val."""
+    from qinglm.data.builtin import builtin_documents
+    from qinglm.data.passkey import passkey_documents
+    from qinglm.data.shards import TokenShards, prepare_shards
+
+    base = common.data_dir(vocab_size)
+    out = common.CACHE / f"data-{vocab_size}-passkey{share:g}-{max_tokens}"
+    if (out / "index.json").is_file():
+        return out
+    val = TokenShards(base, "val")
+    chars_per_token = val.n_characters / sum(len(s) for s in val.shards)
+    news = builtin_documents("pd1998", "train")
+    max_chars = int(0.9 * max_tokens * chars_per_token) - 40  # room for the needle and the question
+    n = round(share / (1 - share) * sum(map(len, news)) / ((16 + max_chars) / 2 + 40))
+    keys = passkey_documents("train", n, 16, max_chars)
+    every = max(1, len(news) // max(1, n))  # spread evenly: the loader shuffles windows, not documents
+    train, used = [], 0
+    for i, doc in enumerate(news):
+        train.append(doc)
+        if i % every == 0 and used < n:
+            train.append(keys[used])
+            used += 1
+    train += keys[used:]
+    tok, _ = common.qinglm_tokenizer(vocab_size)
+    prepare_shards({"train": train, "val": builtin_documents("pd1998", "val")}, tok, out, show_progress=False)
+    return out
 
 
 def main() -> None:
@@ -133,6 +181,7 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=300, help="continued pretraining steps at 4L (YaRN)")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per step at L (4L: a quarter)")
     ap.add_argument("--trials", type=int, default=20, help="passkeys per length and method")
+    ap.add_argument("--passkey-share", type=float, default=0.0, help="share of passkey documents in training")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -143,11 +192,14 @@ def main() -> None:
     data = common.data_dir(10_000)
     tok_dir = common.CACHE / "tok-10000-auto"
     common.qinglm_tokenizer(10_000)
+    if not 0 <= args.passkey_share < 1:
+        ap.error("--passkey-share must be in [0, 1)")
+    share = args.passkey_share
     train = dict(
-        data=[str(data)], tokenizer=str(tok_dir), preset="tiny", dtype="fp32", compile=False,
+        data=[str(passkey_data(share, L, 10_000) if share else data)], tokenizer=str(tok_dir), preset="tiny", dtype="fp32", compile=False,
         num_threads=args.threads, eval_every=10**9, save_every=10**9, log_every=10**9, sample_prompts=[],
     )  # fmt: skip
-    root = common.CACHE / f"long-context-L{L}-s{args.steps}"
+    root = common.CACHE / (f"long-context-L{L}-s{args.steps}" + (f"-passkey{share:g}" if share else ""))
     base = train_run(
         root / "base",
         {"max_seq_len": L},
@@ -155,18 +207,22 @@ def main() -> None:
     )
     long_train = {**train, "seq_len": 4 * L, "batch_size": max(1, args.batch_size // 4)}
     long_train.update(max_steps=args.long_steps, init_from=str(base), lr=1e-3, warmup_steps=10)
+    if share:
+        long_train["data"] = [str(passkey_data(share, 4 * L, 10_000))]
     tuned = train_run(root / f"yarn4x-{args.long_steps}", {"rope_scaling": "yarn"}, long_train)
 
+    tok = load(base).tokenizer
+    prompts = {m: passkey_prompts(tok, m * L, args.trials) for m in MULTIPLES}
     rows: dict[str, dict[int, dict[str, float]]] = {}
     for kind in KINDS:
-        rows[kind] = {m: measure(load(base, m * L, kind), m * L, data, L, args.trials) for m in MULTIPLES}
+        rows[kind] = {m: measure(load(base, m * L, kind), m * L, data, L, prompts[m]) for m in MULTIPLES}
         print(f"{kind}: " + ", ".join(f"{m}x {r['bpc']:.4f}" for m, r in rows[kind].items()), flush=True)
     # the continued run at its own setting (YaRN factor 4, 4L positions), and asked for 8L
     rows["yarn+4x train"] = {
-        m: measure(load(tuned) if m <= 4 else load(tuned, m * L), m * L, data, L, args.trials)
+        m: measure(load(tuned) if m <= 4 else load(tuned, m * L), m * L, data, L, prompts[m])
         for m in MULTIPLES
     }
-    print(f"\nL = {L} tokens; tiny preset pretrained {args.steps} steps x {args.batch_size} x {L} tokens; "
+    print(f"\nL = {L} tokens; passkey share {share:g}; tiny preset pretrained {args.steps} steps x {args.batch_size} x {L} tokens; "
           f"continued {args.long_steps} steps x {long_train['batch_size']} x {4 * L} tokens with YaRN\n")  # fmt: skip
     head = " | ".join(f"{m}x ({m * L})" for m in MULTIPLES)
     print(f"| bits/char (val) | {head} | 4x / 1x |\n|---|" + "---|" * (len(MULTIPLES) + 1))

@@ -16,7 +16,7 @@ from qinglm.errors import QingLMError
 
 
 def test_registry():
-    assert set(BUILTINS) == {"pd1998", "reviews", "idioms"}
+    assert set(BUILTINS) == {"pd1998", "reviews", "idioms", "passkey"}
     assert is_builtin("pd1998") and not is_builtin("wiki")
     with pytest.raises(QingLMError, match="pd1998"):
         builtin_documents("wiki")

