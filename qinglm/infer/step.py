@@ -11,8 +11,8 @@ classic, fp32/bf16, GQA, QK-norm, gated attention, int8 weight-only layers, LoRA
   queries and keys rotated together, rotate-half as a flip of the two halves times a signed sin;
 - keys/values written into the cache with index_copy_ and attention as baddbmm + softmax + bmm over
   the first `window` positions (an additive -inf bias past each row's length);
-- one intra-op thread for the small ops of a small model (their OpenMP start-up costs more than it
-  saves), the caller's threads back for the matmuls large enough to share (SHARED_MACS).
+- one intra-op thread for a step of little work (ONE_THREAD_MACS): at QingLM's small sizes the
+  OpenMP start-up and wake-ups of a second thread cost more than it saves, most of all on a busy machine.
 
 ``DecodeStep.of(model)`` returns None for what it does not handle (MoE, LoRA adapters not merged,
 forward hooks, subclasses, other layer types): the engine then runs the model's own forward. It is
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from qinglm.model.quantize import Int8Linear
 from qinglm.model.transformer import MLP, Attention, Block, KVCache, Transformer
 
-# A matmul of at least this many multiply-adds per row runs on the caller's threads; everything
-# smaller runs on one (measured: benchmarks/README.md, "Decoding").
-SHARED_MACS = 2**20
+# A step of fewer multiply-adds (rows x weights) than this runs on one intra-op thread, whatever the
+# caller's setting (measured: benchmarks/README.md, "Decoding").
+ONE_THREAD_MACS = 2**24
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,32 +87,12 @@ def _int8(m: Int8Linear) -> Linear:
     return int8
 
 
-class _Threads:
-    """Run a function on the caller's intra-op threads from inside a step that runs on one."""
-
-    def __init__(self):
-        self.n = 1
-
-    def wrap(self, f: Linear) -> Linear:
-        def shared(x: torch.Tensor) -> torch.Tensor:
-            if self.n == 1:
-                return f(x)
-            torch.set_num_threads(self.n)
-            try:
-                return f(x)
-            finally:
-                torch.set_num_threads(1)
-
-        return shared
-
-
 class DecodeStep:
     """The logits of one token per row at its own position, on a model's bound weights (see the module doc)."""
 
     def __init__(self, model: Transformer):
         cfg = self.cfg = model.cfg
         self.model = model
-        self.threads = _Threads()
         self.H, self.Hkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = self.hd**-0.5
         self.embed = model.embed.weight
@@ -123,20 +103,21 @@ class DecodeStep:
         self.blocks = [self._bind_block(b) for b in model.blocks]
         self.norm = _norm(model.norm)
         self.head = self._linear(model.head)
+        self.macs = sum(
+            m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))
+        )
         self._views: tuple | None = None
 
     def _linear(self, m: nn.Module) -> Linear:
-        """Return m as a function of 2-d x; on the caller's threads when it is large."""
+        """Return m (Linear or Int8Linear) as a function of 2-d x."""
         if isinstance(m, Int8Linear):
-            f, macs = _int8(m), m.in_features * m.out_features
-        else:
-            w, b = m.weight, m.bias
-            f, macs = (lambda x: F.linear(x, w, b)), w.numel()
-        return self.threads.wrap(f) if macs >= SHARED_MACS else f
+            return _int8(m)
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
 
     def _residual(self, m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Return (x, y) -> x + m(y): one addmm for a plain Linear without bias."""
-        if type(m) is nn.Linear and m.bias is None and m.weight.numel() < SHARED_MACS:
+        if type(m) is nn.Linear and m.bias is None:
             wt = m.weight.t()
             return lambda x, y: torch.addmm(x, y.to(x.dtype), wt)
         f = self._linear(m)
@@ -181,9 +162,8 @@ class DecodeStep:
         """Return the logits (B, vocab) of token b at positions[b] in row b of cache, attending to its
         positions 0..positions[b] within the first window positions; the keys/values are stored."""
         caller = torch.get_num_threads()
-        if caller == 1:
+        if caller == 1 or tokens.size(0) * self.macs >= ONE_THREAD_MACS:
             return self._step(tokens, positions, cache, window)
-        self.threads.n = caller
         torch.set_num_threads(1)
         try:
             return self._step(tokens, positions, cache, window)
