@@ -10,7 +10,8 @@ Without RUN a small random model (GQA, untied head) is written to a temporary ru
 llama) or biases.
 For each prompt it prints whether llama.cpp's tokenizer gives QingLM's ids ([BOS] + tokens), the largest
 logit difference over the prompt, and whether greedy decoding gives the same --tokens tokens. Exits 1
-on any mismatch. Kept out of the test suite because of the build time.
+on any mismatch. Kept out of the test suite because of the build time. Decoding speed against llama.cpp:
+benchmarks/llama_speed.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 import qinglm
-from qinglm.config import ModelConfig, SamplingConfig, resolve_model
+from qinglm.config import PRESETS, ModelConfig, SamplingConfig, resolve_model
 from qinglm.export.gguf import export_gguf
 from qinglm.infer.generate import generate_ids
 from qinglm.infer.text import encode_prompt
@@ -35,24 +36,28 @@ PROMPTS = ["今天天气真不错", "人工智能的未来", "中国经济稳步
 
 
 def random_run(
-    directory: Path, qk_norm: bool = False, moe: bool = False, bias: bool = False, **fields
+    directory: Path,
+    qk_norm: bool = False,
+    moe: bool = False,
+    bias: bool = False,
+    preset: str | None = None,
+    **fields,
 ) -> Path:
-    """Return a run directory with a random d_model-128 model and a tokenizer trained on the builtin corpus;
-    `fields` are further ModelConfig fields (RoPE scaling, max_seq_len, ...)."""
+    """Return a run directory with a random model (d_model 128, or a preset's shape and vocabulary) and
+    a tokenizer trained on the builtin corpus (the vocabulary past its tokens is padding); `fields` are
+    further ModelConfig fields (RoPE scaling, max_seq_len, ...)."""
     from qinglm.data.builtin import builtin_documents
     from qinglm.tokenizer import train_tokenizer
 
     docs = builtin_documents("pd1998", "train")[:3000]
     tok = train_tokenizer(docs, 2000, show_progress=False)
     extra = dict(n_experts=4, experts_per_token=2) if moe else {}
+    shape = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+    shape = dict(PRESETS[preset]) if preset else shape
+    shape["vocab_size"] = max(shape.get("vocab_size", 0), tok.vocab_size)
     cfg = resolve_model(
         ModelConfig(
-            vocab_size=tok.vocab_size,
-            d_model=128,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            tie_embeddings=False,
+            **shape,
             qk_norm=qk_norm,
             bias=bias,
             init_std=0.1,  # larger weights than training's init: decisive logits, fewer near-ties

@@ -59,7 +59,7 @@ import torch
 
 from qinglm.errors import QingLMError
 from qinglm.infer.request import Event, Request, Row, check_request
-from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, penalise_seen, sample_rows
+from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, greedy, penalise_seen, sample_rows
 from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
 from qinglm.model.transformer import Transformer
 
@@ -359,7 +359,7 @@ def _sample_rows(
     if any(p != 1.0 for p in penalty):
         logits = penalise_seen(logits, seen, torch.tensor(penalty, device=logits.device))
     if all(r.cfg.temperature == 0 for r in rows):
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     return sample_rows(logits, RowSettings.of([r.cfg for r in rows], logits.device), uniform)
 
 

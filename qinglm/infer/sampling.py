@@ -66,7 +66,7 @@ def sample_next(
     if prev_ids is not None:
         logits = apply_repetition_penalty(logits, prev_ids, cfg.repetition_penalty, counted, n_control)
     if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     B = logits.size(0)
     settings = RowSettings.of([cfg] * B, logits.device)
     uniform = torch.rand(B, generator=generator, device=generator.device if generator else logits.device)
@@ -96,10 +96,20 @@ def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tenso
     """Return logits (B, V) with the tokens marked in seen (B, V) penalised by each row's penalty (B,).
 
     apply_repetition_penalty for rows whose seen tokens are already known; the caller never marks
-    control ids (they are never penalised).
+    control ids (they are never penalised). Only the seen entries are read and written (a few
+    hundred of a vocabulary of thousands), each computed as a full pass would.
     """
-    p = penalty[:, None]
-    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    rows, ids = seen.nonzero(as_tuple=True)
+    values, p = logits[rows, ids], penalty[rows]
+    out = logits.clone()
+    out[rows, ids] = torch.where(values > 0, values / p, values * p)
+    return out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Return each row's argmax (B,) of logits (B, V): the first of equal maxima, as argmax; max's
+    indices are the same and faster on a CPU."""
+    return logits.max(dim=-1).indices
 
 
 def sample_rows(logits: torch.Tensor, rows: RowSettings, uniform: torch.Tensor) -> torch.Tensor:
@@ -110,14 +120,15 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniform: torch.Tensor) 
     only on its own logits, settings and number, never on the other rows of the batch.
     """
     logits = logits.float()
-    best = logits.argmax(dim=-1)
+    best = greedy(logits)
     sampled = rows.temperature > 0
     if not bool(sampled.any()):
         return best
     V = logits.size(-1)
     k = torch.where((rows.top_k > 0) & (rows.top_k < V), rows.top_k, V)  # (B,)
-    # Candidates in descending order: the largest k of any sampling row (top-p needs the sorted tail).
-    width = V if bool((sampled & (rows.top_p <= 1)).any()) else int(k[sampled].max())
+    # Candidates in descending order: the largest k of any sampling row (a partial sort), or all V when
+    # a row samples by top-p without a top-k (it needs the whole sorted tail).
+    width = V if bool((sampled & (rows.top_p <= 1) & (k == V)).any()) else int(k[sampled].max())
     temperature = torch.where(sampled, rows.temperature, 1.0)[:, None]
     values, order = torch.topk(logits / temperature, width, dim=-1)  # (B, width), sorted
     rank = torch.arange(width, device=logits.device)[None, :]

@@ -25,6 +25,7 @@ import torch
 
 from qinglm.device import compiled
 from qinglm.errors import QingLMError
+from qinglm.infer.step import DecodeStep
 from qinglm.limits import check_bytes, memory_bytes
 from qinglm.memory import kv_cache_bytes
 from qinglm.model.transformer import KVCache, Transformer
@@ -96,6 +97,8 @@ class Slots:
             torch._dynamo.mark_static_address(self.cache.k)  # updated in place: graphs may keep pointers
             torch._dynamo.mark_static_address(self.cache.v)
         self._step = compiled(_decode, compile, log, "decoding", **options)
+        # Eager, the standard families decode through the fast step; anything else through the model.
+        self.fast = None if compile else DecodeStep.of(model)
 
     @property
     def positions(self) -> int:
@@ -151,6 +154,8 @@ class Slots:
         thrown away); eager, the step runs on exactly n rows and the window the rows need.
         """
         n = tokens.size(0)
+        if self.fast is not None:
+            return self.fast(tokens, positions, self.cache, longest)
         if not self.compile and aligned:  # every row at position longest-1: no mask, plain attention
             view = self.cache.first_rows(n)
             return self.model(tokens[:, None], cache=view, start=longest - 1, last_only=True)[:, -1]

@@ -1,0 +1,231 @@
+"""The fast decoding step: one token per row of a static KV cache, in as few tensor ops as it takes.
+
+``Transformer.forward`` is written for every use (training, prefill, padded batches, MoE); decoding one
+token per row through it costs more in Python and small ops than in arithmetic at QingLM's sizes
+(benchmarks/README.md). ``DecodeStep`` computes the same logits for the standard families (modern and
+classic, fp32/bf16, GQA, QK-norm, gated attention, int8 weight-only layers, LoRA once merged) with:
+
+- the weights bound once (no module calls, no hooks): each linear is F.linear, addmm into the residual
+  stream, or the int8 kernel of qinglm.model.quantize;
+- RoPE's cos/sin, the attention bias and the cache's write index computed once per step, not per layer;
+  queries and keys rotated together, rotate-half as a flip of the two halves times a signed sin;
+- keys/values written into the cache with index_copy_ and attention as baddbmm + softmax + bmm over
+  the first `window` positions (an additive -inf bias past each row's length);
+- one intra-op thread for a step of little work (ONE_THREAD_MACS): at QingLM's small sizes the
+  OpenMP start-up and wake-ups of a second thread cost more than it saves, most of all on a busy machine.
+
+``DecodeStep.of(model)`` returns None for what it does not handle (MoE, LoRA adapters not merged,
+forward hooks, subclasses, other layer types): the engine then runs the model's own forward. It is
+decided once, when the engine is built; the step reads the model's parameters themselves, so training
+them in place between generations is seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qinglm.model.quantize import Int8Linear
+from qinglm.model.transformer import MLP, Attention, Block, KVCache, Transformer
+
+# A step of fewer multiply-adds (rows x weights) than this runs on one intra-op thread, whatever the
+# caller's setting (measured: benchmarks/README.md, "Decoding").
+ONE_THREAD_MACS = 2**24
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    """Return why DecodeStep cannot run model (None when it can)."""
+    if type(model) is not Transformer:
+        return "not a plain Transformer"
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return "global forward hooks"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"forward hooks on {name or 'the model'}"
+    for block in model.blocks:
+        if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not MLP:
+            return "a block that is not attention + MLP (MoE)"
+        for norm in (block.norm1, block.norm2):
+            if type(norm) not in (nn.RMSNorm, nn.LayerNorm):
+                return "another norm"
+    for name, m in model.named_modules():
+        if name.endswith(("qkv", "out", "gate", "up", "down", "head")) and type(m) not in (
+            nn.Linear,
+            Int8Linear,
+        ):
+            return f"{name} is a {type(m).__name__}"
+    return None
+
+
+def _norm(m: nn.Module) -> Linear:
+    """Return m (RMSNorm or LayerNorm) as a function of x."""
+    if isinstance(m, nn.RMSNorm):
+        shape, w, eps = m.normalized_shape, m.weight, m.eps
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+    return lambda x: F.layer_norm(x, shape, w, b, eps)
+
+
+def _int8(m: Int8Linear) -> Linear:
+    """Return Int8Linear m's forward on 2-d inputs as a function (the same ops, no module call)."""
+    qweight, scale, bias, pad = m.qweight, m.scale, m.bias, m.pad
+    mm, bf16 = torch._weight_int8pack_mm, torch.bfloat16
+
+    def int8(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.to(bf16)
+        x2 = F.pad(x2, (0, pad)) if pad else x2.contiguous()
+        y = mm(x2, qweight, scale).to(x.dtype)
+        return y if bias is None else y + bias
+
+    return int8
+
+
+class DecodeStep:
+    """The logits of one token per row at its own position, on a model's bound weights (see the module doc)."""
+
+    def __init__(self, model: Transformer):
+        cfg = self.cfg = model.cfg
+        self.model = model
+        self.H, self.Hkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = self.hd**-0.5
+        self.embed = model.embed.weight
+        self.pos = cfg.pos_encoding
+        if self.pos == "rope":
+            half = self.hd // 2
+            self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
+        self.blocks = [self._bind_block(b) for b in model.blocks]
+        self.norm = _norm(model.norm)
+        self.head = self._linear(model.head)
+        self.macs = sum(
+            m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))
+        )
+        self._views: tuple | None = None
+
+    def _linear(self, m: nn.Module) -> Linear:
+        """Return m (Linear or Int8Linear) as a function of 2-d x."""
+        if isinstance(m, Int8Linear):
+            return _int8(m)
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
+
+    def _residual(self, m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Return (x, y) -> x + m(y): one addmm for a plain Linear without bias."""
+        if type(m) is nn.Linear and m.bias is None:
+            wt = m.weight.t()
+            return lambda x, y: torch.addmm(x, y.to(x.dtype), wt)
+        f = self._linear(m)
+        return lambda x, y: x + f(y)
+
+    def _bind_block(self, b: Block) -> tuple:
+        a, m = b.attn, b.mlp
+        qk_norm = (_norm(a.q_norm), _norm(a.k_norm)) if a.use_qk_norm else None
+        gate = self._linear(a.gate) if a.use_gate else None
+        act = (lambda h: F.silu(h[:, : h.size(1) // 2]) * h[:, h.size(1) // 2 :]) if m.swiglu else F.gelu
+        return (
+            _norm(b.norm1),
+            self._linear(a.qkv),
+            qk_norm,
+            gate,
+            self._residual(a.out),
+            _norm(b.norm2),
+            self._linear(m.up),
+            act,
+            self._residual(m.down),
+        )
+
+    @classmethod
+    def of(cls, model: nn.Module) -> DecodeStep | None:
+        """Return a DecodeStep for model, or None when model needs its own forward (see _unsupported)."""
+        return None if _unsupported(model) else cls(model)
+
+    def _layer_views(self, cache: KVCache) -> tuple:
+        """Return per layer the cache's keys and values as (rows * n_kv_heads, positions, head_dim) and
+        their flat (rows * n_kv_heads * positions, head_dim) views; rebuilt when the cache is reallocated."""
+        if self._views is None or self._views[0] is not cache.k:
+            L, rows, Hkv, P, hd = cache.k.shape
+            k3 = cache.k.view(L, rows * Hkv, P, hd).unbind(0)
+            v3 = cache.v.view(L, rows * Hkv, P, hd).unbind(0)
+            flat = [(k.view(-1, hd), v.view(-1, hd)) for k, v in zip(k3, v3)]
+            self._views = (cache.k, list(zip(k3, v3, flat)), P)
+        return self._views
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, window: int
+    ) -> torch.Tensor:
+        """Return the logits (B, vocab) of token b at positions[b] in row b of cache, attending to its
+        positions 0..positions[b] within the first window positions; the keys/values are stored."""
+        caller = torch.get_num_threads()
+        if caller == 1 or tokens.size(0) * self.macs >= ONE_THREAD_MACS:
+            return self._step(tokens, positions, cache, window)
+        torch.set_num_threads(1)
+        try:
+            return self._step(tokens, positions, cache, window)
+        finally:
+            torch.set_num_threads(caller)
+
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, window: int
+    ) -> torch.Tensor:
+        B, H, Hkv, hd = tokens.size(0), self.H, self.Hkv, self.hd
+        group, dev = H // Hkv, tokens.device
+        _, layers, P = self._layer_views(cache)
+        x = F.embedding(tokens, self.embed)  # (B, d_model)
+        if self.pos == "learned":
+            x = x + self.model.pos_embed.weight[positions]
+        elif self.pos == "sinusoidal":
+            x = x * math.sqrt(self.cfg.d_model) + self.model.pos_table[positions]
+        else:
+            cos, sin = self.model.rope_at(positions, window)  # (B, head_dim)
+            cos, sin = cos[:, None], (sin * self.sign)[:, None]  # (B, 1, head_dim): sin signed for the flip
+        # Where each row's new key goes in a layer's flat cache, and what it may attend to.
+        rows = torch.arange(B * Hkv, device=dev)
+        write = rows * P + positions.repeat_interleave(Hkv)  # (B * n_kv_heads,)
+        past = torch.arange(window, device=dev) > positions[:, None]  # (B, W): beyond the row's length
+        bias = torch.zeros(B, window, device=dev).masked_fill_(past, float("-inf"))
+        bias = bias.repeat_interleave(Hkv, dim=0)[:, None]  # (B * n_kv_heads, 1, W)
+        fp32 = self.embed.dtype == torch.float32
+        n_qk = (H + Hkv) * hd
+        for (norm1, qkv, qk_norm, gate, out, norm2, up, act, down), (kc, vc, (kflat, vflat)) in zip(
+            self.blocks, layers
+        ):
+            xn = norm1(x)
+            h = qkv(xn)  # (B, (n_heads + 2 n_kv_heads) head_dim)
+            if qk_norm is None:
+                qk = h[:, :n_qk].view(B, H + Hkv, hd)
+                if self.pos == "rope":
+                    qk = self._rope(qk, cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q = qk_norm[0](h[:, : H * hd].view(B, H, hd))
+                k = qk_norm[1](h[:, H * hd : n_qk].view(B, Hkv, hd))
+                if self.pos == "rope":
+                    q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            v = h[:, n_qk:]
+            kflat.index_copy_(0, write, k.reshape(B * Hkv, hd).to(kflat.dtype))
+            vflat.index_copy_(0, write, v.reshape(B * Hkv, hd).to(vflat.dtype))
+            q = q.reshape(B * Hkv, group, hd)
+            keys, values = kc[: B * Hkv, :window], vc[: B * Hkv, :window]  # (B * n_kv_heads, W, head_dim)
+            if fp32:
+                scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scale)
+            else:
+                scores = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)).float() * self.scale + bias
+            y = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values).to(x.dtype)  # (B*Hkv, group, hd)
+            if gate is not None:
+                y = y.view(B, H, hd) * torch.sigmoid(gate(xn))[:, :, None]
+            x = out(x, y.reshape(B, H * hd))
+            x = down(x, act(up(norm2(x))))
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Return x (B, heads, head_dim) rotated: x cos + rotate_half(x) sin, rotate_half as a flip."""
+        B, n, hd = x.shape
+        flipped = x.reshape(B, n, 2, hd // 2).flip(2).view(B, n, hd)  # (x2, x1); sin's first half is negated
+        return (x * cos).addcmul_(flipped, sin).to(x.dtype)

@@ -1,0 +1,158 @@
+"""The fast decoding step: the model's own logits for every option it takes, the fallback, the threads."""
+
+import pytest
+import torch
+
+from qinglm.config import ModelConfig, SamplingConfig
+from qinglm.infer import slots
+from qinglm.infer.engine import Engine, Request
+from qinglm.infer.step import DecodeStep
+from qinglm.model.lora import apply_lora, merge_lora
+from qinglm.model.quantize import quantize
+from qinglm.model.transformer import KVCache, Transformer
+
+V, CTX = 97, 48
+OPTIONS = {
+    "modern": {},
+    "gqa": dict(n_kv_heads=2),
+    "mqa-bias": dict(n_kv_heads=1, bias=True),
+    "qk-norm": dict(qk_norm=True, n_kv_heads=2),
+    "gated": dict(gated_attention=True),
+    "untied-yarn": dict(tie_embeddings=False, rope_scaling="yarn", rope_factor=2.0),
+    "dynamic-ntk": dict(rope_scaling="dynamic", rope_factor=2.0, rope_original_max_position_embeddings=16),
+    "classic": dict(family="classic"),
+    "learned": dict(family="classic", pos_encoding="learned"),
+}
+
+
+def tiny(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX, dropout=0.0, **kw)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # norms and biases away from 1 and 0, so a wrong one shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def reference(model, tokens, positions, cache, window):
+    """The model's own forward for one token per row at its position (the engine's fallback)."""
+    return model(tokens[:, None], cache=cache, start=positions, last_only=True, window=window)[:, -1]
+
+
+def check_steps(model: Transformer, atol: float, dtype=torch.float32) -> None:
+    """Decode 3 rows at different positions for 30 steps both ways; logits and caches must agree."""
+    step = DecodeStep.of(model)
+    assert step is not None
+    caches = [KVCache(model.cfg, 4, CTX, dtype=dtype) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 5, 11])
+    for i in range(30):
+        tokens = torch.randint(0, V, (3,), generator=gen)
+        window = int(positions.max()) + 1
+        with torch.inference_mode():
+            want = reference(model, tokens, positions, caches[0], window)
+            got = step(tokens, positions, caches[1], window)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.allclose(got.float(), want.float(), atol=atol, rtol=0), f"step {i}"
+        positions = positions + 1
+    assert torch.allclose(caches[0].k.float(), caches[1].k.float(), atol=atol, rtol=1e-5)
+    assert torch.allclose(caches[0].v.float(), caches[1].v.float(), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_fp32_logits_equal_the_model(option):
+    check_steps(tiny(**OPTIONS[option]), atol=1e-5)
+
+
+def test_bf16_and_int8_follow_the_model():
+    check_steps(tiny(n_kv_heads=2).to(torch.bfloat16), atol=0.1, dtype=torch.bfloat16)
+    check_steps(quantize(tiny(n_kv_heads=2, tie_embeddings=False, bias=True)), atol=1e-4)
+
+
+def test_merged_lora_takes_the_fast_step_and_unmerged_falls_back():
+    model = tiny()
+    apply_lora(model, rank=4)
+    assert DecodeStep.of(model) is None  # adapters on their own: the model's forward
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    check_steps(merge_lora(model), atol=1e-5)
+
+
+def test_what_it_cannot_run_falls_back():
+    assert DecodeStep.of(tiny(n_experts=4, experts_per_token=2)) is None  # MoE
+    model = tiny()
+    handle = model.blocks[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    assert DecodeStep.of(model) is None
+    handle.remove()
+
+    class Custom(Transformer):
+        pass
+
+    assert DecodeStep.of(Custom(model.cfg)) is None
+    assert DecodeStep.of(model) is not None
+
+
+def test_threads_are_one_inside_and_the_callers_after():
+    model = tiny()
+    step = DecodeStep.of(model)
+    inside, norm = [], step.norm
+    step.norm = lambda x: (inside.append(torch.get_num_threads()), norm(x))[1]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            step(torch.tensor([5]), torch.tensor([0]), KVCache(model.cfg, 1, CTX), 1)
+        assert inside == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def greedy(n):
+    return SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.3, stop_at_eos=False)
+
+
+def sampled(n, seed):
+    return SamplingConfig(
+        max_new_tokens=n, temperature=0.9, top_k=20, top_p=0.9, seed=seed, stop_at_eos=False
+    )
+
+
+def run(model, arrivals: dict[int, list[tuple[int, Request]]]) -> dict[int, list[int]]:
+    """Run an Engine where arrivals[step] requests join at that step; return each key's tokens."""
+    engine = Engine(model, max_batch_size=8, eos_id=None)
+    out: dict[int, list[int]] = {}
+    step = 0
+    while engine.busy or any(s >= step for s in arrivals):
+        for key, req in arrivals.get(step, []):
+            engine.add(key, req)
+        for ev in engine.step():
+            out.setdefault(ev.row, []).extend(ev.ids)
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("option", ["gqa", "classic"])
+def test_a_row_decodes_the_same_alone_and_among_rows_that_join_and_leave(option, monkeypatch):
+    model = tiny(**OPTIONS[option])
+    prompts = [[2, 17, 42, 5, 88, 23, 9], [2, 9], [2, 31, 64, 1, 77, 12, 13, 14, 15, 16], [2, 50, 50]]
+    requests = [
+        Request(prompts[0], greedy(20)),
+        Request(prompts[1], sampled(6, 1)),
+        Request(prompts[2], sampled(25, 2)),
+        Request(prompts[3], greedy(3)),
+    ]
+    together = run(
+        model, {0: [(0, requests[0]), (1, requests[1])], 4: [(2, requests[2])], 9: [(3, requests[3])]}
+    )
+    for key, req in enumerate(requests):
+        assert together[key] == run(model, {0: [(key, req)]})[key]
+    # The model's own forward (the fallback) gives the same tokens.
+    monkeypatch.setattr(slots.DecodeStep, "of", classmethod(lambda cls, m: None))
+    assert (
+        run(model, {0: [(0, requests[0]), (1, requests[1])], 4: [(2, requests[2])], 9: [(3, requests[3])]})
+        == together
+    )
