@@ -1,7 +1,8 @@
 """llama.cpp past the original length: a model with linear and YaRN RoPE scaling, exported and compared.
 
 A small random model (benchmarks.llama_cpp.random_run) is given RoPE scaling by --factor over an original
-length of --length positions (max_seq_len = factor x length), exported with `qinglm export gguf` (f32: the
+length of --length positions (max_seq_len = factor x length; "none", the reference, has no scaling and
+its full length as its own), exported with `qinglm export gguf` (f32: the
 GGUF carries llama.cpp's rope.scaling keys) and run in llama.cpp (llama-cpp-python) on prompts of pd1998
 val text longer than the original length: per prompt, whether llama.cpp's tokenizer gives QingLM's ids,
 the largest logit difference over the prompt, and whether greedy decoding gives the same --tokens tokens
@@ -20,7 +21,8 @@ from pathlib import Path
 from benchmarks.llama_cpp import compare, random_run
 from qinglm.export.gguf import export_gguf
 
-KINDS = ("linear", "yarn")  # what llama.cpp computes; it has no dynamic NTK
+# what llama.cpp computes (it has no dynamic NTK); "none" is the reference: no scaling, trained at the full length
+KINDS = ("none", "linear", "yarn")
 
 
 def long_prompts(n_chars: int, count: int = 3) -> list[str]:
@@ -33,12 +35,8 @@ def long_prompts(n_chars: int, count: int = 3) -> list[str]:
 
 def check(kind: str, directory: Path, length: int = 64, factor: int = 4, n_tokens: int = 32) -> bool:
     """Return True when llama.cpp matches QingLM past `length` positions for RoPE scaling `kind`."""
-    run = random_run(
-        directory / kind,
-        rope_scaling=kind,
-        max_seq_len=factor * length,
-        rope_original_max_position_embeddings=length,
-    )
+    scaled = dict(rope_original_max_position_embeddings=length) if kind != "none" else {}
+    run = random_run(directory / kind, rope_scaling=kind, max_seq_len=factor * length, **scaled)
     path = export_gguf(run, directory / f"{kind}.gguf", dtype="f32")
     # about one token per character here: prompts of ~3x the original length, then n_tokens more decoded
     room = factor * length - n_tokens
