@@ -55,6 +55,7 @@ def random_run(
     shape = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False)
     shape = dict(PRESETS[preset]) if preset else shape
     shape["vocab_size"] = max(shape.get("vocab_size", 0), tok.vocab_size)
+    shape.update(fields)
     cfg = resolve_model(
         ModelConfig(
             **shape,
@@ -62,7 +63,6 @@ def random_run(
             bias=bias,
             init_std=0.1,  # larger weights than training's init: decisive logits, fewer near-ties
             **extra,
-            **fields,
         )
     )
     torch.manual_seed(0)
