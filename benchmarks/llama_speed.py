@@ -11,7 +11,7 @@ repetition penalty, EOS ignored) with every contestant in turn, prefill included
   QingLM eager  fp32 through the model's own forward (a forward hook turns the fast step off)
   llama.cpp f32 Llama.generate on the f32 GGUF, n_threads (and n_threads_batch) as torch's
 Tokens/s are medians over --rounds after a warm-up round. llama.cpp's q8_0 is not measured: the
-installed llama-cpp-python 0.3.36 crashes (segfault) loading q8_0 files written by `qinglm export gguf`.
+installed llama-cpp-python 0.3.36 crashes (segfault) decoding the q8_0 file of `qinglm export gguf` (the tiny preset: it loads, then segfaults in generate).
 """
 
 from __future__ import annotations
