@@ -93,7 +93,11 @@ def test_what_it_cannot_run_falls_back():
         pass
 
     assert DecodeStep.of(Custom(model.cfg)) is None
-    assert DecodeStep.of(model) is not None
+    step = DecodeStep.of(model)
+    assert step is not None and not step.hooked()
+    handle = model.register_forward_pre_hook(lambda m, args: None)  # added later: seen at the next step
+    assert step.hooked()
+    handle.remove()
 
 
 def test_threads_are_one_inside_and_the_callers_after():

@@ -155,7 +155,7 @@ class Slots:
         thrown away); eager, the step runs on exactly n rows and the window the rows need.
         """
         n = tokens.size(0)
-        if self.fast is not None:
+        if self.fast is not None and not self.fast.hooked():
             return self.fast(tokens, positions, self.cache, longest)
         if not self.compile and aligned:  # every row at position longest-1: no mask, plain attention
             view = self.cache.first_rows(n)

@@ -17,7 +17,7 @@ classic, fp32/bf16, GQA, QK-norm, gated attention, int8 weight-only layers, LoRA
 
 ``DecodeStep.of(model)`` returns None for what it does not handle (MoE, LoRA adapters not merged,
 forward hooks, subclasses, other layer types): the engine then runs the model's own forward. It is
-decided once, when the engine is built; the step reads the model's parameters themselves, so training
+decided once, when the engine is built, except for hooks on the model itself, checked every step; the step reads the model's parameters themselves, so training
 them in place between generations is seen.
 """
 
@@ -165,6 +165,17 @@ class DecodeStep:
             self._linear(m.up),
             act,
             self._residual(m.down),
+        )
+
+    def hooked(self) -> bool:
+        """Return True while the model itself has forward hooks (or global ones are set): checked every step, so
+        a hook added after the engine was built (a test slowing the model down, a tracer) still runs."""
+        hooks, m = nn.modules.module, self.model
+        return bool(
+            m._forward_hooks
+            or m._forward_pre_hooks
+            or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks
         )
 
     @classmethod
