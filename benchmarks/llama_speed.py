@@ -9,9 +9,9 @@ repetition penalty, EOS ignored) with every contestant in turn, prefill included
   QingLM fp32   the engine (qinglm.infer.engine.Generation: the fast decoding step, qinglm.infer.step)
   QingLM int8   the same on qinglm.model.quantize's int8 weights
   QingLM eager  fp32 through the model's own forward (a forward hook turns the fast step off)
-  llama.cpp f32 Llama.generate on the f32 GGUF, n_threads as torch's
+  llama.cpp f32 Llama.generate on the f32 GGUF, n_threads (and n_threads_batch) as torch's
 Tokens/s are medians over --rounds after a warm-up round. llama.cpp's q8_0 is not measured: the
-installed llama-cpp-python 0.3.36 crashes (segfault) loading q8_0 files written by `qinglm export gguf`.
+installed llama-cpp-python 0.3.36 crashes (segfault) decoding the q8_0 file of `qinglm export gguf` (the tiny preset: it loads, then segfaults in generate).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def measure(run: Path, gguf: Path, threads: list[int], n: int, rounds: int) -> l
     rows = []
     for t in threads:
         torch.set_num_threads(t)
-        llm = Llama(model_path=str(gguf), n_ctx=lm.config.max_seq_len, n_threads=t, verbose=False)
+        llm = Llama(
+            model_path=str(gguf), n_ctx=lm.config.max_seq_len, n_threads=t, n_threads_batch=t, verbose=False
+        )
         contestants = {
             "QingLM fp32": qinglm_decoder(lm.model, ids, n),
             "QingLM int8": qinglm_decoder(int8, ids, n),

@@ -93,7 +93,11 @@ def test_what_it_cannot_run_falls_back():
         pass
 
     assert DecodeStep.of(Custom(model.cfg)) is None
-    assert DecodeStep.of(model) is not None
+    step = DecodeStep.of(model)
+    assert step is not None and not step.hooked()
+    handle = model.register_forward_pre_hook(lambda m, args: None)  # added later: seen at the next step
+    assert step.hooked()
+    handle.remove()
 
 
 def test_threads_are_one_inside_and_the_callers_after():
@@ -107,6 +111,29 @@ def test_threads_are_one_inside_and_the_callers_after():
         with torch.inference_mode():
             step(torch.tensor([5]), torch.tensor([0]), KVCache(model.cfg, 1, CTX), 1)
         assert inside == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_large_matmuls_get_the_callers_threads_back(monkeypatch):
+    from qinglm.infer import step as step_module
+
+    model = tiny()
+    step = DecodeStep.of(model)
+    monkeypatch.setattr(step_module, "SHARED_MACS", 256 * 32)  # the MLP's up projection: only it is large
+    seen, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "linear",
+        lambda x, w, b=None: (seen.append((w.size(0), torch.get_num_threads())), linear(x, w, b))[1],
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            step(torch.tensor([5]), torch.tensor([0]), KVCache(model.cfg, 1, CTX), 1)
+        assert (256, 2) in seen and all(n == 1 for rows, n in seen if rows != 256)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

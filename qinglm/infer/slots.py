@@ -4,7 +4,8 @@ Rows 0..n-1 of the cache hold the n sequences being decoded, each from position 
 that finishes is filled by moving the last row into it (one row's keys/values, not the whole cache).
 A decoding step feeds one token per row at its own position (``Transformer.forward(start=positions)``):
 keys and values are written in place and attention masks everything past each row's length, so the
-shapes of a step depend only on (rows, window), never on how far each row has got. Compiled, the cache
+shapes of a step depend only on (rows, window), never on how far each row has got. Eager, the step runs
+through qinglm.infer.step.DecodeStep (the same logits in fewer ops) when the model is one it handles. Compiled, the cache
 is allocated once at its full size, rows are rounded up to powers of two and the window to 64, 256,
 1024, ... (``bucket``): a bounded set of shapes (``Slots.n_graphs``), each compiled once.
 
@@ -154,7 +155,7 @@ class Slots:
         thrown away); eager, the step runs on exactly n rows and the window the rows need.
         """
         n = tokens.size(0)
-        if self.fast is not None:
+        if self.fast is not None and not self.fast.hooked():
             return self.fast(tokens, positions, self.cache, longest)
         if not self.compile and aligned:  # every row at position longest-1: no mask, plain attention
             view = self.cache.first_rows(n)

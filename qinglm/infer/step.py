@@ -12,11 +12,12 @@ classic, fp32/bf16, GQA, QK-norm, gated attention, int8 weight-only layers, LoRA
 - keys/values written into the cache with index_copy_ and attention as baddbmm + softmax + bmm over
   the first `window` positions (an additive -inf bias past each row's length);
 - one intra-op thread for a step of little work (ONE_THREAD_MACS): at QingLM's small sizes the
-  OpenMP start-up and wake-ups of a second thread cost more than it saves, most of all on a busy machine.
+  OpenMP start-up and wake-ups of a second thread cost more than they save, most of all on a busy
+  machine; only the matmuls large enough to share (SHARED_MACS: the head) get the caller's threads back.
 
 ``DecodeStep.of(model)`` returns None for what it does not handle (MoE, LoRA adapters not merged,
 forward hooks, subclasses, other layer types): the engine then runs the model's own forward. It is
-decided once, when the engine is built; the step reads the model's parameters themselves, so training
+decided once, when the engine is built, except for hooks on the model itself, checked every step; the step reads the model's parameters themselves, so training
 them in place between generations is seen.
 """
 
@@ -35,6 +36,9 @@ from qinglm.model.transformer import MLP, Attention, Block, KVCache, Transformer
 # A step of fewer multiply-adds (rows x weights) than this runs on one intra-op thread, whatever the
 # caller's setting (measured: benchmarks/README.md, "Decoding").
 ONE_THREAD_MACS = 2**24
+# Inside such a step, a matmul of at least this many multiply-adds runs on the caller's threads
+# (measured on 2 cores: 1.6x faster at 2^18, 2-3x at 2^19-2^20; below, no gain).
+SHARED_MACS = 2**18
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,12 +91,34 @@ def _int8(m: Int8Linear) -> Linear:
     return int8
 
 
+class _Threads:
+    """The caller's intra-op thread count, lent back to large matmuls inside a one-thread step."""
+
+    def __init__(self):
+        self.n = 1
+
+    def share(self, f: Linear, macs: int) -> Linear:
+        """Return f run on the caller's threads when its rows x macs reach SHARED_MACS."""
+
+        def shared(x: torch.Tensor) -> torch.Tensor:
+            if self.n == 1 or x.size(0) * macs < SHARED_MACS:
+                return f(x)
+            torch.set_num_threads(self.n)
+            try:
+                return f(x)
+            finally:
+                torch.set_num_threads(1)
+
+        return shared
+
+
 class DecodeStep:
     """The logits of one token per row at its own position, on a model's bound weights (see the module doc)."""
 
     def __init__(self, model: Transformer):
         cfg = self.cfg = model.cfg
         self.model = model
+        self.threads = _Threads()
         self.H, self.Hkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = self.hd**-0.5
         self.embed = model.embed.weight
@@ -109,15 +135,16 @@ class DecodeStep:
         self._views: tuple | None = None
 
     def _linear(self, m: nn.Module) -> Linear:
-        """Return m (Linear or Int8Linear) as a function of 2-d x."""
+        """Return m (Linear or Int8Linear) as a function of 2-d x (on the caller's threads when large)."""
+        macs = m.in_features * m.out_features
         if isinstance(m, Int8Linear):
-            return _int8(m)
+            return self.threads.share(_int8(m), macs)
         w, b = m.weight, m.bias
-        return lambda x: F.linear(x, w, b)
+        return self.threads.share(lambda x: F.linear(x, w, b), macs)
 
     def _residual(self, m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Return (x, y) -> x + m(y): one addmm for a plain Linear without bias."""
-        if type(m) is nn.Linear and m.bias is None:
+        if type(m) is nn.Linear and m.bias is None and m.weight.numel() < SHARED_MACS:
             wt = m.weight.t()
             return lambda x, y: torch.addmm(x, y.to(x.dtype), wt)
         f = self._linear(m)
@@ -138,6 +165,17 @@ class DecodeStep:
             self._linear(m.up),
             act,
             self._residual(m.down),
+        )
+
+    def hooked(self) -> bool:
+        """Return True while the model itself has forward hooks (or global ones are set): checked every step, so
+        a hook added after the engine was built (a test slowing the model down, a tracer) still runs."""
+        hooks, m = nn.modules.module, self.model
+        return bool(
+            m._forward_hooks
+            or m._forward_pre_hooks
+            or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks
         )
 
     @classmethod
@@ -165,9 +203,11 @@ class DecodeStep:
         if caller == 1 or tokens.size(0) * self.macs >= ONE_THREAD_MACS:
             return self._step(tokens, positions, cache, window)
         torch.set_num_threads(1)
+        self.threads.n = caller
         try:
             return self._step(tokens, positions, cache, window)
         finally:
+            self.threads.n = 1
             torch.set_num_threads(caller)
 
     def _step(
