@@ -100,3 +100,15 @@ def test_chat_tools_is_asked_by_name_and_needs_room_for_the_tool_list(tiny_model
     assert r["n"] == 2 and set(r["details"]) == set(r["intervals"]) == figures
     assert 0 <= r["interval"][0] <= r["score"] <= r["interval"][1] <= 1
     assert all(lo <= r["details"][f] <= hi for f, (lo, hi) in r["intervals"].items())
+
+
+def test_detail_figures_show_their_intervals_in_the_table_and_the_report_card():
+    from qinglm.evals.report import _tasks_table
+    from qinglm.evals.suite import format_table
+
+    r = {"kind": "chat", "metric": "answer_right", "score": 0.5, "interval": [0.2, 0.8], "random": 0.0, "n": 4,
+         "details": {"call_ok": 0.75, "call_ok_thinking": 0.5}, "intervals": {"call_ok": [0.3, 0.95]}}  # fmt: skip
+    out = {"tasks": {"chat-tools": r}, "summary": None}
+    assert "chat-tools: call_ok 0.7500 [0.3000, 0.9500]" in format_table(out)
+    assert "- chat-tools: call_ok 0.7500 [0.3000, 0.9500]" in _tasks_table(out)
+    assert "- chat-tools: call_ok_thinking 0.5000" in _tasks_table(out)

@@ -41,6 +41,11 @@ class Rollouts:
     group_size: int
 
 
+def row_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
+    """Return n sampling seeds drawn from generator (torch's global RNG by default)."""
+    return torch.randint(0, _SEED_BOUND, (n,), generator=generator).tolist()
+
+
 def decode(
     model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request]
 ) -> tuple[list[list[int]], list[str], list[str]]:
@@ -75,7 +80,7 @@ def rollout(
 
     thinking: the chat template's thinking switch (None: no thinking markup; False: an empty block).
     """
-    seeds = torch.randint(0, _SEED_BOUND, (len(prompts) * group_size,), generator=generator).tolist()
+    seeds = row_seeds(len(prompts) * group_size, generator)
     chats = [encode_chat(tokenizer, m, add_generation_prompt=True, thinking=thinking) for m in prompts]
     requests = [
         Request(chat.ids, dataclasses.replace(sampling, seed=seed), [IM_END], chat.content)

@@ -30,13 +30,13 @@ from qinglm.config import SamplingConfig
 from qinglm.data.builtin_tools import OUTPUT_LIMIT, TIME_LIMIT_S, run_tool
 from qinglm.errors import QingLMError
 from qinglm.infer.episodes import Episode, ToolRunner, run_episodes
+from qinglm.infer.rollout import row_seeds
 from qinglm.model.transformer import Transformer
 from qinglm.post.tasks import Example, Task, import_function
 from qinglm.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
 VERIFIER_WEIGHT, FORMAT_WEIGHT = 0.8, 0.2
-_SEED_BOUND = 2**62
 
 
 def load_tools(spec: str) -> ToolRunner:
@@ -92,7 +92,7 @@ def play(
     """Return (episodes, rewards (N,), metrics) of group_size episodes per example (rows g*G .. g*G+G-1
     play example g); the base seeds come from generator (torch's global RNG by default)."""
     n = len(examples) * group_size
-    seeds = torch.randint(0, _SEED_BOUND, (n,), generator=generator).tolist()
+    seeds = row_seeds(n, generator)
     prompts = [ex.messages for ex in examples for _ in range(group_size)]
     episodes = run_episodes(
         model,
