@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -264,3 +265,46 @@ def tiny_task(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)  # subprocesses find the module in their current directory
     return "grpo_tiny_task:letters"
+
+
+class PlantedScheduler:
+    """Stands in for the server's model: every job's reply is the next planted text; the prompts are kept."""
+
+    planted: list[str] = []
+    prompts: list[list[int]] = []
+
+    def __init__(self, lm, **kw):
+        self.stats, self.in_flight = {}, 0
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def submit(self, req):
+        class Job:
+            prompt_tokens, completion_tokens = len(req.prompt_ids), 1
+            events = asyncio.Queue()
+
+            def cancel(self):
+                pass
+
+        job = Job()
+        job.req = req
+        PlantedScheduler.prompts.append(req.prompt_ids)
+        text = PlantedScheduler.planted.pop(0)
+        for k in range(0, len(text), 5):  # streamed in small pieces, as the engine sends them
+            job.events.put_nowait(("text", text[k : k + 5]))
+        job.events.put_nowait(("done", "stop"))
+        return job
+
+
+@pytest.fixture
+def planted_scheduler(monkeypatch):
+    """Return PlantedScheduler, put in place of the server's Scheduler: set its .planted replies, then create_app."""
+    from qinglm.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app, "Scheduler", PlantedScheduler)
+    PlantedScheduler.planted, PlantedScheduler.prompts = [], []
+    return PlantedScheduler

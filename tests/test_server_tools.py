@@ -1,7 +1,6 @@
 """Function calling and thinking through /v1/chat/completions: the request's tools rendered by the chat
 template, the reply read back as tool_calls / reasoning_content, whole and streamed, with the openai client."""
 
-import asyncio
 import json
 
 import pytest
@@ -12,7 +11,6 @@ pytest.importorskip("fastapi")
 import qinglm  # noqa: E402
 from qinglm.errors import QingLMError  # noqa: E402
 from qinglm.infer.chat import encode_chat  # noqa: E402
-from qinglm.serve import app as serve_app  # noqa: E402
 from qinglm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qinglm.serve.config import ServeConfig  # noqa: E402
 from qinglm.serve.tools import StreamReader, parse_tool_use, reply_message  # noqa: E402
@@ -104,39 +102,6 @@ def test_a_calls_name_then_its_arguments_stream_as_they_are_generated():
     assert "".join(d["content"] for d in deltas) == CALL.replace("calculator", "shell") and other.calls == 0
 
 
-class PlantedScheduler:
-    """Stands in for the model: every job's reply is the next planted text; the prompts are kept."""
-
-    planted: list[str] = []
-    prompts: list[list[int]] = []
-
-    def __init__(self, lm, **kw):
-        self.stats, self.in_flight = {}, 0
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-    def submit(self, req):
-        class Job:
-            prompt_tokens, completion_tokens = len(req.prompt_ids), 1
-            events = asyncio.Queue()
-
-            def cancel(self):
-                pass
-
-        job = Job()
-        job.req = req
-        PlantedScheduler.prompts.append(req.prompt_ids)
-        text = PlantedScheduler.planted.pop(0)
-        for k in range(0, len(text), 5):  # streamed in small pieces, as the engine sends them
-            job.events.put_nowait(("text", text[k : k + 5]))
-        job.events.put_nowait(("done", "stop"))
-        return job
-
-
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory, tiny_run, chat_tok):
     return qinglm.load(
@@ -145,10 +110,8 @@ def lm(tmp_path_factory, tiny_run, chat_tok):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_client_function_calling_round_trip(lm, monkeypatch, stream):
-    monkeypatch.setattr(serve_app, "Scheduler", PlantedScheduler)
-    PlantedScheduler.planted = ["<think>\n要用计算器\n</think>\n\n" + CALL, "1+1 = 2。"]
-    PlantedScheduler.prompts = []
+def test_openai_client_function_calling_round_trip(lm, planted_scheduler, stream):
+    planted_scheduler.planted = ["<think>\n要用计算器\n</think>\n\n" + CALL, "1+1 = 2。"]
     with serve_in_thread(create_app(lm, ServeConfig(model_name="t"))) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "1+1 等于几？"}]
@@ -195,7 +158,7 @@ def test_openai_client_function_calling_round_trip(lm, monkeypatch, stream):
             {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": name, "arguments": args}}]},
             {"role": "tool", "content": "2"}]  # fmt: skip
     assert (
-        PlantedScheduler.prompts[1] == encode_chat(lm.tokenizer, want, True, tools=TOOLS, thinking=True).ids
+        planted_scheduler.prompts[1] == encode_chat(lm.tokenizer, want, True, tools=TOOLS, thinking=True).ids
     )
 
 

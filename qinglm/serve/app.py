@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes over a Scheduler, the chat page at /, and /health.
 
-Routes: GET / (chat page), GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+Routes: GET / (chat page), GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+GET /v1/tools/builtin and POST /v1/tools/builtin/run (the built-in tools, for a client's tool loop).
 With ServeConfig.api_key set, /v1/* answers 401 unless the request has ``Authorization: Bearer KEY``.
 Every request first passes http.Guard (Host, content type, body size); request text is parsed and
 tokenised on a worker thread, so the event loop (and /health) never waits for it.
@@ -28,7 +29,7 @@ from qinglm.serve.config import ServeConfig
 from qinglm.serve.http import Guard, uvicorn_config
 from qinglm.serve.protocol import GenRequest
 from qinglm.serve.scheduler import Job, QueueFull, Scheduler
-from qinglm.serve.tools import StreamReader
+from qinglm.serve.tools import StreamReader, run_builtin
 
 if TYPE_CHECKING:
     from qinglm.api import LM
@@ -110,6 +111,24 @@ def create_app(lm: LM, cfg: ServeConfig | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         card = {"id": name, "object": "model", "created": created, "owned_by": "qinglm", "context": context}
         return {"object": "list", "data": [card]}
+
+    @v1.get("/tools/builtin")
+    async def builtin_tools() -> dict[str, Any]:
+        from qinglm.data.builtin_tools import TOOL_SCHEMAS
+
+        return {"object": "list", "data": TOOL_SCHEMAS}
+
+    @v1.post("/tools/builtin/run")
+    async def run_builtin_tool(request: Request) -> Response:
+        raw = await request.body()
+        try:  # on a worker thread: a call may compute for up to the tools' time limit
+            return JSONResponse(
+                await asyncio.get_running_loop().run_in_executor(
+                    parser, lambda: run_builtin(protocol.parse_body(raw))
+                )
+            )
+        except QingLMError as e:
+            return _error(400, str(e))
 
     def parse_request(raw: bytes, parse: Callable[..., GenRequest]) -> GenRequest:
         return parse(protocol.parse_body(raw), lm.tokenizer, context, cfg)

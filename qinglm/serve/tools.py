@@ -7,6 +7,9 @@ read back (qinglm.chat_template.parse_reply) as OpenAI's message or stream delta
   call (its name too, for a named function), so the model writes the arguments.
 - thinking: ``chat_template_kwargs: {"enable_thinking": bool}`` (as vLLM takes it) or ``enable_thinking``;
   off pre-fills an empty thinking block, on lets the model think and returns ``reasoning_content``.
+- the built-in tools (qinglm.data.builtin_tools) for a client's own function-calling loop, as the chat page
+  runs it: ``GET /v1/tools/builtin`` lists their schemas, ``POST /v1/tools/builtin/run`` runs one call
+  (run_builtin) with the tools' time and output limits.
 A reply's tool calls come back as ``tool_calls`` (finish_reason "tool_calls"); calls to a tool the request
 did not offer, or whose JSON does not parse, stay in the content as text.
 """
@@ -246,3 +249,25 @@ class StreamReader:
 
     def use_without_prefill(self) -> ToolUse:
         return ToolUse(self.use.tools, None, "", self.use.names)
+
+
+def run_builtin(body: dict[str, Any]) -> dict[str, str]:
+    """Return {"name", "content"}: the result of one built-in tool call, given as a tool call's "function"
+    ({"name": ..., "arguments": JSON text or an object}); raise QingLMError for a body that is not one.
+
+    Arguments that are not a JSON object are the model's mistake, not the client's: they give an
+    "error: ..." result, which goes back to the model as the tool's answer (qinglm.data.builtin_tools).
+    """
+    from qinglm.data.builtin_tools import TOOLS, run_tool
+
+    name, args = body.get("name"), body.get("arguments", "{}")
+    if not isinstance(name, str) or name not in TOOLS:
+        raise QingLMError(f"'name' must be one of the built-in tools ({', '.join(TOOLS)}), got {name!r:.40}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError):
+            return {"name": name, "content": "error: the arguments are not valid JSON"}
+    elif not isinstance(args, dict):
+        raise QingLMError("'arguments' must be JSON text or an object")
+    return {"name": name, "content": run_tool(name, args)}
