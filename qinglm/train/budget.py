@@ -22,6 +22,7 @@ MEASURE_ROWS = 8  # rows per timed step: a few steps of the larger shapes fit in
 # A100's bf16 peak, what small models reach (they cannot fill the GPU).
 ASSUMED_CUDA_FLOPS = 1e14
 PLAN_DEVICES = ("cpu", "cuda")
+REPEATS_WARNED = 4  # passes over the data past which the plan says the law is optimistic
 
 
 @dataclass
@@ -247,10 +248,15 @@ def plan_lines(plan: Plan) -> list[str]:
         f"{b.tokens_per_s:,.0f} tokens/s in {duration(b.seconds)}; one pass takes {duration(plan.pass_seconds)}",
         f"expected held-out bits/char: {b.bpc:.3f}"
         + (" (extrapolated past the measured points)" if plan.extrapolated else ""),
-        f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB",
+        f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
         "next best: "
         + "; ".join(f"dial {c.dial} vocab {c.vocab:,}: {c.bpc:.3f} bits/char" for c in runner_up),
     ]
+    if plan.passes > REPEATS_WARNED:
+        lines.append(
+            f"note: {plan.passes:,.0f} passes repeat the data; the law counts repeats as new text, so expect "
+            "worse than this on unseen text (give more data)"
+        )
     return lines
 
 
