@@ -129,6 +129,8 @@ def run_qinglm(seconds: float, over: dict, split_by: str) -> dict:
     }
     return {
         "steps": res["step"],
+        "tokens_seen": res["tokens_seen"],
+        "tokens_per_s": res["tokens_per_s"],
         "train_loss": res["train_loss"],
         "seconds": seconds_used,
         "bpc": bpc(model, tcfg.seq_len, data),

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
-from qinglm import experiment_cli, generate_cli, plot_cli, prepare_cli, sweep_cli, train_cli
+from qinglm import experiment_cli, generate_cli, plan_cli, plot_cli, prepare_cli, sweep_cli, train_cli
 from qinglm.data import commands as data_cli
 from qinglm.errors import Interrupted, QingLMError, exit_status
 from qinglm.evals import cli as evals_cli
@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     grpo_cli,  # grpo
     export_cli,  # export, import
     evals_cli,  # report
+    plan_cli,  # plan
 )
 
 

@@ -140,12 +140,22 @@ def build_configs(
     train_flags: dict[str, Any],
     config_file: str | None = None,
     cls: type = TrainConfig,
+    log: Callable[[str], None] = print,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Merge defaults ← preset ← config file ← flags into (ModelConfig, TrainConfig or a subclass)."""
+    """Merge defaults ← preset ← --budget's choice ← config file ← flags into (ModelConfig, TrainConfig or a
+    subclass)."""
     file_model, file_train = split_sections(load_config_file(config_file)) if config_file else ({}, {})
     train = from_dict(cls, {**file_train, **train_flags}, "train config")
+    planned: dict[str, Any] = {}
+    if getattr(train, "budget", None):
+        from qinglm.train.budget import budget_fields
+
+        planned, planned_train = budget_fields(
+            train, {*file_train, *train_flags, *file_model, *model_flags}, log
+        )
+        train = from_dict(cls, {**planned_train, **file_train, **train_flags}, "train config")
     model = from_dict(
-        ModelConfig, {**preset_model(train.preset), **file_model, **model_flags}, "model config"
+        ModelConfig, {**preset_model(train.preset), **planned, **file_model, **model_flags}, "model config"
     )
     if train.max_steps is None and train.max_time is None and train.num_epochs is None:
         train.max_time, train.num_epochs = DEFAULT_MAX_TIME, DEFAULT_MAX_EPOCHS
@@ -213,7 +223,7 @@ def _run_train(
             raise QingLMError(f"cannot change model field(s) {', '.join(changed)} when resuming {run_dir}")
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_flags.items()})
     else:
-        model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file, _job_config(job))
+        model_cfg, train_cfg = build_configs(model_flags, train_flags, config_file, _job_config(job), log)
         if job == "distill":
             from qinglm.post.distill import check_teacher
 

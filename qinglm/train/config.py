@@ -204,6 +204,16 @@ class TrainConfig(EngineConfig):
     tokenizer: str | None = _f(None, "tokenizer directory (default: train one on the data into the run dir)")
     out: str | None = _f(None, "run directory (default: runs/<time>-<preset>-<data>)")
     preset: str = _f("tiny", "model size preset", list(PRESETS))
+    budget: str | None = _f(
+        None,
+        "train the model the scaling law expects the best of in this time (30m, 2h) or FLOP count (3e15): "
+        "sets the shape, vocab, lr, batch and the run's length (`qinglm plan` shows the choice)",
+    )
+    budget_measure_s: float = _f(
+        1.0,
+        "with --budget: seconds timing each of a few shapes first (0: the throughput recorded with the fit)",
+        within="[0, 60]",
+    )
     seq_len_schedule: str = _f(
         "",
         "progressive sequence length: LENGTH:UNTIL stages, e.g. 64:0.2,128:0.5 trains on 64-token rows "

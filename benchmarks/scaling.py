@@ -1,0 +1,246 @@
+"""Scaling study: train a grid of shapes at a few FLOP budgets on pd1998's honest split, measure held-out bits
+per character, fit BPC(N, D) = E_v + A/N^alpha + B/D^beta, and write the constants with their points into the
+file `qinglm plan` and `qinglm train --budget` read (qinglm/train/scaling_fit.json), plus a frontier plot.
+
+    python -m benchmarks.scaling [--budgets 1e12 2.5e12 6e12] [--shapes 1:4000 2:10000 ...] [--quick]
+                                 [--out FILE] [--plot PNG] [--threads N]
+
+A shape is DIAL:VOCAB: qinglm.train.scaling.shape_for(DIAL) (n_layers = DIAL, d_model = 64 x DIAL, its lr and
+batch) with a QingLM tokenizer of VOCAB trained on pd1998 train. A budget is FLOPs =
+Transformer.flops_per_token(256) x tokens (6 x (block matrices + output layer) + attention): each shape trains
+for the steps that spend it (at least one), so a shape's tokens per parameter follow from the budget, and
+runs are reproducible on a busy machine (steps, not seconds). Training is `qinglm.train.train` through
+benchmarks.quality.run_qinglm, eager (compile off: the runs are short), and BPC is quality.bpc over the whole
+val split. The largest budget is held out first: the law fitted on the others predicts it, and the error is
+recorded in the file; then the law is fitted on every point. Wall and CPU seconds and tokens/s are recorded
+too (they depend on the machine's load; `qinglm plan --measure-s 0` uses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import common, quality
+from qinglm.io import atomic_open
+from qinglm.train.scaling import FIT_FILE, ScalingFit, fit_law, shape_for
+
+BUDGETS = [1e12, 2.5e12, 6e12]
+SHAPES = ["1:4000", "2:4000", "1:10000", "2:10000", "3:10000"]
+FRONTIER_PNG = Path(__file__).parent / "results" / "scaling_frontier.png"
+QUICK_BUDGETS = [3e10, 1e11, 2e11]
+QUICK_SHAPES = ["1:400", "2:400"]
+
+
+def model_facts(dial: int, vocab: int) -> dict:
+    """Return the non-embedding and total parameters and training FLOPs per token of a shape."""
+    from qinglm.config import ModelConfig
+    from qinglm.model.transformer import Transformer
+
+    s = shape_for(dial)
+    with torch.device("meta"):
+        m = Transformer(
+            ModelConfig(vocab_size=vocab, n_layers=s["n_layers"], d_model=s["d_model"], n_heads=s["n_heads"])
+        )
+    counts = m.param_counts()
+    return {
+        "n": counts["blocks"],
+        "params": counts["total"],
+        "flops_per_token": m.flops_per_token(s["seq_len"]),
+    }
+
+
+def corpus_facts(vocab: int) -> dict:
+    """Return the train split's characters and characters per token under the tokenizer of vocab."""
+    from qinglm.data.shards import TokenShards
+
+    train = TokenShards(common.data_dir(vocab, "auto"), "train")
+    return {"train_characters": train.n_characters, "chars_per_token": train.n_characters / train.n_tokens}
+
+
+def run_point(dial: int, vocab: int, budget: float) -> dict:
+    """Return the measured point of one shape trained for the steps that spend budget FLOPs."""
+    s = shape_for(dial)
+    real_vocab = common.qinglm_tokenizer(vocab, "auto")[0].vocab_size
+    facts = model_facts(dial, real_vocab)
+    step_tokens = s["batch_size"] * s["seq_len"]
+    steps = max(1, round(budget / (facts["flops_per_token"] * step_tokens)))
+    over = {"vocab": vocab, "max_steps": steps, "num_epochs": 1e6, "compile": False}
+    over |= {k: s[k] for k in ("n_layers", "d_model", "n_heads", "lr", "batch_size", "seq_len")}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    r = quality.run_qinglm(1e9, over, "auto")
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    cpt = corpus_facts(vocab)["chars_per_token"]
+    tokens = r["steps"] * step_tokens
+    return {
+        "dial": dial,
+        "vocab": real_vocab,
+        **facts,
+        "budget_flops": budget,
+        "steps": r["steps"],
+        "tokens": tokens,
+        "characters": tokens * cpt,
+        "tokens_per_param": tokens / facts["params"],
+        "flops": tokens * facts["flops_per_token"],
+        "bpc": r["bpc"],
+        "train_loss": r["train_loss"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "tokens_per_s": r["tokens_per_s"],
+    }
+
+
+def fit_points(points: list[dict]) -> tuple:
+    return fit_law(*([p[k] for p in points] for k in ("n", "characters", "bpc", "vocab")))
+
+
+def build_fit(
+    points: list[dict], chars_per_token: dict[int, float], train_characters: int, machine: str
+) -> ScalingFit:
+    """Return the law fitted on every point, with the prediction error of the largest budget from the others."""
+    top = max(p["budget_flops"] for p in points)
+    rest = [p for p in points if p["budget_flops"] < top]
+    holdout: dict = {}
+    try:
+        e, a, alpha, b, beta = fit_points(rest)
+        probe = ScalingFit(e, a, alpha, b, beta)
+        errors = [
+            probe.predict(p["n"], p["characters"], p["vocab"]) - p["bpc"]
+            for p in points
+            if p["budget_flops"] == top
+        ]
+        holdout = {
+            "budget_flops": top,
+            "fitted_on_budgets": sorted({p["budget_flops"] for p in rest}),
+            "mean_abs_error_bpc": sum(abs(x) for x in errors) / len(errors),
+            "max_abs_error_bpc": max(abs(x) for x in errors),
+        }
+    except Exception as err:  # too few points below the top budget: say so in the file
+        holdout = {"skipped": str(err)}
+    e, a, alpha, b, beta = fit_points(points)
+    return ScalingFit(e, a, alpha, b, beta, points, chars_per_token, train_characters, machine, holdout)
+
+
+def plot_frontier(fit: ScalingFit, path: Path) -> Path | None:
+    """Return the PNG of measured BPC against FLOPs per shape with the law's curves; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    shapes = sorted({(p["dial"], p["vocab"]) for p in fit.points})
+    c_all = [p["flops"] for p in fit.points]
+    grid = np.geomspace(min(c_all) / 2, max(c_all) * 4, 60)
+    for i, (dial, vocab) in enumerate(shapes):
+        pts = sorted(
+            (p for p in fit.points if (p["dial"], p["vocab"]) == (dial, vocab)), key=lambda p: p["flops"]
+        )
+        color = f"C{i % 10}"
+        ax.plot(
+            [p["flops"] for p in pts],
+            [p["bpc"] for p in pts],
+            "o",
+            color=color,
+            label=f"dial {dial}, vocab {vocab:,}",
+        )
+        f = pts[0]
+        law = [
+            fit.predict(f["n"], c / f["flops_per_token"] * f["characters"] / f["tokens"], vocab) for c in grid
+        ]
+        ax.plot(grid, law, "-", color=color, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("held-out bits per character (honest split)")
+    ax.set_title("measured points and the fitted law (lines); the lower envelope is the frontier")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--budgets", nargs="+", type=float, default=None, help="FLOP budgets (default: 1e12 2.5e12 6e12)"
+    )
+    ap.add_argument(
+        "--shapes", nargs="+", default=None, help="DIAL:VOCAB shapes (default: dials 1-2 at 4k, 1-3 at 10k)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="a tiny grid (vocab 400, 2 dials, 3 small budgets) for tests"
+    )
+    ap.add_argument("--out", type=Path, default=FIT_FILE, help="fit file to write (default: the package's)")
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="frontier PNG (default: benchmarks/results/scaling_frontier.png, or beside --out)",
+    )
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
+    shapes = [
+        tuple(int(x) for x in s.split(":")) for s in (args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
+    ]
+    points = []
+    for budget in sorted(budgets):
+        for dial, vocab in shapes:
+            p = run_point(dial, vocab, budget)
+            points.append(p)
+            print(json.dumps(p), flush=True)
+    vocabs = sorted({v for _, v in shapes})
+    facts = {v: corpus_facts(v) for v in vocabs}
+    real = {v: common.qinglm_tokenizer(v, "auto")[0].vocab_size for v in vocabs}
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}"
+    )
+    fit = build_fit(
+        points,
+        {real[v]: facts[v]["chars_per_token"] for v in vocabs},
+        facts[vocabs[0]]["train_characters"],
+        machine,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(args.out) as f:
+        f.write(json.dumps(fit.to_json(), indent=1) + "\n")
+    default_png = FRONTIER_PNG if args.out == FIT_FILE else args.out.with_suffix(".png")
+    png = plot_frontier(fit, args.plot or default_png)
+    print(f"\nwrote {args.out}" + (f" and {png}" if png else ""))
+    print_table(fit)
+
+
+def print_table(fit: ScalingFit) -> None:
+    """Print the points and the fitted constants as markdown."""
+    print(
+        "\n| FLOPs | dial | vocab | N (non-emb.) | params | tokens | tokens/param | steps | val BPC | law | wall s | CPU s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in fit.points:
+        law = fit.predict(p["n"], p["characters"], p["vocab"])
+        print(
+            f"| {p['budget_flops']:.2g} | {p['dial']} | {p['vocab']:,} | {p['n']:,} | {p['params']:,} | {p['tokens']:,} | "
+            f"{p['tokens_per_param']:.2f} | {p['steps']} | {p['bpc']:.3f} | {law:.3f} | {p['wall_s']:.0f} | {p['cpu_s']:.0f} |"
+        )
+    e = ", ".join(f"E[{v}] = {x:.3f}" for v, x in fit.E.items())
+    print(f"\n{e}, A = {fit.A:.4g}, alpha = {fit.alpha:.3f}, B = {fit.B:.4g}, beta = {fit.beta:.3f}")
+    print(f"held-out budget: {fit.holdout}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The model a budget buys: this machine's throughput, the candidate shapes, the law's choice among them, and
+the plan `qinglm plan` prints and `qinglm train --budget` follows (the law: qinglm.train.scaling)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qinglm.config import ModelConfig, _f, resolve_model
+from qinglm.errors import QingLMError
+from qinglm.train.scaling import Budget, ScalingFit, load_fit, parse_budget, shape_for
+from qinglm.typecheck import check_types
+
+# The candidate shapes: shape_for(1) .. shape_for(8), at each vocabulary of the fit.
+DIALS = tuple(range(1, 9))
+MEASURED_DIALS = (1, 2, 4)  # timed on this machine; the others' speed is read off the line through these
+MEASURE_ROWS = 8  # rows per timed step: a few steps of the larger shapes fit in a second
+# Sustained training FLOP/s assumed for --device cuda when no GPU is here to time: about a third of an
+# A100's bf16 peak, what small models reach (they cannot fill the GPU).
+ASSUMED_CUDA_FLOPS = 1e14
+PLAN_DEVICES = ("cpu", "cuda")
+REPEATS_WARNED = 4  # passes over the data past which the plan says the law is optimistic
+
+
+@dataclass
+class PlanConfig:
+    """`qinglm plan`: what a budget buys on this machine, without training."""
+
+    budget: str = _f("30m", "training time (90s, 30m, 2h) or a FLOP count (3e15)")
+    device: str = _f("cpu", "where the run would train", PLAN_DEVICES)
+    measure_s: float = _f(
+        1.0,
+        "seconds timing each of a few shapes on this machine (0: use the throughput recorded with the fit)",
+        within="[0, 60]",
+    )
+    fit: str | None = _f(
+        None, "a scaling fit file (default: the one QingLM ships, from benchmarks/scaling.py)"
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.device not in PLAN_DEVICES:
+            raise QingLMError(f"unknown device {self.device!r}; choose one of {', '.join(PLAN_DEVICES)}")
+
+
+@dataclass
+class Candidate:
+    """One shape the budget could buy, with what the law expects of it."""
+
+    dial: int
+    vocab: int
+    model: ModelConfig
+    params: int  # all parameters
+    n: int  # non-embedding parameters: the law's N
+    flops_per_token: int
+    tokens_per_s: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    bpc: float = float("inf")
+
+
+@dataclass
+class Plan:
+    """The chosen candidate and how the choice was made."""
+
+    budget: Budget
+    device: str
+    best: Candidate
+    candidates: list[Candidate]
+    throughput_from: str
+    pass_seconds: float
+    passes: float
+    memory_bytes: int
+    extrapolated: bool
+
+    def train_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return (ModelConfig fields, TrainConfig fields) a run of this plan sets."""
+        shape = shape_for(self.best.dial)
+        model = {k: shape[k] for k in ("n_layers", "d_model", "n_heads")} | {"vocab_size": self.best.vocab}
+        train = {k: shape[k] for k in ("lr", "batch_size", "seq_len")}
+        return model, train
+
+
+def candidates(fit: ScalingFit, seq_len: int = 256) -> list[Candidate]:
+    """Return every dial at every vocabulary of the fit, sized on the meta device (no memory)."""
+    return [
+        Candidate(dial, vocab, *_sized(dial, vocab, seq_len)) for vocab in sorted(fit.E) for dial in DIALS
+    ]
+
+
+@functools.lru_cache(maxsize=256)
+def _sized(dial: int, vocab: int, seq_len: int) -> tuple[ModelConfig, int, int, int]:
+    """Return (model config, parameters, non-embedding parameters, training FLOPs per token) of a shape."""
+    import torch
+
+    from qinglm.model.transformer import Transformer
+
+    shape = shape_for(dial)
+    cfg = resolve_model(
+        ModelConfig(vocab_size=vocab, **{k: shape[k] for k in ("n_layers", "d_model", "n_heads")})
+    )
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    counts = m.param_counts()
+    return cfg, counts["total"], counts["blocks"], m.flops_per_token(seq_len)
+
+
+def time_training_steps(cfg: ModelConfig, device: str, seconds: float, rows: int = MEASURE_ROWS) -> float:
+    """Return tokens/s of training steps (forward, backward, AdamW) of a fresh cfg model for about seconds,
+    after one untimed step; eager, in the precision training would use."""
+    import torch
+
+    from qinglm.device import autocast, resolve_dtype
+
+    dev = torch.device(device)
+    dtype = resolve_dtype("auto", dev)
+    torch.manual_seed(0)
+    from qinglm.model.transformer import Transformer
+
+    model = Transformer(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (rows, 256), device=dev)
+
+    def step() -> None:
+        with autocast(dev, dtype):
+            loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    steps, t0 = 0, time.perf_counter()
+    while steps == 0 or time.perf_counter() - t0 < seconds:
+        step()
+        steps += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * x.numel() / (time.perf_counter() - t0)
+
+
+def speed_line(flops_per_token: list[float], tokens_per_s: list[float]) -> Callable[[float], float]:
+    """Return f(flops_per_token) -> tokens/s through measured points: seconds per token = c0 + c1 x FLOPs per
+    token, fitted in least squares (c0, c1 >= 0: a larger model is never faster)."""
+    import numpy as np
+
+    f = np.asarray(flops_per_token, dtype=np.float64)
+    spt = 1.0 / np.asarray(tokens_per_s, dtype=np.float64)
+    if len(set(f.tolist())) < 2:
+        c0, c1 = 0.0, float(spt.mean() / f.mean())
+    else:
+        c1, c0 = np.polyfit(f, spt, 1)
+        if c1 <= 0:  # noise on a loaded machine: fall back to pure proportionality
+            c0, c1 = 0.0, float((spt / f).mean())
+        elif c0 < 0:
+            c0, c1 = 0.0, float((spt @ f) / (f @ f))
+    return lambda x: 1.0 / (c0 + c1 * float(x))
+
+
+def throughput(cands: list[Candidate], fit: ScalingFit, device: str, measure_s: float) -> str:
+    """Set each candidate's tokens_per_s; return where the figures come from."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            for c in cands:
+                c.tokens_per_s = ASSUMED_CUDA_FLOPS / c.flops_per_token
+            return f"assumed {ASSUMED_CUDA_FLOPS:.0e} training FLOP/s (no CUDA device here to time)"
+    if measure_s > 0:
+        timed = [c for c in cands if c.dial in MEASURED_DIALS and c.vocab == max(fit.E)]
+        rates = [time_training_steps(c.model, device, measure_s) for c in timed]
+        line = speed_line([c.flops_per_token for c in timed], rates)
+        source = f"timed on this {device} ({', '.join(f'dial {c.dial}' for c in timed)}, {measure_s:g}s each)"
+    else:
+        pts = [p for p in fit.points if p.get("tokens_per_s")]
+        if not pts:
+            raise QingLMError("the fit records no throughput; time this machine with --measure-s 1")
+        line = speed_line([p["flops_per_token"] for p in pts], [p["tokens_per_s"] for p in pts])
+        source = f"recorded with the fit ({fit.measured_on or 'another machine'})"
+    for c in cands:
+        c.tokens_per_s = line(c.flops_per_token)
+    return source
+
+
+def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int) -> int:
+    """Return an estimate of a training step's peak memory: fp32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter), the activations autograd keeps (about 34 x d_model values a token per block,
+    Korthikanti et al. 2022, attention by SDPA without the T^2 scores) and the logits with their softmax and
+    gradient (3 x vocab float32 values a token)."""
+    import torch
+
+    from qinglm.model.transformer import Transformer
+
+    with torch.device("meta"):
+        params = Transformer(cfg).param_counts()["total"]
+    tokens = rows * seq_len
+    return 16 * params + 34 * 4 * cfg.n_layers * cfg.d_model * tokens + 3 * 4 * cfg.vocab_size * tokens
+
+
+def make_plan(
+    budget: Budget, device: str = "cpu", measure_s: float = 1.0, fit: ScalingFit | None = None
+) -> Plan:
+    """Return the plan of the candidate the law expects the lowest held-out BPC of within budget."""
+    fit = fit or load_fit()
+    cands = candidates(fit)
+    source = throughput(cands, fit, device, measure_s)
+    for c in cands:
+        if budget.flops is not None:
+            c.tokens = budget.flops / c.flops_per_token
+            c.seconds = c.tokens / c.tokens_per_s
+        else:
+            c.seconds = budget.seconds or 0.0
+            c.tokens = c.tokens_per_s * c.seconds
+        c.bpc = fit.predict(c.n, max(c.tokens, 1.0) * fit.chars_per_token[c.vocab], c.vocab)
+    best = min(cands, key=lambda c: (c.bpc, c.dial))
+    train_tokens = fit.train_characters / fit.chars_per_token[best.vocab]
+    pass_s = train_tokens / best.tokens_per_s
+    measured = [p for p in fit.points if p.get("vocab") == best.vocab]
+    chars = best.tokens * fit.chars_per_token[best.vocab]
+    extrapolated = not measured or not (
+        min(p["n"] for p in measured) <= best.n <= max(p["n"] for p in measured)
+        and min(p["characters"] for p in measured) <= chars <= max(p["characters"] for p in measured)
+    )
+    shape = shape_for(best.dial)
+    memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"])
+    return Plan(budget, device, best, cands, source, pass_s, best.tokens / train_tokens, memory, extrapolated)
+
+
+def duration(seconds: float) -> str:
+    """Return seconds as a short human duration: 45 s, 12.5 min, 3.2 h."""
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """Return the lines that describe plan to a user."""
+    b, shape = plan.best, shape_for(plan.best.dial)
+    runner_up = sorted(plan.candidates, key=lambda c: c.bpc)[1:3]
+    lines = [
+        f"budget {plan.budget} on {plan.device}: throughput {plan.throughput_from}",
+        f"model: dial {b.dial} -> n_layers {b.model.n_layers}, d_model {b.model.d_model}, n_heads "
+        f"{b.model.n_heads}, vocab {b.vocab:,}: {b.params / 1e6:.2f}M parameters ({b.n / 1e6:.2f}M outside the "
+        f"embedding), lr {shape['lr']:.2g}, batch {shape['batch_size']} x {shape['seq_len']}",
+        f"it will see {b.tokens / 1e6:,.1f}M tokens ({plan.passes:.1f} passes over the data) at "
+        f"{b.tokens_per_s:,.0f} tokens/s in {duration(b.seconds)}; one pass takes {duration(plan.pass_seconds)}",
+        f"expected held-out bits/char: {b.bpc:.3f}"
+        + (" (extrapolated past the measured points)" if plan.extrapolated else ""),
+        f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
+        "next best: "
+        + "; ".join(f"dial {c.dial} vocab {c.vocab:,}: {c.bpc:.3f} bits/char" for c in runner_up),
+    ]
+    if plan.passes > REPEATS_WARNED:
+        lines.append(
+            f"note: {plan.passes:,.0f} passes repeat the data; the law counts repeats as new text, so expect "
+            "worse than this on unseen text (give more data)"
+        )
+    return lines
+
+
+def plan_from_text(budget: str, device: str = "cpu", measure_s: float = 1.0, fit: str | None = None) -> Plan:
+    """Return make_plan of a budget given as text (parse_budget), with the fit file fit (default: shipped)."""
+    return make_plan(parse_budget(budget), device, measure_s, load_fit(fit))
+
+
+LENGTH_FIELDS = ("max_time", "max_steps", "num_epochs")
+
+
+def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """Return (ModelConfig fields, TrainConfig fields) that `--budget` sets for the training config train (its
+    fields named in given were set by the user, who keeps them), after logging the plan and why.
+
+    The run's length is the budget: max_time for a time (the training itself; the tokenizer, the data and
+    the timing come before it), max_steps for a FLOP count.
+    """
+    from qinglm.device import resolve_device
+
+    clash = [f"--{k.replace('_', '-')}" for k in LENGTH_FIELDS if k in given]
+    if clash:
+        raise QingLMError(f"--budget sets the run's length; drop {', '.join(clash)}")
+    if train.nproc or train.init_from:
+        raise QingLMError("--budget plans a new one-process run; drop --nproc / --init-from")
+    budget = parse_budget(train.budget)
+    plan = make_plan(budget, resolve_device(train.device).type, train.budget_measure_s)
+    model, fields = plan.train_fields()
+    if budget.seconds is not None:
+        fields["max_time"] = budget.seconds / 60
+    else:
+        fields["max_steps"] = max(1, round(plan.best.tokens / (fields["batch_size"] * fields["seq_len"])))
+    log(
+        f"--budget {train.budget}: the scaling law's best model for it (qinglm plan --budget {train.budget}):"
+    )
+    for line in plan_lines(plan):
+        log(f"  {line}")
+    kept = [k for k in (*model, *fields) if k in given]
+    if kept:
+        log(f"  kept from your flags: {', '.join(kept)}")
+    return model, fields

@@ -1,0 +1,209 @@
+"""The scaling law, the budget and the plan: budgets are read or refused, the fit recovers known constants, the
+chosen model grows with the budget, `qinglm plan` prints a plan, `qinglm train --budget` trains within it, and
+benchmarks.scaling --quick writes a fit file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHRASES  # noqa: E402
+
+from qinglm.cli import main
+from qinglm.errors import QingLMError
+from qinglm.train import scaling
+from qinglm.train.budget import make_plan, speed_line
+from qinglm.train.scaling import Budget, ScalingFit, fit_law, load_fit, parse_budget, shape_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_fit(vocab: int = 300) -> ScalingFit:
+    """Return a law with Chinchilla-like exponents and throughput points of a CPU-like speed line."""
+    points = [
+        {
+            "n": n,
+            "characters": 1e6,
+            "vocab": vocab,
+            "bpc": 3.0,
+            "flops_per_token": f,
+            "tokens_per_s": 3e10 / f,
+        }
+        for n, f in ((5e4, 1e6), (4e5, 5e6), (1.3e6, 2e7))
+    ]
+    return ScalingFit(
+        E={vocab: 1.0},
+        A=60.0,
+        alpha=0.35,
+        B=300.0,
+        beta=0.3,
+        points=points,
+        chars_per_token={vocab: 1.5},
+        train_characters=20_000,
+        measured_on="synthetic",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, budget",
+    [
+        ("90s", Budget(seconds=90)),
+        ("30m", Budget(seconds=1800)),
+        ("2h", Budget(seconds=7200)),
+        ("1.5H", Budget(seconds=5400)),
+        ("3e15", Budget(flops=3e15)),
+        ("3e15flops", Budget(flops=3e15)),
+    ],
+)
+def test_budgets_are_read_as_time_or_flops(text, budget):
+    assert parse_budget(text) == budget
+
+
+@pytest.mark.parametrize("text", ["", "30", "10x", "-5m", "0s", "2 hours", "1e40", "nan", "9999999h"])
+def test_bad_budgets_are_refused_in_one_line(text):
+    with pytest.raises(QingLMError) as e:
+        parse_budget(text)
+    assert "\n" not in str(e.value)
+
+
+def test_fit_recovers_known_constants_from_synthetic_points():
+    n = np.repeat([2e4, 1e5, 5e5, 2e6], 4)
+    d = np.tile([1e5, 1e6, 1e7, 1e8], 4)
+    vocab = np.array([4000, 10000] * 8)
+    e = {4000: 1.6, 10000: 1.4}
+    bpc = np.array([e[v] for v in vocab]) + 300 / n**0.45 + 900 / d**0.3
+    fe, a, alpha, b, beta = fit_law(n, d, bpc, vocab)
+    assert fe == pytest.approx(e, rel=0.02)
+    assert (alpha, beta) == pytest.approx((0.45, 0.3), abs=0.01)
+    assert (a, b) == pytest.approx((300, 900), rel=0.1)
+
+
+def test_fit_refuses_fewer_points_than_constants():
+    with pytest.raises(QingLMError, match="cannot fit"):
+        fit_law([1e4, 1e5, 1e6], [1e5, 1e6, 1e7], [3.0, 2.5, 2.0], [400, 400, 400])
+
+
+def test_the_dial_derives_tiny_and_small_shapes():
+    assert {k: shape_for(2)[k] for k in ("n_layers", "d_model", "n_heads")} == dict(
+        n_layers=2, d_model=128, n_heads=2
+    )
+    assert {k: shape_for(4)[k] for k in ("n_layers", "d_model", "n_heads")} == dict(
+        n_layers=4, d_model=256, n_heads=4
+    )
+    assert shape_for(2)["lr"] == shape_for(4)["lr"] == 2e-3 > shape_for(8)["lr"]
+
+
+def test_the_chosen_model_grows_with_the_budget():
+    fit = synthetic_fit()
+    chosen = [
+        make_plan(parse_budget(b), measure_s=0, fit=fit).best for b in ("10s", "5m", "1h", "10h", "1000h")
+    ]
+    sizes = [c.n for c in chosen]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    bpcs = [c.bpc for c in chosen]
+    assert bpcs == sorted(bpcs, reverse=True)
+
+
+def test_a_flop_budget_spends_its_flops():
+    plan = make_plan(Budget(flops=1e14), measure_s=0, fit=synthetic_fit())
+    assert plan.best.tokens * plan.best.flops_per_token == pytest.approx(1e14)
+
+
+def test_speed_line_is_never_faster_for_a_larger_model():
+    line = speed_line([1e6, 5e6, 2e7], [3e4, 7e3, 1.4e3])
+    assert line(1e6) > line(5e6) > line(2e7) > line(1e8) > 0
+
+
+def test_the_fit_file_round_trips(tmp_path):
+    fit = synthetic_fit()
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit.to_json()))
+    again = load_fit(path)
+    assert again.predict(1e5, 1e6, 300) == pytest.approx(fit.predict(1e5, 1e6, 300))
+    assert again.points == fit.points
+
+
+def test_the_shipped_fit_loads_and_predicts_lower_bpc_for_more_data():
+    if not scaling.FIT_FILE.is_file():
+        pytest.skip("no fit shipped yet")
+    fit = load_fit()
+    v = min(fit.E)
+    assert fit.predict(1e6, 1e8, v) < fit.predict(1e6, 1e6, v)
+    assert len(fit.points) >= len(fit.E) + 4
+
+
+def test_qinglm_plan_prints_a_plan(tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(synthetic_fit().to_json()))
+    assert main(["plan", "--budget", "2h", "--fit", str(path), "--measure-s", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "budget 2h on cpu" in out and "expected held-out bits/char" in out and "peak training memory" in out
+    )
+
+
+def test_qinglm_plan_for_cuda_without_a_gpu_assumes_its_speed(tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(synthetic_fit().to_json()))
+    assert main(["plan", "--budget", "3e15", "--device", "cuda", "--fit", str(path), "--measure-s", "0"]) == 0
+    assert "3e+15 FLOPs on cuda" in capsys.readouterr().out
+
+
+def test_a_bad_budget_is_one_line_and_exit_2(capsys):
+    assert main(["plan", "--budget", "10x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the budget '10x'" in err
+
+
+def test_budget_with_max_time_is_refused(capsys):
+    assert main(["train", "--budget", "5m", "--max-time", "3"]) == 2
+    assert "drop --max-time" in capsys.readouterr().err
+
+
+def test_train_with_a_tiny_budget_picks_a_shape_and_stops(tmp_path, monkeypatch, capsys):
+    from qinglm.run_dir import read_config
+
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps(synthetic_fit(vocab=300).to_json()))
+    monkeypatch.setattr(scaling, "FIT_FILE", fit)
+    text = tmp_path / "t.txt"
+    rng = random.Random(0)
+    text.write_text("\n".join("，".join(rng.choice(PHRASES) for _ in range(6)) + "。" for _ in range(400)))
+    out = tmp_path / "run"
+    args = ["train", "--budget", "3s", "--budget-measure-s", "0", "--data", str(text), "--out", str(out)]
+    args += [
+        "--split-by",
+        "document",
+        "--sample-prompts",
+        "你好",
+        "--sample-tokens",
+        "2",
+        "--num-threads",
+        "1",
+        "--no-report",
+        "--no-compile",
+    ]
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "--budget 3s: the scaling law's best model" in log
+    cfg = read_config(out)
+    assert cfg["train"]["max_time"] == pytest.approx(3 / 60)
+    assert cfg["train"]["budget"] == "3s"
+    assert cfg["model"]["d_model"] == 64 * cfg["model"]["n_layers"]
+
+
+@pytest.mark.slow
+def test_benchmark_quick_writes_a_fit_file(tmp_path):
+    out = tmp_path / "fit.json"
+    env = {**os.environ, "QINGLM_BENCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.scaling", "--quick", "--out", str(out), "--threads", "1"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    fit = load_fit(out)
+    assert len(fit.points) == 6 and fit.alpha > 0 and fit.beta > 0
+    assert set(fit.E) == {p["vocab"] for p in fit.points}
