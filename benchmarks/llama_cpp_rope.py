@@ -27,7 +27,7 @@ KINDS = ("none", "linear", "yarn")
 
 def long_prompts(n_chars: int, count: int = 3) -> list[str]:
     """Return `count` prompts of `n_chars` characters of pd1998 val text, one after another."""
-    from qinglm.data.passkey import filler_text
+    from qinglm.data.builtin import filler_text
 
     text = filler_text("val")
     return [text[i * n_chars : (i + 1) * n_chars].strip() for i in range(count)]

@@ -106,7 +106,8 @@ def passkey_prompt(tok, n: int, key: str, depth: float, filler: str) -> tuple[li
 
 def passkey_prompts(tok, n: int, trials: int) -> list[tuple[list[int], list[int], int]] | None:
     """Return `trials` passkey prompts of n tokens with held-out keys in pd1998 val text (None: too short)."""
-    from qinglm.data.passkey import filler_text, keys
+    from qinglm.data.builtin import filler_text
+    from qinglm.data.passkey import keys
 
     rng, text, pool = random.Random(n), filler_text("val"), keys("val")
     prompts = []
@@ -146,7 +147,7 @@ def measure(lm, n: int, data: Path, L: int, prompts) -> dict[str, float]:
 def passkey_data(share: float, max_tokens: int, vocab_size: int) -> Path:
     """Return a prepared data directory: pd1998 train plus passkey documents (training keys) making `share`
     of the training characters, whose filler is up to 0.9 * max_tokens tokens long; pd1998 val as val."""
-    from qinglm.data.builtin import builtin_documents
+    from qinglm.data.builtin import builtin_documents, filler_text
     from qinglm.data.passkey import passkey_documents
     from qinglm.data.shards import TokenShards, prepare_shards
 
@@ -159,7 +160,7 @@ def passkey_data(share: float, max_tokens: int, vocab_size: int) -> Path:
     news = builtin_documents("pd1998", "train")
     max_chars = int(0.9 * max_tokens * chars_per_token) - 40  # room for the needle and the question
     n = round(share / (1 - share) * sum(map(len, news)) / ((16 + max_chars) / 2 + 40))
-    keys = passkey_documents("train", n, 16, max_chars)
+    keys = passkey_documents("train", n, filler_text("train"), 16, max_chars)
     every = max(1, len(news) // max(1, n))  # spread evenly: the loader shuffles windows, not documents
     train, used = [], 0
     for i, doc in enumerate(news):

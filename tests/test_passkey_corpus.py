@@ -2,7 +2,7 @@
 
 import re
 
-from qinglm.data.builtin import BUILTINS, builtin_documents, builtin_labelled, is_builtin
+from qinglm.data.builtin import BUILTINS, builtin_documents, builtin_labelled, filler_text, is_builtin
 from qinglm.data.corpus import describe_split
 from qinglm.data.passkey import (
     DOCUMENTS,
@@ -10,7 +10,6 @@ from qinglm.data.passkey import (
     KEY_DIGITS,
     NEEDLE,
     QUESTION,
-    filler_text,
     key_split,
     keys,
     passkey_documents,
@@ -58,9 +57,9 @@ def test_documents_are_well_formed_and_split_by_key():
 
 
 def test_filler_comes_from_the_same_pd1998_split():
-    val_docs = passkey_documents("val", 20, 40, 60, seed=3)
-    assert val_docs == passkey_documents("val", 20, 40, 60, seed=3)
-    assert val_docs != passkey_documents("val", 20, 40, 60, seed=4)
+    val_docs = passkey_documents("val", 20, filler_text("val"), 40, 60, seed=3)
+    assert val_docs == passkey_documents("val", 20, filler_text("val"), 40, 60, seed=3)
+    assert val_docs != passkey_documents("val", 20, filler_text("val"), 40, 60, seed=4)
     val_text = filler_text("val")
     for doc in val_docs:
         m = DOC.fullmatch(doc)

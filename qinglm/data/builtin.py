@@ -86,6 +86,13 @@ def builtin_documents(
     return [d for label, d in builtin_labelled(name, val_fraction, split_by) if label == split]
 
 
+@functools.cache
+def filler_text(split: str, val_fraction: float = 0.02, split_by: str = "auto") -> str:
+    """Return pd1998's `split` ("train" or "val") paragraphs joined into one text: the passkey filler of that
+    split, so the passkey corpus leaks no held-out news."""
+    return "".join(builtin_documents("pd1998", split, val_fraction, split_by))
+
+
 def builtin_labelled(
     name: str, val_fraction: float = 0.02, split_by: str = "auto"
 ) -> Iterator[tuple[str, str]]:
@@ -100,7 +107,7 @@ def builtin_labelled(
     held-out idioms stay "val" there too. passkey: by key, either way (qinglm.data.passkey).
     """
     if _check_name(name) == "passkey":
-        return passkey_labelled(val_fraction, split_by)
+        return passkey_labelled(lambda split: filler_text(split, val_fraction, split_by), val_fraction)
     docs = _corpus(_check_name(name))
     if name == "pd1998" and split_by != "document":
         blocks = pd1998_blocks(docs)
@@ -175,7 +182,7 @@ def _corpus(name: str) -> tuple[str, ...]:
         "pd1998": _parse_pd1998,
         "reviews": _parse_reviews,
         "idioms": _parse_idioms,
-        "passkey": lambda: [d for _, d in passkey_labelled()],
+        "passkey": lambda: [d for _, d in passkey_labelled(filler_text)],
     }[name]
     docs = tuple(d for d in (_LINE_BREAKS.sub(" ", d).strip() for d in parse()) if d)
     return docs

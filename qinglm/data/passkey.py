@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 NAME = "passkey"
 KEY_DIGITS = 5
@@ -48,27 +48,19 @@ def passkey_text(filler: str, key: str, depth: float, needle: bool = True) -> st
     return filler[:cut] + middle + filler[cut:] + QUESTION
 
 
-@functools.cache
-def filler_text(split: str, val_fraction: float = 0.02, split_by: str = "auto") -> str:
-    """Return pd1998's `split` ("train" or "val") paragraphs joined into one text, the filler of that split."""
-    from qinglm.data.builtin import builtin_documents
-
-    return "".join(builtin_documents("pd1998", split, val_fraction, split_by))
-
-
 def passkey_documents(
     split: str,
     n: int,
+    filler: str,
     min_chars: int = FILLER_CHARS[0],
     max_chars: int = FILLER_CHARS[1],
     seed: int = 0,
-    val_fraction: float = 0.02,
-    split_by: str = "auto",
 ) -> list[str]:
-    """Return `n` passkey documents of `split` (keys and filler of that split), each ending with its key
-    and "。", with min_chars..max_chars characters of filler and the needle at a uniform random depth."""
+    """Return `n` passkey documents of `split`, each ending with its key and "。": keys of that split, and
+    min_chars..max_chars characters of `filler` (the text of that split, qinglm.data.builtin.filler_text)
+    around a needle at a uniform random depth."""
     rng = random.Random(f"{NAME}-{split}-{seed}")
-    text, pool = filler_text(split, val_fraction, split_by), keys(split)
+    text, pool = filler, keys(split)
     docs = []
     for _ in range(n):
         key, size = rng.choice(pool), rng.randint(min_chars, max_chars)
@@ -77,10 +69,10 @@ def passkey_documents(
     return docs
 
 
-def passkey_labelled(val_fraction: float = 0.02, split_by: str = "auto") -> Iterator[tuple[str, str]]:
+def passkey_labelled(filler: Callable[[str], str], val_fraction: float = 0.02) -> Iterator[tuple[str, str]]:
     """Yield ("train" | "val", document) for the built-in corpus: DOCUMENTS in all, val_fraction of them
-    (at least one) with held-out keys."""
+    (at least one) with held-out keys; filler(split) gives the filler text of each split."""
     n_val = max(1, round(DOCUMENTS * val_fraction))
     for split, n in (("train", DOCUMENTS - n_val), ("val", n_val)):
-        for doc in passkey_documents(split, n, val_fraction=val_fraction, split_by=split_by):
+        for doc in passkey_documents(split, n, filler(split)):
             yield split, doc
