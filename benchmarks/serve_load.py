@@ -8,8 +8,9 @@ alone through the library (lm.generate), so mixed-up or corrupted streams are co
     python -m benchmarks.serve_load [--model RUN] [--clients 50] [--max-tokens 32] [--batch-sizes 1 16]
                                     [--spread 2]   (clients arrive evenly over 2 s)
 
-Old vs new engine: run it once more with PYTHONPATH=/path/to/other/checkout:. (the script only uses
-ServeConfig, create_app and LM, which every version has).
+Old vs new engine: copy this benchmarks/ into the other checkout and run the same command from its root
+(`python -m` puts the current directory first on sys.path, so PYTHONPATH alone does not switch trees; the
+script only uses ServeConfig, create_app and LM, which every version has).
 
 Without --model the model is a randomly initialised `tiny` preset (d_model 128, 2 layers, context 512)
 with the cached 10k pd1998 tokenizer: serving speed does not depend on what the weights learned.
