@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20, help="passkeys per length and method")
     ap.add_argument("--passkey-share", type=float, default=0.0, help="share of passkey documents in training")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--d-model", type=int, default=None, help="the tiny preset's width unless given")
+    ap.add_argument("--n-layers", type=int, default=None, help="the tiny preset's depth unless given")
+    ap.add_argument("--n-heads", type=int, default=None, help="the tiny preset's heads unless given")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -200,10 +203,15 @@ def main() -> None:
         data=[str(passkey_data(share, L, 10_000) if share else data)], tokenizer=str(tok_dir), preset="tiny", dtype="fp32", compile=False,
         num_threads=args.threads, eval_every=10**9, save_every=10**9, log_every=10**9, sample_prompts=[],
     )  # fmt: skip
-    root = common.CACHE / (f"long-context-L{L}-s{args.steps}" + (f"-passkey{share:g}" if share else ""))
+    shape = {k: v for k in ("d_model", "n_layers", "n_heads") if (v := getattr(args, k)) is not None}
+    root = common.CACHE / (
+        f"long-context-L{L}-s{args.steps}"
+        + (f"-passkey{share:g}" if share else "")
+        + "".join(f"-{k}{v}" for k, v in shape.items())
+    )
     base = train_run(
         root / "base",
-        {"max_seq_len": L},
+        {"max_seq_len": L, **shape},
         {**train, "seq_len": L, "batch_size": args.batch_size, "max_steps": args.steps},
     )
     long_train = {**train, "seq_len": 4 * L, "batch_size": max(1, args.batch_size // 4)}
@@ -223,7 +231,7 @@ def main() -> None:
         m: measure(load(tuned) if m <= 4 else load(tuned, m * L), m * L, data, L, prompts[m])
         for m in MULTIPLES
     }
-    print(f"\nL = {L} tokens; passkey share {share:g}; tiny preset pretrained {args.steps} steps x {args.batch_size} x {L} tokens; "
+    print(f"\nL = {L} tokens; passkey share {share:g}; tiny preset{' ' + str(shape) if shape else ''} pretrained {args.steps} steps x {args.batch_size} x {L} tokens; "
           f"continued {args.long_steps} steps x {long_train['batch_size']} x {4 * L} tokens with YaRN\n")  # fmt: skip
     head = " | ".join(f"{m}x ({m * L})" for m in MULTIPLES)
     print(f"| bits/char (val) | {head} | 4x / 1x |\n|---|" + "---|" * (len(MULTIPLES) + 1))
