@@ -2,7 +2,7 @@
 held-out chat-tools figures after SFT and after GRPO.
 
     python -m benchmarks.tool_use [--work DIR] [--threads 2] [--pretrain-minutes 4] [--sft-steps 300]
-                                  [--grpo-steps 30] [--n 60] [--mix]
+                                  [--grpo-steps 30] [--n 60] [--mix] [--base PRETRAINED_RUN]
 
 Each stage is the real command (`qinglm train|sft|grpo`) in a subprocess (benchmarks.post_training.run),
 its output in WORK/<stage>.log. The pretraining text is tools-sft's training chats with the template's
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=30)
     ap.add_argument("--n", type=int, default=60, help="held-out episodes per figure")
     ap.add_argument("--mix", action="store_true", help="pretrain on pd1998 + idioms (train) + the chats")
+    ap.add_argument("--base", help="a pretrained run to start from (skips pretraining)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="qinglm-tools-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def main() -> None:
                       "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "512", "--seq-len", "512",
                       "--batch-size", "8", "--lr", "2e-3", "--max-time", str(args.pretrain_minutes),
                       "--out", str(work / "pretrain"), *t]),
-        ("sft", ["sft", "--base", str(work / "pretrain"), "--data", "tools-sft", "--max-steps", str(args.sft_steps),
+        ("sft", ["sft", "--base", args.base or str(work / "pretrain"), "--data", "tools-sft", "--max-steps", str(args.sft_steps),
                  "--batch-size", "8", "--seq-len", "512", "--lr", "2e-3", "--out", str(work / "sft"), *t]),
         ("grpo", ["grpo", "--base", str(work / "sft"), "--task", "tools", "--tools", "builtin",
                   "--max-tool-calls", "3", "--max-steps", str(args.grpo_steps), "--group-size", "4",
@@ -93,7 +94,7 @@ def main() -> None:
                   "--eval-every", str(max(args.grpo_steps, 1)), "--out", str(work / "grpo"), *t]),
     ]  # fmt: skip
     rows, cpu0 = [], 0.0
-    for name, cmd in stages:
+    for name, cmd in stages[1:] if args.base else stages:
         run(work, name, cmd)
         if name == "pretrain":
             cpu0 = cpu_seconds()

@@ -6,7 +6,13 @@ import torch
 from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.generate import generate, generate_ids, stream
-from qinglm.infer.sampling import N_CONTROL_IDS, apply_repetition_penalty, sample_next
+from qinglm.infer.sampling import (
+    N_CONTROL_IDS,
+    RowSettings,
+    apply_repetition_penalty,
+    sample_next,
+    sample_rows,
+)
 from qinglm.infer.text import encode_prompt, stream_text
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
@@ -231,3 +237,26 @@ def test_sampling_settings_are_checked_when_made():
     for bad in ("max_new_tokens", -1), ("temperature", -1.0), ("top_p", 2.0), ("repetition_penalty", 0.0):
         with pytest.raises(QingLMError, match="--" + bad[0].replace("_", "-")):
             SamplingConfig(**dict([bad]))
+
+
+def test_whole_softmax_rows_draw_exactly_their_probabilities_without_a_sort():
+    # Rows with neither top-k nor top-p (GRPO's rollouts) take the inverse CDF in vocabulary order:
+    # evenly spaced numbers must land on each token in proportion to its probability, whatever the order.
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    n = 1000
+    uniform = (torch.arange(n) + 0.5) / n
+    logits = probs.log().expand(n, 4).clone()
+    plain = RowSettings.of([SamplingConfig(temperature=1.0, top_k=None, top_p=None)] * n, logits.device)
+    got = torch.bincount(sample_rows(logits, plain, uniform), minlength=4)
+    assert got.tolist() == [50, 500, 150, 300]
+    # A row's draw is its own: the same number gives the same token alone and beside filtered rows.
+    mixed = [
+        SamplingConfig(temperature=1.0, top_k=None, top_p=None),
+        SamplingConfig(temperature=1.0, top_k=2),
+    ]
+    both = sample_rows(logits[:2], RowSettings.of(mixed, logits.device), uniform[[700, 700]])
+    alone = sample_rows(logits[:1], RowSettings.of(mixed[:1], logits.device), uniform[[700]])
+    assert both[0] == alone[0] and both[1] in (1, 3)  # top-k 2 keeps the two likeliest
+    # A number at the very top never picks a token of probability 0 at the end of the vocabulary.
+    masked = torch.tensor([[0.0, 0.0, float("-inf")]])
+    assert sample_rows(masked, RowSettings.of(mixed[:1], masked.device), torch.tensor([1.0 - 1e-9])) == 1

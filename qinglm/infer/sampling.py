@@ -126,18 +126,35 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniform: torch.Tensor) 
         return best
     V = logits.size(-1)
     k = torch.where((rows.top_k > 0) & (rows.top_k < V), rows.top_k, V)  # (B,)
-    # Candidates in descending order: the largest k of any sampling row (a partial sort), or all V when
-    # a row samples by top-p without a top-k (it needs the whole sorted tail).
-    width = V if bool((sampled & (rows.top_p <= 1) & (k == V)).any()) else int(k[sampled].max())
     temperature = torch.where(sampled, rows.temperature, 1.0)[:, None]
-    values, order = torch.topk(logits / temperature, width, dim=-1)  # (B, width), sorted
-    rank = torch.arange(width, device=logits.device)[None, :]
-    values = values.masked_fill(rank >= k[:, None], float("-inf"))
-    probs = values.softmax(dim=-1)
-    # Drop a token when the tokens before it already reach p; the first is always kept.
-    drop = (probs.cumsum(dim=-1) - probs >= rows.top_p[:, None]) & (rank > 0)
-    probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Rows with neither top-k nor top-p (GRPO's rollouts) draw from the whole softmax in vocabulary
+    # order: no sort. The others need their candidates in descending order.
+    plain = sampled & (k == V) & (rows.top_p > 1)
+    out = best
+    if bool(plain.any()):
+        out = torch.where(plain, _draw(logits / temperature, uniform), out)
+    filtered = sampled & ~plain
+    if bool(filtered.any()):
+        # The largest k of any such row (a partial sort), or all V when a row samples by top-p without a
+        # top-k (it needs the whole sorted tail).
+        width = V if bool((filtered & (k == V)).any()) else int(k[filtered].max())
+        values, order = torch.topk(logits / temperature, width, dim=-1)  # (B, width), sorted
+        rank = torch.arange(width, device=logits.device)[None, :]
+        values = values.masked_fill(rank >= k[:, None], float("-inf"))
+        probs = values.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach p; the first is always kept.
+        drop = (probs.cumsum(dim=-1) - probs >= rows.top_p[:, None]) & (rank > 0)
+        choice = _draw(values.masked_fill(drop, float("-inf")), uniform)
+        out = torch.where(filtered, order.gather(1, choice[:, None]).squeeze(1), out)
+    return out
+
+
+def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Return the index (B,) where each row's uniform number in [0, 1) falls in the cumulative softmax of
+    its logits (B, N): a draw from the softmax, the same index for the same number."""
+    probs = logits.softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
-    choice = torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)  # rounding at the very top
-    return torch.where(sampled, order.gather(1, choice).squeeze(1), best)
+    choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    # A number that rounds up to the very top takes the last token that has any probability.
+    last = probs.size(-1) - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+    return torch.minimum(choice, last)
