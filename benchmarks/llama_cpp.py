@@ -110,6 +110,16 @@ def compare(run: Path, gguf_path: Path, n_tokens: int, prompts: list[str] = PROM
     return ok
 
 
+def have_llama_cpp() -> bool:
+    """Return whether llama-cpp-python imports; say where to get it when it does not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: see the top of benchmarks/llama_cpp.py")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", help="run directory (default: a small random model)")
@@ -119,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe", action="store_true", help="random model with 4 experts, top-2")
     parser.add_argument("--bias", action="store_true", help="random model with biases (llama)")
     args = parser.parse_args(argv)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python is not installed: see the top of benchmarks/llama_cpp.py")
+    if not have_llama_cpp():
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.qk_norm, args.moe, args.bias)

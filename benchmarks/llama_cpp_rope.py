@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.llama_cpp import compare, random_run
+from benchmarks.llama_cpp import compare, have_llama_cpp, random_run
 from qinglm.export.gguf import export_gguf
 
 # what llama.cpp computes (it has no dynamic NTK); "none" is the reference: no scaling, trained at the full length
@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=int, default=4, help="RoPE scaling factor")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens compared")
     args = parser.parse_args(argv)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python is not installed: see the top of benchmarks/llama_cpp.py")
+    if not have_llama_cpp():
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         ok = all([check(kind, Path(tmp), args.length, args.factor, args.tokens) for kind in KINDS])
