@@ -4,16 +4,19 @@
 `python -m benchmarks.decode --baseline ../qinglm-old [--presets tiny small] [--batches 1 8 32]
  [--threads 1 2] [--new-tokens 128] [--rounds 7] [--variants fp32 sampled int8 compiled]`
 
-One process per (preset, batch, threads, variant) loads the baseline's ``qinglm/infer/engine.py`` beside
-this tree's (both on this tree's model code, which computes the same logits: only the engine differs)
+One process per (preset, batch, threads, variant) loads the baseline's ``qinglm/infer/engine.py`` and
+``sampling.py`` beside this tree's (both on this tree's model code, which computes the same logits: only the engine differs)
 and runs the two in turn, --rounds times each, greedily continuing B prompts of 10 tokens by
 --new-tokens tokens (EOS ignored) through ``Generation``, the API both engines share. Tokens/s = B * new
 tokens / seconds of the whole generation (prefill included), after one warm-up generation each (when
 the compiled variant compiles: its warm-up seconds are printed apart). The table shows the median and
-the best round of each: on a shared machine the best round is the least disturbed one.
-Variants: fp32; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed per row: GRPO rollouts'
-decoding); int8 (qinglm.model.quantize); compiled (this tree with Generation(compile=True), the
-baseline eager).
+the best round of each: on a shared machine the best round is the least disturbed one. "same tokens"
+compares greedy variants only: the old engine drew sampled tokens with torch.multinomial, this one by the
+inverse CDF, so the same seed gives each its own (equally distributed) tokens.
+Variants: fp32; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed per row); grpo (GRPO's rollouts:
+groups of 8 rows share a prompt, temperature 1, no top-k/top-p/repetition penalty, a seed per row: the
+post-training benchmark's step is --batches 16 --new-tokens 32); int8 (qinglm.model.quantize); compiled
+(this tree with Generation(compile=True), the baseline eager).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+GRPO_GROUP = 8  # GRPOConfig.group_size's default
 
 
 def baseline_engine(checkout: str):
-    """Return the module qinglm/infer/engine.py of checkout, run on this tree's model code."""
+    """Return the module qinglm/infer/engine.py of checkout with its own sampling module, run on this tree's
+    model code."""
     from qinglm.model.transformer import KVCache
 
     if not hasattr(KVCache, "keep_rows"):  # the old engine dropped finished rows by copying the cache
@@ -41,11 +46,25 @@ def baseline_engine(checkout: str):
             self.k, self.v = self.k[:, rows], self.v[:, rows]
 
         KVCache.keep_rows = keep_rows
-    spec = importlib.util.spec_from_file_location(
-        "baseline_engine", Path(checkout) / "qinglm/infer/engine.py"
+    # Its own sampling too (the old engine sampled row by row with torch.multinomial): bound while it loads.
+    ours = sys.modules.get("qinglm.infer.sampling")
+    sys.modules["qinglm.infer.sampling"] = _load(
+        "baseline_sampling", Path(checkout) / "qinglm/infer/sampling.py"
     )
+    try:
+        return _load("baseline_engine", Path(checkout) / "qinglm/infer/engine.py")
+    finally:
+        if ours is None:
+            del sys.modules["qinglm.infer.sampling"]
+        else:
+            sys.modules["qinglm.infer.sampling"] = ours
+
+
+def _load(name: str, path: Path):
+    """Return the module at path, registered as name (dataclasses look themselves up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_engine"] = module  # its dataclasses look themselves up there
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -67,11 +86,26 @@ def worker(args: argparse.Namespace) -> None:
         quantize(model, "int8")
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(10, model.cfg.vocab_size, (args.batch, 10), generator=gen).tolist()
+    if args.variant == "grpo":  # GRPO_GROUP rows answer each prompt
+        prompts = [prompts[i - i % GRPO_GROUP] for i in range(len(prompts))]
     n = args.new_tokens
     cfgs = [SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False)] * len(prompts)
     if args.variant == "sampled":
         cfgs = [
             SamplingConfig(max_new_tokens=n, temperature=0.8, seed=i, stop_at_eos=False)
+            for i in range(len(prompts))
+        ]
+    if args.variant == "grpo":  # qinglm.post.grpo's sampling: the whole distribution
+        cfgs = [
+            SamplingConfig(
+                max_new_tokens=n,
+                temperature=1.0,
+                top_k=None,
+                top_p=None,
+                repetition_penalty=1.0,
+                seed=i,
+                stop_at_eos=False,
+            )  # fmt: skip
             for i in range(len(prompts))
         ]
 
@@ -110,7 +144,9 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "sampled", "int8", "compiled"])
+    p.add_argument(
+        "--variants", nargs="+", default=["fp32"], choices=["fp32", "sampled", "grpo", "int8", "compiled"]
+    )
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -142,12 +178,13 @@ def main() -> None:
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=HERE)
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
                     b, t = r["baseline"]["tok_s"], r["this"]["tok_s"]
+                    same = r["baseline"]["tokens"] == r["this"]["tokens"]  # sampled: each engine's own draw
                     warm = f" (warm-up {r['this']['warmup_s']:.1f} s)" if variant == "compiled" else ""
                     print(
                         f"| {preset} | {batch} | {threads} | {variant}{warm} | {statistics.median(b):,.0f} "
                         f"({max(b):,.0f}) | {statistics.median(t):,.0f} ({max(t):,.0f}) | "
                         f"{statistics.median(t) / statistics.median(b):.2f}x ({max(t) / max(b):.2f}x) | "
-                        f"{r['baseline']['tokens'] == r['this']['tokens']} |",
+                        f"{same if variant not in ('sampled', 'grpo') else '- (own draws)'} |",
                         flush=True,
                     )
 

@@ -144,23 +144,27 @@ def measure(lm, n: int, data: Path, L: int, prompts) -> dict[str, float]:
     return {**bpc(lm, n, data, L), **passkey(lm, prompts)}
 
 
-def passkey_data(share: float, max_tokens: int, vocab_size: int) -> Path:
+def passkey_data(share: float, max_tokens: int, vocab_size: int, min_tokens: int = 0) -> Path:
     """Return a prepared data directory: pd1998 train plus passkey documents (training keys) making `share`
-    of the training characters, whose filler is up to 0.9 * max_tokens tokens long; pd1998 val as val."""
+    of the training characters, whose filler is min_tokens to 0.9 * max_tokens tokens long; pd1998 val as val."""
     from qinglm.data.builtin import builtin_documents, filler_text
     from qinglm.data.passkey import passkey_documents
     from qinglm.data.shards import TokenShards, prepare_shards
 
     base = common.data_dir(vocab_size)
-    out = common.CACHE / f"data-{vocab_size}-passkey{share:g}-{max_tokens}"
+    out = (
+        common.CACHE
+        / f"data-{vocab_size}-passkey{share:g}-{max_tokens}{f'-min{min_tokens}' if min_tokens else ''}"
+    )
     if (out / "index.json").is_file():
         return out
     val = TokenShards(base, "val")
     chars_per_token = val.n_characters / sum(len(s) for s in val.shards)
     news = builtin_documents("pd1998", "train")
     max_chars = int(0.9 * max_tokens * chars_per_token) - 40  # room for the needle and the question
-    n = round(share / (1 - share) * sum(map(len, news)) / ((16 + max_chars) / 2 + 40))
-    keys = passkey_documents("train", n, filler_text("train"), 16, max_chars)
+    min_chars = max(16, int(min_tokens * chars_per_token))
+    n = round(share / (1 - share) * sum(map(len, news)) / ((min_chars + max_chars) / 2 + 40))
+    keys = passkey_documents("train", n, filler_text("train"), min_chars, max_chars)
     every = max(1, len(news) // max(1, n))  # spread evenly: the loader shuffles windows, not documents
     train, used = [], 0
     for i, doc in enumerate(news):
@@ -217,8 +221,10 @@ def main() -> None:
     long_train = {**train, "seq_len": 4 * L, "batch_size": max(1, args.batch_size // 4)}
     long_train.update(max_steps=args.long_steps, init_from=str(base), lr=1e-3, warmup_steps=10)
     if share:
-        long_train["data"] = [str(passkey_data(share, 4 * L, 10_000))]
-    tuned = train_run(root / f"yarn4x-{args.long_steps}", {"rope_scaling": "yarn"}, long_train)
+        # documents longer than any the base saw: needles L..4L tokens from the question
+        long_train["data"] = [str(passkey_data(share, 4 * L, 10_000, min_tokens=L))]
+    tuned_dir = f"yarn4x-{args.long_steps}" + (f"-min{L}" if share else "")
+    tuned = train_run(root / tuned_dir, {"rope_scaling": "yarn"}, long_train)
 
     tok = load(base).tokenizer
     prompts = {m: passkey_prompts(tok, m * L, args.trials) for m in MULTIPLES}

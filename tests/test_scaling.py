@@ -207,3 +207,32 @@ def test_benchmark_quick_writes_a_fit_file(tmp_path):
     fit = load_fit(out)
     assert len(fit.points) == 6 and fit.alpha > 0 and fit.beta > 0
     assert set(fit.E) == {p["vocab"] for p in fit.points}
+
+
+@pytest.mark.parametrize("flag,compiled", [("--compile", True), ("--no-compile", False)])
+def test_plan_times_shapes_as_the_run_trains(tmp_path, monkeypatch, capsys, flag, compiled):
+    """The plan times each measured shape at its training batch, compiled when the run would compile:
+    an eager 8-row timing said 7.7k tokens/s where the compiled run trained at 18k (benchmarks/README.md)."""
+    from qinglm.train import budget
+
+    calls = []
+
+    def fake(cfg, device, seconds, rows, seq_len=256, compile=False):
+        calls.append((cfg.n_layers, rows, compile))
+        return 1e6 / cfg.n_layers
+
+    monkeypatch.setattr(budget, "time_training_steps", fake)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(synthetic_fit().to_json()))
+    assert main(["plan", "--budget", "5m", "--fit", str(path), "--measure-s", "0.5", flag]) == 0
+    assert calls and all(rows == shape_for(dial)["batch_size"] for dial, rows, _ in calls)
+    assert {c for _, _, c in calls} == {compiled}
+    assert ("compiled, 0.5s each" if compiled else "eager, 0.5s each") in capsys.readouterr().out
+
+
+def test_timing_a_shape_gives_tokens_per_second():
+    from qinglm.config import ModelConfig
+    from qinglm.train.budget import time_training_steps
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+    assert time_training_steps(cfg, "cpu", 0.01, rows=2, seq_len=16) > 0

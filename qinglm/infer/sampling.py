@@ -120,10 +120,11 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings, uniform: torch.Tensor) 
     only on its own logits, settings and number, never on the other rows of the batch.
     """
     logits = logits.float()
-    best = greedy(logits)
     sampled = rows.temperature > 0
     if not bool(sampled.any()):
-        return best
+        return greedy(logits)
+    # The argmax (a pass over the vocabulary) only when some row is greedy.
+    best = torch.zeros_like(sampled, dtype=torch.long) if bool(sampled.all()) else greedy(logits)
     V = logits.size(-1)
     k = torch.where((rows.top_k > 0) & (rows.top_k < V), rows.top_k, V)  # (B,)
     temperature = torch.where(sampled, rows.temperature, 1.0)[:, None]
@@ -154,7 +155,12 @@ def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     its logits (B, N): a draw from the softmax, the same index for the same number."""
     probs = logits.softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
-    # A number that rounds up to the very top takes the last token that has any probability.
-    last = probs.size(-1) - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
-    return torch.minimum(choice, last)
+    choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    # A number that rounds up to the very top (past the end, or onto a zero-probability token at the end
+    # of the order) takes the last token that has any probability; such rows are rare, so the pass that
+    # finds it runs only when some row needs it.
+    end = probs.size(-1) - 1
+    if bool((probs.gather(1, choice.clamp(max=end)) == 0).any() or (choice > end).any()):
+        last = end - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+        return torch.minimum(choice.squeeze(1), last)
+    return choice.squeeze(1)

@@ -17,7 +17,6 @@ from qinglm.typecheck import check_types
 # The candidate shapes: shape_for(1) .. shape_for(8), at each vocabulary of the fit.
 DIALS = tuple(range(1, 9))
 MEASURED_DIALS = (1, 2, 4)  # timed on this machine; the others' speed is read off the line through these
-MEASURE_ROWS = 8  # rows per timed step: a few steps of the larger shapes fit in a second
 # Sustained training FLOP/s assumed for --device cuda when no GPU is here to time: about a third of an
 # A100's bf16 peak, what small models reach (they cannot fill the GPU).
 ASSUMED_CUDA_FLOPS = 1e14
@@ -38,6 +37,11 @@ class PlanConfig:
     )
     fit: str | None = _f(
         None, "a scaling fit file (default: the one QingLM ships, from benchmarks/scaling.py)"
+    )
+    compile: bool | None = _f(
+        None,
+        "time the shapes torch.compile'd, as the run would train (default: as `qinglm train`: on for CUDA "
+        "and for CPUs with a C++ compiler)",
     )
 
     def __post_init__(self) -> None:
@@ -108,12 +112,15 @@ def _sized(dial: int, vocab: int, seq_len: int) -> tuple[ModelConfig, int, int, 
     return cfg, counts["total"], counts["blocks"], m.flops_per_token(seq_len)
 
 
-def time_training_steps(cfg: ModelConfig, device: str, seconds: float, rows: int = MEASURE_ROWS) -> float:
-    """Return tokens/s of training steps (forward, backward, AdamW) of a fresh cfg model for about seconds,
-    after one untimed step; eager, in the precision training would use."""
+def time_training_steps(
+    cfg: ModelConfig, device: str, seconds: float, rows: int, seq_len: int = 256, compile: bool = False
+) -> float:
+    """Return tokens/s of training steps (forward, backward, AdamW) of a fresh cfg model on rows x seq_len
+    tokens for about seconds, after one untimed step (which compiles); in the precision training would use,
+    torch.compile'd when compile (compiling costs seconds; the measurement does not count them)."""
     import torch
 
-    from qinglm.device import autocast, resolve_dtype
+    from qinglm.device import autocast, compiled, resolve_dtype
 
     dev = torch.device(device)
     dtype = resolve_dtype("auto", dev)
@@ -121,24 +128,29 @@ def time_training_steps(cfg: ModelConfig, device: str, seconds: float, rows: int
     from qinglm.model.transformer import Transformer
 
     model = Transformer(cfg).to(dev)
+    forward = compiled(model, compile, log=lambda _: None, what="timing")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (rows, 256), device=dev)
+    x = torch.randint(0, cfg.vocab_size, (rows, seq_len), device=dev)
 
     def step() -> None:
         with autocast(dev, dtype):
-            loss = model(x, x)
+            loss = forward(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    steps, t0 = 0, time.perf_counter()
-    while steps == 0 or time.perf_counter() - t0 < seconds:
+    try:
         step()
-        steps += 1
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * x.numel() / (time.perf_counter() - t0)
+        steps, t0 = 0, time.perf_counter()
+        while steps == 0 or time.perf_counter() - t0 < seconds:
+            step()
+            steps += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * x.numel() / (time.perf_counter() - t0)
+    finally:
+        if compile:  # each shape compiles Transformer.forward anew: keep its recompile count for the run
+            torch._dynamo.reset()
 
 
 def speed_line(flops_per_token: list[float], tokens_per_s: list[float]) -> Callable[[float], float]:
@@ -159,8 +171,11 @@ def speed_line(flops_per_token: list[float], tokens_per_s: list[float]) -> Calla
     return lambda x: 1.0 / (c0 + c1 * float(x))
 
 
-def throughput(cands: list[Candidate], fit: ScalingFit, device: str, measure_s: float) -> str:
-    """Set each candidate's tokens_per_s; return where the figures come from."""
+def throughput(
+    cands: list[Candidate], fit: ScalingFit, device: str, measure_s: float, compile: bool = False
+) -> str:
+    """Set each candidate's tokens_per_s, timed as the run would train (its batch, compiled or not); return
+    where the figures come from."""
     if device == "cuda":
         import torch
 
@@ -170,15 +185,20 @@ def throughput(cands: list[Candidate], fit: ScalingFit, device: str, measure_s: 
             return f"assumed {ASSUMED_CUDA_FLOPS:.0e} training FLOP/s (no CUDA device here to time)"
     if measure_s > 0:
         timed = [c for c in cands if c.dial in MEASURED_DIALS and c.vocab == max(fit.E)]
-        rates = [time_training_steps(c.model, device, measure_s) for c in timed]
+        rates = [
+            time_training_steps(c.model, device, measure_s, shape_for(c.dial)["batch_size"], compile=compile)
+            for c in timed
+        ]
         line = speed_line([c.flops_per_token for c in timed], rates)
-        source = f"timed on this {device} ({', '.join(f'dial {c.dial}' for c in timed)}, {measure_s:g}s each)"
+        how = "compiled" if compile else "eager"
+        dials = ", ".join(f"dial {c.dial}" for c in timed)
+        source = f"timed on this {device} ({dials}, {how}, {measure_s:g}s each)"
     else:
         pts = [p for p in fit.points if p.get("tokens_per_s")]
         if not pts:
             raise QingLMError("the fit records no throughput; time this machine with --measure-s 1")
         line = speed_line([p["flops_per_token"] for p in pts], [p["tokens_per_s"] for p in pts])
-        source = f"recorded with the fit ({fit.measured_on or 'another machine'})"
+        source = f"recorded with the fit's eager runs ({fit.measured_on or 'another machine'})"
     for c in cands:
         c.tokens_per_s = line(c.flops_per_token)
     return source
@@ -200,12 +220,17 @@ def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int) -> int:
 
 
 def make_plan(
-    budget: Budget, device: str = "cpu", measure_s: float = 1.0, fit: ScalingFit | None = None
+    budget: Budget,
+    device: str = "cpu",
+    measure_s: float = 1.0,
+    fit: ScalingFit | None = None,
+    compile: bool = False,
 ) -> Plan:
-    """Return the plan of the candidate the law expects the lowest held-out BPC of within budget."""
+    """Return the plan of the candidate the law expects the lowest held-out BPC of within budget (shapes
+    timed compiled when compile: as the run trains)."""
     fit = fit or load_fit()
     cands = candidates(fit)
-    source = throughput(cands, fit, device, measure_s)
+    source = throughput(cands, fit, device, measure_s, compile)
     for c in cands:
         if budget.flops is not None:
             c.tokens = budget.flops / c.flops_per_token
@@ -260,9 +285,21 @@ def plan_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def plan_from_text(budget: str, device: str = "cpu", measure_s: float = 1.0, fit: str | None = None) -> Plan:
-    """Return make_plan of a budget given as text (parse_budget), with the fit file fit (default: shipped)."""
-    return make_plan(parse_budget(budget), device, measure_s, load_fit(fit))
+def plan_from_text(
+    budget: str,
+    device: str = "cpu",
+    measure_s: float = 1.0,
+    fit: str | None = None,
+    compile: bool | None = None,
+) -> Plan:
+    """Return make_plan of a budget given as text (parse_budget), with the fit file fit (default: shipped),
+    timed compiled as `qinglm train` would run (compile None: its default for device)."""
+    import torch
+
+    from qinglm.device import resolve_compile
+
+    will_compile = resolve_compile(compile, torch.device(device))
+    return make_plan(parse_budget(budget), device, measure_s, load_fit(fit), will_compile)
 
 
 LENGTH_FIELDS = ("max_time", "max_steps", "num_epochs")
@@ -275,7 +312,7 @@ def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = prin
     The run's length is the budget: max_time for a time (the training itself; the tokenizer, the data and
     the timing come before it), max_steps for a FLOP count.
     """
-    from qinglm.device import resolve_device
+    from qinglm.device import resolve_compile, resolve_device
 
     clash = [f"--{k.replace('_', '-')}" for k in LENGTH_FIELDS if k in given]
     if clash:
@@ -283,7 +320,10 @@ def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = prin
     if train.nproc or train.init_from:
         raise QingLMError("--budget plans a new one-process run; drop --nproc / --init-from")
     budget = parse_budget(train.budget)
-    plan = make_plan(budget, resolve_device(train.device).type, train.budget_measure_s)
+    device = resolve_device(train.device)
+    plan = make_plan(
+        budget, device.type, train.budget_measure_s, compile=resolve_compile(train.compile, device)
+    )
     model, fields = plan.train_fields()
     if budget.seconds is not None:
         fields["max_time"] = budget.seconds / 60
