@@ -3,7 +3,7 @@ per character, fit BPC(N, D) = E_v + A/N^alpha + B/D^beta, and write the constan
 file `qinglm plan` and `qinglm train --budget` read (qinglm/train/scaling_fit.json), plus a frontier plot.
 
     python -m benchmarks.scaling [--budgets 1e12 2.5e12 6e12] [--shapes 1:4000 2:10000 ...] [--quick]
-                                 [--out FILE] [--plot PNG] [--threads N]
+                                 [--out FILE] [--plot PNG] [--threads N] [--add]
 
 A shape is DIAL:VOCAB: qinglm.train.scaling.shape_for(DIAL) (n_layers = DIAL, d_model = 64 x DIAL, its lr and
 batch) with a QingLM tokenizer of VOCAB trained on pd1998 train. A budget is FLOPs =
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import common, quality
 from qinglm.io import atomic_open
-from qinglm.train.scaling import FIT_FILE, ScalingFit, fit_law, shape_for
+from qinglm.train.scaling import FIT_FILE, ScalingFit, fit_law, load_fit, shape_for
 
 BUDGETS = [1e12, 2.5e12, 6e12]
 SHAPES = ["1:4000", "2:4000", "1:10000", "2:10000", "3:10000"]
@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         help="frontier PNG (default: benchmarks/results/scaling_frontier.png, or beside --out)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the points already in --out and train only the grid's points it lacks (extend a grid)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,13 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [
         tuple(int(x) for x in s.split(":")) for s in (args.shapes or (QUICK_SHAPES if args.quick else SHAPES))
     ]
-    points = []
+    points = load_fit(args.out).points if args.add and args.out.is_file() else []
+    have = {(p["budget_flops"], p["dial"], p["vocab"]) for p in points}
     for budget in sorted(budgets):
         for dial, vocab in shapes:
+            if (budget, dial, common.qinglm_tokenizer(vocab, "auto")[0].vocab_size) in have:
+                continue
             p = run_point(dial, vocab, budget)
             points.append(p)
             print(json.dumps(p), flush=True)
-    vocabs = sorted({v for _, v in shapes})
+    points.sort(key=lambda p: (p["budget_flops"], p["vocab"], p["dial"]))
+    vocabs = sorted({v for _, v in shapes} | ({p["vocab"] for p in points} if args.add else set()))
     facts = {v: corpus_facts(v) for v in vocabs}
     real = {v: common.qinglm_tokenizer(v, "auto")[0].vocab_size for v in vocabs}
     machine = (

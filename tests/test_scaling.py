@@ -236,3 +236,47 @@ def test_timing_a_shape_gives_tokens_per_second():
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
     assert time_training_steps(cfg, "cpu", 0.01, rows=2, seq_len=16) > 0
+
+
+def test_benchmark_add_trains_only_the_missing_points(tmp_path, monkeypatch):
+    """`benchmarks.scaling --add` keeps the fit file's points, trains only the grid's new ones, refits on all
+    and predicts the new largest budget from the others."""
+    from benchmarks import common
+    from benchmarks import scaling as bench
+
+    trained = []
+
+    def fake_point(dial, vocab, budget):  # a point on a known law, no training
+        trained.append((dial, budget))
+        n, f = 5e4 * 8**dial, 1e6 * 4**dial
+        chars = budget / f * 1.5
+        point = dict.fromkeys(
+            ("params", "steps", "tokens", "tokens_per_param", "train_loss", "wall_s", "cpu_s"), 1.0
+        )
+        return point | {
+            "dial": dial,
+            "vocab": vocab,
+            "n": n,
+            "flops_per_token": f,
+            "budget_flops": budget,
+            "flops": budget,
+            "characters": chars,
+            "bpc": 1.0 + 60 / n**0.35 + 300 / chars**0.3,
+            "tokens_per_s": 3e10 / f,
+        }
+
+    monkeypatch.setattr(bench, "run_point", fake_point)
+    monkeypatch.setattr(bench, "corpus_facts", lambda v: {"train_characters": 1e6, "chars_per_token": 1.5})
+    monkeypatch.setattr(
+        common, "qinglm_tokenizer", lambda v, split="auto": (type("T", (), {"vocab_size": v}), None)
+    )
+    out = tmp_path / "fit.json"
+    grid = ["--shapes", "1:300", "2:300", "3:300", "--out", str(out), "--plot", str(tmp_path / "f.png")]
+    bench.main(["--budgets", "1e12", "3e12", "1e13", *grid])
+    assert len(trained) == 9
+    bench.main(["--budgets", "3e13", "--add", *grid])
+    assert trained[9:] == [(1, 3e13), (2, 3e13), (3, 3e13)]
+    fit = load_fit(out)
+    assert len(fit.points) == 12 and fit.holdout["budget_flops"] == 3e13
+    assert fit.holdout["fitted_on_budgets"] == [1e12, 3e12, 1e13]
+    assert fit.holdout["mean_abs_error_bpc"] < 0.05  # the points lie on one law
