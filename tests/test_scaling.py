@@ -280,3 +280,13 @@ def test_benchmark_add_trains_only_the_missing_points(tmp_path, monkeypatch):
     assert len(fit.points) == 12 and fit.holdout["budget_flops"] == 3e13
     assert fit.holdout["fitted_on_budgets"] == [1e12, 3e12, 1e13]
     assert fit.holdout["mean_abs_error_bpc"] < 0.05  # the points lie on one law
+
+
+def test_the_memory_estimate_counts_a_cpu_process_and_the_batch():
+    from qinglm.train.budget import CPU_PROCESS_BYTES, _sized, training_memory_bytes
+
+    cfg = _sized(2, 10_000, 256)[0]
+    cpu, cuda = training_memory_bytes(cfg, 32, 256, "cpu"), training_memory_bytes(cfg, 32, 256, "cuda")
+    assert cpu - cuda >= CPU_PROCESS_BYTES  # the process itself (and fp32 activations where no bf16)
+    half = training_memory_bytes(cfg, 16, 256, "cpu")
+    assert 0.5 < (half - CPU_PROCESS_BYTES) / (cpu - CPU_PROCESS_BYTES) < 0.52  # weights are the rest

@@ -21,6 +21,10 @@ MEASURED_DIALS = (1, 2, 4)  # timed on this machine; the others' speed is read o
 # A100's bf16 peak, what small models reach (they cannot fill the GPU).
 ASSUMED_CUDA_FLOPS = 1e14
 PLAN_DEVICES = ("cpu", "cuda")
+# A CPU run's resident memory beyond its tensors: the interpreter, torch, inductor and the prepared data (measured:
+# 0.67-0.75 GB in three `qinglm train --budget` runs of dials 2-3, benchmarks/README.md "`qinglm plan` against the
+# run it describes"; torch alone is 0.21 GiB).
+CPU_PROCESS_BYTES = 700 * 2**20
 REPEATS_WARNED = 4  # passes over the data past which the plan says the law is optimistic
 
 
@@ -204,19 +208,24 @@ def throughput(
     return source
 
 
-def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int) -> int:
-    """Return an estimate of a training step's peak memory: fp32 weights, gradients and AdamW's two moments
-    (16 bytes a parameter), the activations autograd keeps (about 34 x d_model values a token per block,
-    Korthikanti et al. 2022, attention by SDPA without the T^2 scores) and the logits with their softmax and
-    gradient (3 x vocab float32 values a token)."""
+def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int, device: str = "cpu") -> int:
+    """Return an estimate of a training run's peak memory: fp32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter), the activations autograd keeps (Korthikanti et al. 2022: 34 bytes per d_model value
+    a token per block at 16-bit, twice that in fp32; attention by SDPA without the T^2 scores), the logits with
+    their softmax and gradient (3 x vocab float32 values a token), and on a CPU the process itself (the
+    run's peak is its resident memory: torch, the compiler, the data; CPU_PROCESS_BYTES)."""
     import torch
 
+    from qinglm.device import resolve_dtype
     from qinglm.model.transformer import Transformer
 
     with torch.device("meta"):
         params = Transformer(cfg).param_counts()["total"]
     tokens = rows * seq_len
-    return 16 * params + 34 * 4 * cfg.n_layers * cfg.d_model * tokens + 3 * 4 * cfg.vocab_size * tokens
+    half = device != "cpu" or resolve_dtype("auto", torch.device("cpu")) == "bf16"  # autocast's precision
+    act = 34 if half else 68
+    process = CPU_PROCESS_BYTES if device == "cpu" else 0
+    return process + 16 * params + act * cfg.n_layers * cfg.d_model * tokens + 12 * cfg.vocab_size * tokens
 
 
 def make_plan(
@@ -249,7 +258,7 @@ def make_plan(
         and min(p["characters"] for p in measured) <= chars <= max(p["characters"] for p in measured)
     )
     shape = shape_for(best.dial)
-    memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"])
+    memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"], device)
     return Plan(budget, device, best, cands, source, pass_s, best.tokens / train_tokens, memory, extrapolated)
 
 
