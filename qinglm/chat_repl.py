@@ -39,8 +39,10 @@ class ChatConfig:
     max_tool_calls: int = _f(
         4, "tool calls run per user turn; the reply stops when they are used up", within="[1, inf)"
     )
-    thinking: bool = _f(
-        False, "let the model think before it answers (off: an empty thinking block is pre-filled)"
+    thinking: bool | None = _f(
+        None,
+        "let the model think before it answers (--no-thinking: pre-fill an empty thinking block, as tools-sft "
+        "trains; default: that with --tools, else no thinking markup, as chats without reasoning train)",
     )
 
     def __post_init__(self) -> None:
@@ -147,8 +149,11 @@ def chat_loop(
     tokenizer = lm.tokenizer
     if (chat.tools != "none" or chat.thinking) and not tokenizer.has_tool_tokens:
         tokenizer.control_id("<tool_call>")  # raises the one-line QingLMError
-    # Thinking off pre-fills an empty block; a tokenizer from before thinking gets plain ChatML.
-    thinking = True if chat.thinking else (False if tokenizer.has_tool_tokens else None)
+    # Thinking off pre-fills an empty block (tools-sft's chats have one or a reasoning): asked for, or by default
+    # with tools. Without tools the default is plain ChatML, what a model SFT'd on chats without reasoning saw
+    # (with the block it answered the pinyin demo's questions with one syllable); so does a pre-thinking tokenizer.
+    off = chat.thinking is False or (chat.thinking is None and chat.tools != "none")
+    thinking = True if chat.thinking else (False if off and tokenizer.has_tool_tokens else None)
     tools = TOOL_SCHEMAS if chat.tools == "builtin" else None
     use = ToolUse(tools, thinking, names=set(TOOLS) if tools else set())
     start = [{"role": "system", "content": system}] if system else []

@@ -197,6 +197,25 @@ def planted(monkeypatch, lm, replies):
     return prompts
 
 
+@pytest.mark.parametrize(
+    "kw, tail",
+    [
+        ({}, "<|im_start|>assistant\n"),  # plain ChatML: what chats without reasoning trained
+        ({"thinking": False}, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        ({"thinking": True}, "<|im_start|>assistant\n"),
+    ],
+)
+def test_plain_chat_adds_no_thinking_block_unless_asked(tool_lm, monkeypatch, kw, tail):
+    """A model SFT'd on chats without reasoning (the pinyin demo) answered one syllable when the chat pre-filled
+    an empty thinking block it never saw; without --tools the default is no thinking markup."""
+    from qinglm.chat_repl import ChatConfig
+
+    prompts = planted(monkeypatch, tool_lm, ["好的"])
+    chat_loop(tool_lm, chat=ChatConfig(**kw), read=typed("你好"), out=io.StringIO())
+    first = tool_lm.tokenizer.decode(prompts[0])
+    assert first.endswith(tail) and (("<think>" in first) == (kw.get("thinking") is False))
+
+
 def test_repl_runs_a_builtin_tool_and_feeds_the_result_back(tool_lm, monkeypatch):
     from qinglm.chat_repl import ChatConfig
 
