@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-GRPO_GROUP = 8  # GRPOConfig.group_size's default
 
 
 def baseline_engine(checkout: str):
@@ -77,6 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     from qinglm.infer import engine
     from qinglm.model.quantize import quantize
     from qinglm.model.transformer import Transformer
+    from qinglm.post.config import GRPOConfig
 
     torch.set_num_threads(args.threads)
     old = baseline_engine(args.baseline)
@@ -86,8 +86,9 @@ def worker(args: argparse.Namespace) -> None:
         quantize(model, "int8")
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(10, model.cfg.vocab_size, (args.batch, 10), generator=gen).tolist()
-    if args.variant == "grpo":  # GRPO_GROUP rows answer each prompt
-        prompts = [prompts[i - i % GRPO_GROUP] for i in range(len(prompts))]
+    if args.variant == "grpo":  # a group of rows answers each prompt
+        group = GRPOConfig.group_size
+        prompts = [prompts[i - i % group] for i in range(len(prompts))]
     n = args.new_tokens
     cfgs = [SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False)] * len(prompts)
     if args.variant == "sampled":
@@ -99,13 +100,13 @@ def worker(args: argparse.Namespace) -> None:
         cfgs = [
             SamplingConfig(
                 max_new_tokens=n,
-                temperature=1.0,
+                temperature=GRPOConfig.temperature,
                 top_k=None,
                 top_p=None,
                 repetition_penalty=1.0,
                 seed=i,
                 stop_at_eos=False,
-            )  # fmt: skip
+            )
             for i in range(len(prompts))
         ]
 

@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     points = load_fit(args.out).points if args.add and args.out.is_file() else []
     have = {(p["budget_flops"], p["dial"], p["vocab"]) for p in points}
+    sizes = {v: common.qinglm_tokenizer(v, "auto")[0].vocab_size for _, v in shapes}  # the points' "vocab"
     for budget in sorted(budgets):
         for dial, vocab in shapes:
-            if (budget, dial, common.qinglm_tokenizer(vocab, "auto")[0].vocab_size) in have:
+            if (budget, dial, sizes[vocab]) in have:
                 continue
             p = run_point(dial, vocab, budget)
             points.append(p)

@@ -156,11 +156,11 @@ def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     choice = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
-    # A number that rounds up to the very top (past the end, or onto a zero-probability token at the end
-    # of the order) takes the last token that has any probability; such rows are rare, so the pass that
-    # finds it runs only when some row needs it.
+    # searchsorted never stops on a zero-probability token (its cdf equals the one before it), but a number
+    # that rounds up to the very top falls past the end: it takes the last token that has any probability.
+    # Such rows are rare, so the pass that finds that token runs only when some row needs it.
     end = probs.size(-1) - 1
-    if bool((probs.gather(1, choice.clamp(max=end)) == 0).any() or (choice > end).any()):
+    if bool((choice > end).any()):
         last = end - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
         return torch.minimum(choice.squeeze(1), last)
     return choice.squeeze(1)
