@@ -7,7 +7,9 @@ Without RUN each preset is a random model of that shape (benchmarks.llama_cpp.ra
 `qinglm export gguf --dtype f32`. Each round continues "中国经济稳步增长，" by --tokens tokens (greedy, no
 repetition penalty, EOS ignored) with every contestant in turn, prefill included:
   QingLM fp32   the engine (qinglm.infer.engine.Generation: the fast decoding step, qinglm.infer.step)
-  QingLM int8   the same on qinglm.model.quantize's int8 weights
+  QingLM compiled  the same, compiled (inductor's C++ wrapper), one Engine kept across rounds (as the
+                server keeps one); its compile time is the warm-up column, not in the tokens/s
+  QingLM int8   the same on qinglm.model.quantize's int8 weights (and compiled)
   QingLM eager  fp32 through the model's own forward (a forward hook turns the fast step off)
   llama.cpp f32 Llama.generate on the f32 GGUF, n_threads (and n_threads_batch) as torch's
 Tokens/s are medians over --rounds after a warm-up round. llama.cpp's q8_0 is not measured: the
@@ -29,21 +31,29 @@ import qinglm
 from benchmarks.llama_cpp import random_run
 from qinglm.config import SamplingConfig
 from qinglm.export.gguf import export_gguf
-from qinglm.infer.engine import Generation, Request
+from qinglm.infer.engine import Engine, Generation, Request
 from qinglm.infer.text import encode_prompt
 from qinglm.model.quantize import quantize
 
 PROMPT = "中国经济稳步增长，"
 
 
-def qinglm_decoder(model, ids: list[int], n: int) -> Callable[[], list[int]]:
-    """Return a function that greedily continues ids by n tokens with the engine."""
+def qinglm_decoder(model, ids: list[int], n: int, compile: bool = False) -> Callable[[], list[int]]:
+    """Return a function that greedily continues ids by n tokens with the engine: a Generation per call,
+    or compiled, one Engine kept for every call (as the server keeps one), so its graphs compile once."""
     cfg = SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop_at_eos=False)
+    engine = Engine(model, max_batch_size=1, compile=True) if compile else None
 
     def run() -> list[int]:
         out: list[int] = []
-        for events in Generation(model, [Request(ids, cfg)]):
-            for ev in events:
+        if engine is None:
+            for events in Generation(model, [Request(ids, cfg)]):
+                for ev in events:
+                    out += ev.ids
+            return out
+        engine.add(0, Request(ids, cfg))
+        while engine.busy:
+            for ev in engine.step():
                 out += ev.ids
         return out
 
@@ -82,11 +92,17 @@ def measure(run: Path, gguf: Path, threads: list[int], n: int, rounds: int) -> l
         )
         contestants = {
             "QingLM fp32": qinglm_decoder(lm.model, ids, n),
+            "QingLM compiled": qinglm_decoder(lm.model, ids, n, compile=True),
             "QingLM int8": qinglm_decoder(int8, ids, n),
+            "QingLM int8 compiled": qinglm_decoder(int8, ids, n, compile=True),
             "QingLM eager": qinglm_decoder(eager, ids, n),
             "llama.cpp f32": llama_decoder(llm, ids, n),
         }
-        tokens = {name: fn() for name, fn in contestants.items()}  # warm-up
+        tokens, warmup = {}, {}
+        for name, fn in contestants.items():  # warm-up (the compiled ones compile here)
+            t0 = time.perf_counter()
+            tokens[name] = fn()
+            warmup[name] = time.perf_counter() - t0
         speed: dict[str, list[float]] = {name: [] for name in contestants}
         for _ in range(rounds):
             for name, fn in contestants.items():
@@ -95,7 +111,10 @@ def measure(run: Path, gguf: Path, threads: list[int], n: int, rounds: int) -> l
                 speed[name].append(len(got) / (time.perf_counter() - t0))
         row = {name: statistics.median(v) for name, v in speed.items()}
         row["threads"] = t
-        row["same"] = tokens["QingLM fp32"] == tokens["llama.cpp f32"]
+        row["same"] = all(
+            tokens[name] == tokens["llama.cpp f32"] for name in ("QingLM fp32", "QingLM compiled")
+        )
+        row["warmup"] = warmup["QingLM compiled"]
         rows.append(row)
         del llm
     return rows
@@ -109,10 +128,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
-    names = ["QingLM fp32", "QingLM int8", "QingLM eager", "llama.cpp f32"]
-    print("| model | threads | " + " | ".join(f"{n} tok/s" for n in names) + " | fp32 / llama.cpp "
-          "| int8 / llama.cpp | greedy tokens equal |")  # fmt: skip
-    print("|---|---:|" + "---:|" * (len(names) + 2) + "---|")
+    names = [
+        "QingLM fp32",
+        "QingLM compiled",
+        "QingLM int8",
+        "QingLM int8 compiled",
+        "QingLM eager",
+        "llama.cpp f32",
+    ]
+    ratios = ["QingLM fp32", "QingLM compiled", "QingLM int8", "QingLM int8 compiled"]
+    print("| model | threads | " + " | ".join(f"{n} tok/s" for n in names)
+          + " | " + " | ".join(f"{n.removeprefix('QingLM ')} / llama.cpp" for n in ratios)
+          + " | compile warm-up s | greedy tokens equal |")  # fmt: skip
+    print("|---|---:|" + "---:|" * (len(names) + len(ratios) + 1) + "---|")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in [None] if args.run else args.presets:
             run = Path(args.run) if args.run else random_run(Path(tmp) / preset, preset=preset)
@@ -122,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"| {preset or run.name} | {row['threads']} | "
                     + " | ".join(f"{row[n]:,.0f}" for n in names)
-                    + f" | {row['QingLM fp32'] / llama:.2f}x | {row['QingLM int8'] / llama:.2f}x | {row['same']} |",
+                    + " | "
+                    + " | ".join(f"{row[n] / llama:.2f}x" for n in ratios)
+                    + f" | {row['warmup']:.1f} | {row['same']} |",
                     flush=True,
                 )
 

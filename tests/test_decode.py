@@ -150,8 +150,8 @@ def test_compiled_step_recompiles_a_bounded_number_of_times(monkeypatch):
     monkeypatch.setattr(slots_module, "COMPILE_OPTIONS", {"backend": "eager", "dynamic": False})
     model = model_of("modern-gqa")
     counts = []
+    engine = Engine(model, max_batch_size=8, compile=True)  # one engine (a server's) sees every batch size
     for n_rows in (1, 2, 3, 5, 7, 8, 6, 4):
-        engine = Engine(model, max_batch_size=8, compile=True)
         for i in range(n_rows):
             engine.add(i, Request([2] + list(range(10, 10 + 3 * i + n_rows)), greedy(5 + 4 * i)))
         while engine.busy:

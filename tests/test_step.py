@@ -148,9 +148,13 @@ def sampled(n, seed):
     )
 
 
-def run(model, arrivals: dict[int, list[tuple[int, Request]]]) -> dict[int, list[int]]:
-    """Run an Engine where arrivals[step] requests join at that step; return each key's tokens."""
-    engine = Engine(model, max_batch_size=8, eos_id=None)
+def run(model, arrivals: dict[int, list[tuple[int, Request]]], **engine) -> dict[int, list[int]]:
+    """Run a new Engine where arrivals[step] requests join at that step; return each key's tokens."""
+    return drive(Engine(model, **{"max_batch_size": 8, "eos_id": None, **engine}), arrivals)
+
+
+def drive(engine: Engine, arrivals: dict[int, list[tuple[int, Request]]]) -> dict[int, list[int]]:
+    """Run engine where arrivals[step] requests join at that step; return each key's tokens."""
     out: dict[int, list[int]] = {}
     step = 0
     while engine.busy or any(s >= step for s in arrivals):
@@ -183,3 +187,24 @@ def test_a_row_decodes_the_same_alone_and_among_rows_that_join_and_leave(option,
         run(model, {0: [(0, requests[0]), (1, requests[1])], 4: [(2, requests[2])], 9: [(3, requests[3])]})
         == together
     )
+
+
+def test_the_compiled_cpu_step_decodes_the_eager_tokens():
+    """inductor (C++ wrapper, few guards) on the fast step: the eager step's tokens, rows joining and leaving;
+    two compiled engines of different models in one process each keep their own graphs."""
+    torch._dynamo.reset()
+    models = [tiny(**OPTIONS["gqa"]), tiny(**OPTIONS["modern"])]
+    with torch.no_grad():
+        models[1].head.weight.mul_(-1.5)  # other weights, and other cache shapes (4 KV heads, not 2)
+    requests = [
+        Request([2, 17, 42, 5, 88], greedy(12)),
+        Request([2, 9], sampled(20, 1)),
+        Request([2, 50], greedy(6)),
+    ]
+    arrivals = {0: [(0, requests[0])], 3: [(1, requests[1]), (2, requests[2])]}  # 2 rows: the third waits
+    engines = [Engine(m, max_batch_size=2, eos_id=None, compile=True) for m in models]
+    assert all(e.slots.fast is not None and e.slots.compile for e in engines)
+    for _ in range(2):  # the engines take turns: neither runs the other's graphs
+        for model, engine in zip(models, engines):
+            assert drive(engine, arrivals) == run(model, arrivals, max_batch_size=2)
+    torch._dynamo.reset()

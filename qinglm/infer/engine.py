@@ -163,7 +163,7 @@ class Engine:
                     if new is not None:
                         logits.append(new)
                 if logits:
-                    events += self._sample(torch.cat(logits))
+                    events += self._sample(logits[0] if len(logits) == 1 else torch.cat(logits))
         finally:
             if was_training:
                 self.model.train()
@@ -221,21 +221,15 @@ class Engine:
     def _sample(self, logits: torch.Tensor) -> list[Event]:
         """Return the events of the active rows after sampling a token for each from logits (n, vocab)."""
         rows, n = self.active, len(self.active)
-        uniform = torch.zeros(n)  # the number each sampling row draws its token with
-        shared = [k for k, r in enumerate(rows) if r.cfg.temperature > 0 and r.generator is None]
-        if shared:  # rows without a seed draw from torch's global RNG, as torch.multinomial would
-            uniform[shared] = torch.rand(len(shared))
-        for k, r in enumerate(rows):
-            if r.cfg.temperature > 0 and r.generator is not None:
-                uniform[k] = torch.rand(1, generator=r.generator, device=r.generator.device).item()
-        uniform = uniform.to(self.device)
+        uniform = self._uniform(rows)
         seen = self.seen[:n]
         if self.isolate_rows:
             tokens, failed = _sample_apart(logits, rows, uniform, seen)
         else:
             tokens, failed = _sample_rows(logits, rows, uniform, seen), {}
-        self.seen[torch.arange(n, device=self.device), tokens] = True
-        self.seen[:n, : self.n_control] = False  # control tokens are never penalised
+        if any(r.cfg.repetition_penalty != 1.0 for r in rows):  # only a penalised row ever reads its seen ids
+            self.seen[torch.arange(n, device=self.device), tokens] = True
+            self.seen[:n, : self.n_control] = False  # control tokens are never penalised
         events, done = [], []
         for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             ev = self._event(row, tok, failed.get(k))
@@ -245,6 +239,19 @@ class Engine:
                 done.append(k)
         self._free(done)
         return events
+
+    def _uniform(self, rows: list[Row]) -> torch.Tensor:
+        """Return the number (n,) each sampling row draws its token with (zeros for greedy rows)."""
+        uniform = torch.zeros(len(rows))
+        if all(r.cfg.temperature == 0 for r in rows):
+            return uniform.to(self.device)
+        shared = [k for k, r in enumerate(rows) if r.cfg.temperature > 0 and r.generator is None]
+        if shared:  # rows without a seed draw from torch's global RNG, as torch.multinomial would
+            uniform[shared] = torch.rand(len(shared))
+        for k, r in enumerate(rows):
+            if r.cfg.temperature > 0 and r.generator is not None:
+                uniform[k] = torch.rand(1, generator=r.generator, device=r.generator.device).item()
+        return uniform.to(self.device)
 
     def _free(self, done: list[int]) -> None:
         """Remove the active rows at indices done; the last rows move into the holes they leave."""

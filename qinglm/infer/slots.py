@@ -7,7 +7,9 @@ keys and values are written in place and attention masks everything past each ro
 shapes of a step depend only on (rows, window), never on how far each row has got. Eager, the step runs
 through qinglm.infer.step.DecodeStep (the same logits in fewer ops) when the model is one it handles. Compiled, the cache
 is allocated once at its full size, rows are rounded up to powers of two and the window to 64, 256,
-1024, ... (``bucket``): a bounded set of shapes (``Slots.n_graphs``), each compiled once.
+1024, ... (``bucket``): a bounded set of shapes (``Slots.n_graphs``), each compiled once. On a CPU the compiled
+step is DecodeStep's (inductor's C++ wrapper, guards on the step's arguments only: FAST_OPTIONS); on CUDA the
+model's forward under CUDA graphs.
 
 Prompts are prefilled into a scratch cache of their own (right-padded, causal: a row never sees the
 padding after it), in chunks so a long prompt does not hold up the rows decoding, and each finished
@@ -20,6 +22,7 @@ compiled, it holds min(max_rows, kv_tokens // context) rows of the whole context
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -35,6 +38,17 @@ MIN_BUCKET = 8  # positions are allocated in powers of two from 8
 WINDOW = 64  # compiled, the attention window is 64, 256, 1024, ... positions (4x apart: few graphs)
 # Static shapes: each (rows, window) bucket is its own graph; never one traced with symbolic sizes.
 COMPILE_OPTIONS: dict = {"dynamic": False}
+
+
+def _step_guards(entries: list) -> list[bool]:
+    """Keep the guards on a step's arguments (shapes, dtypes, the window) and on global state (grad mode,
+    deterministic algorithms, ...); drop those on the weights and the step's closures, which are this
+    engine's own and fixed (evaluating them took ~50 us a token, tiny on 2 threads: benchmarks/README.md)."""
+    return [e.name in ("", "tokens", "positions", "window") for e in entries]
+
+
+# The compiled CPU step: inductor's C++ wrapper calls the kernels (no Python between them), few guards.
+FAST_OPTIONS: dict = {"cpp_wrapper": True, "guard_filter_fn": _step_guards}
 
 
 def decode_compile(flag: bool | None, device: torch.device | str) -> bool:
@@ -92,14 +106,18 @@ class Slots:
             self.n_graphs = n_graphs = len(_powers(1, self.rows, 2)) * len(_powers(WINDOW, self.positions, 4))
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, n_graphs + 1)
-        options = dict(COMPILE_OPTIONS)
+        # The standard families decode through the fast step (eager, and compiled on CPUs); anything else
+        # (and the compiled step on CUDA) through the model's own forward.
+        self.fast = DecodeStep.of(model)
+        options, step = dict(COMPILE_OPTIONS), _decode
         if compile and device.type == "cuda":  # CUDA graphs: one launch per step instead of one per kernel
             options.setdefault("mode", "reduce-overhead")
             torch._dynamo.mark_static_address(self.cache.k)  # updated in place: graphs may keep pointers
             torch._dynamo.mark_static_address(self.cache.v)
-        self._step = compiled(_decode, compile, log, "decoding", **options)
-        # Eager, the standard families decode through the fast step; anything else through the model.
-        self.fast = None if compile else DecodeStep.of(model)
+        elif compile and self.fast is not None:  # CPUs: the fast step's ops, fused, called from C++
+            step = _fast_decode(self.fast, self.cache)
+            options["options"] = {**options.get("options", {}), **FAST_OPTIONS}
+        self._step = compiled(step, compile, log, "decoding", **options)
 
     @property
     def positions(self) -> int:
@@ -155,7 +173,7 @@ class Slots:
         thrown away); eager, the step runs on exactly n rows and the window the rows need.
         """
         n = tokens.size(0)
-        if self.fast is not None and not self.fast.hooked():
+        if not self.compile and self.fast is not None and not self.fast.hooked():
             return self.fast(tokens, positions, self.cache, longest)
         if not self.compile and aligned:  # every row at position longest-1: no mask, plain attention
             view = self.cache.first_rows(n)
@@ -167,7 +185,8 @@ class Slots:
         if rows > n:  # free rows decode token 0 at position 0 of their own row
             tokens = torch.cat([tokens, tokens.new_zeros(rows - n)])
             positions = torch.cat([positions, positions.new_zeros(rows - n)])
-        return self._step(self.model, tokens, positions, self.cache, window)[:n]
+        step = _decode if self.fast is not None and self.fast.hooked() else self._step  # hooks run eagerly
+        return step(self.model, tokens, positions, self.cache, window)[:n]
 
     def prefill(
         self, prompts: list[list[int]], scratch: KVCache | None, start: int, end: int
@@ -195,3 +214,21 @@ def _decode(
 ) -> torch.Tensor:
     """Return the logits (B, vocab) of one decoding step: token b at positions[b] in row b of cache."""
     return model(tokens[:, None], cache=cache, start=positions, last_only=True, window=window)[:, -1]
+
+
+_N_STEPS = itertools.count()
+
+
+def _fast_decode(fast: DecodeStep, cache: KVCache) -> Callable:
+    """Return _decode's function on fast's step, its per-layer views of cache (allocated once) made now.
+
+    The function has a code object of its own: dynamo keeps compiled graphs per code object, so this
+    engine's graphs are checked only against its own calls (_step_guards skips the weights' guards).
+    """
+    fast._layer_views(cache)
+
+    def decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, window: int) -> torch.Tensor:
+        return fast._step(tokens, positions, cache, window)
+
+    decode.__code__ = decode.__code__.replace(co_name=f"decode_{next(_N_STEPS)}")
+    return decode
