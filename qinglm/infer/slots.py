@@ -220,12 +220,12 @@ _N_STEPS = itertools.count()
 
 
 def _fast_decode(fast: DecodeStep, cache: KVCache) -> Callable:
-    """Return _decode's function on fast's step, its per-layer views of cache (allocated once) made now.
+    """Return _decode's function on fast's step, traced (it writes the cache itself, not views of it).
 
     The function has a code object of its own: dynamo keeps compiled graphs per code object, so this
     engine's graphs are checked only against its own calls (_step_guards skips the weights' guards).
     """
-    fast._layer_views(cache)
+    fast.traced = True
 
     def decode(model, tokens: torch.Tensor, positions: torch.Tensor, cache, window: int) -> torch.Tensor:
         return fast._step(tokens, positions, cache, window)
