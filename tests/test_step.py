@@ -71,6 +71,16 @@ def test_bf16_and_int8_follow_the_model():
     check_steps(quantize(tiny(n_kv_heads=2, tie_embeddings=False, bias=True)), atol=1e-4)
 
 
+def test_torchao_quantized_weights_run_through_f_linear():
+    """A Linear whose weight is a tensor subclass (torchao's int8 weight-only) cannot be transposed for addmm:
+    the step calls F.linear on it, as the model's forward does (it raised NotImplementedError before)."""
+    ao = pytest.importorskip("torchao.quantization")
+    model = tiny(n_kv_heads=2)
+    ao.quantize_(model, ao.Int8WeightOnlyConfig())
+    assert type(model.blocks[0].attn.out.weight.data) is not torch.Tensor
+    check_steps(model, atol=1e-4)
+
+
 def test_merged_lora_takes_the_fast_step_and_unmerged_falls_back():
     model = tiny()
     apply_lora(model, rank=4)

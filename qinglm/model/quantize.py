@@ -14,6 +14,10 @@ benchmarks/inference.py; decode is memory-bound at small batch, so bytes per wei
 - Dequantizing to fp32 on the fly before ``F.linear`` rebuilds the fp32 weight every call: slower
   than not quantizing at all.
 - bf16 weights (``model.to(torch.bfloat16)``) halve the bytes: 1.0-1.5x fp32's decode speed.
+- torchao 0.18's ``Int8WeightOnlyConfig`` (the issue-23 engine, batch 1, 128 greedy tokens, 2026-12-07): tiny
+  531 tok/s eager / 1,053 compiled against 1,457 / 2,070 here (1 thread); small 70 / 178 against 489 / 720
+  (1 thread) and 127 / 359 against 620 / 994 (2 threads). Its int4 weight-only has no CPU kernel in that
+  version (plain needs the mslk package, plain_int32 refuses the CPU). So this module's kernel stays.
 Measured: int8 decodes 2.1x (tiny) / 2.7x (small) faster than fp32 at batch 1 and 1.6x / 2.1x at
 batch 8, and changes the val BPC of a trained tiny model from 5.7229 to 5.7234 (+0.0005; bf16
 weights: -0.0001). Quantized models are for inference only (no gradients).
