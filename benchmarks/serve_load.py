@@ -6,7 +6,7 @@ stream=true and greedy decoding. Every streamed output is checked against the sa
 alone through the library (lm.generate), so mixed-up or corrupted streams are counted as wrong.
 
     python -m benchmarks.serve_load [--model RUN] [--clients 50] [--max-tokens 32] [--batch-sizes 1 16]
-                                    [--spread 2]   (clients arrive evenly over 2 s)
+                                    [--spread 2]   (clients arrive evenly over 2 s) [--compile]
 
 Old vs new engine: copy this benchmarks/ into the other checkout and run the same command from its root
 (`python -m` puts the current directory first on sys.path, so PYTHONPATH alone does not switch trees; the
@@ -109,6 +109,11 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--spread", type=float, default=0.0, help="seconds over which the clients arrive")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="serve --compile: the step compiled for every shape before serving",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +135,12 @@ def main() -> None:
     print("-" * len(header))
     for batch in args.batch_sizes:
         cfg = ServeConfig(max_tokens_cap=args.max_tokens, max_batch_size=batch, max_queue=args.clients + 8)
+        if args.compile:
+            cfg.compile = True
+        t0 = time.perf_counter()
         with serve_in_thread(create_app(lm, cfg)) as url:
+            if args.compile:
+                print(f"      (started in {time.perf_counter() - t0:.0f} s, compiles included)", flush=True)
             results, wall = asyncio.run(load(url, texts, args.max_tokens, args.spread))
         correct = sum(r["text"] == e for r, e in zip(results, expected))
         ttfts = [r["ttft"] for r in results if r["ttft"] is not None]

@@ -1,5 +1,7 @@
 """The static-cache decode engine: exact against full recomputation, rows joining and leaving, budgets."""
 
+import threading
+
 import pytest
 import torch
 
@@ -161,6 +163,41 @@ def test_compiled_step_recompiles_a_bounded_number_of_times(monkeypatch):
     assert engine.slots.n_graphs == 4
     assert counts[2] > counts[0] and counts[-1] == 4
     torch._dynamo.reset()
+
+
+def test_warm_up_compiles_every_shape_so_no_request_waits_for_a_compile(monkeypatch):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(slots_module, "COMPILE_OPTIONS", {"backend": "eager", "dynamic": False})
+    model = model_of("modern-gqa")
+    engine = Engine(model, max_batch_size=8, compile=True)
+    assert engine.warm_up() == engine.slots.n_graphs == 4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    for i in range(7):
+        engine.add(i, Request([2] + list(range(10, 13 + 2 * i)), greedy(3 + 3 * i)))
+    out = {}
+    while engine.busy:
+        for ev in engine.step():
+            out.setdefault(ev.row, []).extend(ev.ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # nothing compiled while serving
+    assert out[3] == naive_greedy(model, [2] + list(range(10, 19)), 12)  # the warm-up's writes did no harm
+    assert Engine(model).warm_up() == 0  # eager: nothing to compile
+    torch._dynamo.reset()
+
+
+def test_the_server_worker_warms_its_compiled_engine_up_before_serving(monkeypatch):
+    from types import SimpleNamespace
+
+    from qinglm.serve.scheduler import Scheduler
+
+    calls = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(threading.current_thread().name) or 3)
+    lm = SimpleNamespace(model=model_of("modern-gqa"), tokenizer=None, device=torch.device("cpu"))
+    for compile in (False, True):
+        scheduler = Scheduler(lm, compile=compile)
+        scheduler.start()  # returns once the worker is ready
+        scheduler.stop()
+    assert calls == ["qinglm-serve-worker"]  # compiled only, in the thread that decodes
 
 
 def test_a_group_of_identical_prompts_is_prefilled_once_and_long_prompts_in_chunks():

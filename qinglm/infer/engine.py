@@ -141,6 +141,17 @@ class Engine:
         """Return the number of requests prefilling or decoding."""
         return len(self.active) + (len(self.prefilling.rows) if self.prefilling else 0)
 
+    def warm_up(self) -> int:
+        """Compile the decoding step for every shape it can take (compiled engines; a no-op eager), so no
+        request waits for a compile; return the number of shapes."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self.slots.warm_up()
+        finally:
+            self.model.train(was_training)
+
     # -------------------------------------------------------------- one step
 
     def step(self) -> list[Event]:

@@ -119,6 +119,17 @@ class Slots:
             options["options"] = {**options.get("options", {}), **FAST_OPTIONS}
         self._step = compiled(step, compile, log, "decoding", **options)
 
+    def warm_up(self) -> int:
+        """Compile every (rows, window) shape now, each on free rows (token 0 at position 0, which a row's
+        prefill overwrites); return how many (0 eager). A server does this before its first request."""
+        if not self.compile:
+            return 0
+        shapes = [(r, w) for r in _powers(1, self.rows, 2) for w in _powers(WINDOW, self.positions, 4)]
+        for rows, window in shapes:
+            tokens, positions = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
+            self._step(self.model, tokens, positions, self.cache, window)  # two tensors: aliasing is guarded
+        return len(shapes)
+
     @property
     def positions(self) -> int:
         """Return the positions each row of the cache holds."""

@@ -233,7 +233,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     server = uvicorn.Server(uvicorn_config(app, app.state.config, host, port))
     thread = threading.Thread(target=server.run, name="qinglm-serve-http", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 900  # a compiled server compiles every shape of its step first
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the server did not start on {host}:{port}")

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from qinglm.errors import QingLMError
@@ -87,14 +88,17 @@ class Scheduler:
         self._active = 0  # jobs submitted and not finished
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
 
     # -------------------------------------------------------------- app side
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker thread; return once it is ready (compiled: every shape of the step compiled)."""
         if self._thread is None:
+            self._ready.clear()
             self._thread = threading.Thread(target=self._work, name="qinglm-serve-worker", daemon=True)
             self._thread.start()
+            self._ready.wait()
 
     def stop(self) -> None:
         """Stop the worker after its current step; unfinished jobs are dropped."""
@@ -137,8 +141,22 @@ class Scheduler:
             log=log.warning,
         )
 
+    def _warm_engine(self) -> Engine:
+        """Return the worker's engine, its step compiled for every shape when compiling (in this thread: CUDA
+        graphs replay in the thread that captured them); ready is set either way."""
+        try:
+            engine = self._engine()
+            if self.compile:
+                t0 = time.perf_counter()
+                log.warning("compiling the decoding step for every batch and context shape before serving...")
+                n = engine.warm_up()
+                log.warning(f"compiled {n} shapes in {time.perf_counter() - t0:.0f} s; serving")
+            return engine
+        finally:
+            self._ready.set()
+
     def _work(self) -> None:
-        engine, jobs = self._engine(), set()  # jobs: those added to the engine and not finished
+        engine, jobs = self._warm_engine(), set()  # jobs: those added to the engine and not finished
         while True:
             if not self._take(engine, jobs, wait=not engine.busy):
                 return
