@@ -71,6 +71,25 @@ def test_bf16_and_int8_follow_the_model():
     check_steps(quantize(tiny(n_kv_heads=2, tie_embeddings=False, bias=True)), atol=1e-4)
 
 
+@pytest.mark.parametrize("option", ["gqa", "qk-norm", "classic"])
+def test_traced_writes_store_and_read_what_the_eager_views_do(option):
+    """The compiled step writes cache.k/v with index_put_ (traced); eager it writes flat views: same cache, logits."""
+    model = tiny(**OPTIONS[option])
+    eager, traced = DecodeStep.of(model), DecodeStep.of(model)
+    traced.traced = True
+    caches = [KVCache(model.cfg, 4, CTX) for _ in range(2)]
+    positions = torch.tensor([0, 7, 3])
+    for i in range(12):
+        tokens = torch.tensor([i % V, (5 * i) % V, (11 * i + 3) % V])
+        window = int(positions.max()) + 1
+        with torch.inference_mode():
+            want = eager(tokens, positions, caches[0], window)
+            got = traced(tokens, positions, caches[1], window)
+        assert torch.equal(got, want), f"step {i}"
+        positions = positions + 1
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
 def test_torchao_quantized_weights_run_through_f_linear():
     """A Linear whose weight is a tensor subclass (torchao's int8 weight-only) cannot be transposed for addmm:
     the step calls F.linear on it, as the model's forward does (it raised NotImplementedError before)."""

@@ -145,9 +145,8 @@ class DecodeStep:
 
     def _residual(self, m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Return (x, y) -> x + m(y): one addmm for a plain Linear without bias."""
-        plain = (
-            type(m) is nn.Linear and type(m.weight.data) is torch.Tensor
-        )  # not a quantized tensor subclass
+        # A quantized tensor subclass (torchao's) has no transpose for addmm: it goes through F.linear.
+        plain = type(m) is nn.Linear and type(m.weight.data) is torch.Tensor
         if plain and m.bias is None and m.weight.numel() < SHARED_MACS:
             wt = m.weight.t()
             return lambda x, y: torch.addmm(x, y.to(x.dtype), wt)
