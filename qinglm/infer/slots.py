@@ -103,7 +103,10 @@ class Slots:
             positions = min(self.max_len, kv_tokens)
             self.reserve(min(max_rows, kv_tokens // positions), positions)
             self.max_rows = self.rows
-            self.n_graphs = n_graphs = len(_powers(1, self.rows, 2)) * len(_powers(WINDOW, self.positions, 4))
+            self.shapes = [
+                (r, w) for r in _powers(1, self.rows, 2) for w in _powers(WINDOW, self.positions, 4)
+            ]
+            self.n_graphs = n_graphs = len(self.shapes)  # every (rows, window) bucket a step can take
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, n_graphs + 1)
         # The standard families decode through the fast step (eager, and compiled on CPUs); anything else
@@ -124,11 +127,10 @@ class Slots:
         prefill overwrites); return how many (0 eager). A server does this before its first request."""
         if not self.compile:
             return 0
-        shapes = [(r, w) for r in _powers(1, self.rows, 2) for w in _powers(WINDOW, self.positions, 4)]
-        for rows, window in shapes:
+        for rows, window in self.shapes:
             tokens, positions = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
             self._step(self.model, tokens, positions, self.cache, window)  # two tensors: aliasing is guarded
-        return len(shapes)
+        return len(self.shapes)
 
     @property
     def positions(self) -> int:
