@@ -9,6 +9,7 @@ from qinglm.infer.generate import generate, generate_ids, stream
 from qinglm.infer.sampling import (
     N_CONTROL_IDS,
     RowSettings,
+    SeenTokens,
     apply_repetition_penalty,
     sample_next,
     sample_rows,
@@ -76,6 +77,32 @@ def test_repetition_penalty_never_lowers_control_tokens():
     out = apply_repetition_penalty(logits, prev, 2.0)
     assert torch.equal(out[:, :N_CONTROL_IDS], logits[:, :N_CONTROL_IDS])
     assert out[0, 7] < logits[0, 7] and out[1, 8] < logits[1, 8]
+
+
+def test_seen_tokens_penalise_as_the_dense_penalty_does():
+    """The engine's sparse record: the same logits as apply_repetition_penalty on each row's history, with
+    tokens held twice, control ids, a record replaced by a shorter one and a row moved into another's slot."""
+    gen = torch.Generator().manual_seed(0)
+    seen = SeenTokens(3, 12, N_CONTROL_IDS, torch.device("cpu"))
+    histories = [[9, 9, 40, 3, 61], list(range(8, 20)), [2, 33, 70, 71, 72, 73, 74, 75]]
+    for i, h in enumerate(histories):
+        seen.set(i, torch.tensor(h))
+    seen.set(1, torch.tensor([50, 51]))  # shorter than before: the old ids beyond it must not count
+    histories[1] = [50, 51]
+    seen.append(torch.tensor([40, 7, 5]))  # 40 again for row 0, a control id (5) for row 2
+    histories = [h + [t] for h, t in zip(histories, [40, 7, 5])]
+    seen.move(2, 0)  # row 2 leaves slot 2 for slot 0
+    histories[0] = histories[2]
+    for n, penalty in ((2, [2.0, 1.5]), (1, [3.0])):
+        logits = torch.randn(n, V, generator=gen)
+        want = torch.cat(
+            [
+                apply_repetition_penalty(logits[k : k + 1], torch.tensor([histories[k]]), penalty[k])
+                for k in range(n)
+            ]
+        )
+        assert torch.equal(seen.penalise(logits.clone(), torch.tensor(penalty)), want)
+    assert seen.of(0) == {33, 70, 71, 72, 73, 74, 75} and seen.of(1) == {50, 51, 7}
 
 
 @pytest.mark.parametrize("family", ["modern", "classic"])

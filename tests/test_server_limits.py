@@ -124,8 +124,8 @@ def test_a_row_whose_sampling_fails_ends_alone_and_its_batch_finishes(url, lm, m
 
     batched = []  # sizes of the batches a faulty row was sampled in
 
-    def sample_rows(logits, rows, prev, counted):  # a fault of the rows with top_k == 7, as a bug would be
-        out = real(logits, rows, prev, counted)  # after every row drew its token
+    def sample_rows(logits, rows, uniform):  # a fault of the rows with top_k == 7, as a bug would be
+        out = real(logits, rows, uniform)  # after every row drew its token
         if any(r.cfg.top_k == 7 for r in rows):
             batched.append(len(rows))
             raise RuntimeError("simulated sampling fault")

@@ -129,6 +129,32 @@ def test_what_it_cannot_run_falls_back():
     handle.remove()
 
 
+@pytest.mark.parametrize("change", ["in place", "load_state_dict", "new storage"])
+def test_weights_changed_after_the_step_was_bound_are_read(change):
+    """On a CPU the step reads fp32 weights from (in, out) copies: a change to the weights in place (an optimizer
+    step without fused=True, load_state_dict) or to their storage reaches the next step's logits."""
+    model = tiny(n_kv_heads=2, bias=True)
+    step = DecodeStep.of(model)
+    assert step.layout.items  # the copies exist: without a refresh the logits below would be the old model's
+    other = tiny(n_kv_heads=2, bias=True)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-0.7).add_(0.01)
+        if change == "in place":
+            for p, q in zip(model.parameters(), other.parameters()):
+                p.copy_(q)
+        elif change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        else:
+            for p, q in zip(model.parameters(), other.parameters()):
+                p.data = q.detach().clone()
+    tokens, positions = torch.tensor([5, 9]), torch.tensor([0, 0])
+    with torch.inference_mode():
+        want = reference(other, tokens, positions, KVCache(other.cfg, 2, CTX), 1)
+        got = step(tokens, positions, KVCache(model.cfg, 2, CTX), 1)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_threads_are_one_inside_and_the_callers_after():
     model = tiny()
     step = DecodeStep.of(model)
@@ -150,11 +176,12 @@ def test_large_matmuls_get_the_callers_threads_back(monkeypatch):
     model = tiny()
     step = DecodeStep.of(model)
     monkeypatch.setattr(step_module, "SHARED_MACS", 256 * 32)  # the MLP's up projection: only it is large
-    seen, linear = [], torch.nn.functional.linear
+    seen, mm, addmm = [], torch.mm, torch.addmm  # fp32 on a CPU: x @ the weight's (in, out) copy
     monkeypatch.setattr(
-        torch.nn.functional,
-        "linear",
-        lambda x, w, b=None: (seen.append((w.size(0), torch.get_num_threads())), linear(x, w, b))[1],
+        torch, "mm", lambda x, w: (seen.append((w.size(1), torch.get_num_threads())), mm(x, w))[1]
+    )
+    monkeypatch.setattr(
+        torch, "addmm", lambda a, x, w: (seen.append((w.size(1), torch.get_num_threads())), addmm(a, x, w))[1]
     )
     before = torch.get_num_threads()
     try:
@@ -236,4 +263,8 @@ def test_the_compiled_cpu_step_decodes_the_eager_tokens():
     for _ in range(2):  # the engines take turns: neither runs the other's graphs
         for model, engine in zip(models, engines):
             assert drive(engine, arrivals) == run(model, arrivals, max_batch_size=2)
+    with torch.no_grad():  # trained in place: the compiled step reads the weights' refreshed copies
+        models[0].head.weight.mul_(-1.0)
+        models[0].blocks[0].mlp.up.weight.mul_(1.7)
+    assert drive(engines[0], arrivals) == run(models[0], arrivals, max_batch_size=2)
     torch._dynamo.reset()

@@ -59,7 +59,7 @@ import torch
 
 from qinglm.errors import QingLMError
 from qinglm.infer.request import Event, Request, Row, check_request
-from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, greedy, penalise_seen, sample_rows
+from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, SeenTokens, greedy, sample_rows
 from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
 from qinglm.model.transformer import Transformer
 
@@ -107,7 +107,8 @@ class Engine:
         self.kv_tokens = full if kv_tokens is None else kv_tokens
         self.slots = Slots(model, max_batch_size, self.kv_tokens, self.device, compile, log)
         self.active: list[Row] = []  # row i of the cache is active[i]
-        self.seen = torch.zeros(max_batch_size, model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        # A row holds at most its context's tokens and the one sampled last.
+        self.seen = SeenTokens(max_batch_size, self.max_len + 1, self.n_control, self.device)
         self.waiting: collections.deque[Row] = collections.deque()
         self.prefilling: _Prefill | None = None
         self._ready: list[Event] = []  # events that need no step (max_new_tokens 0)
@@ -221,26 +222,28 @@ class Engine:
         self.slots.store(list(range(n, n + len(new))), job.scratch, src, [r.length for r in new])
         for i, r in enumerate(new, start=n):
             r.placed = True
-            self.seen[i] = False
             ids = torch.tensor(r.req.prompt_ids, device=self.device)
             if r.req.counted is not None:
                 ids = ids[torch.tensor(list(r.req.counted), dtype=torch.bool, device=self.device)]
-            self.seen[i, ids[ids >= self.n_control]] = True  # the prompt tokens the penalty counts
+            self.seen.set(i, ids[ids >= self.n_control])  # the prompt tokens the penalty counts
         self.active += new
         return logits[torch.tensor(src, device=self.device)]
 
     def _sample(self, logits: torch.Tensor) -> list[Event]:
         """Return the events of the active rows after sampling a token for each from logits (n, vocab)."""
-        rows, n = self.active, len(self.active)
+        rows = self.active
         uniform = self._uniform(rows)
-        seen = self.seen[:n]
+        logits = logits.float()
+        penalty = [r.cfg.repetition_penalty for r in rows]
+        penalised = any(p != 1.0 for p in penalty)  # only a penalised row ever reads its seen tokens
+        if penalised:
+            logits = self.seen.penalise(logits, torch.tensor(penalty, device=logits.device))
         if self.isolate_rows:
-            tokens, failed = _sample_apart(logits, rows, uniform, seen)
+            tokens, failed = _sample_apart(logits, rows, uniform)
         else:
-            tokens, failed = _sample_rows(logits, rows, uniform, seen), {}
-        if any(r.cfg.repetition_penalty != 1.0 for r in rows):  # only a penalised row ever reads its seen ids
-            self.seen[torch.arange(n, device=self.device), tokens] = True
-            self.seen[:n, : self.n_control] = False  # control tokens are never penalised
+            tokens, failed = _sample_rows(logits, rows, uniform), {}
+        if penalised:
+            self.seen.append(tokens)
         events, done = [], []
         for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
             ev = self._event(row, tok, failed.get(k))
@@ -270,7 +273,7 @@ class Engine:
             last = len(self.active) - 1
             if i != last:
                 self.slots.move(last, i, self.active[last].length)
-                self.seen[i] = self.seen[last]
+                self.seen.move(last, i)
                 self.active[i] = self.active[last]
             self.active.pop()
 
@@ -368,32 +371,26 @@ class Generation:
                 yield events
 
 
-def _sample_rows(
-    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor, seen: torch.Tensor
-) -> torch.Tensor:
-    """Return the next token (n,) of each row: its repetition penalty, temperature, top-k, top-p, all at once."""
-    logits = logits.float()
-    penalty = [r.cfg.repetition_penalty for r in rows]
-    if any(p != 1.0 for p in penalty):
-        logits = penalise_seen(logits, seen, torch.tensor(penalty, device=logits.device))
+def _sample_rows(logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor) -> torch.Tensor:
+    """Return the next token (n,) of each row of penalised logits: its temperature, top-k, top-p, all at once."""
     if all(r.cfg.temperature == 0 for r in rows):
         return greedy(logits)
     return sample_rows(logits, RowSettings.of([r.cfg for r in rows], logits.device), uniform)
 
 
 def _sample_apart(
-    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor, seen: torch.Tensor
+    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor
 ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Return _sample_rows' tokens and {k: error} of the rows whose sampling raised (token 0 for them)."""
     try:
-        return _sample_rows(logits, rows, uniform, seen), {}
+        return _sample_rows(logits, rows, uniform), {}
     except Exception:  # find the rows at fault: sample each alone with the same numbers
         pass
     out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     failed: dict[int, Exception] = {}
     for k, row in enumerate(rows):
         try:
-            out[k] = _sample_rows(logits[k : k + 1], [row], uniform[k : k + 1], seen[k : k + 1])[0]
+            out[k] = _sample_rows(logits[k : k + 1], [row], uniform[k : k + 1])[0]
         except Exception as e:
             failed[k] = e
     return out, failed

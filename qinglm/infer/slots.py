@@ -199,6 +199,8 @@ class Slots:
             tokens = torch.cat([tokens, tokens.new_zeros(rows - n)])
             positions = torch.cat([positions, positions.new_zeros(rows - n)])
         step = _decode if self.fast is not None and self.fast.hooked() else self._step  # hooks run eagerly
+        if step is self._step and self.fast is not None:
+            self.fast.layout.refresh()  # the compiled step reads the weights' copies
         return step(self.model, tokens, positions, self.cache, window)[:n]
 
     def prefill(
