@@ -89,9 +89,8 @@ def run_baseline(seconds: float, over: dict, split_by: str) -> dict:
 
 def run_qinglm(seconds: float, over: dict, split_by: str) -> dict:
     from qinglm.config import PRESETS, ModelConfig
-    from qinglm.pipeline import DEFAULT_MAX_EPOCHS
     from qinglm.train import train
-    from qinglm.train.config import TrainConfig
+    from qinglm.train.config import DEFAULT_MAX_EPOCHS, TrainConfig
 
     r = {"num_epochs": DEFAULT_MAX_EPOCHS, **QINGLM, **over}
     vocab = r.pop("vocab", PRESETS["tiny"]["vocab_size"])

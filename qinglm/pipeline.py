@@ -19,12 +19,12 @@ from typing import Any
 from qinglm import run_dir as run_dirs
 from qinglm.config import ModelConfig, from_dict, load_config_file, preset_model, resolve_model, to_dict
 from qinglm.errors import QingLMError
-from qinglm.train.config import TrainConfig, check_train, split_sections
+from qinglm.train.config import DEFAULT_MAX_EPOCHS, TrainConfig, check_train, split_sections
 from qinglm.train.driver import launch_torchrun, raise_if_interrupted, write_report
 from qinglm.train.support import check_supported
 
 DEFAULT_MAX_TIME = 8.0  # minutes: the README's main job fits in 15 minutes on 2 CPU cores
-DEFAULT_MAX_EPOCHS = 8.0  # ... or this many passes, whichever comes first (a GPU gets there in a minute)
+# ... or DEFAULT_MAX_EPOCHS passes (qinglm.train.config), whichever comes first (a GPU gets there in a minute)
 
 
 # ---------------------------------------------------------------------------- documents

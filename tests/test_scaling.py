@@ -19,6 +19,7 @@ from qinglm.cli import main
 from qinglm.errors import QingLMError
 from qinglm.train import scaling
 from qinglm.train.budget import make_plan, speed_line
+from qinglm.train.config import DEFAULT_MAX_EPOCHS
 from qinglm.train.scaling import Budget, ScalingFit, fit_law, load_fit, parse_budget, shape_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,9 +111,14 @@ def test_the_chosen_model_grows_with_the_budget():
     assert bpcs == sorted(bpcs, reverse=True)
 
 
-def test_a_flop_budget_spends_its_flops():
-    plan = make_plan(Budget(flops=1e14), measure_s=0, fit=synthetic_fit())
-    assert plan.best.tokens * plan.best.flops_per_token == pytest.approx(1e14)
+def test_a_flop_budget_spends_its_flops_up_to_the_pass_limit():
+    fit = synthetic_fit()
+    for flops in (1e10, 1e14):  # 1.2 passes, then past the limit
+        plan = make_plan(Budget(flops=flops), measure_s=0, fit=fit)
+        cap = DEFAULT_MAX_EPOCHS * fit.train_characters / fit.chars_per_token[plan.best.vocab]
+        assert plan.best.tokens == pytest.approx(min(flops / plan.best.flops_per_token, cap))
+        assert plan.passes <= DEFAULT_MAX_EPOCHS + 1e-9
+    assert plan.passes == pytest.approx(DEFAULT_MAX_EPOCHS)  # 1e14 buys more than 8 passes of this data
 
 
 def test_speed_line_is_never_faster_for_a_larger_model():
@@ -194,6 +200,7 @@ def test_train_with_a_tiny_budget_picks_a_shape_and_stops(tmp_path, monkeypatch,
     assert "--budget 3s: the scaling law's best model" in log
     cfg = read_config(out)
     assert cfg["train"]["max_time"] == pytest.approx(3 / 60)
+    assert cfg["train"]["num_epochs"] == DEFAULT_MAX_EPOCHS  # or the passes, whichever comes first
     assert cfg["train"]["budget"] == "3s"
     assert cfg["model"]["d_model"] == 64 * cfg["model"]["n_layers"]
 

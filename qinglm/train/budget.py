@@ -11,6 +11,7 @@ from typing import Any
 
 from qinglm.config import ModelConfig, _f, resolve_model
 from qinglm.errors import QingLMError
+from qinglm.train.config import DEFAULT_MAX_EPOCHS
 from qinglm.train.scaling import Budget, ScalingFit, load_fit, parse_budget, shape_for
 from qinglm.typecheck import check_types
 
@@ -243,10 +244,11 @@ def make_plan(
     for c in cands:
         if budget.flops is not None:
             c.tokens = budget.flops / c.flops_per_token
-            c.seconds = c.tokens / c.tokens_per_s
         else:
-            c.seconds = budget.seconds or 0.0
-            c.tokens = c.tokens_per_s * c.seconds
+            c.tokens = c.tokens_per_s * (budget.seconds or 0.0)
+        # The run stops after DEFAULT_MAX_EPOCHS passes (more measured worse on unseen text), sooner if need be.
+        c.tokens = min(c.tokens, DEFAULT_MAX_EPOCHS * fit.train_characters / fit.chars_per_token[c.vocab])
+        c.seconds = c.tokens / c.tokens_per_s if c.tokens_per_s else budget.seconds or 0.0
         c.bpc = fit.predict(c.n, max(c.tokens, 1.0) * fit.chars_per_token[c.vocab], c.vocab)
     best = min(cands, key=lambda c: (c.bpc, c.dial))
     train_tokens = fit.train_characters / fit.chars_per_token[best.vocab]
@@ -279,7 +281,12 @@ def plan_lines(plan: Plan) -> list[str]:
         f"{b.model.n_heads}, vocab {b.vocab:,}: {b.params / 1e6:.2f}M parameters ({b.n / 1e6:.2f}M outside the "
         f"embedding), lr {shape['lr']:.2g}, batch {shape['batch_size']} x {shape['seq_len']}",
         f"it will see {b.tokens / 1e6:,.1f}M tokens ({plan.passes:.1f} passes over the data) at "
-        f"{b.tokens_per_s:,.0f} tokens/s in {duration(b.seconds)}; one pass takes {duration(plan.pass_seconds)}",
+        f"{b.tokens_per_s:,.0f} tokens/s in {duration(b.seconds)}; one pass takes {duration(plan.pass_seconds)}"
+        + (
+            f" (it stops after {DEFAULT_MAX_EPOCHS:g} passes: more did worse on unseen text)"
+            if plan.passes >= DEFAULT_MAX_EPOCHS - 1e-6
+            else ""
+        ),
         f"expected held-out bits/char: {b.bpc:.3f}"
         + (" (extrapolated past the measured points)" if plan.extrapolated else ""),
         f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
@@ -319,7 +326,8 @@ def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = prin
     fields named in given were set by the user, who keeps them), after logging the plan and why.
 
     The run's length is the budget: max_time for a time (the training itself; the tokenizer, the data and
-    the timing come before it), max_steps for a FLOP count.
+    the timing come before it), max_steps for a FLOP count; and at most DEFAULT_MAX_EPOCHS passes over the data,
+    whichever comes first (at 30 CPU-minutes tiny's 19 passes did worse on unseen text than 8).
     """
     from qinglm.device import resolve_compile, resolve_device
 
@@ -334,6 +342,7 @@ def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = prin
         budget, device.type, train.budget_measure_s, compile=resolve_compile(train.compile, device)
     )
     model, fields = plan.train_fields()
+    fields["num_epochs"] = DEFAULT_MAX_EPOCHS  # whichever comes first: the budget or the passes
     if budget.seconds is not None:
         fields["max_time"] = budget.seconds / 60
     else:
