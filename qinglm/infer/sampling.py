@@ -46,7 +46,12 @@ def apply_repetition_penalty(
     )
     seen = torch.zeros_like(logits).scatter_add_(1, prev_ids, weight) > 0  # (B, V)
     seen[:, :n_control] = False
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return torch.where(seen, _penalised(logits, penalty), logits)
+
+
+def _penalised(logits: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """Return logits made less likely by penalty: a positive one divided by it, a negative one multiplied."""
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
 
 
 def sample_next(
@@ -140,8 +145,8 @@ class SeenTokens:
         if width == 0:
             return logits
         ids = self.ids[:n, :width]
-        values, p = logits.gather(1, ids), penalty[:, None].to(logits.dtype)
-        penalised = torch.where(values > 0, values / p, values * p)
+        values = logits.gather(1, ids)
+        penalised = _penalised(values, penalty[:, None].to(logits.dtype))
         return logits.scatter_(1, ids, torch.where(ids >= self.n_control, penalised, values))
 
 
