@@ -16,12 +16,15 @@ inverse CDF, so the same seed gives each its own (equally distributed) tokens.
 Variants: fp32; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed per row); grpo (GRPO's rollouts:
 groups of 8 rows share a prompt, temperature 1, no top-k/top-p/repetition penalty, a seed per row: the
 post-training benchmark's step is --batches 16 --new-tokens 32); int8 (qinglm.model.quantize); compiled
-(this tree's Engine(compile=True), one kept across rounds as the server keeps one; the baseline eager).
+(this tree's Engine(compile=True), one kept across rounds as the server keeps one; the baseline eager);
+bf16 and bf16-compiled (this tree with `--quantize bf16` weights, eager / compiled, against the baseline in
+fp32: what a user switching gets; the tokens are bf16's own, so they are not compared).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -84,6 +87,9 @@ def worker(args: argparse.Namespace) -> None:
     model = Transformer(ModelConfig(**PRESETS[args.preset], max_seq_len=512)).eval()
     if args.variant == "int8":
         quantize(model, "int8")
+    ours = model  # the model this tree's engine runs
+    if args.variant.startswith("bf16"):
+        ours = quantize(copy.deepcopy(model), "bf16")
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(10, model.cfg.vocab_size, (args.batch, 10), generator=gen).tolist()
     if args.variant == "grpo":  # a group of rows answers each prompt
@@ -110,18 +116,16 @@ def worker(args: argparse.Namespace) -> None:
             for i in range(len(prompts))
         ]
 
-    def run(module, **kw) -> list[list[int]]:
+    def run(module, m) -> list[list[int]]:
         ids = [[] for _ in prompts]
-        for events in module.Generation(
-            model, [module.Request([2, *p], c) for p, c in zip(prompts, cfgs)], **kw
-        ):
+        for events in module.Generation(m, [module.Request([2, *p], c) for p, c in zip(prompts, cfgs)]):
             for ev in events:
                 ids[ev.row] += ev.ids
         return ids
 
     kept = (
-        engine.Engine(model, max_batch_size=len(prompts), compile=True)
-        if args.variant == "compiled"
+        engine.Engine(ours, max_batch_size=len(prompts), compile=True)
+        if args.variant.endswith("compiled")
         else None
     )
 
@@ -135,8 +139,8 @@ def worker(args: argparse.Namespace) -> None:
         return ids
 
     contestants = {
-        "baseline": lambda: run(old),
-        "this": run_kept if kept is not None else lambda: run(engine),
+        "baseline": lambda: run(old, model),
+        "this": run_kept if kept is not None else lambda: run(engine, ours),
     }
     out = {}
     for name, fn in contestants.items():
@@ -161,7 +165,10 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument(
-        "--variants", nargs="+", default=["fp32"], choices=["fp32", "sampled", "grpo", "int8", "compiled"]
+        "--variants",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "sampled", "grpo", "int8", "compiled", "bf16", "bf16-compiled"],
     )
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
@@ -195,12 +202,12 @@ def main() -> None:
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
                     b, t = r["baseline"]["tok_s"], r["this"]["tok_s"]
                     same = r["baseline"]["tokens"] == r["this"]["tokens"]  # sampled: each engine's own draw
-                    warm = f" (warm-up {r['this']['warmup_s']:.1f} s)" if variant == "compiled" else ""
+                    warm = f" (warm-up {r['this']['warmup_s']:.1f} s)" if "compiled" in variant else ""
                     print(
                         f"| {preset} | {batch} | {threads} | {variant}{warm} | {statistics.median(b):,.0f} "
                         f"({max(b):,.0f}) | {statistics.median(t):,.0f} ({max(t):,.0f}) | "
                         f"{statistics.median(t) / statistics.median(b):.2f}x ({max(t) / max(b):.2f}x) | "
-                        f"{same if variant not in ('sampled', 'grpo') else '- (own draws)'} |",
+                        f"{same if variant in ('fp32', 'int8', 'compiled') else '- (own draws)'} |",
                         flush=True,
                     )
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 
 def train(spec: str, data: list[str], threads: int, out: Path) -> Path:
-    """Return the run directory of `qinglm train` for spec, PRESET:MINUTES (a time budget) or PRESET@STEPS
-    (a step budget: what those minutes give on an unloaded CPU, so a busy machine does not change the weights);
-    reused when it exists."""
+    """Return the run directory of `qinglm train` for spec, PRESET:MINUTES (a time budget), PRESET@STEPS
+    (a step budget: what those minutes give on an unloaded CPU, so a busy machine does not change the weights)
+    or budget:MINUTES (`qinglm train --budget MINUTESm`: the shape the scaling law chooses); reused when it
+    exists."""
     preset, _, minutes = spec.partition(":")
     steps = None
     if "@" in spec:
@@ -31,7 +32,11 @@ def train(spec: str, data: list[str], threads: int, out: Path) -> Path:
     if (run / "config.json").is_file():
         return run
     budget = ["--max-steps", steps] if steps else ["--max-time", minutes]
-    cmd = [sys.executable, "-m", "qinglm", "train", "--preset", preset, *budget]
+    if preset == "budget":
+        budget = ["--budget", f"{float(minutes):g}m"]
+    else:
+        budget = ["--preset", preset, *budget]
+    cmd = [sys.executable, "-m", "qinglm", "train", *budget]
     cmd += ["--data", *data, "--out", str(run), "--num-threads", str(threads), "--eval-every", "100000"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return run
@@ -55,7 +60,7 @@ def main() -> None:
         "--models",
         nargs="+",
         default=["tiny:2", "tiny:10", "small:30"],
-        help="PRESET:MINUTES or PRESET@STEPS",
+        help="PRESET:MINUTES, PRESET@STEPS or budget:MINUTES",
     )
     ap.add_argument("--train-only", action="store_true", help="train the models and stop")
     ap.add_argument("--data", nargs="+", default=["pd1998", "reviews", "idioms"])

@@ -203,7 +203,7 @@ def load(
     run_dir holds config.json, tokenizer/ and weights (best/model.safetensors, else the latest
     checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
-    faster CPU inference (qinglm.model.quantize; inference only). context runs the model at another
+    faster CPU inference, "bf16" every weight as bfloat16 (qinglm.model.quantize; inference only). context runs the model at another
     length, RoPE-scaled to reach past the trained one (qinglm.config.with_context).
     """
     from qinglm.run_dir import read_config

@@ -38,6 +38,7 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 INITS = ("default", "gpt2", "small")  # Transformer._init_weights
 ROUTERS = ("softmax", "sigmoid")
+QUANTIZATIONS = ("none", "int8", "bf16")  # qinglm.model.quantize: weights for inference
 # RoPE context extension (qinglm.model.rope), transformers' rope_type of each: default, linear, dynamic, yarn.
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn")
 # The fields that set how far a model reaches, not its weights: a run may change them (continued pretraining

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, given
+from qinglm.config import QUANTIZATIONS, ContextConfig, SamplingConfig, add_dataclass_args, given
 from qinglm.errors import QingLMError
 from qinglm.evals.cli import add_eval_options
 
@@ -35,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     p.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=QUANTIZATIONS,
         default="none",
-        help="int8: int8 weights for faster CPU inference",
+        help="int8: int8 weights (fastest on a CPU at batch 1); bf16: bfloat16 weights (fastest for batches "
+        "on CPUs with AMX, and on GPUs)",
     )
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)

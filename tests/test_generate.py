@@ -7,6 +7,7 @@ from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.generate import generate, generate_ids, stream
 from qinglm.infer.sampling import (
+    GREEDY_CHUNKED,
     N_CONTROL_IDS,
     RowSettings,
     SeenTokens,
@@ -14,6 +15,7 @@ from qinglm.infer.sampling import (
     sample_next,
     sample_rows,
 )
+from qinglm.infer.sampling import greedy as greedy_ids
 from qinglm.infer.text import encode_prompt, stream_text
 from qinglm.model.transformer import Transformer
 from qinglm.tokenizer import train_tokenizer
@@ -103,6 +105,18 @@ def test_seen_tokens_penalise_as_the_dense_penalty_does():
         )
         assert torch.equal(seen.penalise(logits.clone(), torch.tensor(penalty)), want)
     assert seen.of(0) == {33, 70, 71, 72, 73, 74, 75} and seen.of(1) == {50, 51, 7}
+
+
+@pytest.mark.parametrize("rows,vocab", [(32, 10_000), (9, 30_001), (64, 4_099)])
+def test_chunked_greedy_takes_the_first_of_equal_maxima_as_argmax(rows, vocab):
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=g)
+    assert rows * vocab >= GREEDY_CHUNKED  # the two-pass path, not max(dim)
+    assert torch.equal(greedy_ids(logits), logits.argmax(-1))
+    ties = torch.randint(0, 3, (rows, vocab), generator=g).float()  # many equal maxima in many chunks
+    assert torch.equal(greedy_ids(ties), ties.argmax(-1))
+    ties[::2, -1] = 5.0  # the maximum alone in a short last chunk
+    assert torch.equal(greedy_ids(ties), ties.argmax(-1))
 
 
 @pytest.mark.parametrize("family", ["modern", "classic"])

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization, and `qinglm generate` with --batch-size / --quantize / --stop."""
+"""Weight-only int8 and bf16 weights, and `qinglm generate` with --batch-size / --quantize / --stop."""
 
 import copy
 
@@ -77,6 +77,32 @@ def test_quantized_model_predicts_like_the_float_model(family):
     assert len(events) == 5  # the engine decodes with the quantized layers
 
 
+def decode(model: nn.Module, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
+    """Return each prompt's n greedy tokens from the engine."""
+    greedy = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_at_eos=False)
+    ids: list[list[int]] = [[] for _ in prompts]
+    for events in Generation(model, [Request(p, greedy) for p in prompts], **kw):
+        for ev in events:
+            ids[ev.row] += ev.ids
+    return ids
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_weights_predict_like_the_float_model_through_the_engine(compile):
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    model = peaked_model("modern", ids)
+    x = ids[:, :-1]
+    with torch.no_grad():
+        want = model(x).log_softmax(-1)
+    prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
+    fp32 = decode(model, prompts, 8)
+    quantize(model, "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert kl_to(want, model, x) < 1e-2
+    # A peaked model: bf16's rounding does not change its choices, eager or compiled.
+    assert decode(model, prompts, 8, compile=compile) == fp32
+
+
 def test_unknown_quantization_is_a_user_error():
     model = Transformer(ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
     with pytest.raises(QingLMError, match="unknown quantization 'int4'"):
@@ -118,6 +144,8 @@ def test_cli_batched_generation_keeps_order_and_equals_one_at_a_time(run_dir, tm
     assert one[1] == prompts[1] + lm.generate(prompts[1], max_new_tokens=12, temperature=0)
     int8 = generate_lines(capsys, run_dir, path, "--batch-size", "3", "--quantize", "int8")
     assert len(int8) == 5 and all(line.startswith(p) for line, p in zip(int8, prompts))
+    bf16 = generate_lines(capsys, run_dir, path, "--batch-size", "3", "--quantize", "bf16")
+    assert len(bf16) == 5 and all(line.startswith(p) for line, p in zip(bf16, prompts))
 
 
 def test_cli_stop_string_and_quantized_load(run_dir, tmp_path, capsys):

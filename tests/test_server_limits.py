@@ -398,6 +398,8 @@ def test_create_app_checks_its_config_as_the_cli_does(lm, tmp_path, capsys):
         ServeConfig(max_queue=0)
     with pytest.raises(QingLMError, match="port"):
         ServeConfig(port="8000")  # a wrong type is a user error too, as in every config
+    with pytest.raises(QingLMError, match="quantize"):
+        ServeConfig(quantize="int4")  # the set the CLI offers (int8, bf16) is the one the config checks
     cfg = ServeConfig()
     for field, value in (("max_batch_size", 0), ("port", 70000), ("request_timeout", float("nan"))):
         setattr(cfg, field, value)

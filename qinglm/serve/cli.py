@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise QingLMError(f"serving needs fastapi and uvicorn ({e}); pip install 'qinglm[serve]'") from None
     context = ContextConfig(**given(args, ContextConfig))
-    lm = qinglm.load(args.model, device=cfg.device, context=context)
+    lm = qinglm.load(args.model, device=cfg.device, context=context, quantize=cfg.quantize)
     app = create_app(lm, cfg)
     print(f"qinglm: serving {lm.run_dir} on http://{cfg.host}:{cfg.port} (chat page at /)", flush=True)
     if cfg.exposed and not cfg.api_key:

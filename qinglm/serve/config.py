@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from qinglm.config import _f  # a field with its --help text, as every config dataclass declares them
+from qinglm.config import QUANTIZATIONS, _f, check_choices  # _f: a field with its --help text
 from qinglm.errors import QingLMError
 from qinglm.typecheck import check_types
 
@@ -47,6 +47,12 @@ class ServeConfig:
         within="[1, inf)",
     )
     compile: bool | None = _f(None, "torch.compile the decoding step (default: on for CUDA, off for CPUs)")
+    quantize: str = _f(
+        "none",
+        "weights for serving: int8 (fastest on a CPU one request at a time), bf16 (fastest for batches on "
+        "CPUs with AMX, and on GPUs)",
+        choices=QUANTIZATIONS,
+    )
     max_queue: int = _f(256, "most requests waiting or running; more are answered 503", within="[1, 1000000]")
     max_request_bytes: int = _f(
         1 << 20, "largest request body in bytes; larger ones are answered 413", within="[1024, 1073741824]"
@@ -68,6 +74,7 @@ class ServeConfig:
     def check(self) -> None:
         """Return None; raise QingLMError for a setting the server cannot run with."""
         check_types(self)  # types and each field's range
+        check_choices(self)  # and each field's set of values (--quantize)
         if self.api_key is not None and not self.api_key.strip():
             raise QingLMError("--api-key must not be empty")
         bad = [h for h in self.allowed_hosts if not h or any(c.isspace() or c in "/[]" for c in h)]
