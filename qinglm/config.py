@@ -39,6 +39,10 @@ MLPS = ("swiglu", "gelu")
 INITS = ("default", "gpt2", "small")  # Transformer._init_weights
 ROUTERS = ("softmax", "sigmoid")
 QUANTIZATIONS = ("none", "int8", "bf16")  # qinglm.model.quantize: weights for inference
+QUANTIZE_HELP = (
+    "weights for inference: int8 (fastest on a CPU one request at a time), bf16 (fastest for batches on "
+    "CPUs with AMX, with --compile, and on GPUs)"
+)
 # RoPE context extension (qinglm.model.rope), transformers' rope_type of each: default, linear, dynamic, yarn.
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn")
 # The fields that set how far a model reaches, not its weights: a run may change them (continued pretraining

@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm.config import QUANTIZATIONS, ContextConfig, SamplingConfig, add_dataclass_args, given
+from qinglm.config import (
+    QUANTIZATIONS,
+    QUANTIZE_HELP,
+    ContextConfig,
+    SamplingConfig,
+    add_dataclass_args,
+    given,
+)
 from qinglm.errors import QingLMError
 from qinglm.evals.cli import add_eval_options
 
@@ -37,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "--quantize",
         choices=QUANTIZATIONS,
         default="none",
-        help="int8: int8 weights (fastest on a CPU at batch 1); bf16: bfloat16 weights (fastest for batches "
-        "on CPUs with AMX, and on GPUs)",
+        help=QUANTIZE_HELP,
     )
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)

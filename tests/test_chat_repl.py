@@ -124,7 +124,8 @@ def test_repl_ends_at_end_of_input():
     assert chat_loop(FakeLM(), read=read, out=io.StringIO()) == []
 
 
-def test_chat_command_through_stdin(run_dir):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_chat_command_through_stdin(run_dir, quantize):
     proc = subprocess.run(
         [
             sys.executable,
@@ -133,6 +134,8 @@ def test_chat_command_through_stdin(run_dir):
             "chat",
             "--model",
             str(run_dir),
+            "--quantize",
+            quantize,
             "--system",
             "你是一个助手。",
             "--max-new-tokens",

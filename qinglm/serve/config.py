@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from qinglm.config import QUANTIZATIONS, _f, check_choices  # _f: a field with its --help text
+from qinglm.config import QUANTIZATIONS, QUANTIZE_HELP, _f, check_choices  # _f: a field with its --help text
 from qinglm.errors import QingLMError
 from qinglm.typecheck import check_types
 
@@ -47,12 +47,7 @@ class ServeConfig:
         within="[1, inf)",
     )
     compile: bool | None = _f(None, "torch.compile the decoding step (default: on for CUDA, off for CPUs)")
-    quantize: str = _f(
-        "none",
-        "weights for serving: int8 (fastest on a CPU one request at a time), bf16 (fastest for batches on "
-        "CPUs with AMX, and on GPUs)",
-        choices=QUANTIZATIONS,
-    )
+    quantize: str = _f("none", QUANTIZE_HELP, choices=QUANTIZATIONS)
     max_queue: int = _f(256, "most requests waiting or running; more are answered 503", within="[1, 1000000]")
     max_request_bytes: int = _f(
         1 << 20, "largest request body in bytes; larger ones are answered 413", within="[1024, 1073741824]"
