@@ -371,6 +371,11 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --quantize (one of QUANTIZATIONS, default none) to a command that loads a model for inference."""
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help=QUANTIZE_HELP)
+
+
 def add_dataclass_args(
     parser: argparse.ArgumentParser,
     cls: type,

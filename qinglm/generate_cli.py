@@ -8,14 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm.config import (
-    QUANTIZATIONS,
-    QUANTIZE_HELP,
-    ContextConfig,
-    SamplingConfig,
-    add_dataclass_args,
-    given,
-)
+from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, add_quantize_arg, given
 from qinglm.errors import QingLMError
 from qinglm.evals.cli import add_eval_options
 
@@ -40,12 +33,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument(
         "--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)"
     )
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZATIONS,
-        default="none",
-        help=QUANTIZE_HELP,
-    )
+    add_quantize_arg(p)
     p.add_argument("--device", default="auto")
     add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
     add_dataclass_args(p, ContextConfig)

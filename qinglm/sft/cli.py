@@ -6,14 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from qinglm.chat_repl import ChatConfig
-from qinglm.config import (
-    QUANTIZATIONS,
-    QUANTIZE_HELP,
-    ContextConfig,
-    SamplingConfig,
-    add_dataclass_args,
-    given,
-)
+from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, add_quantize_arg, given
 from qinglm.sft.config import SFTConfig
 from qinglm.train.driver import stage_command
 
@@ -49,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
     p.add_argument("--system", help="system prompt, kept at the start of every turn")
     p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help=QUANTIZE_HELP)
+    add_quantize_arg(p)
     add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
     add_dataclass_args(p, ContextConfig)
     add_dataclass_args(p, ChatConfig)
