@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parents[1]
 def baseline_engine(checkout: str):
     """Return the module qinglm/infer/engine.py of checkout with its own sampling module, run on this tree's
     model code."""
-    from qinglm.model.transformer import KVCache
+    from qinglm.model.kv_cache import KVCache
 
     if not hasattr(KVCache, "keep_rows"):  # the old engine dropped finished rows by copying the cache
 

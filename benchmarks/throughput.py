@@ -6,9 +6,11 @@ Each config runs in a fresh subprocess (peak RSS is per process), rounds interle
 background load hits all alike, and tokens/s is the median over every timed step of every round.
 A config is a base name plus "+" modifiers, so the same command sweeps levers:
   bases: baseline (nanoGPT-style, tiny dims), classic (QingLM classic family at exactly the baseline's
-         dims: learned positions, LayerNorm+bias, GELU 4x, tied head, dropout 0.1), tiny, small, medium (presets)
+         dims: learned positions, LayerNorm+bias, GELU 4x, tied head, dropout 0.1), tiny, small, medium (presets),
+         dialN (the shape `--budget` derives from dial N: qinglm.train.scaling.shape_for, vocab 10k)
   mods:  fp32|bf16, compile|eager, dN (dropout N/10: d0, d1), bN (batch), tN (seq len),
-         plain|foreach|fused (AdamW implementation; QingLM default: fused)
+         plain|foreach|fused (AdamW implementation; QingLM default: fused),
+         keys|weights (where attention's dropout goes: ModelConfig.attention_dropout; default auto)
 tiny and small alone mean the recommended recipe (RECOMMENDED below).
 MFU = model FLOPs/s (Transformer.flops_per_token x tokens/s) / median 2048^3 matmul FLOP/s of the
 dtype the config computes in, measured in the same run with the same threads.
@@ -49,6 +51,7 @@ def parse(spec: str) -> dict:
         "batch": 32,
         "seq": 256,
         "optim": "plain" if base == "baseline" else "fused",
+        "attention_dropout": "auto",
     }
     for m in mods:
         if m in ("fp32", "bf16"):
@@ -57,6 +60,8 @@ def parse(spec: str) -> dict:
             s["compile"] = m == "compile"
         elif m in ("plain", "foreach", "fused"):
             s["optim"] = m
+        elif m in ("keys", "weights"):
+            s["attention_dropout"] = m
         elif m[0] in "dbt" and m[1:].isdigit():
             key = {"d": "dropout", "b": "batch", "t": "seq"}[m[0]]
             s[key] = int(m[1:]) / 10 if m[0] == "d" else int(m[1:])
@@ -85,8 +90,19 @@ def qinglm_model_cfg(s: dict, vocab: int):
             tie_embeddings=True,
             dropout=s["dropout"],
         )
+    if s["base"].startswith("dial"):
+        from qinglm.train.scaling import shape_for
+
+        shape = {
+            k: v for k, v in shape_for(int(s["base"][4:])).items() if k in ("n_layers", "d_model", "n_heads")
+        }
+    else:
+        shape = PRESETS[s["base"]]
     return ModelConfig(
-        **{**PRESETS[s["base"]], "vocab_size": vocab}, max_seq_len=max(512, s["seq"]), dropout=s["dropout"]
+        **{**shape, "vocab_size": vocab},
+        max_seq_len=max(512, s["seq"]),
+        dropout=s["dropout"],
+        attention_dropout=s["attention_dropout"],
     )
 
 

@@ -38,6 +38,9 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 INITS = ("default", "gpt2", "small")  # Transformer._init_weights
 ROUTERS = ("softmax", "sigmoid")
+# How dropout reaches attention (qinglm.model.dropout): on the weights after the softmax, or on the keys
+# before it (DropKey); auto = keys on a CPU, whose fused attention kernel takes no dropout, weights elsewhere.
+ATTENTION_DROPOUTS = ("auto", "weights", "keys")
 QUANTIZATIONS = ("none", "int8", "bf16")  # qinglm.model.quantize: weights for inference
 QUANTIZE_HELP = (
     "weights for inference: int8 (fastest on a CPU one request at a time), bf16 (fastest for batches on "
@@ -89,6 +92,12 @@ class ModelConfig:
     # The seeds use 0.1; on short pretraining runs 0 learns faster (measured: benchmarks/README.md).
     dropout: float = _f(
         0.0, "dropout probability (0 is best for short pretraining; try 0.1 for many epochs)", within="[0, 1)"
+    )
+    attention_dropout: str = _f(
+        "auto",
+        "where attention's dropout goes: weights (after the softmax, as GPT-2), keys (DropKey: before it, "
+        "so the CPU's fused kernel runs); auto = keys on a CPU, weights elsewhere",
+        ATTENTION_DROPOUTS,
     )
     family: str = _f(
         "modern",

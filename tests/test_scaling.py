@@ -297,3 +297,44 @@ def test_the_memory_estimate_counts_a_cpu_process_and_the_batch():
     assert cpu - cuda >= CPU_PROCESS_BYTES  # the process itself (and fp32 activations where no bf16)
     half = training_memory_bytes(cfg, 16, 256, "cpu")
     assert 0.5 < (half - CPU_PROCESS_BYTES) / (cpu - CPU_PROCESS_BYTES) < 0.52  # weights are the rest
+
+
+def test_dropout_is_planned_for_a_model_that_can_memorise_its_data():
+    from qinglm.train.budget import MEMORISING_DROPOUT, REPEATS_WARNED, planned_dropout
+
+    assert planned_dropout(10_600_000, 1_190_000, 8) == MEMORISING_DROPOUT  # dial 6 at 30 CPU-minutes
+    assert planned_dropout(10_600_000, 1_190_000, REPEATS_WARNED) == 0.0  # few passes
+    assert planned_dropout(400_000, 1_190_000, 8) == 0.0  # fewer weights than tokens a pass (tiny)
+
+
+def test_a_plan_with_dropout_sets_it_times_it_and_says_why(monkeypatch):
+    from qinglm.train import budget
+
+    timed = []
+
+    def fake(cfg, device, seconds, rows, seq_len=256, compile=False):
+        timed.append(cfg.dropout)
+        return 1e6 / cfg.n_layers * (0.8 if cfg.dropout else 1.0)
+
+    monkeypatch.setattr(budget, "time_training_steps", fake)
+    fit = synthetic_fit()  # 13k tokens a pass: every dial has more weights than that
+    plan = make_plan(Budget(seconds=3600), measure_s=0.1, fit=fit)
+    assert plan.dropout == budget.MEMORISING_DROPOUT and plan.best.model.dropout == plan.dropout
+    assert timed[-1] == plan.dropout and timed.count(plan.dropout) == 1  # the chosen shape, again
+    assert plan.best.tokens_per_s == pytest.approx(0.8e6 / plan.best.model.n_layers)
+    assert plan.train_fields()[0]["dropout"] == plan.dropout
+    assert any(line.startswith("dropout 0.1:") and "DropKey" in line for line in budget.plan_lines(plan))
+    short = make_plan(Budget(seconds=1), measure_s=0, fit=fit)  # under a pass: no dropout
+    assert short.dropout == 0.0 and "dropout" not in short.train_fields()[0]
+
+
+def test_the_memory_estimate_counts_dropout_masks_on_a_cpu():
+    import dataclasses
+
+    from qinglm.train.budget import _sized, training_memory_bytes
+
+    cfg = _sized(6, 10_000, 256)[0]
+    dropped = dataclasses.replace(cfg, dropout=0.1)
+    masks = training_memory_bytes(dropped, 32, 256, "cpu") - training_memory_bytes(cfg, 32, 256, "cpu")
+    assert masks == 6 * (2 * 6 * 256 + 2 * 384) * 32 * 256  # kept keys twice, two residual masks, per layer
+    assert training_memory_bytes(dropped, 32, 256, "cuda") == training_memory_bytes(cfg, 32, 256, "cuda")

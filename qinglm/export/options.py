@@ -19,7 +19,17 @@ Table = Mapping[str, Collection | None]
 
 # Options that change how a model trains, not what it computes.
 TRAINING_ONLY: Table = dict.fromkeys(
-    ("family", "dropout", "init", "init_std", "gradient_checkpointing", "moe_aux_coef", "moe_z_coef"), ANY
+    (
+        "family",
+        "dropout",
+        "attention_dropout",
+        "init",
+        "init_std",
+        "gradient_checkpointing",
+        "moe_aux_coef",
+        "moe_z_coef",
+    ),
+    ANY,
 )
 # Options a dense model (n_experts 0) does not use: no table needs to list their values for it.
 MOE_ONLY = ("experts_per_token", "shared_experts", "moe_every", "router")

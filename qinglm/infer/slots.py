@@ -32,7 +32,8 @@ from qinglm.errors import QingLMError
 from qinglm.infer.step import DecodeStep
 from qinglm.limits import check_bytes, memory_bytes
 from qinglm.memory import kv_cache_bytes
-from qinglm.model.transformer import KVCache, Transformer
+from qinglm.model.kv_cache import KVCache
+from qinglm.model.transformer import Transformer
 
 MIN_BUCKET = 8  # positions are allocated in powers of two from 8
 WINDOW = 64  # compiled, the attention window is 64, 256, 1024, ... positions (4x apart: few graphs)

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qinglm.model.kv_cache import KVCache
 from qinglm.model.quantize import Int8Linear
-from qinglm.model.transformer import MLP, Attention, Block, KVCache, Transformer
+from qinglm.model.transformer import MLP, Attention, Block, Transformer
 
 # A step of fewer multiply-adds (rows x weights) than this runs on one intra-op thread, whatever the
 # caller's setting (measured: benchmarks/README.md, "Decoding").

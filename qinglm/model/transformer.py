@@ -6,7 +6,8 @@ Two families share one code path:
 Attention goes through F.scaled_dot_product_attention with the causal mask, which picks the flash /
 memory-efficient kernels on CUDA. A preallocated KV cache makes decoding one token cost one token;
 forward(pad=...) takes left-padded batches (per-row positions, pad keys masked) so prompts of
-different lengths prefill and decode together (qinglm.infer.engine).
+different lengths prefill and decode together (qinglm.infer.engine). On a CPU, a training forward draws
+all its dropout masks at once and attention's dropout drops keys (qinglm.model.dropout).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from qinglm.config import ModelConfig, resolve_model
+from qinglm.model.dropout import Dropout, Noise, draw_noise, keep_mask, kept_keys_mask
+from qinglm.model.kv_cache import KVCache, decode_attention, padded_causal_mask, padded_positions
 from qinglm.model.moe import MoE
 from qinglm.model.rope import (
     needs_recompute,
@@ -51,88 +54,6 @@ def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
     return table.float()
 
 
-# ---------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Preallocated keys and values for every layer: (n_layers, batch, n_kv_heads, max_len, head_dim)."""
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.max_len = max_len or cfg.max_seq_len
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_heads, T, head_dim) at positions start.. and return all keys/values so far."""
-        end = start + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def first_rows(self, n: int) -> KVCache:
-        """Return a KVCache of rows 0..n-1 that shares this one's storage (writes go through)."""
-        view = object.__new__(KVCache)
-        view.max_len, view.k, view.v = self.max_len, self.k[:, :n], self.v[:, :n]
-        return view
-
-    def update_at(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one token's k, v (B, n_kv_heads, 1, head_dim) of rows 0..B-1 at their own positions (B,)
-        and return those rows' keys/values over positions 0..window-1 (the caller masks what lies past
-        each row's length): the static-shape decoding step of qinglm.infer.slots."""
-        rows = torch.arange(k.size(0), device=k.device)
-        self.k[layer][rows, :, positions] = k[:, :, 0]  # (B, n_kv_heads, head_dim) written per row
-        self.v[layer][rows, :, positions] = v[:, :, 0]
-        return self.k[layer, : k.size(0), :, :window], self.v[layer, : k.size(0), :, :window]
-
-
-def padded_positions(start: int, length: int, pad: torch.Tensor) -> torch.Tensor:
-    """Return the positions (B, length) of slots start..start+length-1 in rows left-padded by pad (B,).
-
-    Row b's first real token sits in slot pad[b] at position 0; its pad slots get position 0 too.
-    """
-    slots = torch.arange(start, start + length, device=pad.device)
-    return (slots[None, :] - pad[:, None]).clamp(min=0)
-
-
-def padded_causal_mask(start: int, length: int, pad: torch.Tensor) -> torch.Tensor:
-    """Return the attention mask (B, 1, length, start+length) of left-padded rows: True = may attend.
-
-    A query sees earlier slots of its row except pad slots; a pad query sees only itself, so no
-    softmax row is empty (an empty one would put NaN into the cache).
-    """
-    q = torch.arange(start, start + length, device=pad.device)[None, :, None]  # (1, T, 1)
-    k = torch.arange(start + length, device=pad.device)[None, None, :]  # (1, 1, S)
-    first = torch.minimum(pad[:, None, None], q)  # (B, T, 1): the first slot each query may see
-    return ((k <= q) & (k >= first)).unsqueeze(1)
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Return softmax(q k^T / sqrt(head_dim) + bias) v for one query per row: (B, n_heads, 1, head_dim).
-
-    k, v: (B, n_kv_heads, W, head_dim), each kv head shared by n_heads / n_kv_heads query heads; bias
-    (B, 1, 1, W): 0 where a row may attend, -inf past its length. Written out because scaled_dot_product
-    _attention with a mask costs several times more than these four ops for a single query on a CPU.
-    """
-    B, H, _, D = q.shape
-    q = q.view(B, k.size(1), H // k.size(1), D)  # (B, n_kv_heads, group, head_dim)
-    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5 + bias  # (B, n_kv_heads, group, W)
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
-
-
 # ---------------------------------------------------------------------------- layers
 
 
@@ -150,7 +71,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.out.is_residual_proj = True
-        self.dropout = cfg.dropout
+        self.dropout, self.dropout_on = cfg.dropout, cfg.attention_dropout
         self.use_rope = cfg.pos_encoding == "rope"
         self.use_qk_norm, self.use_gate = cfg.qk_norm, cfg.gated_attention
         # Optional extras; the modules exist only when switched on, so default state dicts are unchanged.
@@ -168,7 +89,9 @@ class Attention(nn.Module):
         layer: int,
         start: int | torch.Tensor,
         mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """keep (B, n_heads, T, T), in training: the keys each query keeps (DropKey), drawn by draw_noise."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
@@ -195,6 +118,10 @@ class Attention(nn.Module):
             causal = False
         elif start == 0 or T == 1:
             mask, causal = None, T > 1
+            if self.training and self.dropout > 0 and keep is None and self.drops_keys(x.device):
+                keep = keep_mask((B, self.n_heads, T, T), self.dropout, x.device)
+            if keep is not None:
+                mask, causal = kept_keys_mask(keep), False
         else:  # a chunk appended after cached positions: causal within the chunk, full over the past
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False
@@ -205,13 +132,17 @@ class Attention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=causal,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=self.dropout if self.training and not self.drops_keys(x.device) else 0.0,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         if self.use_gate:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, n_heads, T, 1)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d_model)
         return self.out(y)
+
+    def drops_keys(self, device: torch.device) -> bool:
+        """Return whether this attention's dropout drops keys (DropKey) on device, not weights."""
+        return self.dropout_on == "keys" or (self.dropout_on == "auto" and device.type == "cpu")
 
 
 class MLP(nn.Module):
@@ -245,11 +176,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MoE(cfg, MLP) if moe else MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer, start, mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, start, mask))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x, rope, cache, layer, start, mask=None, noise=None):
+        """noise: this block's BlockNoise (masks drawn by draw_noise) or None (dropout draws its own)."""
+        keys, attn, mlp = noise or (None, None, None)
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, start, mask, keys), attn)
+        return x + self.drop(self.mlp(self.norm2(x)), mlp)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -270,7 +203,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg)  # scaled (--rope-scaling) to reach max_seq_len
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, is_moe_block(cfg, i)) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -343,15 +276,22 @@ class Transformer(nn.Module):
             rope = self.rope_at(pos, end)
             if pad is not None or isinstance(start, torch.Tensor):
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, head_dim)
-        x = self.drop(x)
+        # On a CPU every dropout mask of a training forward is drawn at once (qinglm.model.dropout).
+        noise: Noise | None = None
+        if self.training and cache is None and mask is None and start == 0 and idx.device.type == "cpu":
+            noise = draw_noise(self, B, T, idx.device)
+        x = self.drop(x, noise.embed if noise else None)
         # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
         # pass; checkpoint() restores the RNG state, so dropout draws the same masks both times.
         recompute = self.training and self.cfg.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
+            bn = noise.blocks[i] if noise else None
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, i, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, rope, None, i, start, None, bn, use_reentrant=False
+                )
             else:
-                x = block(x, rope, cache, i, start, mask)
+                x = block(x, rope, cache, i, start, mask, bn)
         x = self.norm(x)
         if isinstance(last_only, torch.Tensor):
             x = x[torch.arange(B, device=x.device), last_only][:, None]  # (B, 1, d_model)

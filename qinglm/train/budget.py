@@ -3,6 +3,7 @@ the plan `qinglm plan` prints and `qinglm train --budget` follows (the law: qing
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -27,6 +28,12 @@ PLAN_DEVICES = ("cpu", "cuda")
 # run it describes"; torch alone is 0.21 GiB).
 CPU_PROCESS_BYTES = 700 * 2**20
 REPEATS_WARNED = 4  # passes over the data past which the plan says the law is optimistic
+# Dropout for a model that can memorise its data: more weights outside the embedding than tokens in one pass,
+# seen more than REPEATS_WARNED times. Measured on the built-in corpus (benchmarks/README.md, "Dropout on a
+# CPU"): dial 6 at 30 CPU-minutes (10.6M weights, 1.19M tokens a pass, 7.6 passes) 5.650 -> 5.585 held-out
+# bits/char with it; tiny after 2 passes lost 0.064 with it. On a CPU attention's dropout drops keys
+# (DropKey, qinglm.model.dropout), which keeps the fused attention kernel.
+MEMORISING_DROPOUT = 0.1
 
 
 @dataclass
@@ -84,11 +91,14 @@ class Plan:
     passes: float
     memory_bytes: int
     extrapolated: bool
+    dropout: float = 0.0
 
     def train_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (ModelConfig fields, TrainConfig fields) a run of this plan sets."""
         shape = shape_for(self.best.dial)
         model = {k: shape[k] for k in ("n_layers", "d_model", "n_heads")} | {"vocab_size": self.best.vocab}
+        if self.dropout:
+            model["dropout"] = self.dropout
         train = {k: shape[k] for k in ("lr", "batch_size", "seq_len")}
         return model, train
 
@@ -213,8 +223,10 @@ def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int, device: str
     """Return an estimate of a training run's peak memory: fp32 weights, gradients and AdamW's two moments
     (16 bytes a parameter), the activations autograd keeps (Korthikanti et al. 2022: 34 bytes per d_model value
     a token per block at 16-bit, twice that in fp32; attention by SDPA without the T^2 scores), the logits with
-    their softmax and gradient (3 x vocab float32 values a token), and on a CPU the process itself (the
-    run's peak is its resident memory: torch, the compiler, the data; CPU_PROCESS_BYTES)."""
+    their softmax and gradient (3 x vocab float32 values a token), with dropout on a CPU its masks (a byte per
+    kept-key flag, T per head a token, held twice at the end of the forward, and one per residual value:
+    qinglm.model.dropout), and on a CPU the process itself (the run's peak is its resident memory: torch,
+    the compiler, the data; CPU_PROCESS_BYTES)."""
     import torch
 
     from qinglm.device import resolve_dtype
@@ -226,7 +238,18 @@ def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int, device: str
     half = device != "cpu" or resolve_dtype("auto", torch.device("cpu")) == "bf16"  # autocast's precision
     act = 34 if half else 68
     process = CPU_PROCESS_BYTES if device == "cpu" else 0
-    return process + 16 * params + act * cfg.n_layers * cfg.d_model * tokens + 12 * cfg.vocab_size * tokens
+    masks = (
+        cfg.n_layers * (2 * cfg.n_heads * seq_len + 2 * cfg.d_model) * tokens
+        if cfg.dropout and device == "cpu"
+        else 0
+    )
+    return (
+        process
+        + 16 * params
+        + act * cfg.n_layers * cfg.d_model * tokens
+        + 12 * cfg.vocab_size * tokens
+        + masks
+    )
 
 
 def make_plan(
@@ -242,16 +265,19 @@ def make_plan(
     cands = candidates(fit)
     source = throughput(cands, fit, device, measure_s, compile)
     for c in cands:
-        if budget.flops is not None:
-            c.tokens = budget.flops / c.flops_per_token
-        else:
-            c.tokens = c.tokens_per_s * (budget.seconds or 0.0)
-        # The run stops after DEFAULT_MAX_EPOCHS passes (more measured worse on unseen text), sooner if need be.
-        c.tokens = min(c.tokens, DEFAULT_MAX_EPOCHS * fit.train_characters / fit.chars_per_token[c.vocab])
-        c.seconds = c.tokens / c.tokens_per_s if c.tokens_per_s else budget.seconds or 0.0
-        c.bpc = fit.predict(c.n, max(c.tokens, 1.0) * fit.chars_per_token[c.vocab], c.vocab)
+        _spend(c, budget, fit)
     best = min(cands, key=lambda c: (c.bpc, c.dial))
     train_tokens = fit.train_characters / fit.chars_per_token[best.vocab]
+    dropout = planned_dropout(best.n, train_tokens, best.tokens / train_tokens)
+    if dropout:
+        best.model = dataclasses.replace(best.model, dropout=dropout)
+        if measure_s > 0:  # dropout's masks cost time: the run's speed is the shape's with them
+            rows = shape_for(best.dial)["batch_size"]
+            best.tokens_per_s = time_training_steps(best.model, device, measure_s, rows, compile=compile)
+            source += f"; dial {best.dial} with dropout timed again"
+            law = best.bpc  # the law has no dropout term: keep what it expects of the shape without dropout
+            _spend(best, budget, fit)
+            best.bpc = law
     pass_s = train_tokens / best.tokens_per_s
     measured = [p for p in fit.points if p.get("vocab") == best.vocab]
     chars = best.tokens * fit.chars_per_token[best.vocab]
@@ -261,7 +287,27 @@ def make_plan(
     )
     shape = shape_for(best.dial)
     memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"], device)
-    return Plan(budget, device, best, cands, source, pass_s, best.tokens / train_tokens, memory, extrapolated)
+    return Plan(
+        budget, device, best, cands, source, pass_s, best.tokens / train_tokens, memory, extrapolated, dropout
+    )
+
+
+def _spend(c: Candidate, budget: Budget, fit: ScalingFit) -> None:
+    """Set c's tokens, seconds and the law's bits/char for budget at c.tokens_per_s."""
+    if budget.flops is not None:
+        c.tokens = budget.flops / c.flops_per_token
+    else:
+        c.tokens = c.tokens_per_s * (budget.seconds or 0.0)
+    # The run stops after DEFAULT_MAX_EPOCHS passes (more measured worse on unseen text), sooner if need be.
+    c.tokens = min(c.tokens, DEFAULT_MAX_EPOCHS * fit.train_characters / fit.chars_per_token[c.vocab])
+    c.seconds = c.tokens / c.tokens_per_s if c.tokens_per_s else budget.seconds or 0.0
+    c.bpc = fit.predict(c.n, max(c.tokens, 1.0) * fit.chars_per_token[c.vocab], c.vocab)
+
+
+def planned_dropout(n: int, tokens_per_pass: float, passes: float) -> float:
+    """Return the dropout a run of n weights outside the embedding should train with: MEMORISING_DROPOUT when
+    it has more of them than tokens in one pass and sees each token more than REPEATS_WARNED times, else 0."""
+    return MEMORISING_DROPOUT if n > tokens_per_pass and passes > REPEATS_WARNED else 0.0
 
 
 def duration(seconds: float) -> str:
@@ -274,7 +320,7 @@ def duration(seconds: float) -> str:
 def plan_lines(plan: Plan) -> list[str]:
     """Return the lines that describe plan to a user."""
     b, shape = plan.best, shape_for(plan.best.dial)
-    runner_up = sorted(plan.candidates, key=lambda c: c.bpc)[1:3]
+    runner_up = sorted((c for c in plan.candidates if c is not b), key=lambda c: c.bpc)[:2]
     lines = [
         f"budget {plan.budget} on {plan.device}: throughput {plan.throughput_from}",
         f"model: dial {b.dial} -> n_layers {b.model.n_layers}, d_model {b.model.d_model}, n_heads "
@@ -288,11 +334,22 @@ def plan_lines(plan: Plan) -> list[str]:
             else ""
         ),
         f"expected held-out bits/char: {b.bpc:.3f}"
-        + (" (extrapolated past the measured points)" if plan.extrapolated else ""),
+        + (" (extrapolated past the measured points)" if plan.extrapolated else "")
+        + (" (the law's for this shape without dropout, as for the others)" if plan.dropout else ""),
         f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
         "next best: "
         + "; ".join(f"dial {c.dial} vocab {c.vocab:,}: {c.bpc:.3f} bits/char" for c in runner_up),
     ]
+    if plan.dropout:
+        lines.append(
+            f"dropout {plan.dropout:g}: {b.n / 1e6:.2f}M weights for {b.tokens / plan.passes / 1e6:.2f}M tokens a "
+            f"pass, seen {plan.passes:.1f} times, memorise without it"
+            + (
+                " (attention drops keys on a CPU: DropKey, which keeps the fused kernel)"
+                if plan.device == "cpu"
+                else ""
+            )
+        )
     if plan.passes > REPEATS_WARNED:
         lines.append(
             f"note: {plan.passes:,.0f} passes repeat the data; the law counts repeats as new text, so expect "
