@@ -31,7 +31,7 @@ REPEATS_WARNED = 4  # passes over the data past which the plan says the law is o
 # Dropout for a model that can memorise its data: more weights outside the embedding than tokens in one pass,
 # seen more than REPEATS_WARNED times. Measured on the built-in corpus (benchmarks/README.md, "Dropout on a
 # CPU"): dial 6 at 30 CPU-minutes (10.6M weights, 1.19M tokens a pass, 7.6 passes) 5.650 -> 5.585 held-out
-# bits/char with it; tiny after 2 passes lost 0.064 with it. On a CPU attention's dropout drops keys
+# bits/char with it, dial 5 (6.35M, 8 passes) 5.671 -> 5.542; tiny after 2 passes lost 0.064 with it. On a CPU attention's dropout drops keys
 # (DropKey, qinglm.model.dropout), which keeps the fused attention kernel.
 MEMORISING_DROPOUT = 0.1
 
