@@ -20,6 +20,7 @@ Elsewhere (CUDA) nn.Dropout and the attention kernels' own dropout are fast and 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,20 +31,22 @@ _LEVELS = 65536  # 16 random bits per element
 
 def keep_probability(p: float) -> float:
     """Return the probability keep_mask keeps an element with: 1 - p rounded to a multiple of 1/65536."""
-    return 1.0 - round(p * _LEVELS) / _LEVELS
+    return 1.0 - _dropped_levels(p) / _LEVELS
+
+
+def _dropped_levels(p: float) -> int:
+    return round(p * _LEVELS)
 
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """Return a boolean tensor of shape, True with probability keep_probability(p), from torch's generator.
 
     One int64 of random_ gives four int16 draws: a quarter of bernoulli_'s calls to the generator."""
-    n = 1
-    for s in shape:
-        n *= s
     if device.type != "cpu":
-        return torch.rand(shape, device=device) >= round(p * _LEVELS) / _LEVELS
+        return torch.rand(shape, device=device) >= _dropped_levels(p) / _LEVELS
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    return words.view(torch.int16)[:n].view(shape) >= round(p * _LEVELS) - _LEVELS // 2
+    return words.view(torch.int16)[:n].view(shape) >= _dropped_levels(p) - _LEVELS // 2
 
 
 class Dropout(nn.Dropout):

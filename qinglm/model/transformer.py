@@ -276,9 +276,11 @@ class Transformer(nn.Module):
             rope = self.rope_at(pos, end)
             if pad is not None or isinstance(start, torch.Tensor):
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, head_dim)
-        # On a CPU every dropout mask of a training forward is drawn at once (qinglm.model.dropout).
+        # On a CPU every dropout mask of a training forward is drawn at once (qinglm.model.dropout); only a
+        # model built with dropout calls draw_noise, which is a graph break under torch.compile.
         noise: Noise | None = None
-        if self.training and cache is None and mask is None and start == 0 and idx.device.type == "cpu":
+        cpu_training = self.training and cache is None and mask is None and idx.device.type == "cpu"
+        if self.cfg.dropout > 0 and cpu_training and start == 0:
             noise = draw_noise(self, B, T, idx.device)
         x = self.drop(x, noise.embed if noise else None)
         # Gradient checkpointing keeps only each block's input and recomputes the rest in the backward
