@@ -4,7 +4,9 @@ benchmarks.scaling --quick writes a fit file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -18,9 +20,18 @@ from conftest import PHRASES  # noqa: E402
 from qinglm.cli import main
 from qinglm.errors import QingLMError
 from qinglm.train import scaling
-from qinglm.train.budget import make_plan, speed_line
+from qinglm.train.budget import make_plan, plan_lines
 from qinglm.train.config import DEFAULT_MAX_EPOCHS
-from qinglm.train.scaling import Budget, ScalingFit, fit_law, load_fit, parse_budget, shape_for
+from qinglm.train.hardware import speed_line
+from qinglm.train.scaling import (
+    Budget,
+    ScalingFit,
+    effective_characters,
+    fit_law,
+    load_fit,
+    parse_budget,
+    shape_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +90,8 @@ def test_fit_recovers_known_constants_from_synthetic_points():
     vocab = np.array([4000, 10000] * 8)
     e = {4000: 1.6, 10000: 1.4}
     bpc = np.array([e[v] for v in vocab]) + 300 / n**0.45 + 900 / d**0.3
-    fe, a, alpha, b, beta = fit_law(n, d, bpc, vocab)
+    fe, a, alpha, b, beta, r = fit_law(n, d, bpc, vocab)
+    assert r is None  # no corpus size given: repeats are not modelled
     assert fe == pytest.approx(e, rel=0.02)
     assert (alpha, beta) == pytest.approx((0.45, 0.3), abs=0.01)
     assert (a, b) == pytest.approx((300, 900), rel=0.1)
@@ -239,27 +251,29 @@ def test_plan_times_shapes_as_the_run_trains(tmp_path, monkeypatch, capsys, flag
 
 def test_timing_a_shape_gives_tokens_per_second():
     from qinglm.config import ModelConfig
-    from qinglm.train.budget import time_training_steps
+    from qinglm.train.hardware import time_training_steps
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
     assert time_training_steps(cfg, "cpu", 0.01, rows=2, seq_len=16) > 0
 
 
 def test_benchmark_add_trains_only_the_missing_points(tmp_path, monkeypatch):
-    """`benchmarks.scaling --add` keeps the fit file's points, trains only the grid's new ones, refits on all
-    and predicts the new largest budget from the others."""
+    """`benchmarks.scaling --add` keeps the fit file's points, trains only the grid's new ones, adds the runs
+    file's points, refits on the points of enough steps (repeats counted) and predicts each budget from the
+    others."""
     from benchmarks import common
     from benchmarks import scaling as bench
 
     trained = []
 
-    def fake_point(dial, vocab, budget):  # a point on a known law, no training
+    def law(n, chars):  # a known law with repeats worth less (R = 2 passes of 1e6 characters)
+        return 1.0 + 60 / n**0.35 + 300 / effective_characters(chars, 1e6, 2.0) ** 0.3
+
+    def fake_point(dial, vocab, budget):  # a point on the law, no training
         trained.append((dial, budget))
         n, f = 5e4 * 8**dial, 1e6 * 4**dial
         chars = budget / f * 1.5
-        point = dict.fromkeys(
-            ("params", "steps", "tokens", "tokens_per_param", "train_loss", "wall_s", "cpu_s"), 1.0
-        )
+        point = dict.fromkeys(("params", "tokens", "tokens_per_param", "train_loss", "wall_s", "cpu_s"), 1.0)
         return point | {
             "dial": dial,
             "vocab": vocab,
@@ -267,8 +281,10 @@ def test_benchmark_add_trains_only_the_missing_points(tmp_path, monkeypatch):
             "flops_per_token": f,
             "budget_flops": budget,
             "flops": budget,
+            "steps": 10 if (dial, budget) == (3, 1e12) else 1000,
             "characters": chars,
-            "bpc": 1.0 + 60 / n**0.35 + 300 / chars**0.3,
+            # the short run is far off the law: the fit must leave it out
+            "bpc": law(n, chars) + (3.0 if (dial, budget) == (3, 1e12) else 0.0),
             "tokens_per_s": 3e10 / f,
         }
 
@@ -277,20 +293,80 @@ def test_benchmark_add_trains_only_the_missing_points(tmp_path, monkeypatch):
     monkeypatch.setattr(
         common, "qinglm_tokenizer", lambda v, split="auto": (type("T", (), {"vocab_size": v}), None)
     )
+    runs = tmp_path / "runs.json"
+    run = {"run": "a 5-minute run", "budget": "5m", "dial": 2, "vocab": 300, "n": 3.2e6, "params": 4e6}
+    run |= {"flops_per_token": 1.6e7, "steps": 500, "tokens": 4e6, "characters": 6e6, "flops": 6.4e13}
+    runs.write_text(json.dumps({"runs": [run | {"budget_flops": 6.4e13, "bpc": law(3.2e6, 6e6)}]}))
     out = tmp_path / "fit.json"
     grid = ["--shapes", "1:300", "2:300", "3:300", "--out", str(out), "--plot", str(tmp_path / "f.png")]
+    grid += ["--runs", str(runs)]
     bench.main(["--budgets", "1e12", "3e12", "1e13", *grid])
     assert len(trained) == 9
     bench.main(["--budgets", "3e13", "--add", *grid])
     assert trained[9:] == [(1, 3e13), (2, 3e13), (3, 3e13)]
     fit = load_fit(out)
-    assert len(fit.points) == 12 and fit.holdout["budget_flops"] == 3e13
+    assert len(fit.points) == 13 and sum(1 for p in fit.points if p.get("run")) == 1  # the run once
+    assert fit.R == pytest.approx(2.0, rel=0.05) and fit.alpha == pytest.approx(0.35, abs=0.01)
+    assert fit.holdout["budget_flops"] == 3e13 and fit.holdout["min_steps"] == bench.MIN_FIT_STEPS
     assert fit.holdout["fitted_on_budgets"] == [1e12, 3e12, 1e13]
     assert fit.holdout["mean_abs_error_bpc"] < 0.05  # the points lie on one law
+    held = {b["budget"]: b for b in fit.holdout["by_budget"]}
+    assert set(held) == {"1e+12", "3e+12", "1e+13", "3e+13", "5m"}
+    assert held["1e+12"]["points"] == 2  # dial 3's 10-step point is not fitted nor scored
+    assert held["5m"]["mean_abs_error_bpc"] < 0.05
+
+
+def test_repeated_text_is_worth_less_than_new_text():
+    u, r = 1e6, 1.5
+    assert effective_characters(5e5, u, r) == 5e5  # the first pass is all new
+    worth = [effective_characters(k * u, u, r) for k in (1, 1.5, 2, 4, 8, 100)]
+    assert worth == sorted(worth) and worth[0] == u
+    assert worth[2] == pytest.approx(u + u * r * (1 - math.exp(-1 / r)))
+    assert worth[-1] == pytest.approx(u * (1 + r), rel=1e-6) and worth[-1] < 2.6 * u
+    assert effective_characters(1.001 * u, u, r) == pytest.approx(1.001 * u, rel=1e-6)  # no jump at one pass
+    assert effective_characters(8 * u, u, None) == 8 * u  # no R: repeats count as new
+    assert np.allclose(effective_characters(np.array([5e5, 8e6]), u, r), [5e5, worth[4]])
+
+
+def test_the_law_with_repeats_has_a_floor_no_run_goes_under():
+    fit = dataclasses.replace(synthetic_fit(), R=2.0)
+    v, u = 300, fit.train_characters
+    floor = fit.floor(v)
+    assert floor == pytest.approx(1.0 + 300 / (u * 3.0) ** 0.3)
+    assert fit.predict(1e9, 1e12, v) > floor
+    assert fit.predict(1e6, 100 * u, v) - fit.predict(1e6, 50 * u, v) > -1e-3  # 50 more passes buy nothing
+    plain = synthetic_fit()
+    assert plain.predict(1e6, 100 * u, v) < fit.predict(1e6, 100 * u, v)  # without R repeats count as new
+    again = ScalingFit.from_json(json.loads(json.dumps(fit.to_json())))
+    assert again.R == 2.0 and again.predict(1e6, 8 * u, v) == fit.predict(1e6, 8 * u, v)
+    assert ScalingFit.from_json(plain.to_json()).R is None  # files before R load as they were
+
+
+def test_fit_recovers_the_repeat_constant():
+    n = np.repeat([2e4, 1e5, 5e5, 2e6], 5)
+    d = np.tile([1e5, 1e6, 3e6, 1e7, 3e7], 4)
+    u, r = 1e6, 1.5
+    bpc = 1.4 + 300 / n**0.45 + 900 / effective_characters(d, u, r) ** 0.3
+    e, a, alpha, b, beta, fitted_r = fit_law(n, d, bpc, [400] * len(n), unique=u)
+    assert fitted_r == pytest.approx(r, rel=0.05)
+    assert (alpha, beta) == pytest.approx((0.45, 0.3), abs=0.01) and e[400] == pytest.approx(1.4, rel=0.05)
+
+
+def test_the_plan_says_what_repeats_are_worth():
+    fit = dataclasses.replace(synthetic_fit(), R=2.0)
+    plan = make_plan(Budget(flops=1e14), measure_s=0, fit=fit)
+    assert plan.passes > 4
+    note = [line for line in plan_lines(plan) if line.startswith("note:")]
+    assert (
+        len(note) == 1
+        and f"{fit.floor(plan.best.vocab):.3f}" in note[0]
+        and "more text goes further" in note[0]
+    )
 
 
 def test_the_memory_estimate_counts_a_cpu_process_and_the_batch():
-    from qinglm.train.budget import CPU_PROCESS_BYTES, _sized, training_memory_bytes
+    from qinglm.train.budget import _sized
+    from qinglm.train.hardware import CPU_PROCESS_BYTES, training_memory_bytes
 
     cfg = _sized(2, 10_000, 256)[0]
     cpu, cuda = training_memory_bytes(cfg, 32, 256, "cpu"), training_memory_bytes(cfg, 32, 256, "cuda")
@@ -328,10 +404,39 @@ def test_a_plan_with_dropout_sets_it_times_it_and_says_why(monkeypatch):
     assert short.dropout == 0.0 and "dropout" not in short.train_fields()[0]
 
 
+def test_a_run_shorter_than_the_fitted_ones_gets_no_expected_figure():
+    """The law is fitted on runs of at least min_steps steps; a plan for fewer says so instead of a number."""
+    fit = dataclasses.replace(synthetic_fit(), R=1.4)
+    steps = [make_plan(Budget(flops=f), measure_s=0, fit=fit).best.tokens / 8192 for f in (1e9, 1e14)]
+    assert steps[0] < steps[1]
+    fit.holdout = {"min_steps": round((steps[0] + steps[1]) / 2)}
+    lines = plan_lines(make_plan(Budget(flops=1e9), measure_s=0, fit=fit))
+    assert any("not predicted" in line and f"at least {fit.holdout['min_steps']}" in line for line in lines)
+    assert not any("bits/char" in line for line in lines if line.startswith("next best"))
+    lines = plan_lines(make_plan(Budget(flops=1e14), measure_s=0, fit=fit))
+    assert any(line.startswith("expected held-out bits/char: ") and "not" not in line for line in lines)
+
+
+def test_a_plan_with_dropout_expects_what_the_law_fitted_on_dropout_runs_says():
+    """With R_dropout in the fit, the plan's figure for a run with dropout is the law's with that R (at the
+    run's speed); without it, the law's figure for the shape without dropout, said so."""
+    plain = dataclasses.replace(synthetic_fit(), R=1.4)
+    with_dropout = dataclasses.replace(plain, R_dropout=3.0)
+    a = make_plan(Budget(flops=1e14), measure_s=0, fit=plain)
+    b = make_plan(Budget(flops=1e14), measure_s=0, fit=with_dropout)
+    assert a.dropout == b.dropout > 0 and a.best.dial == b.best.dial
+    chars = b.best.tokens * with_dropout.chars_per_token[b.best.vocab]
+    assert b.best.bpc == pytest.approx(with_dropout.predict(b.best.n, chars, b.best.vocab, dropout=True))
+    assert b.best.bpc < a.best.bpc == pytest.approx(plain.predict(a.best.n, chars, a.best.vocab))
+    assert any("the law's R for runs with dropout" in line for line in plan_lines(b))
+    assert any("without dropout, as for the others" in line for line in plan_lines(a))
+
+
 def test_the_memory_estimate_counts_dropout_masks_on_a_cpu():
     import dataclasses
 
-    from qinglm.train.budget import _sized, training_memory_bytes
+    from qinglm.train.budget import _sized
+    from qinglm.train.hardware import training_memory_bytes
 
     cfg = _sized(6, 10_000, 256)[0]
     dropped = dataclasses.replace(cfg, dropout=0.1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,27 +12,21 @@ from typing import Any
 from qinglm.config import ModelConfig, _f, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.train.config import DEFAULT_MAX_EPOCHS
-from qinglm.train.scaling import Budget, ScalingFit, load_fit, parse_budget, shape_for
+from qinglm.train.hardware import ASSUMED_CUDA_FLOPS, speed_line, time_training_steps, training_memory_bytes
+from qinglm.train.scaling import DROPOUT_FITTED, Budget, ScalingFit, load_fit, parse_budget, shape_for
 from qinglm.typecheck import check_types
 
 # The candidate shapes: shape_for(1) .. shape_for(8), at each vocabulary of the fit.
 DIALS = tuple(range(1, 9))
 MEASURED_DIALS = (1, 2, 4)  # timed on this machine; the others' speed is read off the line through these
-# Sustained training FLOP/s assumed for --device cuda when no GPU is here to time: about a third of an
-# A100's bf16 peak, what small models reach (they cannot fill the GPU).
-ASSUMED_CUDA_FLOPS = 1e14
 PLAN_DEVICES = ("cpu", "cuda")
-# A CPU run's resident memory beyond its tensors: the interpreter, torch, inductor and the prepared data (measured:
-# 0.67-0.75 GB in three `qinglm train --budget` runs of dials 2-3, benchmarks/README.md "`qinglm plan` against the
-# run it describes"; torch alone is 0.21 GiB).
-CPU_PROCESS_BYTES = 700 * 2**20
-REPEATS_WARNED = 4  # passes over the data past which the plan says the law is optimistic
+REPEATS_WARNED = 4  # passes over the data past which the plan says what the repeats are worth
 # Dropout for a model that can memorise its data: more weights outside the embedding than tokens in one pass,
 # seen more than REPEATS_WARNED times. Measured on the built-in corpus (benchmarks/README.md, "Dropout on a
 # CPU"): dial 6 at 30 CPU-minutes (10.6M weights, 1.19M tokens a pass, 7.6 passes) 5.650 -> 5.585 held-out
 # bits/char with it, dial 5 (6.35M, 8 passes) 5.671 -> 5.542; tiny after 2 passes lost 0.064 with it. On a CPU attention's dropout drops keys
 # (DropKey, qinglm.model.dropout), which keeps the fused attention kernel.
-MEMORISING_DROPOUT = 0.1
+MEMORISING_DROPOUT = DROPOUT_FITTED  # the dropout the law's R_dropout was measured with
 
 
 @dataclass
@@ -92,6 +85,7 @@ class Plan:
     memory_bytes: int
     extrapolated: bool
     dropout: float = 0.0
+    fit: ScalingFit | None = None  # the law the plan was made with
 
     def train_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (ModelConfig fields, TrainConfig fields) a run of this plan sets."""
@@ -127,65 +121,6 @@ def _sized(dial: int, vocab: int, seq_len: int) -> tuple[ModelConfig, int, int, 
     return cfg, counts["total"], counts["blocks"], m.flops_per_token(seq_len)
 
 
-def time_training_steps(
-    cfg: ModelConfig, device: str, seconds: float, rows: int, seq_len: int = 256, compile: bool = False
-) -> float:
-    """Return tokens/s of training steps (forward, backward, AdamW) of a fresh cfg model on rows x seq_len
-    tokens for about seconds, after one untimed step (which compiles); in the precision training would use,
-    torch.compile'd when compile (compiling costs seconds; the measurement does not count them)."""
-    import torch
-
-    from qinglm.device import autocast, compiled, resolve_dtype
-
-    dev = torch.device(device)
-    dtype = resolve_dtype("auto", dev)
-    torch.manual_seed(0)
-    from qinglm.model.transformer import Transformer
-
-    model = Transformer(cfg).to(dev)
-    forward = compiled(model, compile, log=lambda _: None, what="timing")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (rows, seq_len), device=dev)
-
-    def step() -> None:
-        with autocast(dev, dtype):
-            loss = forward(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    try:
-        step()
-        steps, t0 = 0, time.perf_counter()
-        while steps == 0 or time.perf_counter() - t0 < seconds:
-            step()
-            steps += 1
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * x.numel() / (time.perf_counter() - t0)
-    finally:
-        if compile:  # each shape compiles Transformer.forward anew: keep its recompile count for the run
-            torch._dynamo.reset()
-
-
-def speed_line(flops_per_token: list[float], tokens_per_s: list[float]) -> Callable[[float], float]:
-    """Return f(flops_per_token) -> tokens/s through measured points: seconds per token = c0 + c1 x FLOPs per
-    token, fitted in least squares (c0, c1 >= 0: a larger model is never faster)."""
-    import numpy as np
-
-    f = np.asarray(flops_per_token, dtype=np.float64)
-    spt = 1.0 / np.asarray(tokens_per_s, dtype=np.float64)
-    if len(set(f.tolist())) < 2:
-        c0, c1 = 0.0, float(spt.mean() / f.mean())
-    else:
-        c1, c0 = np.polyfit(f, spt, 1)
-        if c1 <= 0:  # noise on a loaded machine: fall back to pure proportionality
-            c0, c1 = 0.0, float((spt / f).mean())
-        elif c0 < 0:
-            c0, c1 = 0.0, float((spt @ f) / (f @ f))
-    return lambda x: 1.0 / (c0 + c1 * float(x))
-
-
 def throughput(
     cands: list[Candidate], fit: ScalingFit, device: str, measure_s: float, compile: bool = False
 ) -> str:
@@ -219,39 +154,6 @@ def throughput(
     return source
 
 
-def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int, device: str = "cpu") -> int:
-    """Return an estimate of a training run's peak memory: fp32 weights, gradients and AdamW's two moments
-    (16 bytes a parameter), the activations autograd keeps (Korthikanti et al. 2022: 34 bytes per d_model value
-    a token per block at 16-bit, twice that in fp32; attention by SDPA without the T^2 scores), the logits with
-    their softmax and gradient (3 x vocab float32 values a token), with dropout on a CPU its masks (a byte per
-    kept-key flag, T per head a token, held twice at the end of the forward, and one per residual value:
-    qinglm.model.dropout), and on a CPU the process itself (the run's peak is its resident memory: torch,
-    the compiler, the data; CPU_PROCESS_BYTES)."""
-    import torch
-
-    from qinglm.device import resolve_dtype
-    from qinglm.model.transformer import Transformer
-
-    with torch.device("meta"):
-        params = Transformer(cfg).param_counts()["total"]
-    tokens = rows * seq_len
-    half = device != "cpu" or resolve_dtype("auto", torch.device("cpu")) == "bf16"  # autocast's precision
-    act = 34 if half else 68
-    process = CPU_PROCESS_BYTES if device == "cpu" else 0
-    masks = (
-        cfg.n_layers * (2 * cfg.n_heads * seq_len + 2 * cfg.d_model) * tokens
-        if cfg.dropout and device == "cpu"
-        else 0
-    )
-    return (
-        process
-        + 16 * params
-        + act * cfg.n_layers * cfg.d_model * tokens
-        + 12 * cfg.vocab_size * tokens
-        + masks
-    )
-
-
 def make_plan(
     budget: Budget,
     device: str = "cpu",
@@ -271,12 +173,16 @@ def make_plan(
     dropout = planned_dropout(best.n, train_tokens, best.tokens / train_tokens)
     if dropout:
         best.model = dataclasses.replace(best.model, dropout=dropout)
+        law = best.bpc
         if measure_s > 0:  # dropout's masks cost time: the run's speed is the shape's with them
             rows = shape_for(best.dial)["batch_size"]
             best.tokens_per_s = time_training_steps(best.model, device, measure_s, rows, compile=compile)
             source += f"; dial {best.dial} with dropout timed again"
-            law = best.bpc  # the law has no dropout term: keep what it expects of the shape without dropout
             _spend(best, budget, fit)
+        if fit.R_dropout is not None:  # what the law expects of the run with dropout, at its speed
+            chars = max(best.tokens, 1.0) * fit.chars_per_token[best.vocab]
+            best.bpc = fit.predict(best.n, chars, best.vocab, dropout=True)
+        else:  # a fit without dropout runs: what it expects of the shape without dropout
             best.bpc = law
     pass_s = train_tokens / best.tokens_per_s
     measured = [p for p in fit.points if p.get("vocab") == best.vocab]
@@ -288,7 +194,17 @@ def make_plan(
     shape = shape_for(best.dial)
     memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"], device)
     return Plan(
-        budget, device, best, cands, source, pass_s, best.tokens / train_tokens, memory, extrapolated, dropout
+        budget,
+        device,
+        best,
+        cands,
+        source,
+        pass_s,
+        best.tokens / train_tokens,
+        memory,
+        extrapolated,
+        dropout,
+        fit,
     )
 
 
@@ -333,12 +249,13 @@ def plan_lines(plan: Plan) -> list[str]:
             if plan.passes >= DEFAULT_MAX_EPOCHS - 1e-6
             else ""
         ),
-        f"expected held-out bits/char: {b.bpc:.3f}"
-        + (" (extrapolated past the measured points)" if plan.extrapolated else "")
-        + (" (the law's for this shape without dropout, as for the others)" if plan.dropout else ""),
+        expected_line(plan),
         f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
         "next best: "
-        + "; ".join(f"dial {c.dial} vocab {c.vocab:,}: {c.bpc:.3f} bits/char" for c in runner_up),
+        + "; ".join(
+            f"dial {c.dial} vocab {c.vocab:,}" + ("" if too_short(plan) else f": {c.bpc:.3f} bits/char")
+            for c in runner_up
+        ),
     ]
     if plan.dropout:
         lines.append(
@@ -351,11 +268,55 @@ def plan_lines(plan: Plan) -> list[str]:
             )
         )
     if plan.passes > REPEATS_WARNED:
-        lines.append(
+        lines.append(repeats_note(plan))
+    return lines
+
+
+def too_short(plan: Plan) -> bool:
+    """Return True when the plan's run makes fewer steps than the shortest run the law was fitted on."""
+    min_steps = plan.fit.holdout.get("min_steps", 0) if plan.fit is not None else 0
+    return plan.best.tokens / _step_tokens(plan.best.dial) < min_steps
+
+
+def _step_tokens(dial: int) -> int:
+    shape = shape_for(dial)
+    return shape["batch_size"] * shape["seq_len"]
+
+
+def expected_line(plan: Plan) -> str:
+    """Return the line with the law's expected held-out bits/char of the plan's run, or why there is none."""
+    b = plan.best
+    if too_short(plan):
+        steps = b.tokens / _step_tokens(b.dial)
+        return (
+            f"expected held-out bits/char: not predicted: {steps:,.0f} steps, and the law is fitted on runs of at "
+            f"least {plan.fit.holdout['min_steps']} (a shorter run measures its warmup more than its size)"
+        )
+    dropout = ""
+    if plan.dropout:
+        if plan.fit is not None and plan.fit.R_dropout is not None:
+            dropout = " (with dropout: the law's R for runs with dropout)"
+        else:
+            dropout = " (the law's for this shape without dropout, as for the others)"
+    extrapolated = " (extrapolated past the measured points)" if plan.extrapolated else ""
+    return f"expected held-out bits/char: {b.bpc:.3f}{extrapolated}{dropout}"
+
+
+def repeats_note(plan: Plan) -> str:
+    """Return the line that says what the plan's passes over the same data are worth."""
+    fit = plan.fit
+    if fit is None or fit.R is None:
+        return (
             f"note: {plan.passes:,.0f} passes repeat the data; the law counts repeats as new text, so expect "
             "worse than this on unseen text (give more data)"
         )
-    return lines
+    return (
+        f"note: {plan.passes:,.0f} passes repeat the data; the law counts a repeated pass as worth less (its R: "
+        f"{fit.R:.2f} passes; with dropout {fit.R_dropout or fit.R:.2f}); its floor for this data, whatever the "
+        f"model or the run's length, is {fit.floor(plan.best.vocab, dropout=bool(plan.dropout)):.3f} bits/char"
+        + (" with dropout" if plan.dropout else " without dropout")
+        + ": more text goes further than more passes"
+    )
 
 
 def plan_from_text(
