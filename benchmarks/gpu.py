@@ -18,6 +18,8 @@ figures are written to the JSON file as soon as it ends (a run cut short keeps w
   stages       `qinglm sft`, `dpo`, `grpo`, `distill` from the main job's run, a few bf16 steps each:
                median step time, peak GPU memory, finished with finite losses (gpu_stages.py)
   decode       decode tokens/s at batch 1 and 32: QingLM's engine vs transformers `generate`, bf16
+  scaling      the scaling grid trained here (dials 4, 6, 8 at 1e14-1e15 FLOPs) and `qinglm plan --budget 10m`
+               timed here, within this card's memory (gpu_scaling.py)
 
 A section that would not finish within --budget-s is skipped and says so; one that fails records its
 error and the rest go on. The table at the end is what benchmarks/README.md shows.
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_parts import child_throughput, decode_speed, env_info, table
+from benchmarks.gpu_scaling import scaling
 from benchmarks.gpu_stages import stages
 
 # name: (model config, seq len, fp8); "fill" batches are sized from a probe step's memory.
@@ -57,6 +60,7 @@ SECTION_MIN_S = {  # the least time a section needs; with less left it is skippe
     "distributed": 60,
     "stages": 60,
     "decode": 40,
+    "scaling": 120,
 }
 
 
@@ -229,7 +233,9 @@ def main() -> None:
     ap.add_argument("--work", default=".cache/gpu-check", help="scratch directory for runs")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip sections that would not fit in this")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per config")
-    ap.add_argument("--sections", default="main_job,cuda_tests,throughput,fp8,distributed,stages,decode")
+    ap.add_argument(
+        "--sections", default="main_job,cuda_tests,throughput,fp8,distributed,stages,decode,scaling"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--fp8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data-run", help=argparse.SUPPRESS)
@@ -251,6 +257,7 @@ def main() -> None:
         "distributed": distributed,
         "stages": stages,
         "decode": lambda c: decode_speed(c.args.device, c.args.quick),
+        "scaling": scaling,
     }
     for name in args.sections.split(","):
         c.run(name, fns[name])

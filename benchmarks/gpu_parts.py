@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from benchmarks.gpu_scaling import scaling_line
 from benchmarks.gpu_stages import stage_lines
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, no sparsity), by device-name fragment;
@@ -263,6 +264,7 @@ def table(r: dict) -> str:
     for name in ("main_job", "cuda_tests", "distributed", "decode"):
         lines.append(f"- {name}: {_short(name, s.get(name))}")
     lines += stage_lines(s.get("stages"))
+    lines.append(scaling_line(s.get("scaling")))
     lines.append(f"\n(total {r.get('total_s', '-')} s)")
     return "\n".join(lines)
 

@@ -148,7 +148,7 @@ def build_configs(
     train = from_dict(cls, {**file_train, **train_flags}, "train config")
     planned: dict[str, Any] = {}
     if getattr(train, "budget", None):
-        from qinglm.train.budget import budget_fields
+        from qinglm.train.budget_run import budget_fields
 
         planned, planned_train = budget_fields(
             train, {*file_train, *train_flags, *file_model, *model_flags}, log

@@ -28,5 +28,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from qinglm.train.budget import plan_from_text, plan_lines
 
     cfg = from_dict(PlanConfig, given(args, PlanConfig), "plan config")
-    for line in plan_lines(plan_from_text(cfg.budget, cfg.device, cfg.measure_s, cfg.fit, cfg.compile)):
+    plan = plan_from_text(cfg.budget, cfg.device, cfg.measure_s, cfg.fit, cfg.compile, cfg.memory_gib)
+    for line in plan_lines(plan):
         print(line)

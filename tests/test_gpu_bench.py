@@ -63,3 +63,15 @@ def test_quick_check_decode_section_runs_the_compiled_static_cache_step(tmp_path
     for b in ("b1", "b4"):
         assert d[b]["qinglm_compiled_tok_s"] > 0 and d[b]["compiled_same_tokens"], d
     assert "decode: tiny" in stdout and "compiled" in stdout
+
+
+@pytest.mark.slow
+def test_quick_check_scaling_section_trains_a_grid_and_plans_within_memory(tmp_path):
+    r, stdout = quick_check(tmp_path, "scaling")
+    s = r["sections"]["scaling"]
+    assert "error" not in s, s
+    assert len(s["points"]) == 6 and all(math.isfinite(p["bpc"]) for p in s["points"])
+    assert s["constants"]["alpha"] > 0 and "R" in s["constants"]
+    plan = "\n".join(s["plan_10m"])
+    assert "model: dial" in plan and "GiB to use" in plan
+    assert "- scaling: held-out bits/char dial" in stdout

@@ -417,6 +417,41 @@ def test_a_run_shorter_than_the_fitted_ones_gets_no_expected_figure():
     assert any(line.startswith("expected held-out bits/char: ") and "not" not in line for line in lines)
 
 
+def test_the_plan_keeps_to_the_memory_it_is_given():
+    """A shape whose training does not fit the memory limit takes fewer rows a micro-batch with accumulation
+    (the batch stays 32 rows), one that never fits is not chosen, and nothing fitting is one clear error."""
+    from qinglm.train.budget import BATCH_ROWS, _sized
+    from qinglm.train.hardware import training_memory_bytes
+
+    fit = synthetic_fit()
+    free = make_plan(Budget(flops=1e16), device="cuda", measure_s=0, fit=fit, memory_limit=2**50)
+    assert free.best.accum == 1 and free.best.rows == BATCH_ROWS
+    big = _sized(free.best.dial, free.best.vocab, 256)[0]
+    limit = training_memory_bytes(big, 8, 256, "cuda") + 1  # that shape fits 8 rows a micro-batch, not 16
+    plan = make_plan(Budget(flops=1e16), device="cuda", measure_s=0, fit=fit, memory_limit=limit)
+    assert plan.memory_bytes <= limit
+    assert all(training_memory_bytes(c.model, c.rows, 256, "cuda") <= limit for c in plan.candidates)
+    assert all(c.rows * c.accum == BATCH_ROWS for c in plan.candidates)
+    assert plan.best.dial == free.best.dial and (plan.best.rows, plan.best.accum) == (8, 4)
+    assert plan.train_fields()[1]["batch_size"] == 8 and plan.train_fields()[1]["grad_accum"] == 4
+    assert any("8 rows a micro-batch x 4 accumulated" in line for line in plan_lines(plan))
+    assert min(c.rows for c in plan.candidates) == 8 and max(c.rows for c in plan.candidates) == BATCH_ROWS
+    small = min(training_memory_bytes(c.model, 1, 256, "cuda") for c in plan.candidates)
+    with pytest.raises(QingLMError, match="no shape trains in"):
+        make_plan(Budget(flops=1e16), device="cuda", measure_s=0, fit=fit, memory_limit=small // 2)
+
+
+def test_qinglm_plan_memory_flag_refuses_what_cannot_fit(tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(synthetic_fit().to_json()))
+    args = ["plan", "--budget", "2h", "--fit", str(path), "--measure-s", "0", "--memory-gib", "0.0001"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no shape trains in" in err and len(err.strip().splitlines()) == 1
+    assert main(["plan", "--budget", "2h", "--fit", str(path), "--measure-s", "0", "--memory-gib", "64"]) == 0
+    assert "64.0 GiB to use" in capsys.readouterr().out
+
+
 def test_a_plan_with_dropout_expects_what_the_law_fitted_on_dropout_runs_says():
     """With R_dropout in the fit, the plan's figure for a run with dropout is the law's with that R (at the
     run's speed); without it, the law's figure for the shape without dropout, said so."""

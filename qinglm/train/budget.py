@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qinglm.config import ModelConfig, _f, resolve_model
 from qinglm.errors import QingLMError
 from qinglm.train.config import DEFAULT_MAX_EPOCHS
-from qinglm.train.hardware import ASSUMED_CUDA_FLOPS, speed_line, time_training_steps, training_memory_bytes
+from qinglm.train.hardware import (
+    ASSUMED_CUDA_FLOPS,
+    device_memory_bytes,
+    speed_line,
+    time_training_steps,
+    training_memory_bytes,
+)
 from qinglm.train.scaling import DROPOUT_FITTED, Budget, ScalingFit, load_fit, parse_budget, shape_for
 from qinglm.typecheck import check_types
 
@@ -20,6 +25,7 @@ from qinglm.typecheck import check_types
 DIALS = tuple(range(1, 9))
 MEASURED_DIALS = (1, 2, 4)  # timed on this machine; the others' speed is read off the line through these
 PLAN_DEVICES = ("cpu", "cuda")
+BATCH_ROWS = 32  # every shape's batch (shape_for): rows x accumulation keeps it when memory is short
 REPEATS_WARNED = 4  # passes over the data past which the plan says what the repeats are worth
 # Dropout for a model that can memorise its data: more weights outside the embedding than tokens in one pass,
 # seen more than REPEATS_WARNED times. Measured on the built-in corpus (benchmarks/README.md, "Dropout on a
@@ -48,6 +54,12 @@ class PlanConfig:
         "time the shapes torch.compile'd, as the run would train (default: as `qinglm train`: on for CUDA "
         "and for CPUs with a C++ compiler)",
     )
+    memory_gib: float | None = _f(
+        None,
+        "memory the run may use, in GiB (default: the GPU's when one is here, this machine's RAM on a CPU; give "
+        "your card's for --device cuda planned without it)",
+        within="(0, inf)",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -69,6 +81,8 @@ class Candidate:
     tokens: float = 0.0
     seconds: float = 0.0
     bpc: float = float("inf")
+    rows: int = BATCH_ROWS  # micro-batch rows: fewer, with accumulation, when the memory limit asks
+    accum: int = 1
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Plan:
     extrapolated: bool
     dropout: float = 0.0
     fit: ScalingFit | None = None  # the law the plan was made with
+    memory_limit: int | None = None  # bytes the run may use; None: not known (no check)
 
     def train_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (ModelConfig fields, TrainConfig fields) a run of this plan sets."""
@@ -94,6 +109,8 @@ class Plan:
         if self.dropout:
             model["dropout"] = self.dropout
         train = {k: shape[k] for k in ("lr", "batch_size", "seq_len")}
+        if self.best.accum > 1:
+            train |= {"batch_size": self.best.rows, "grad_accum": self.best.accum}
         return model, train
 
 
@@ -135,10 +152,7 @@ def throughput(
             return f"assumed {ASSUMED_CUDA_FLOPS:.0e} training FLOP/s (no CUDA device here to time)"
     if measure_s > 0:
         timed = [c for c in cands if c.dial in MEASURED_DIALS and c.vocab == max(fit.E)]
-        rates = [
-            time_training_steps(c.model, device, measure_s, shape_for(c.dial)["batch_size"], compile=compile)
-            for c in timed
-        ]
+        rates = [time_training_steps(c.model, device, measure_s, c.rows, compile=compile) for c in timed]
         line = speed_line([c.flops_per_token for c in timed], rates)
         how = "compiled" if compile else "eager"
         dials = ", ".join(f"dial {c.dial}" for c in timed)
@@ -154,31 +168,60 @@ def throughput(
     return source
 
 
+def fitting(cands: list[Candidate], device: str, limit: int | None) -> list[Candidate]:
+    """Return the candidates whose training fits limit bytes (all when limit is None), each with the most rows
+    a micro-batch that fit (BATCH_ROWS, or fewer with accumulation); raise QingLMError when none fits."""
+    if limit is None:
+        return cands
+    out = []
+    for c in cands:
+        seq_len = shape_for(c.dial)["seq_len"]
+        rows = BATCH_ROWS
+        while rows >= 1 and training_memory_bytes(c.model, rows, seq_len, device) > limit:
+            rows //= 2
+        if rows >= 1:
+            c.rows, c.accum = rows, BATCH_ROWS // rows
+            out.append(c)
+    if not out:
+        smallest = min(training_memory_bytes(c.model, 1, 256, device) for c in cands)
+        raise QingLMError(
+            f"no shape trains in {limit / 2**30:.2f} GiB on {device}: the smallest needs about "
+            f"{smallest / 2**30:.2f} GiB at one row a micro-batch"
+        )
+    return out
+
+
 def make_plan(
     budget: Budget,
     device: str = "cpu",
     measure_s: float = 1.0,
     fit: ScalingFit | None = None,
     compile: bool = False,
+    memory_limit: int | None = None,
 ) -> Plan:
     """Return the plan of the candidate the law expects the lowest held-out BPC of within budget (shapes
-    timed compiled when compile: as the run trains)."""
+    timed compiled when compile: as the run trains), among the shapes whose training fits memory_limit bytes
+    (default: device_memory_bytes(device); a shape that does not fit at full batch takes fewer rows a
+    micro-batch with gradient accumulation)."""
     fit = fit or load_fit()
-    cands = candidates(fit)
+    limit = memory_limit if memory_limit is not None else device_memory_bytes(device)
+    cands = fitting(candidates(fit), device, limit)
     source = throughput(cands, fit, device, measure_s, compile)
     for c in cands:
         _spend(c, budget, fit)
     best = min(cands, key=lambda c: (c.bpc, c.dial))
     train_tokens = fit.train_characters / fit.chars_per_token[best.vocab]
     dropout = planned_dropout(best.n, train_tokens, best.tokens / train_tokens)
+    law = best.bpc
     if dropout:
         best.model = dataclasses.replace(best.model, dropout=dropout)
-        law = best.bpc
-        if measure_s > 0:  # dropout's masks cost time: the run's speed is the shape's with them
-            rows = shape_for(best.dial)["batch_size"]
-            best.tokens_per_s = time_training_steps(best.model, device, measure_s, rows, compile=compile)
-            source += f"; dial {best.dial} with dropout timed again"
-            _spend(best, budget, fit)
+    if (dropout or best.accum > 1) and measure_s > 0 and source.startswith("timed"):
+        # dropout's masks and smaller micro-batches cost time: the run's speed is the shape's with them
+        best.tokens_per_s = time_training_steps(best.model, device, measure_s, best.rows, compile=compile)
+        source += f"; dial {best.dial} timed again" + (" with dropout" if dropout else "")
+        source += f" at {best.rows} rows" if best.accum > 1 else ""
+        _spend(best, budget, fit)
+    if dropout:
         if fit.R_dropout is not None:  # what the law expects of the run with dropout, at its speed
             chars = max(best.tokens, 1.0) * fit.chars_per_token[best.vocab]
             best.bpc = fit.predict(best.n, chars, best.vocab, dropout=True)
@@ -191,8 +234,7 @@ def make_plan(
         min(p["n"] for p in measured) <= best.n <= max(p["n"] for p in measured)
         and min(p["characters"] for p in measured) <= chars <= max(p["characters"] for p in measured)
     )
-    shape = shape_for(best.dial)
-    memory = training_memory_bytes(best.model, shape["batch_size"], shape["seq_len"], device)
+    memory = training_memory_bytes(best.model, best.rows, shape_for(best.dial)["seq_len"], device)
     return Plan(
         budget,
         device,
@@ -205,6 +247,7 @@ def make_plan(
         extrapolated,
         dropout,
         fit,
+        limit,
     )
 
 
@@ -241,7 +284,8 @@ def plan_lines(plan: Plan) -> list[str]:
         f"budget {plan.budget} on {plan.device}: throughput {plan.throughput_from}",
         f"model: dial {b.dial} -> n_layers {b.model.n_layers}, d_model {b.model.d_model}, n_heads "
         f"{b.model.n_heads}, vocab {b.vocab:,}: {b.params / 1e6:.2f}M parameters ({b.n / 1e6:.2f}M outside the "
-        f"embedding), lr {shape['lr']:.2g}, batch {shape['batch_size']} x {shape['seq_len']}",
+        f"embedding), lr {shape['lr']:.2g}, batch {shape['batch_size']} x {shape['seq_len']}"
+        + (f" ({b.rows} rows a micro-batch x {b.accum} accumulated, to fit)" if b.accum > 1 else ""),
         f"it will see {b.tokens / 1e6:,.1f}M tokens ({plan.passes:.1f} passes over the data) at "
         f"{b.tokens_per_s:,.0f} tokens/s in {duration(b.seconds)}; one pass takes {duration(plan.pass_seconds)}"
         + (
@@ -250,7 +294,8 @@ def plan_lines(plan: Plan) -> list[str]:
             else ""
         ),
         expected_line(plan),
-        f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)",
+        f"peak training memory: about {plan.memory_bytes / 2**30:.2f} GiB (estimate)"
+        + (f"; {plan.memory_limit / 2**30:.1f} GiB to use" if plan.memory_limit else "; memory not checked"),
         "next best: "
         + "; ".join(
             f"dial {c.dial} vocab {c.vocab:,}" + ("" if too_short(plan) else f": {c.bpc:.3f} bits/char")
@@ -325,52 +370,15 @@ def plan_from_text(
     measure_s: float = 1.0,
     fit: str | None = None,
     compile: bool | None = None,
+    memory_gib: float | None = None,
 ) -> Plan:
     """Return make_plan of a budget given as text (parse_budget), with the fit file fit (default: shipped),
-    timed compiled as `qinglm train` would run (compile None: its default for device)."""
+    timed compiled as `qinglm train` would run (compile None: its default for device), within memory_gib
+    (None: the device's memory)."""
     import torch
 
     from qinglm.device import resolve_compile
 
     will_compile = resolve_compile(compile, torch.device(device))
-    return make_plan(parse_budget(budget), device, measure_s, load_fit(fit), will_compile)
-
-
-LENGTH_FIELDS = ("max_time", "max_steps", "num_epochs")
-
-
-def budget_fields(train: Any, given: set[str], log: Callable[[str], None] = print) -> tuple[dict, dict]:
-    """Return (ModelConfig fields, TrainConfig fields) that `--budget` sets for the training config train (its
-    fields named in given were set by the user, who keeps them), after logging the plan and why.
-
-    The run's length is the budget: max_time for a time (the training itself; the tokenizer, the data and
-    the timing come before it), max_steps for a FLOP count; and at most DEFAULT_MAX_EPOCHS passes over the data,
-    whichever comes first (at 30 CPU-minutes tiny's 19 passes did worse on unseen text than 8).
-    """
-    from qinglm.device import resolve_compile, resolve_device
-
-    clash = [f"--{k.replace('_', '-')}" for k in LENGTH_FIELDS if k in given]
-    if clash:
-        raise QingLMError(f"--budget sets the run's length; drop {', '.join(clash)}")
-    if train.nproc or train.init_from:
-        raise QingLMError("--budget plans a new one-process run; drop --nproc / --init-from")
-    budget = parse_budget(train.budget)
-    device = resolve_device(train.device)
-    plan = make_plan(
-        budget, device.type, train.budget_measure_s, compile=resolve_compile(train.compile, device)
-    )
-    model, fields = plan.train_fields()
-    fields["num_epochs"] = DEFAULT_MAX_EPOCHS  # whichever comes first: the budget or the passes
-    if budget.seconds is not None:
-        fields["max_time"] = budget.seconds / 60
-    else:
-        fields["max_steps"] = max(1, round(plan.best.tokens / (fields["batch_size"] * fields["seq_len"])))
-    log(
-        f"--budget {train.budget}: the scaling law's best model for it (qinglm plan --budget {train.budget}):"
-    )
-    for line in plan_lines(plan):
-        log(f"  {line}")
-    kept = [k for k in (*model, *fields) if k in given]
-    if kept:
-        log(f"  kept from your flags: {', '.join(kept)}")
-    return model, fields
+    limit = round(memory_gib * 2**30) if memory_gib is not None else None
+    return make_plan(parse_budget(budget), device, measure_s, load_fit(fit), will_compile, limit)

@@ -108,3 +108,18 @@ def training_memory_bytes(cfg: ModelConfig, rows: int, seq_len: int, device: str
         + 12 * cfg.vocab_size * tokens
         + masks
     )
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Return the memory a training run on device may use: the GPU's total memory for CUDA (None when no GPU is
+    here), this machine's physical memory for a CPU (None where the OS does not say)."""
+    import os
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
