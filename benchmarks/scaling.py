@@ -25,6 +25,7 @@ recorded too (they depend on the machine's load; `qinglm plan --measure-s 0` use
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -117,6 +118,16 @@ def fit_points(points: list[dict], unique: float) -> tuple:
     return fit_law(*([p[k] for p in points] for k in ("n", "characters", "bpc", "vocab")), unique=unique)
 
 
+def fitted_as(p: dict, min_steps: int) -> str | None:
+    """Return what point p is fitted for: "law" (the law's constants), "R_dropout" (a run with dropout
+    DROPOUT_FITTED), or None (fewer than min_steps steps, or another dropout)."""
+    if p["steps"] < min_steps:
+        return None
+    if not p.get("dropout"):
+        return "law"
+    return "R_dropout" if p["dropout"] == DROPOUT_FITTED else None
+
+
 def budget_of(p: dict) -> str:
     """Return the budget a point belongs to: a run's wall-clock budget, or the grid's FLOP count."""
     return p.get("budget") or f"{p['budget_flops']:.2g}"
@@ -141,8 +152,9 @@ def build_fit(
     """Return the law fitted on every point of at least min_steps steps, with the prediction errors of each
     budget from the law fitted on the others (holdout["by_budget"]; the largest grid budget's also at the top
     level)."""
-    fitted = [p for p in points if p["steps"] >= min_steps and not p.get("dropout")]
-    dropped = [p for p in points if p["steps"] >= min_steps and p.get("dropout") == DROPOUT_FITTED]
+    fitted = [p for p in points if fitted_as(p, min_steps) == "law"]
+    dropped = [p for p in points if fitted_as(p, min_steps) == "R_dropout"]
+    grid_budgets = {budget_of(p) for p in fitted if not p.get("run")}
     by_budget = []
     for budget in sorted(
         {budget_of(p) for p in fitted}, key=lambda b: min(p["flops"] for p in fitted if budget_of(p) == b)
@@ -170,18 +182,12 @@ def build_fit(
             }
         )
     holdout: dict = {"min_steps": min_steps, "by_budget": by_budget}
-    grid = [
-        b
-        for b in by_budget
-        if "skipped" not in b and not any(p.get("run") for p in fitted if budget_of(p) == b["budget"])
-    ]
+    grid = [b for b in by_budget if "skipped" not in b and b["budget"] in grid_budgets]
     if grid:  # the largest grid budget, as files before by_budget had it
         top = max(grid, key=lambda b: float(b["budget"]))
         holdout |= {
             "budget_flops": float(top["budget"]),
-            "fitted_on_budgets": sorted(
-                float(b) for b in top["fitted_on"] if not b.endswith(("s", "m", "h", "d"))
-            ),
+            "fitted_on_budgets": sorted(float(b) for b in top["fitted_on"] if b in grid_budgets),
             "mean_abs_error_bpc": top["mean_abs_error_bpc"],
             "max_abs_error_bpc": top["max_abs_error_bpc"],
         }
@@ -204,8 +210,7 @@ def dropout_repeats(fit: ScalingFit, points: list[dict]) -> tuple[float, dict]:
         rest = points[:i] + points[i + 1 :]
         if not rest:
             break
-        probe = ScalingFit(fit.E, fit.A, fit.alpha, fit.B, fit.beta, train_characters=fit.train_characters)
-        probe.R = probe.R_dropout = fitted_r(rest)
+        probe = dataclasses.replace(fit, R=fitted_r(rest), R_dropout=None)
         errors.append(probe.predict(p["n"], p["characters"], p["vocab"]) - p["bpc"])
     held = {"points": len(points), "leave_one_out_errors_bpc": [round(x, 4) for x in errors]}
     if errors:
@@ -236,7 +241,7 @@ def plot_frontier(fit: ScalingFit, path: Path) -> Path | None:
             (p for p in fit.points if (p["dial"], p["vocab"]) == (dial, vocab)), key=lambda p: p["flops"]
         )
         color = f"C{i % 10}"
-        fitted = [p for p in pts if p["steps"] >= min_steps and not p.get("dropout")]
+        fitted = [p for p in pts if fitted_as(p, min_steps) == "law"]
         others = [p for p in pts if p not in fitted]
         ax.plot([p["flops"] for p in fitted], [p["bpc"] for p in fitted], "o", color=color)
         ax.plot([p["flops"] for p in others], [p["bpc"] for p in others], "o", color=color, mfc="none")
@@ -357,11 +362,11 @@ def print_table(fit: ScalingFit) -> None:
         law = fit.predict(p["n"], p["characters"], p["vocab"], dropout=bool(p.get("dropout")))
         passes = p["characters"] / fit.train_characters if fit.train_characters else float("nan")
         name = f"{p['budget']}: {p['run']}" if p.get("run") else f"{p['budget_flops']:.2g}"
-        fitted = p["steps"] >= min_steps and (not p.get("dropout") or p["dropout"] == DROPOUT_FITTED)
+        fitted = {"law": "yes", "R_dropout": "R_dropout", None: "no"}[fitted_as(p, min_steps)]
         wall = f"{p['wall_s']:.0f}" if "wall_s" in p else "-"
         print(
             f"| {name} | {p['dial']} | {p['vocab']:,} | {p['n']:,} | {p['params']:,} | {p['tokens']:,} | "
-            f"{passes:.1f} | {p['steps']} | {p['bpc']:.3f} | {law:.3f} | {'R_dropout' if fitted and p.get('dropout') else 'yes' if fitted else 'no'} | {wall} |"
+            f"{passes:.1f} | {p['steps']} | {p['bpc']:.3f} | {law:.3f} | {fitted} | {wall} |"
         )
     e = ", ".join(f"E[{v}] = {x:.3f}" for v, x in fit.E.items())
     r = f", R = {fit.R:.3f}" if fit.R is not None else ""

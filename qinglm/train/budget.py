@@ -140,16 +140,16 @@ def _sized(dial: int, vocab: int, seq_len: int) -> tuple[ModelConfig, int, int, 
 
 def throughput(
     cands: list[Candidate], fit: ScalingFit, device: str, measure_s: float, compile: bool = False
-) -> str:
+) -> tuple[str, bool]:
     """Set each candidate's tokens_per_s, timed as the run would train (its batch, compiled or not); return
-    where the figures come from."""
+    where the figures come from and whether they were timed on this machine."""
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             for c in cands:
                 c.tokens_per_s = ASSUMED_CUDA_FLOPS / c.flops_per_token
-            return f"assumed {ASSUMED_CUDA_FLOPS:.0e} training FLOP/s (no CUDA device here to time)"
+            return f"assumed {ASSUMED_CUDA_FLOPS:.0e} training FLOP/s (no CUDA device here to time)", False
     if measure_s > 0:
         timed = [c for c in cands if c.dial in MEASURED_DIALS and c.vocab == max(fit.E)]
         rates = [time_training_steps(c.model, device, measure_s, c.rows, compile=compile) for c in timed]
@@ -165,7 +165,7 @@ def throughput(
         source = f"recorded with the fit's eager runs ({fit.measured_on or 'another machine'})"
     for c in cands:
         c.tokens_per_s = line(c.flops_per_token)
-    return source
+    return source, measure_s > 0
 
 
 def fitting(cands: list[Candidate], device: str, limit: int | None) -> list[Candidate]:
@@ -183,7 +183,7 @@ def fitting(cands: list[Candidate], device: str, limit: int | None) -> list[Cand
             c.rows, c.accum = rows, BATCH_ROWS // rows
             out.append(c)
     if not out:
-        smallest = min(training_memory_bytes(c.model, 1, 256, device) for c in cands)
+        smallest = min(training_memory_bytes(c.model, 1, shape_for(c.dial)["seq_len"], device) for c in cands)
         raise QingLMError(
             f"no shape trains in {limit / 2**30:.2f} GiB on {device}: the smallest needs about "
             f"{smallest / 2**30:.2f} GiB at one row a micro-batch"
@@ -206,7 +206,7 @@ def make_plan(
     fit = fit or load_fit()
     limit = memory_limit if memory_limit is not None else device_memory_bytes(device)
     cands = fitting(candidates(fit), device, limit)
-    source = throughput(cands, fit, device, measure_s, compile)
+    source, timed = throughput(cands, fit, device, measure_s, compile)
     for c in cands:
         _spend(c, budget, fit)
     best = min(cands, key=lambda c: (c.bpc, c.dial))
@@ -215,7 +215,7 @@ def make_plan(
     law = best.bpc
     if dropout:
         best.model = dataclasses.replace(best.model, dropout=dropout)
-    if (dropout or best.accum > 1) and measure_s > 0 and source.startswith("timed"):
+    if (dropout or best.accum > 1) and timed:
         # dropout's masks and smaller micro-batches cost time: the run's speed is the shape's with them
         best.tokens_per_s = time_training_steps(best.model, device, measure_s, best.rows, compile=compile)
         source += f"; dial {best.dial} timed again" + (" with dropout" if dropout else "")
