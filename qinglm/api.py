@@ -16,6 +16,7 @@ from qinglm.device import resolve_device
 from qinglm.errors import QingLMError
 from qinglm.evaluate import evaluate_documents
 from qinglm.infer.chat import IM_END, fit_history, prompt_budget
+from qinglm.infer.speculate import SpecStats
 from qinglm.infer.text import encode_prompt
 from qinglm.memory import allocating
 from qinglm.model.transformer import Transformer
@@ -45,6 +46,8 @@ class LM:
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # What speculative decoding (sampling's `speculate`) drafted and had accepted, over every call.
+        self.speculation = SpecStats()
 
     def __repr__(self) -> str:
         n = self.model.param_counts()["total"]
@@ -77,8 +80,13 @@ class LM:
         from qinglm.infer.engine import Generation, Request
 
         request = Request(prompt_ids, cfg, stop, counted)
-        gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)
-        return (ev.text for events in gen for ev in events if ev.text)
+        gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)  # checks now
+
+        def texts() -> Iterator[str]:
+            yield from (ev.text for events in gen for ev in events if ev.text)
+            self.speculation.add(gen.engine.spec)
+
+        return texts()
 
     def generate(self, prompt: str, sampling: SamplingConfig | None = None, **overrides: Any) -> str:
         """Return the continuation of prompt, without the prompt; takes stream()'s arguments."""

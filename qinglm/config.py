@@ -213,6 +213,12 @@ class SamplingConfig:
         None, "random seed for sampling", within="[-9223372036854775808, 18446744073709551615]"
     )
     stop_at_eos: bool = _f(True, "stop when the model emits [EOS]")
+    speculate: int = _f(
+        0,
+        "draft up to N tokens a step from the text so far (prompt lookup) and verify them in one forward; "
+        "the same tokens, faster where the text repeats (0 = off)",
+        within="[0, 16]",
+    )
 
     def __post_init__(self) -> None:
         self.validate()

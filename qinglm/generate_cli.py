@@ -98,19 +98,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             for piece in lm.stream(prompt, **sampling, stop=args.stop):
                 print(piece, end="", flush=True)
             print()
-        return
-    # One line per prompt, in order, each printed as soon as its batch is done.
-    completions = complete(
-        lm.model,
-        lm.tokenizer,
-        prompts,
-        SamplingConfig(**sampling),
-        batch_size=args.batch_size,
-        stop=args.stop,
-        device=lm.device,
-    )
-    for prompt, text in zip(prompts, completions):
-        print(prompt + text, flush=True)
+    else:
+        # One line per prompt, in order, each printed as soon as its batch is done.
+        completions = complete(
+            lm.model,
+            lm.tokenizer,
+            prompts,
+            SamplingConfig(**sampling),
+            batch_size=args.batch_size,
+            stop=args.stop,
+            device=lm.device,
+            speculation=lm.speculation,
+        )
+        for prompt, text in zip(prompts, completions):
+            print(prompt + text, flush=True)
+    if sampling.get("speculate"):
+        print(lm.speculation.line(), file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 
 from test_server import CAP, CTX, PROMPTS, lm, reference, run_dir  # noqa: E402, F401  (fixtures)
 
-import qinglm.infer.engine  # noqa: E402
+import qinglm.infer.sampling  # noqa: E402
 from qinglm.cli import main  # noqa: E402
 from qinglm.errors import QingLMError  # noqa: E402
 from qinglm.infer.text import encode_prompt  # noqa: E402
@@ -120,18 +120,18 @@ def test_values_that_break_sampling_get_400_and_the_good_requests_of_the_batch_f
 
 
 def test_a_row_whose_sampling_fails_ends_alone_and_its_batch_finishes(url, lm, monkeypatch):
-    real = qinglm.infer.engine._sample_rows
+    real = qinglm.infer.sampling.sample_configs
 
     batched = []  # sizes of the batches a faulty row was sampled in
 
-    def sample_rows(logits, rows, uniform):  # a fault of the rows with top_k == 7, as a bug would be
-        out = real(logits, rows, uniform)  # after every row drew its token
-        if any(r.cfg.top_k == 7 for r in rows):
-            batched.append(len(rows))
+    def sample_configs(logits, cfgs, uniform):  # a fault of the rows with top_k == 7, as a bug would be
+        out = real(logits, cfgs, uniform)  # after every row drew its token
+        if any(c.top_k == 7 for c in cfgs):
+            batched.append(len(cfgs))
             raise RuntimeError("simulated sampling fault")
         return out
 
-    monkeypatch.setattr(qinglm.infer.engine, "_sample_rows", sample_rows)
+    monkeypatch.setattr(qinglm.infer.sampling, "sample_configs", sample_configs)
     greedy = {"max_tokens": 8, "temperature": 0}
     seeded = {"max_tokens": 8, "temperature": 0.9, "seed": 5}
     alone = post(url, "/v1/completions", {"prompt": "学习", **seeded}).json()["choices"][0]["text"]

@@ -45,7 +45,9 @@ i from position 0, with its own length. A step feeds every row its last token at
 each row draws its own uniform number from its own generator, so a seed gives the same tokens alone
 or in any batch), and frees the rows that finished by moving the last row into their place. New
 requests are admitted while rows and the KV budget allow, and prefilled (identical prompts once) in
-chunks while others decode; the step compiles (``compile=True``) to a bounded set of shapes.
+chunks while others decode; the step compiles (``compile=True``) to a bounded set of shapes. A row with
+``SamplingConfig.speculate`` drafts tokens while it decodes alone (qinglm.infer.speculate); one forward
+verifies the draft and the row's event carries every token accepted (the tokens plain decoding gives).
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ import torch
 
 from qinglm.errors import QingLMError
 from qinglm.infer.request import Event, Request, Row, check_request
-from qinglm.infer.sampling import N_CONTROL_IDS, RowSettings, SeenTokens, greedy, sample_rows
+from qinglm.infer.sampling import N_CONTROL_IDS, SeenTokens, sample_apart, sample_configs
 from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
+from qinglm.infer.speculate import PromptLookup, SpecStats, draft, verify
 from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -114,6 +117,7 @@ class Engine:
         self._ready: list[Event] = []  # events that need no step (max_new_tokens 0)
         self._cancelled: set[Hashable] = set()
         self._lock = threading.Lock()
+        self.spec = SpecStats()  # what the speculating rows drafted and had accepted (qinglm.infer.speculate)
 
     # -------------------------------------------------------------- callers' side
 
@@ -165,8 +169,12 @@ class Engine:
         try:
             with torch.inference_mode():
                 events += self._drop_cancelled()
-                logits = []
-                if self.active:
+                logits, later, drafts = [], None, draft(self.active, self.slots.positions)
+                if drafts is not None:  # logits (n, 1 + k, vocab): each position's next token
+                    verified = verify(self.slots, self.active, drafts, self.spec)
+                    logits.append(verified[:, 0])
+                    later = verified[:, 1:]
+                elif self.active:
                     logits.append(self._decode())
                 if self.prefilling is None:
                     self._admit()
@@ -175,7 +183,8 @@ class Engine:
                     if new is not None:
                         logits.append(new)
                 if logits:
-                    events += self._sample(logits[0] if len(logits) == 1 else torch.cat(logits))
+                    first = logits[0] if len(logits) == 1 else torch.cat(logits)
+                    events += self._sample(first, later, drafts)
         finally:
             if was_training:
                 self.model.train()
@@ -222,6 +231,8 @@ class Engine:
         self.slots.store(list(range(n, n + len(new))), job.scratch, src, [r.length for r in new])
         for i, r in enumerate(new, start=n):
             r.placed = True
+            if r.cfg.speculate:
+                r.lookup = PromptLookup(r.req.prompt_ids)
             ids = torch.tensor(r.req.prompt_ids, device=self.device)
             if r.req.counted is not None:
                 ids = ids[torch.tensor(list(r.req.counted), dtype=torch.bool, device=self.device)]
@@ -229,30 +240,54 @@ class Engine:
         self.active += new
         return logits[torch.tensor(src, device=self.device)]
 
-    def _sample(self, logits: torch.Tensor) -> list[Event]:
-        """Return the events of the active rows after sampling a token for each from logits (n, vocab)."""
-        rows = self.active
+    def _sample(
+        self, first: torch.Tensor, later: torch.Tensor | None = None, drafts: list[list[int]] | None = None
+    ) -> list[Event]:
+        """Return the events of the active rows after sampling a token for each from first (n, vocab); a
+        row whose token equals its draft's first goes on with later[:, 0] and the draft's second, and so on
+        (speculation: the same tokens, one uniform number each, as one step per token would give)."""
+        rows, events, done = self.active, {}, []
+        alive, t = list(range(len(rows))), 0
+        while alive:
+            logits = first if t == 0 else later[torch.tensor(alive, device=later.device), t - 1]
+            tokens, failed = self._draw(logits, [rows[k] for k in alive], alive if t else None)
+            going = []
+            for j, (k, tok) in enumerate(zip(alive, tokens.tolist())):
+                row = rows[k]
+                ev = self._event(row, tok, failed.get(j))
+                row.last = tok
+                if row.lookup is not None:
+                    row.lookup.extend(ev.ids)
+                events[k] = ev if t == 0 else events[k].then(ev)
+                if ev.finish_reason:
+                    done.append(k)
+                elif drafts is not None and k < len(drafts) and t < len(drafts[k]) and tok == drafts[k][t]:
+                    going.append(k)  # its key/value at this position are the right ones: keep them
+                    row.length += 1
+                    self.spec.accepted += 1
+            alive, t = going, t + 1
+        self._free(done)
+        return list(events.values())
+
+    def _draw(
+        self, logits: torch.Tensor, rows: list[Row], index: list[int] | None
+    ) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """Return a token (n,) for each of rows (active rows at index; None: all) from logits (n, vocab) and
+        {j: error} of those whose sampling raised (isolate_rows); the penalty's record gets the tokens."""
         uniform = self._uniform(rows)
         logits = logits.float()
-        penalty = [r.cfg.repetition_penalty for r in rows]
+        cfgs = [r.cfg for r in rows]
+        penalty = [c.repetition_penalty for c in cfgs]
         penalised = any(p != 1.0 for p in penalty)  # only a penalised row ever reads its seen tokens
         if penalised:
-            logits = self.seen.penalise(logits, torch.tensor(penalty, device=logits.device))
+            logits = self.seen.penalise(logits, torch.tensor(penalty, device=logits.device), index)
         if self.isolate_rows:
-            tokens, failed = _sample_apart(logits, rows, uniform)
+            tokens, failed = sample_apart(logits, cfgs, uniform)
         else:
-            tokens, failed = _sample_rows(logits, rows, uniform), {}
+            tokens, failed = sample_configs(logits, cfgs, uniform), {}
         if penalised:
-            self.seen.append(tokens)
-        events, done = [], []
-        for k, (row, tok) in enumerate(zip(rows, tokens.tolist())):
-            ev = self._event(row, tok, failed.get(k))
-            row.last = tok
-            events.append(ev)
-            if ev.finish_reason:
-                done.append(k)
-        self._free(done)
-        return events
+            self.seen.append(tokens, index)
+        return tokens, failed
 
     def _uniform(self, rows: list[Row]) -> torch.Tensor:
         """Return the number (n,) each sampling row draws its token with (zeros for greedy rows)."""
@@ -369,28 +404,3 @@ class Generation:
             events = self.engine.step()
             if events:
                 yield events
-
-
-def _sample_rows(logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor) -> torch.Tensor:
-    """Return the next token (n,) of each row of penalised logits: its temperature, top-k, top-p, all at once."""
-    if all(r.cfg.temperature == 0 for r in rows):
-        return greedy(logits)
-    return sample_rows(logits, RowSettings.of([r.cfg for r in rows], logits.device), uniform)
-
-
-def _sample_apart(
-    logits: torch.Tensor, rows: list[Row], uniform: torch.Tensor
-) -> tuple[torch.Tensor, dict[int, Exception]]:
-    """Return _sample_rows' tokens and {k: error} of the rows whose sampling raised (token 0 for them)."""
-    try:
-        return _sample_rows(logits, rows, uniform), {}
-    except Exception:  # find the rows at fault: sample each alone with the same numbers
-        pass
-    out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-    failed: dict[int, Exception] = {}
-    for k, row in enumerate(rows):
-        try:
-            out[k] = _sample_rows(logits[k : k + 1], [row], uniform[k : k + 1])[0]
-        except Exception as e:
-            failed[k] = e
-    return out, failed

@@ -16,6 +16,7 @@ import torch
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.engine import Generation, Request
+from qinglm.infer.speculate import SpecStats
 from qinglm.infer.text import encode_prompt, stream_text
 from qinglm.model.transformer import Transformer
 
@@ -61,13 +62,14 @@ def generate_ids(model, prompt_ids, cfg, *, eos_id, device=None):
 
 
 def _ids_per_step(gen: Iterable, n_rows: int, single: bool) -> Iterator:
-    """Return the generator behind generate_ids: the engine's events as one id (or None) per row."""
+    """Return the generator behind generate_ids: the engine's events as one id (or None) per row; a step
+    that gave a row several tokens (speculative decoding) is yielded as that many."""
     for events in gen:
-        step: list[int | None] = [None] * n_rows
-        for ev in events:
-            if ev.ids:
-                step[ev.row] = ev.ids[0]
-        if any(t is not None for t in step):
+        for j in range(max((len(ev.ids) for ev in events), default=0)):
+            step: list[int | None] = [None] * n_rows
+            for ev in events:
+                if j < len(ev.ids):
+                    step[ev.row] = ev.ids[j]
             yield step[0] if single else step
 
 
@@ -111,10 +113,12 @@ def complete(
     batch_size: int = 8,
     stop: Sequence[str] = (),
     device: torch.device | str | None = None,
+    speculation: SpecStats | None = None,
 ) -> Iterator[str]:
     """Return an iterator over the completions of plain-text prompts, in order, batch_size at a time.
 
     Prompts are sorted by length so each batch pads little; with a seed every prompt gets the same seed.
+    speculation, when given, adds up what speculative decoding drafted and had accepted.
     """
     if batch_size < 1:
         raise QingLMError(f"batch size must be 1 or more, got {batch_size}")
@@ -127,9 +131,12 @@ def complete(
         chunk = order[b : b + batch_size]
         reqs = [Request(encoded[i], sampling, stop) for i in chunk]
         texts = [""] * len(chunk)
-        for events in Generation(model, reqs, tokenizer=tokenizer, device=device):
+        gen = Generation(model, reqs, tokenizer=tokenizer, device=device)
+        for events in gen:
             for ev in events:
                 texts[ev.row] += ev.text
+        if speculation is not None:
+            speculation.add(gen.engine.spec)
         done.update(zip(chunk, texts))
         while nxt in done:  # yield in the caller's order as soon as possible
             yield done.pop(nxt)

@@ -10,6 +10,7 @@ import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
+from qinglm.infer.speculate import PromptLookup
 from qinglm.infer.text import TextDecoder
 from qinglm.model.transformer import Transformer
 
@@ -38,6 +39,10 @@ class Event:
     finish_reason: str | None = None
     error: Exception | None = None  # with finish_reason "error" (isolate_rows only)
 
+    def then(self, later: Event) -> Event:
+        """Return one Event of this row's tokens, then later's (a speculative step's), finished as later is."""
+        return Event(self.row, self.ids + later.ids, self.text + later.text, later.finish_reason, later.error)
+
 
 class Row:
     """The decoding state of one request: its cache row holds `length` positions."""
@@ -51,6 +56,7 @@ class Row:
         if req.sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
         self.text = TextDecoder(tokenizer, req.stop) if tokenizer is not None else None
+        self.lookup: PromptLookup | None = None  # the drafts of a speculating row (set when it is placed)
 
     def need(self, max_len: int) -> int:
         """Return the cache positions this row may use: its prompt and every token fed back."""

@@ -121,12 +121,14 @@ class SeenTokens:
         self.ids[i, :n] = ids[:n]
         self.count[i] = n
 
-    def append(self, tokens: torch.Tensor) -> None:
-        """Add tokens[k] (n,) to row k's record, for rows 0..n-1."""
-        n, cap = tokens.numel(), self.ids.size(1)
-        cols = torch.tensor([min(c, cap - 1) for c in self.count[:n]], device=self.ids.device)
-        self.ids[torch.arange(n, device=self.ids.device), cols] = tokens
-        self.count[:n] = [min(c + 1, cap) for c in self.count[:n]]
+    def append(self, tokens: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Add tokens[k] (n,) to the record of row rows[k] (None: rows 0..n-1)."""
+        rows = list(range(tokens.numel())) if rows is None else rows
+        cap = self.ids.size(1)
+        cols = torch.tensor([min(self.count[i], cap - 1) for i in rows], device=self.ids.device)
+        self.ids[torch.tensor(rows, device=self.ids.device), cols] = tokens
+        for i in rows:
+            self.count[i] = min(self.count[i] + 1, cap)
 
     def move(self, src: int, dst: int) -> None:
         """Make row dst's record row src's (a row moving into a freed slot)."""
@@ -137,14 +139,20 @@ class SeenTokens:
         """Return the ids row i's penalty counts."""
         return {t for t in self.ids[i, : self.count[i]].tolist() if t >= self.n_control}
 
-    def penalise(self, logits: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        """Return logits (n, V) of rows 0..n-1, changed in place: each row's counted tokens penalised by its
-        penalty (n,): a positive logit divided by it, a negative one multiplied."""
+    def penalise(
+        self, logits: torch.Tensor, penalty: torch.Tensor, rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """Return logits (n, V) of rows rows (None: 0..n-1), changed in place: each row's counted tokens
+        penalised by its penalty (n,): a positive logit divided by it, a negative one multiplied."""
         n = logits.size(0)
-        width = max(self.count[:n], default=0)
+        width = max(self.count[:n] if rows is None else [self.count[i] for i in rows], default=0)
         if width == 0:
             return logits
-        ids = self.ids[:n, :width]
+        ids = (
+            self.ids[:n, :width]
+            if rows is None
+            else self.ids[torch.tensor(rows, device=self.ids.device), :width]
+        )
         values = logits.gather(1, ids)
         penalised = _penalised(values, penalty[:, None].to(logits.dtype))
         return logits.scatter_(1, ids, torch.where(ids >= self.n_control, penalised, values))
@@ -228,3 +236,29 @@ def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         last = end - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
         return torch.minimum(choice.squeeze(1), last)
     return choice.squeeze(1)
+
+
+def sample_configs(logits: torch.Tensor, cfgs: list[SamplingConfig], uniform: torch.Tensor) -> torch.Tensor:
+    """Return the next token (n,) of each row of penalised logits with its own config's temperature, top-k
+    and top-p, all at once (the decode engine's rows)."""
+    if all(c.temperature == 0 for c in cfgs):
+        return greedy(logits)
+    return sample_rows(logits, RowSettings.of(cfgs, logits.device), uniform)
+
+
+def sample_apart(
+    logits: torch.Tensor, cfgs: list[SamplingConfig], uniform: torch.Tensor
+) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Return sample_configs' tokens and {k: error} of the rows whose sampling raised (token 0 for them)."""
+    try:
+        return sample_configs(logits, cfgs, uniform), {}
+    except Exception:  # find the rows at fault: sample each alone with the same numbers
+        pass
+    out = torch.zeros(len(cfgs), dtype=torch.long, device=logits.device)
+    failed: dict[int, Exception] = {}
+    for k, cfg in enumerate(cfgs):
+        try:
+            out[k] = sample_configs(logits[k : k + 1], [cfg], uniform[k : k + 1])[0]
+        except Exception as e:
+            failed[k] = e
+    return out, failed

@@ -204,6 +204,15 @@ class Slots:
             self.fast.layout.refresh()  # the compiled step reads the weights' copies
         return step(self.model, tokens, positions, self.cache, window)[:n]
 
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Return the logits (n, T, vocab) of T tokens (n, T) per row 0..n-1 from its position (n,): a draft
+        verified (qinglm.infer.speculate). Eager, through the fast step when the model has one."""
+        n, T = tokens.shape
+        window = int(positions.max()) + T
+        if self.fast is not None and not self.fast.hooked():
+            return self.fast(tokens, positions, self.cache, window).view(n, T, -1)
+        return self.model(tokens, cache=self.cache, start=positions, window=window)
+
     def prefill(
         self, prompts: list[list[int]], scratch: KVCache | None, start: int, end: int
     ) -> tuple[KVCache, torch.Tensor]:

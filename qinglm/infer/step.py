@@ -239,10 +239,13 @@ class DecodeStep:
             self._views = (cache.k, list(zip(k3, v3, flat)), P)
         return self._views
 
-    def _writes(self, cache: KVCache, B: int, positions: torch.Tensor) -> tuple[list[Callable], int]:
+    def _writes(
+        self, cache: KVCache, B: int, positions: torch.Tensor, T: int = 1
+    ) -> tuple[list[Callable], int]:
         """Return per layer a function (k, v, window) -> (keys, values) that stores the step's keys/values
-        (B, n_kv_heads, head_dim) at each row's position and returns the layer's first window positions of rows
-        0..B-1 as (B * n_kv_heads, window, head_dim); and the cache's positions.
+        (B * T, n_kv_heads, head_dim) at each row's positions (T > 1: positions[b]..positions[b]+T-1, a draft
+        verified) and returns the layer's first window positions of rows 0..B-1 as (B * n_kv_heads, window,
+        head_dim); and the cache's positions.
 
         Eager: index_copy_ into each layer's flat view (one op). Traced (``traced``, for torch.compile): index_put_
         into cache.k and cache.v themselves, since views of the cache among a graph's inputs make inductor copy
@@ -255,11 +258,16 @@ class DecodeStep:
                 torch.arange(Hkv, device=positions.device)[None, :],
                 positions[:, None],
             )
+            if T > 1:  # (B, T, n_kv_heads) indices for (B * T, n_kv_heads, head_dim) values
+                at = positions[:, None] + torch.arange(T, device=positions.device)
+                where = (where[0][:, :, None], where[1][None], at[:, :, None])
 
             def traced(i: int) -> Callable:
                 layer = torch.tensor(i, device=positions.device)
 
                 def store(k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    if T > 1:
+                        k, v = k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd)
                     cache.k.index_put_((layer, *where), k.to(cache.k.dtype))
                     cache.v.index_put_((layer, *where), v.to(cache.v.dtype))
                     keys = cache.k[i, :B].reshape(B * Hkv, P, hd)[:, :window]
@@ -269,11 +277,14 @@ class DecodeStep:
 
             return [traced(i) for i in range(L)], P
         write = torch.arange(B * Hkv, device=positions.device) * P + positions.repeat_interleave(Hkv)
+        if T > 1:  # in the order of the keys (b, t, kv head): row b's head at position positions[b] + t
+            at = torch.arange(T, device=positions.device)[None, :, None]
+            write = (write.view(B, 1, Hkv) + at).reshape(-1)
 
         def flat(kc, vc, kflat, vflat) -> Callable:
             def store(k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-                kflat.index_copy_(0, write, k.reshape(B * Hkv, hd).to(kflat.dtype))
-                vflat.index_copy_(0, write, v.reshape(B * Hkv, hd).to(vflat.dtype))
+                kflat.index_copy_(0, write, k.reshape(-1, hd).to(kflat.dtype))
+                vflat.index_copy_(0, write, v.reshape(-1, hd).to(vflat.dtype))
                 return kc[: B * Hkv, :window], vc[: B * Hkv, :window]
 
             return store
@@ -284,10 +295,11 @@ class DecodeStep:
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, window: int
     ) -> torch.Tensor:
         """Return the logits (B, vocab) of token b at positions[b] in row b of cache, attending to its
-        positions 0..positions[b] within the first window positions; the keys/values are stored."""
+        positions 0..positions[b] within the first window positions; the keys/values are stored. tokens
+        (B, T): T tokens per row from positions[b] (a draft verified), logits (B * T, vocab)."""
         self.layout.refresh()
         caller = torch.get_num_threads()
-        if caller == 1 or tokens.size(0) * self.macs >= ONE_THREAD_MACS:
+        if caller == 1 or tokens.numel() * self.macs >= ONE_THREAD_MACS:
             return self._step(tokens, positions, cache, window)
         torch.set_num_threads(1)
         self.threads.n = caller
@@ -302,44 +314,61 @@ class DecodeStep:
     ) -> torch.Tensor:
         B, H, Hkv, hd = tokens.size(0), self.H, self.Hkv, self.hd
         group, dev = H // Hkv, tokens.device
-        layers, P = self._writes(cache, B, positions)
+        T = 1 if tokens.dim() == 1 else tokens.size(1)
+        layers, P = self._writes(cache, B, positions, T)
+        at = positions  # each query's own position, (B) or (B * T)
+        if T > 1:
+            at = (positions[:, None] + torch.arange(T, device=dev)).reshape(-1)
+            tokens = tokens.reshape(-1)
         x = F.embedding(tokens, self.embed)  # (B, d_model)
         if self.pos == "learned":
-            x = x + self.model.pos_embed.weight[positions]
+            x = x + self.model.pos_embed.weight[at]
         elif self.pos == "sinusoidal":
-            x = x * math.sqrt(self.cfg.d_model) + self.model.pos_table[positions]
+            x = x * math.sqrt(self.cfg.d_model) + self.model.pos_table[at]
         else:
-            cos, sin = self.model.rope_at(positions, window)  # (B, head_dim)
-            cos, sin = cos[:, None], (sin * self.sign)[:, None]  # (B, 1, head_dim): sin signed for the flip
-        # What each row may attend to.
-        past = torch.arange(window, device=dev) > positions[:, None]  # (B, W): beyond the row's length
-        bias = torch.zeros(B, window, device=dev).masked_fill_(past, float("-inf"))
-        bias = bias.repeat_interleave(Hkv, dim=0)[:, None]  # (B * n_kv_heads, 1, W)
+            cos, sin = self.model.rope_at(at, window)  # (B * T, head_dim)
+            cos, sin = (
+                cos[:, None],
+                (sin * self.sign)[:, None],
+            )  # (B * T, 1, head_dim): sin signed for the flip
+        # What each query may attend to: (B * n_kv_heads, T * group or 1, W), beyond its own position masked.
+        past = torch.arange(window, device=dev) > at[:, None]  # (B * T, W)
+        bias = torch.zeros(B * T, window, device=dev).masked_fill_(past, float("-inf"))
+        if T == 1:
+            bias = bias.repeat_interleave(Hkv, dim=0)[:, None]
+        else:  # query (t, g) of kv head h of row b at index t * group + g
+            bias = bias.view(B, 1, T, 1, window).expand(B, Hkv, T, group, window).reshape(B * Hkv, -1, window)
+        N = B * T
         fp32 = self.embed.dtype == torch.float32
         n_qk = (H + Hkv) * hd
         for (norm1, qkv, qk_norm, gate, out, norm2, up, act, down), store in zip(self.blocks, layers):
             xn = norm1(x)
-            h = qkv(xn)  # (B, (n_heads + 2 n_kv_heads) head_dim)
+            h = qkv(xn)  # (N, (n_heads + 2 n_kv_heads) head_dim)
             if qk_norm is None:
-                qk = h[:, :n_qk].view(B, H + Hkv, hd)
+                qk = h[:, :n_qk].view(N, H + Hkv, hd)
                 if self.pos == "rope":
                     qk = self._rope(qk, cos, sin)
                 q, k = qk[:, :H], qk[:, H:]
             else:
-                q = qk_norm[0](h[:, : H * hd].view(B, H, hd))
-                k = qk_norm[1](h[:, H * hd : n_qk].view(B, Hkv, hd))
+                q = qk_norm[0](h[:, : H * hd].view(N, H, hd))
+                k = qk_norm[1](h[:, H * hd : n_qk].view(N, Hkv, hd))
                 if self.pos == "rope":
                     q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            keys, values = store(k.reshape(B, Hkv, hd), h[:, n_qk:].view(B, Hkv, hd), window)
-            q = q.reshape(B * Hkv, group, hd)
+            keys, values = store(k.reshape(N, Hkv, hd), h[:, n_qk:].view(N, Hkv, hd), window)
+            if T == 1:
+                q = q.reshape(B * Hkv, group, hd)
+            else:  # (b, t, h, g) -> (b, h, t, g): a kv head's queries of every position together
+                q = q.reshape(B, T, Hkv, group, hd).transpose(1, 2).reshape(B * Hkv, T * group, hd)
             if fp32:
                 scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scale)
             else:
                 scores = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)).float() * self.scale + bias
-            y = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values).to(x.dtype)  # (B*Hkv, group, hd)
+            y = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values).to(x.dtype)  # (B*Hkv, T*group, hd)
+            if T > 1:
+                y = y.view(B, Hkv, T, group, hd).transpose(1, 2)
             if gate is not None:
-                y = y.view(B, H, hd) * torch.sigmoid(gate(xn))[:, :, None]
-            x = out(x, y.reshape(B, H * hd))
+                y = y.reshape(N, H, hd) * torch.sigmoid(gate(xn))[:, :, None]
+            x = out(x, y.reshape(N, H * hd))
             x = down(x, act(up(norm2(x))))
         return self.head(self.norm(x))
 

@@ -47,12 +47,17 @@ class KVCache:
     def update_at(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one token's k, v (B, n_kv_heads, 1, head_dim) of rows 0..B-1 at their own positions (B,)
-        and return those rows' keys/values over positions 0..window-1 (the caller masks what lies past
-        each row's length): the static-shape decoding step of qinglm.infer.slots."""
+        """Store k, v (B, n_kv_heads, T, head_dim) of rows 0..B-1 at positions[b]..positions[b]+T-1 and
+        return those rows' keys/values over positions 0..window-1 (the caller masks what lies past each
+        row's length): the static-shape decoding step of qinglm.infer.slots (T > 1: a draft verified)."""
         rows = torch.arange(k.size(0), device=k.device)
-        self.k[layer][rows, :, positions] = k[:, :, 0]  # (B, n_kv_heads, head_dim) written per row
-        self.v[layer][rows, :, positions] = v[:, :, 0]
+        if k.size(2) == 1:
+            self.k[layer][rows, :, positions] = k[:, :, 0]  # (B, n_kv_heads, head_dim) written per row
+            self.v[layer][rows, :, positions] = v[:, :, 0]
+        else:  # (B, T) indices: the slice's dimension goes last, (B, T, n_kv_heads, head_dim)
+            at = positions[:, None] + torch.arange(k.size(2), device=k.device)
+            self.k[layer][rows[:, None], :, at] = k.transpose(1, 2)
+            self.v[layer][rows[:, None], :, at] = v.transpose(1, 2)
         return self.k[layer, : k.size(0), :, :window], self.v[layer, : k.size(0), :, :window]
 
 
@@ -78,13 +83,16 @@ def padded_causal_mask(start: int, length: int, pad: torch.Tensor) -> torch.Tens
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Return softmax(q k^T / sqrt(head_dim) + bias) v for one query per row: (B, n_heads, 1, head_dim).
+    """Return softmax(q k^T / sqrt(head_dim) + bias) v for T queries per row: (B, n_heads, T, head_dim).
 
     k, v: (B, n_kv_heads, W, head_dim), each kv head shared by n_heads / n_kv_heads query heads; bias
-    (B, 1, 1, W): 0 where a row may attend, -inf past its length. Written out because scaled_dot_product
+    (B, 1, T, W): 0 where a query may attend, -inf past its position. Written out because scaled_dot_product
     _attention with a mask costs several times more than these four ops for a single query on a CPU.
     """
-    B, H, _, D = q.shape
-    q = q.view(B, k.size(1), H // k.size(1), D)  # (B, n_kv_heads, group, head_dim)
-    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5 + bias  # (B, n_kv_heads, group, W)
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
+    B, H, T, D = q.shape
+    G = H // k.size(1)
+    q = q.reshape(B, k.size(1), G * T, D)  # (B, n_kv_heads, group * T, head_dim)
+    if T > 1:
+        bias = bias.repeat(1, 1, G, 1)  # (B, 1, group * T, W): query (g, t) at index g * T + t
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5 + bias  # (B, n_kv_heads, group * T, W)
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, T, D)

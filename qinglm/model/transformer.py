@@ -105,13 +105,13 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and isinstance(start, torch.Tensor):  # one token per row at its own position
+        if cache is not None and isinstance(start, torch.Tensor):  # T tokens per row from its own position
             k, v = cache.update_at(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start, mask.size(-1))
             k, v = k.to(q.dtype), v.to(q.dtype)
         elif cache is not None:
             k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if isinstance(start, torch.Tensor):  # one query per row over its cache row: mask is additive
+        if isinstance(start, torch.Tensor):  # T queries per row over its cache row: mask is additive
             y = decode_attention(q, k, v, mask)
         # Queries at positions start..start+T-1 see keys 0..their own position.
         elif mask is not None:  # left-padded rows or per-row positions: the caller's mask (B, 1, T, keys)
@@ -242,17 +242,18 @@ class Transformer(nn.Module):
         head for the final position only (what decoding needs). pad (B,), for batches of prompts
         of different lengths: row b is left-padded by pad[b] slots, so idx holds slots
         start..start+T-1, its positions are slot - pad[b] and its pad slots are never attended to.
-        start as a tensor (B,) (decoding with a static cache, qinglm.infer.slots): idx (B, 1) holds one
-        token per row at position start[b]; it attends to cache positions 0..start[b] within the first
-        `window` (default: all) positions of the cache. last_only as a tensor (B,) takes each row's
+        start as a tensor (B,) (decoding with a static cache, qinglm.infer.slots): idx (B, T) holds T
+        tokens per row at positions start[b]..start[b]+T-1 (T > 1: a speculative draft being verified);
+        each attends to cache positions 0..its own within the first `window` (default: all) positions. last_only as a tensor (B,) takes each row's
         head at its own index (right-padded prompts of different lengths).
         """
         B, T = idx.shape
         if isinstance(start, torch.Tensor):
             window = window or cache.max_len
-            pos = start[:, None]  # (B, 1)
-            past = torch.arange(window, device=idx.device)[None, :] > pos  # (B, W): beyond the row's length
-            mask = torch.zeros(past.shape, device=idx.device).masked_fill(past, float("-inf"))[:, None, None]
+            pos = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            # (B, T, W): keys beyond each query's own position (its row's length, then causal within the T)
+            past = torch.arange(window, device=idx.device)[None, None, :] > pos[:, :, None]
+            mask = torch.zeros(past.shape, device=idx.device).masked_fill(past, float("-inf"))[:, None]
         elif pad is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")

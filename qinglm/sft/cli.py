@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from qinglm.chat_repl import ChatConfig
@@ -63,4 +64,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat = ChatConfig(**given(args, ChatConfig))  # bad flags fail before the model loads
     context = ContextConfig(**given(args, ContextConfig))
     lm = qinglm.load(args.model, device=args.device, context=context, quantize=args.quantize)
-    chat_loop(lm, system=args.system, sampling=given(args, SamplingConfig), chat=chat)
+    sampling = given(args, SamplingConfig)
+    chat_loop(lm, system=args.system, sampling=sampling, chat=chat)
+    if sampling.get("speculate"):
+        print(lm.speculation.line(), file=sys.stderr)
