@@ -147,6 +147,21 @@ def test_batched_engine_equals_one_at_a_time_on_gpu():
         assert got == list(generate_ids(model, p, s, eos_id=3))
 
 
+@pytest.mark.parametrize("compile", [False, True])
+@torch.no_grad()
+def test_speculative_decoding_gives_the_plain_tokens_on_gpu(compile):
+    """Drafts verified by the fast step with T tokens a row (eager, beside the CUDA-graph step when compiled)."""
+    model = model_on_gpu(torch.float32, n_kv_heads=2)
+    prompt = [2, 17, 42, 5, 17, 42, 5, 17, 42]
+    out = {}
+    for k in (0, 6):
+        s = SamplingConfig(max_new_tokens=40, temperature=0.0, stop_at_eos=False, speculate=k)
+        gen = Generation(model, [Request(prompt, s)], compile=compile)
+        out[k] = [t for events in gen for ev in events for t in ev.ids]
+        spec = gen.engine.spec
+    assert out[6] == out[0] and len(out[0]) == 40 and spec.accepted > 0
+
+
 def test_int8_quantization_is_refused_on_gpu():
     from qinglm.model.quantize import quantize
 

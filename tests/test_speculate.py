@@ -186,3 +186,28 @@ def test_generate_cli_prints_the_same_text_and_the_acceptance_rate(tmp_path, tin
     spec = subprocess.run([*base, "--speculate", "4"], capture_output=True, text=True, check=True)
     assert spec.stdout == plain.stdout
     assert "speculative decoding:" in spec.stderr and "speculative" not in plain.stderr
+
+
+def test_stop_strings_and_text_are_plain_decodings(tiny_model):
+    """Text, stop strings and finish reasons of a speculating row: the plain row's, cut at the same place."""
+    from qinglm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["今天天气真不错，我们一起去公园散步吧。"] * 50, 300, show_progress=False)
+    model = tiny_model(tok.vocab_size)
+    prompt = tok.encode("今天天气真不错，")
+
+    def text(k: int, stop=()) -> tuple[str, str, SpecStats]:
+        gen = Generation(model, [Request(prompt, greedy(40, k), stop)], tokenizer=tok)
+        pieces, reason = [], None
+        for events in gen:
+            for ev in events:
+                pieces.append(ev.text)
+                reason = ev.finish_reason or reason
+        return "".join(pieces), reason, gen.engine.spec
+
+    plain, reason, _ = text(0)
+    assert text(8)[:2] == (plain, reason) and text(8)[2].accepted > 0
+    stop = plain[len(plain) // 2 : len(plain) // 2 + 2]  # a stop string inside what a draft would carry on
+    cut, reason, _ = text(0, [stop])
+    assert reason == "stop" and len(cut) < len(plain)
+    assert text(8, [stop])[:2] == (cut, "stop")
