@@ -1,17 +1,18 @@
 """Speculative decoding by prompt lookup against plain decoding, on a trained run and held-out prompts.
 
-    python -m benchmarks.speculate RUN [--corpus pd1998] [--batches 1 8] [--speculate 0 2 4 8]
-        [--threads 1] [--new-tokens 128] [--prompts 8] [--penalty 1.1] [--rounds 5] [--baseline OLD]
+    python -m benchmarks.speculate RUN [--corpus pd1998] [--batches 1 8] [--speculate 0 2 4 8] [--threads 1]
+        [--new-tokens 128] [--prompts 8] [--penalty 1.1] [--temperature 0] [--rounds 5] [--baseline OLD]
 
 RUN is a trained run directory (the main job's: `qinglm train --preset tiny --data pd1998 reviews idioms`). The
-prompts are the first 12 characters of --prompts of the corpus's held-out documents at the run's own split (never
-text it trained on), a batch of them decoded together and the batches in turn, greedily, --new-tokens each with EOS ignored (sampling's
-default repetition penalty unless --penalty), through `Generation` with SamplingConfig.speculate = each
---speculate value in turn, interleaved, --rounds rounds after a warm-up round; with --baseline the engine of
-another checkout (benchmarks.decode.baseline_engine: d4549af is the engine when issue 23 was filed) joins
-without speculation. Tokens/s = rows x new tokens / seconds of the whole generation (prefill included);
-medians. Every contestant's tokens are checked against plain decoding's; accepted / drafted are the last
-round's, over all its prompts (the same every round: greedy).
+prompts are the first 12 characters of --prompts of the corpus's held-out documents at the run's own split
+(never text it trained on), a batch of them decoded together and the batches in turn, greedily (or with
+--temperature T sampled with the default top-k / top-p and seed 0, which gives the same tokens with and without
+drafts), --new-tokens each with EOS ignored (sampling's default repetition penalty unless --penalty), through
+`Generation` with SamplingConfig.speculate = each --speculate value in turn, interleaved, --rounds rounds after a
+warm-up round; with --baseline the engine of another checkout (benchmarks.decode.baseline_engine: d4549af is the
+engine when issue 23 was filed) joins without speculation. Tokens/s = rows x new tokens / seconds of the whole
+generation (prefill included); medians. Every contestant's tokens are checked against plain decoding's;
+accepted / drafted are the last round's, over all its prompts (the same every round: greedy or seeded).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def measure(lm, prompts, args, old) -> list[dict]:
     def cfg(k: int) -> SamplingConfig:
         return SamplingConfig(
             max_new_tokens=args.new_tokens,
-            temperature=0.0,
+            temperature=args.temperature,
             repetition_penalty=args.penalty,
+            seed=0 if args.temperature > 0 else None,  # a seed: the same tokens with and without drafts
             stop_at_eos=False,
             speculate=k,
         )
@@ -103,6 +105,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=8, help="prompts a round, `batch` at a time")
     p.add_argument("--penalty", type=float, default=SamplingConfig.repetition_penalty)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="> 0: sampled (top-k 50, top-p 0.95), seed 0"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--baseline", help="another checkout whose engine joins (no speculation)")
     args = p.parse_args()
@@ -111,7 +116,7 @@ def main() -> None:
     lm = qinglm.load(args.run, device="cpu")
     old = baseline_engine(args.baseline) if args.baseline else None
     print(
-        f"{args.run}: {args.corpus} held-out prompts, greedy, penalty {args.penalty:g}, "
+        f"{args.run}: {args.corpus} held-out prompts, temperature {args.temperature:g}, penalty {args.penalty:g}, "
         f"{args.new_tokens} new tokens, medians of {args.rounds} rounds"
     )
     print("| batch | threads | contestant | tok/s | vs speculate 0 | accepted / drafted | same tokens |")
