@@ -1,7 +1,8 @@
-"""Speculative decoding by prompt lookup against plain decoding, on a trained run and held-out prompts.
+"""Speculative decoding (prompt lookup, or a draft model) against plain decoding, on a trained run and held-out prompts.
 
     python -m benchmarks.speculate RUN [--corpus pd1998] [--batches 1 8] [--speculate 0 2 4 8] [--threads 1]
         [--new-tokens 128] [--prompts 8] [--penalty 1.1] [--temperature 0] [--rounds 5] [--baseline OLD]
+        [--draft SMALLER_RUN]
 
 RUN is a trained run directory (the main job's: `qinglm train --preset tiny --data pd1998 reviews idioms`). The
 prompts are the first 12 characters of --prompts of the corpus's held-out documents at the run's own split
@@ -10,7 +11,8 @@ prompts are the first 12 characters of --prompts of the corpus's held-out docume
 drafts), --new-tokens each with EOS ignored (sampling's default repetition penalty unless --penalty), through
 `Generation` with SamplingConfig.speculate = each --speculate value in turn, interleaved, --rounds rounds after a
 warm-up round; with --baseline the engine of another checkout (benchmarks.decode.baseline_engine: d4549af is the
-engine when issue 23 was filed) joins without speculation. Tokens/s = rows x new tokens / seconds of the whole
+engine when issue 23 was filed) joins without speculation, and with --draft "draft K" contestants draft with that
+smaller run (the same tokenizer) instead of by prompt lookup. Tokens/s = rows x new tokens / seconds of the whole
 generation (prefill included); medians. Every contestant's tokens are checked against plain decoding's;
 accepted / drafted are the last round's, over all its prompts (the same every round: greedy or seeded).
 """
@@ -56,12 +58,15 @@ def measure(lm, prompts, args, old) -> list[dict]:
             speculate=k,
         )
 
-    def run(module, k: int):
+    def run(module, k: int, draft=None):
         ids, spec = [], SpecStats()
         for b in range(0, len(prompts), args.batch):  # a Generation of `batch` prompts at a time
             chunk = prompts[b : b + args.batch]
             out = [[] for _ in chunk]
-            gen = module.Generation(lm.model, [module.Request(p, cfg(k)) for p in chunk])
+            reqs = [module.Request(p, cfg(k)) for p in chunk]
+            gen = (
+                module.Generation(lm.model, reqs, draft=draft) if draft else module.Generation(lm.model, reqs)
+            )
             for events in gen:
                 for ev in events:
                     out[ev.row] += ev.ids
@@ -70,16 +75,18 @@ def measure(lm, prompts, args, old) -> list[dict]:
                 spec.add(gen.engine.spec)
         return ids, spec if module is engine else None
 
-    contestants = {f"speculate {k}": (engine, k) for k in args.speculate}
+    contestants = {f"speculate {k}": (engine, k, None) for k in args.speculate}
+    if lm.draft is not None:
+        contestants.update({f"draft {k}": (engine, k, lm.draft) for k in args.speculate if k})
     if old is not None:
-        contestants = {"old engine": (old, 0), **contestants}
+        contestants = {"old engine": (old, 0, None), **contestants}
     want = run(engine, 0)[0]
     times: dict[str, list[float]] = {name: [] for name in contestants}
     last: dict[str, tuple] = {}
     for r in range(args.rounds + 1):
-        for name, (module, k) in contestants.items():
+        for name, (module, k, draft) in contestants.items():
             t0 = time.perf_counter()
-            ids, spec = run(module, k)
+            ids, spec = run(module, k, draft)
             dt = time.perf_counter() - t0
             if r:
                 times[name].append(sum(map(len, ids)) / dt)
@@ -110,10 +117,11 @@ def main() -> None:
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--baseline", help="another checkout whose engine joins (no speculation)")
+    p.add_argument("--draft", help="a smaller run of RUN's tokenizer: 'draft K' contestants draft with it")
     args = p.parse_args()
     if 0 not in args.speculate:
         args.speculate = [0, *args.speculate]
-    lm = qinglm.load(args.run, device="cpu")
+    lm = qinglm.load(args.run, device="cpu", draft=args.draft)
     old = baseline_engine(args.baseline) if args.baseline else None
     print(
         f"{args.run}: {args.corpus} held-out prompts, temperature {args.temperature:g}, penalty {args.penalty:g}, "

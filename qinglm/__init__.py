@@ -26,11 +26,12 @@ def load(
     tokenizer: str | Path | None = None,
     quantize: str = "none",
     context: ContextConfig | None = None,
+    draft: str | Path | None = None,
 ) -> LM:
     """Return the trained LM in run_dir (see qinglm.api.load); imports torch on first use."""
     from qinglm.api import load as _load
 
-    return _load(run_dir, device, tokenizer, quantize, context)
+    return _load(run_dir, device, tokenizer, quantize, context, draft)
 
 
 def __getattr__(name: str) -> Any:

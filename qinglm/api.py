@@ -38,6 +38,7 @@ class LM:
         device: torch.device | str | None = None,
         val_fraction: float = TrainConfig.val_fraction,
         split_by: str = TrainConfig.split_by,
+        draft: Transformer | None = None,
     ):
         self.val_fraction = val_fraction  # the split of built-in corpora the run held out (evaluate)
         self.split_by = split_by
@@ -46,8 +47,10 @@ class LM:
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        # What speculative decoding (sampling's `speculate`) drafted and had accepted, over every call.
+        # What speculative decoding (sampling's `speculate`) drafted and had accepted, over every call; the
+        # model that drafts (None: prompt lookup).
         self.speculation = SpecStats()
+        self.draft = draft.to(self.device).eval() if draft is not None else None
 
     def __repr__(self) -> str:
         n = self.model.param_counts()["total"]
@@ -80,7 +83,9 @@ class LM:
         from qinglm.infer.engine import Generation, Request
 
         request = Request(prompt_ids, cfg, stop, counted)
-        gen = Generation(self.model, [request], tokenizer=self.tokenizer, device=self.device)  # checks now
+        gen = Generation(  # checks the request now
+            self.model, [request], tokenizer=self.tokenizer, device=self.device, draft=self.draft
+        )
 
         def texts() -> Iterator[str]:
             yield from (ev.text for events in gen for ev in events if ev.text)
@@ -205,6 +210,7 @@ def load(
     tokenizer: str | Path | None = None,
     quantize: str = "none",
     context: ContextConfig | None = None,
+    draft: str | Path | None = None,
 ) -> LM:
     """Return the LM saved in run_dir, in eval mode on device.
 
@@ -212,7 +218,8 @@ def load(
     checkpoint); it may also be a weights file inside a run directory. tokenizer overrides the
     run's tokenizer directory. quantize="int8" stores the linear layers' weights as int8 for
     faster CPU inference, "bf16" every weight as bfloat16 (qinglm.model.quantize; inference only). context runs the model at another
-    length, RoPE-scaled to reach past the trained one (qinglm.config.with_context).
+    length, RoPE-scaled to reach past the trained one (qinglm.config.with_context). draft is a smaller run
+    with the same tokenizer that drafts for speculative decoding (sampling's `speculate`; LM.draft).
     """
     from qinglm.run_dir import read_config
     from qinglm.tokenizer import Tokenizer
@@ -249,8 +256,19 @@ def load(
         from qinglm.model.quantize import quantize as quantize_model
 
         model = quantize_model(model.to(dev), quantize)
+    drafter = None
+    if draft is not None:
+        other = load(draft, device=device, quantize=quantize)
+        if other.tokenizer.fingerprint() != tok.fingerprint():
+            raise QingLMError(
+                f"the draft model {draft} was trained with another tokenizer than {run}; "
+                "draft with a run of the same tokenizer (a `qinglm distill` student of it)"
+            )
+        drafter = other.model
     val_fraction, split_by = _held_out(config)
-    return LM(model, tok, run_dir=run, device=dev, val_fraction=val_fraction, split_by=split_by)
+    return LM(
+        model, tok, run_dir=run, device=dev, val_fraction=val_fraction, split_by=split_by, draft=drafter
+    )
 
 
 def _held_out(config: dict[str, Any], hops: int = 4) -> tuple[float, str]:

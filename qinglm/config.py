@@ -386,6 +386,38 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+DRAFT_TOKENS = 4  # --draft without --speculate: the tokens it drafts a step
+
+
+def add_draft_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --draft RUN (speculative decoding with a smaller model) to a command that generates."""
+    parser.add_argument(
+        "--draft",
+        help="a smaller run with the model's tokenizer that drafts --speculate N tokens a step "
+        f"(default {DRAFT_TOKENS} with --draft); without it --speculate drafts by prompt lookup",
+    )
+
+
+def add_generation_args(
+    parser: argparse.ArgumentParser, aliases: dict[str, list[str]] | None = None, skip: set[str] = frozenset()
+) -> None:
+    """Add what a command that generates takes: --quantize, --draft, SamplingConfig's fields (aliases, skip:
+    as add_dataclass_args) and ContextConfig's."""
+    add_quantize_arg(parser)
+    add_draft_arg(parser)
+    add_dataclass_args(parser, SamplingConfig, aliases, skip)
+    add_dataclass_args(parser, ContextConfig)
+
+
+def sampling_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the SamplingConfig fields given on a generating command line; with --draft, speculate defaults
+    to DRAFT_TOKENS."""
+    sampling = given(args, SamplingConfig)
+    if getattr(args, "draft", None):
+        sampling.setdefault("speculate", DRAFT_TOKENS)
+    return sampling
+
+
 def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
     """Add --quantize (one of QUANTIZATIONS, default none) to a command that loads a model for inference."""
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help=QUANTIZE_HELP)

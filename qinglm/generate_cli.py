@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, add_quantize_arg, given
+from qinglm.config import (
+    ContextConfig,
+    SamplingConfig,
+    add_dataclass_args,
+    add_generation_args,
+    given,
+    sampling_args,
+)
 from qinglm.errors import QingLMError
 from qinglm.evals.cli import add_eval_options
 
@@ -33,10 +40,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument(
         "--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)"
     )
-    add_quantize_arg(p)
     p.add_argument("--device", default="auto")
-    add_dataclass_args(p, SamplingConfig, GEN_ALIASES)
-    add_dataclass_args(p, ContextConfig)
+    add_generation_args(p, GEN_ALIASES)
 
     p = sub.add_parser(
         "eval", help="held-out loss, perplexity and bits per character; task suite (--tasks), lm-eval"
@@ -90,8 +95,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer_path,
         quantize=args.quantize,
         context=ContextConfig(**given(args, ContextConfig)),
+        draft=args.draft,
     )
-    sampling = {**given(args, SamplingConfig)}
+    sampling = sampling_args(args)
     if args.stream:
         for prompt in prompts:
             print(prompt, end="", flush=True)
@@ -109,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             stop=args.stop,
             device=lm.device,
             speculation=lm.speculation,
+            draft=lm.draft,
         )
         for prompt, text in zip(prompts, completions):
             print(prompt + text, flush=True)

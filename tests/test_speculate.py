@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from qinglm.config import SamplingConfig
+from qinglm.config import ModelConfig, SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer import slots, speculate
 from qinglm.infer.engine import Engine, Generation, Request
 from qinglm.infer.generate import generate_ids
 from qinglm.infer.speculate import PromptLookup, SpecStats
 from qinglm.infer.step import DecodeStep
-from qinglm.model.transformer import KVCache
+from qinglm.model.transformer import KVCache, Transformer
 from tests.test_step import CTX, OPTIONS, V, drive, tiny
 
 PROMPTS = [[2, 17, 42, 5, 17, 42, 5, 17], [2, 9, 30, 9, 30], [2, 31, 64, 1, 31, 64, 1], [2, 50, 50, 50]]
@@ -186,6 +186,8 @@ def test_generate_cli_prints_the_same_text_and_the_acceptance_rate(tmp_path, tin
     spec = subprocess.run([*base, "--speculate", "4"], capture_output=True, text=True, check=True)
     assert spec.stdout == plain.stdout
     assert "speculative decoding:" in spec.stderr and "speculative" not in plain.stderr
+    drafted = subprocess.run([*base, "--draft", str(run)], capture_output=True, text=True, check=True)
+    assert drafted.stdout == plain.stdout and "(100.0%)" in drafted.stderr  # its own drafts, 4 a step
 
 
 def test_stop_strings_and_text_are_plain_decodings(tiny_model):
@@ -211,3 +213,59 @@ def test_stop_strings_and_text_are_plain_decodings(tiny_model):
     cut, reason, _ = text(0, [stop])
     assert reason == "stop" and len(cut) < len(plain)
     assert text(8, [stop])[:2] == (cut, "stop")
+
+
+def small_draft(ctx: int = CTX):
+    """A smaller random model of the same vocabulary (another seed, 1 layer, 16 wide)."""
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_seq_len=ctx, dropout=0.0)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_draft_model_gives_the_plain_tokens(penalty):
+    model = tiny(**OPTIONS["gqa"])
+    requests = [Request(p, greedy(30, 0, penalty)) for p in PROMPTS[:2]]
+    want = [tokens(model, [r])[0][0] for r in requests]
+    for draft in (model, small_draft(), small_draft(ctx=12)):  # itself, another, one of a short context
+        for req, w in zip(requests, want):
+            req = dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, speculate=4))
+            gen = Generation(model, [req], draft=draft)
+            assert [t for events in gen for ev in events for t in ev.ids] == w
+            spec = gen.engine.spec
+            if draft is model:  # its own drafts: every one accepted
+                assert spec.drafted > 0 and spec.accepted == spec.drafted
+    sampled_req = Request(PROMPTS[0], sampled(30, 0, 4))
+    plain = tokens(model, [sampled_req])[0]
+    spec_req = Request(PROMPTS[0], sampled(30, 4, 4))
+    assert [
+        t for events in Generation(model, [spec_req], draft=small_draft()) for ev in events for t in ev.ids
+    ] == plain[0]
+
+
+def test_a_draft_rows_cache_holds_what_a_fresh_one_computes():
+    """After drafts partly accepted, the keys/values kept give the drafts a row drafting from scratch gives."""
+    from qinglm.infer.speculate import DraftModel, DraftRow
+
+    draft = DraftModel(small_draft(), tiny(**OPTIONS["gqa"]))
+    row = DraftRow(draft, PROMPTS[0], penalty=1.3)
+    for accept in (2, 0, 3, 1):
+        proposal = row.propose(4)
+        row.extend(proposal[:accept] + [(proposal[accept] + 1) % V])  # accepted, then another token
+        assert row.valid == len(row.ids) - 1  # every token kept but the last, which was never fed
+        assert row.propose(3) == DraftRow(draft, row.ids, penalty=1.3).propose(3)
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tiny_run, tmp_path):
+    from qinglm.infer.speculate import DraftModel
+    from qinglm.tokenizer import train_tokenizer
+
+    cfg = ModelConfig(vocab_size=V + 1, d_model=16, n_layers=1, n_heads=2, max_seq_len=CTX, dropout=0.0)
+    with pytest.raises(QingLMError, match="vocabulary"):
+        DraftModel(Transformer(cfg), tiny())
+    a = tiny_run(tmp_path / "a", train_tokenizer(["今天天气真不错。"] * 50, 300, show_progress=False))
+    b = tiny_run(tmp_path / "b", train_tokenizer(["我们一起去公园散步吧。"] * 50, 300, show_progress=False))
+    import qinglm
+
+    with pytest.raises(QingLMError, match="another tokenizer"):
+        qinglm.load(a, device="cpu", draft=b)

@@ -33,7 +33,7 @@ The API (the server, the CLI and ``qinglm.infer.generate`` all use it)::
   dropping ``gen``) ends everything.
 - ``qinglm.infer.generate.complete(model, tokenizer, prompts, sampling, batch_size=8, stop=())``:
   offline batched generation of plain-text prompts, returning the completions in order.
-- ``Engine(model, tokenizer=, max_batch_size=32, kv_tokens=None, prefill_chunk=256, compile=False)``: the
+- ``Engine(model, tokenizer=, max_batch_size=32, kv_tokens=None, prefill_chunk=256, compile=False, draft=None)``: the
   engine under Generation, for callers whose requests come and go (the server): ``engine.add(key, req)``
   at any time between steps, ``engine.step()`` returns one step's events (``ev.row`` is the key),
   ``engine.cancel(key)``, ``engine.busy``. One forward per step decodes every row, whatever request it
@@ -60,10 +60,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from qinglm.errors import QingLMError
-from qinglm.infer.request import Event, Request, Row, check_request
+from qinglm.infer.request import Event, Request, Row, check_request, uniform_numbers
 from qinglm.infer.sampling import N_CONTROL_IDS, SeenTokens, sample_apart, sample_configs
 from qinglm.infer.slots import MIN_BUCKET, Slots, bucket, check_fits
-from qinglm.infer.speculate import PromptLookup, SpecStats, draft, verify
+from qinglm.infer.speculate import DraftModel, DraftRow, PromptLookup, SpecStats, draft, verify
 from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Engine:
         prefill_chunk: int = 256,
         compile: bool = False,
         isolate_rows: bool = False,
+        draft: Transformer | None = None,
         log: Callable[[str], None] = print,
     ):
         if max_batch_size < 1:
@@ -118,6 +119,7 @@ class Engine:
         self._cancelled: set[Hashable] = set()
         self._lock = threading.Lock()
         self.spec = SpecStats()  # what the speculating rows drafted and had accepted (qinglm.infer.speculate)
+        self.draft = DraftModel(draft, model) if draft is not None else None  # else drafts by prompt lookup
 
     # -------------------------------------------------------------- callers' side
 
@@ -232,7 +234,10 @@ class Engine:
         for i, r in enumerate(new, start=n):
             r.placed = True
             if r.cfg.speculate:
-                r.lookup = PromptLookup(r.req.prompt_ids)
+                ids = r.req.prompt_ids
+                r.drafter = (
+                    DraftRow(self.draft, ids, r.cfg.repetition_penalty) if self.draft else PromptLookup(ids)
+                )
             ids = torch.tensor(r.req.prompt_ids, device=self.device)
             if r.req.counted is not None:
                 ids = ids[torch.tensor(list(r.req.counted), dtype=torch.bool, device=self.device)]
@@ -256,8 +261,8 @@ class Engine:
                 row = rows[k]
                 ev = self._event(row, tok, failed.get(j))
                 row.last = tok
-                if row.lookup is not None:
-                    row.lookup.extend(ev.ids)
+                if row.drafter is not None:
+                    row.drafter.extend(ev.ids)
                 events[k] = ev if t == 0 else events[k].then(ev)
                 if ev.finish_reason:
                     done.append(k)
@@ -274,7 +279,7 @@ class Engine:
     ) -> tuple[torch.Tensor, dict[int, Exception]]:
         """Return a token (n,) for each of rows (active rows at index; None: all) from logits (n, vocab) and
         {j: error} of those whose sampling raised (isolate_rows); the penalty's record gets the tokens."""
-        uniform = self._uniform(rows)
+        uniform = uniform_numbers(rows, self.device)
         logits = logits.float()
         cfgs = [r.cfg for r in rows]
         penalty = [c.repetition_penalty for c in cfgs]
@@ -288,19 +293,6 @@ class Engine:
         if penalised:
             self.seen.append(tokens, index)
         return tokens, failed
-
-    def _uniform(self, rows: list[Row]) -> torch.Tensor:
-        """Return the number (n,) each sampling row draws its token with (zeros for greedy rows)."""
-        uniform = torch.zeros(len(rows))
-        if all(r.cfg.temperature == 0 for r in rows):
-            return uniform.to(self.device)
-        shared = [k for k, r in enumerate(rows) if r.cfg.temperature > 0 and r.generator is None]
-        if shared:  # rows without a seed draw from torch's global RNG, as torch.multinomial would
-            uniform[shared] = torch.rand(len(shared))
-        for k, r in enumerate(rows):
-            if r.cfg.temperature > 0 and r.generator is not None:
-                uniform[k] = torch.rand(1, generator=r.generator, device=r.generator.device).item()
-        return uniform.to(self.device)
 
     def _free(self, done: list[int]) -> None:
         """Remove the active rows at indices done; the last rows move into the holes they leave."""
@@ -371,6 +363,7 @@ class Generation:
         device: torch.device | str | None = None,
         isolate_rows: bool = False,
         compile: bool = False,
+        draft: Transformer | None = None,
     ):
         self.requests = list(requests)
         for req in self.requests:  # every request is checked before any runs
@@ -383,6 +376,7 @@ class Generation:
             max_batch_size=max(1, len(self.requests)),
             isolate_rows=isolate_rows,
             compile=compile,
+            draft=draft,
         )
         for i, req in enumerate(self.requests):
             self.engine.add(i, req)

@@ -114,11 +114,13 @@ def complete(
     stop: Sequence[str] = (),
     device: torch.device | str | None = None,
     speculation: SpecStats | None = None,
+    draft: Transformer | None = None,
 ) -> Iterator[str]:
     """Return an iterator over the completions of plain-text prompts, in order, batch_size at a time.
 
     Prompts are sorted by length so each batch pads little; with a seed every prompt gets the same seed.
-    speculation, when given, adds up what speculative decoding drafted and had accepted.
+    speculation, when given, adds up what speculative decoding drafted and had accepted; draft is the model
+    that drafts (None: prompt lookup).
     """
     if batch_size < 1:
         raise QingLMError(f"batch size must be 1 or more, got {batch_size}")
@@ -131,7 +133,7 @@ def complete(
         chunk = order[b : b + batch_size]
         reqs = [Request(encoded[i], sampling, stop) for i in chunk]
         texts = [""] * len(chunk)
-        gen = Generation(model, reqs, tokenizer=tokenizer, device=device)
+        gen = Generation(model, reqs, tokenizer=tokenizer, device=device, draft=draft)
         for events in gen:
             for ev in events:
                 texts[ev.row] += ev.text

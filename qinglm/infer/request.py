@@ -10,7 +10,7 @@ import torch
 
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
-from qinglm.infer.speculate import PromptLookup
+from qinglm.infer.speculate import DraftRow, PromptLookup
 from qinglm.infer.text import TextDecoder
 from qinglm.model.transformer import Transformer
 
@@ -56,7 +56,7 @@ class Row:
         if req.sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
         self.text = TextDecoder(tokenizer, req.stop) if tokenizer is not None else None
-        self.lookup: PromptLookup | None = None  # the drafts of a speculating row (set when it is placed)
+        self.drafter: PromptLookup | DraftRow | None = None  # a speculating row's (set when it is placed)
 
     def need(self, max_len: int) -> int:
         """Return the cache positions this row may use: its prompt and every token fed back."""
@@ -85,3 +85,18 @@ def check_request(req: Request, model: Transformer, tokenizer: Tokenizer | None)
         raise QingLMError("stop strings must be non-empty strings")
     if req.stop and tokenizer is None:
         raise QingLMError("stop strings need the tokenizer")
+
+
+def uniform_numbers(rows: list[Row], device: torch.device) -> torch.Tensor:
+    """Return the number (n,) each sampling row draws its token with (zeros for greedy rows): from the row's
+    own generator when it has a seed, else all at once from torch's global RNG (as torch.multinomial would)."""
+    uniform = torch.zeros(len(rows))
+    if all(r.cfg.temperature == 0 for r in rows):
+        return uniform.to(device)
+    shared = [k for k, r in enumerate(rows) if r.cfg.temperature > 0 and r.generator is None]
+    if shared:
+        uniform[shared] = torch.rand(len(shared))
+    for k, r in enumerate(rows):
+        if r.cfg.temperature > 0 and r.generator is not None:
+            uniform[k] = torch.rand(1, generator=r.generator, device=r.generator.device).item()
+    return uniform.to(device)

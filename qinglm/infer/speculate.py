@@ -1,8 +1,9 @@
-"""Speculative decoding by prompt lookup: draft a row's next tokens from its own text, verify them in one forward.
+"""Speculative decoding: draft a row's next tokens, by prompt lookup or a smaller model, verify them in one forward.
 
 A row with ``SamplingConfig.speculate = k`` looks up the latest earlier occurrence of its last n tokens
 (n = NGRAM down to 1) in its prompt and what it has generated, and drafts the k tokens that followed it
-(a repeating tail continues its period). The engine (qinglm.infer.engine) feeds every row its last token and
+(a repeating tail continues its period: PromptLookup); or, when the engine has a draft model (``draft=``,
+`--draft RUN`: a smaller model of the same tokenizer), that model's greedy continuation (DraftRow). The engine (qinglm.infer.engine) feeds every row its last token and
 its draft in one forward (``Transformer.forward`` with T tokens per row at its own position), then samples
 position by position exactly as plain decoding would: position t's token is drawn from the logits after the
 row's tokens so far, with the same repetition penalty and the row's next uniform number; while it equals the
@@ -13,8 +14,10 @@ probability p(draft); otherwise a draw from p without it), so the distribution i
 of rejected tokens stay in the cache past the row's length, masked, and are overwritten later.
 
 It pays where a forward costs about the same for 1 + k tokens as for 1 (one row, on a CPU or GPU whose step
-reads the weights) and where text repeats what came before (quotes, lists, names, a model's own loops). Drafts
-are made while one row decodes (MAX_ROWS): a chat, one prompt. ``SpecStats`` counts what was drafted and accepted.
+reads the weights) and where text repeats what came before (quotes, lists, names, a model's own loops); a draft
+model pays only where its steps cost little beside the model's and verifying k + 1 tokens costs about one step
+(on this CPU it did not: benchmarks/README.md). Drafts are made while one row decodes (MAX_ROWS): a chat, one
+prompt. ``SpecStats`` counts what was drafted and accepted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from qinglm.config import SamplingConfig
+from qinglm.errors import QingLMError
+from qinglm.infer.sampling import apply_repetition_penalty
+from qinglm.infer.step import DecodeStep
+from qinglm.model.kv_cache import KVCache
+from qinglm.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from qinglm.infer.slots import Slots
@@ -69,11 +77,80 @@ class PromptLookup:
         return []
 
 
+class DraftModel:
+    """A smaller model that drafts for a larger one (the same tokenizer: a `qinglm distill` student, or a
+    smaller run trained on the same tokenizer): greedy, with the row's repetition penalty, on its own KV
+    cache, one row of it for each drafting row (DraftRow)."""
+
+    def __init__(self, model: Transformer, target: Transformer):
+        if model.cfg.vocab_size != target.cfg.vocab_size:
+            raise QingLMError(
+                f"the draft model's vocabulary ({model.cfg.vocab_size}) is not the model's "
+                f"({target.cfg.vocab_size}); draft with a model trained on the same tokenizer"
+            )
+        self.model = model.eval()
+        self.fast = DecodeStep.of(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def logits(self, ids: list[int], cache: KVCache, start: int) -> torch.Tensor:
+        """Return the logits (vocab,) after ids fed at positions start.. of cache's row 0 (stored there)."""
+        tokens = torch.tensor([ids], device=self.device)
+        positions = torch.tensor([start], device=self.device)
+        if self.fast is not None and not self.fast.hooked():
+            return self.fast(tokens, positions, cache, start + len(ids))[-1]
+        return self.model(tokens, cache=cache, start=positions, window=start + len(ids))[0, -1]
+
+
+class DraftRow:
+    """A row's tokens and its row of the draft model's KV cache: the first `valid` tokens are stored there,
+    then the draft tokens fed while proposing (`pending`), which stay valid while the row accepts them."""
+
+    def __init__(self, draft: DraftModel, ids: Iterable[int], penalty: float = 1.0):
+        self.draft, self.penalty = draft, penalty
+        self.ids: list[int] = list(ids)
+        self.valid, self.pending = 0, []
+        self.cache: KVCache | None = None  # made at the first draft
+
+    def extend(self, ids: Iterable[int]) -> None:
+        """Append tokens to the row; a token equal to the next pending draft token keeps its keys/values."""
+        for tok in ids:
+            if self.pending and self.pending[0] == tok and self.valid == len(self.ids):
+                self.valid += 1
+                self.pending.pop(0)
+            else:
+                self.pending = []
+            self.ids.append(tok)
+
+    @torch.inference_mode()
+    def propose(self, k: int) -> list[int]:
+        """Return up to k draft tokens, the draft model's greedy continuation (fewer near its context's end)."""
+        model = self.draft.model
+        k = min(k, model.cfg.max_seq_len - len(self.ids))
+        if k < 1:
+            return []
+        if self.cache is None:
+            self.cache = KVCache(model.cfg, 1, model.cfg.max_seq_len, self.draft.device, self.draft.dtype)
+        out: list[int] = []
+        start = min(self.valid, len(self.ids) - 1)  # the last token at least: its logits draft the first
+        feed = self.ids[start:]
+        for _ in range(k):
+            logits = self.draft.logits(feed, self.cache, start)[None].float()
+            if self.penalty != 1.0:  # as the row samples: drafts the row would penalise are less likely
+                seen = torch.tensor([self.ids + out], device=logits.device)
+                logits = apply_repetition_penalty(logits, seen, self.penalty)
+            out.append(int(logits.argmax()))
+            start += len(feed)
+            feed = out[-1:]
+        self.valid, self.pending = len(self.ids), out[:-1]  # the last draft token was never fed
+        return out
+
+
 class Row(Protocol):
     """What drafting reads and writes of a decoding row (qinglm.infer.request.Row)."""
 
     cfg: SamplingConfig
-    lookup: PromptLookup | None
+    drafter: PromptLookup | DraftRow | None
     length: int  # cache positions held; the last token goes at this one
     last: int
     generated: int
@@ -109,12 +186,12 @@ def draft(rows: list[Row], positions: int) -> list[list[int]] | None:
     """Return each decoding row's draft ([] for a row that does not speculate or found none), or None when
     no row has one or more than MAX_ROWS rows decode. A draft never runs past the cache's positions or the
     row's max_new_tokens."""
-    if len(rows) > MAX_ROWS or not any(r.lookup is not None for r in rows):
+    if len(rows) > MAX_ROWS or not any(r.drafter is not None for r in rows):
         return None
     room = positions - 1 - max(r.length for r in rows)  # positions after the furthest row's last token
     drafts = [
-        r.lookup.propose(min(r.cfg.speculate, room, r.cfg.max_new_tokens - r.generated - 1))
-        if r.lookup is not None
+        r.drafter.propose(min(r.cfg.speculate, room, r.cfg.max_new_tokens - r.generated - 1))
+        if r.drafter is not None
         else []
         for r in rows
     ]

@@ -319,7 +319,7 @@ class DecodeStep:
         at = positions  # each query's own position, (B) or (B * T)
         if T > 1:
             at = (positions[:, None] + torch.arange(T, device=dev)).reshape(-1)
-            tokens = tokens.reshape(-1)
+        tokens = tokens.reshape(-1)
         x = F.embedding(tokens, self.embed)  # (B, d_model)
         if self.pos == "learned":
             x = x + self.model.pos_embed.weight[at]

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from qinglm.chat_repl import ChatConfig
-from qinglm.config import ContextConfig, SamplingConfig, add_dataclass_args, add_quantize_arg, given
+from qinglm.config import ContextConfig, add_dataclass_args, add_generation_args, given, sampling_args
 from qinglm.sft.config import SFTConfig
 from qinglm.train.driver import stage_command
 
@@ -43,9 +43,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--model", "--model_path", dest="model", required=True, help="run directory")
     p.add_argument("--system", help="system prompt, kept at the start of every turn")
     p.add_argument("--device", default="auto")
-    add_quantize_arg(p)
-    add_dataclass_args(p, SamplingConfig, skip={"stop_at_eos"})
-    add_dataclass_args(p, ContextConfig)
+    add_generation_args(p, skip={"stop_at_eos"})
     add_dataclass_args(p, ChatConfig)
     return {**handlers, "lora": cmd_lora, "chat": cmd_chat}
 
@@ -63,8 +61,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     chat = ChatConfig(**given(args, ChatConfig))  # bad flags fail before the model loads
     context = ContextConfig(**given(args, ContextConfig))
-    lm = qinglm.load(args.model, device=args.device, context=context, quantize=args.quantize)
-    sampling = given(args, SamplingConfig)
+    lm = qinglm.load(
+        args.model, device=args.device, context=context, quantize=args.quantize, draft=args.draft
+    )
+    sampling = sampling_args(args)
     chat_loop(lm, system=args.system, sampling=sampling, chat=chat)
     if sampling.get("speculate"):
         print(lm.speculation.line(), file=sys.stderr)
