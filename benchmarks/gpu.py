@@ -17,7 +17,8 @@ figures are written to the JSON file as soon as it ends (a run cut short keeps w
   distributed  one-process torchrun DDP and FSDP (NCCL) runs against the plain run: same weights?
   stages       `qinglm sft`, `dpo`, `grpo`, `distill` from the main job's run, a few bf16 steps each:
                median step time, peak GPU memory, finished with finite losses (gpu_stages.py)
-  decode       decode tokens/s at batch 1 and 32: QingLM's engine vs transformers `generate`, bf16
+  decode       decode tokens/s at batch 1 and 32: QingLM's engine vs transformers `generate`, bf16; at batch
+               1 also `--speculate 8` (prompt lookup on a random model's loops: what verifying 9 tokens costs)
   scaling      the scaling grid trained here (dials 4, 6, 8 at 1e14-1e15 FLOPs) and `qinglm plan --budget 10m`
                timed here, within this card's memory (gpu_scaling.py)
 

@@ -200,6 +200,8 @@ def decode_speed(device_name: str, quick: bool) -> dict:
             "qinglm_compiled": lambda p: qinglm_run(model, p, n, compile=True),
             "transformers": lambda p: hf_run(hf, p, n),
         }
+        if batch == 1:  # prompt lookup, 8 a step: what verifying 9 tokens costs here (a random model loops)
+            runs["speculate"] = lambda p: qinglm_run(model, p, n, speculate=8)
         tokens = {k: run(prompts)[0] for k, run in runs.items()}  # warm-up
         decode = {k: [] for k in runs}
         for _ in range(2 if quick else 3):
@@ -217,14 +219,21 @@ def decode_speed(device_name: str, quick: bool) -> dict:
             "ratio": round(tps["qinglm"] / tps["transformers"], 2),
             "same_greedy_tokens": tokens["qinglm"] == tokens["transformers"],
         }
+        if "speculate" in tps:
+            out[f"b{batch}"]["speculate8_tok_s"] = round(tps["speculate"])
+            out[f"b{batch}"]["speculate8_same_tokens"] = tokens["speculate"] == tokens["qinglm"]
     return out
 
 
 def _compiled(b: dict) -> str:
-    """Return ' (compiled N, same tokens T)' for a decode result that has the compiled step (newer runs)."""
+    """Return ' (compiled N, same tokens T[, --speculate 8 N, same tokens T])' for a decode result that has the
+    compiled step (newer runs)."""
     if "qinglm_compiled_tok_s" not in b:
         return ""
-    return f" (compiled {b['qinglm_compiled_tok_s']:,}, same tokens {b['compiled_same_tokens']})"
+    spec = ""
+    if "speculate8_tok_s" in b:
+        spec = f", --speculate 8 {b['speculate8_tok_s']:,}, same tokens {b['speculate8_same_tokens']}"
+    return f" (compiled {b['qinglm_compiled_tok_s']:,}, same tokens {b['compiled_same_tokens']}{spec})"
 
 
 def table(r: dict) -> str:

@@ -66,9 +66,11 @@ def to_transformers(model: Transformer):
 
 
 def qinglm_run(
-    model: Transformer, prompts: torch.Tensor, n: int, compile: bool = False
+    model: Transformer, prompts: torch.Tensor, n: int, compile: bool = False, speculate: int = 0
 ) -> tuple[list[list[int]], float]:
-    cfg = SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop_at_eos=False)
+    cfg = SamplingConfig(
+        max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop_at_eos=False, speculate=speculate
+    )
     out, first = [[] for _ in range(len(prompts))], 0.0
     for events in Generation(model, [Request(p, cfg) for p in prompts.tolist()], compile=compile):
         first = first or time.perf_counter()

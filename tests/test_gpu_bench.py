@@ -62,7 +62,8 @@ def test_quick_check_decode_section_runs_the_compiled_static_cache_step(tmp_path
     d = r["sections"]["decode"]
     for b in ("b1", "b4"):
         assert d[b]["qinglm_compiled_tok_s"] > 0 and d[b]["compiled_same_tokens"], d
-    assert "decode: tiny" in stdout and "compiled" in stdout
+    assert d["b1"]["speculate8_tok_s"] > 0 and d["b1"]["speculate8_same_tokens"], d
+    assert "decode: tiny" in stdout and "compiled" in stdout and "--speculate 8" in stdout
 
 
 @pytest.mark.slow
