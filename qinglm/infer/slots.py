@@ -29,7 +29,7 @@ import torch
 
 from qinglm.device import compiled
 from qinglm.errors import QingLMError
-from qinglm.infer.step import DecodeStep
+from qinglm.infer.step import DecodeStep, tokens_logits
 from qinglm.limits import check_bytes, memory_bytes
 from qinglm.memory import kv_cache_bytes
 from qinglm.model.kv_cache import KVCache
@@ -207,11 +207,8 @@ class Slots:
     def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Return the logits (n, T, vocab) of T tokens (n, T) per row 0..n-1 from its position (n,): a draft
         verified (qinglm.infer.speculate). Eager, through the fast step when the model has one."""
-        n, T = tokens.shape
-        window = int(positions.max()) + T
-        if self.fast is not None and not self.fast.hooked():
-            return self.fast(tokens, positions, self.cache, window).view(n, T, -1)
-        return self.model(tokens, cache=self.cache, start=positions, window=window)
+        window = int(positions.max()) + tokens.size(1)
+        return tokens_logits(self.model, self.fast, tokens, positions, self.cache, window)
 
     def prefill(
         self, prompts: list[list[int]], scratch: KVCache | None, start: int, end: int

@@ -31,7 +31,7 @@ import torch
 from qinglm.config import SamplingConfig
 from qinglm.errors import QingLMError
 from qinglm.infer.sampling import apply_repetition_penalty
-from qinglm.infer.step import DecodeStep
+from qinglm.infer.step import DecodeStep, tokens_logits
 from qinglm.model.kv_cache import KVCache
 from qinglm.model.transformer import Transformer
 
@@ -97,9 +97,7 @@ class DraftModel:
         """Return the logits (vocab,) after ids fed at positions start.. of cache's row 0 (stored there)."""
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.tensor([start], device=self.device)
-        if self.fast is not None and not self.fast.hooked():
-            return self.fast(tokens, positions, cache, start + len(ids))[-1]
-        return self.model(tokens, cache=cache, start=positions, window=start + len(ids))[0, -1]
+        return tokens_logits(self.model, self.fast, tokens, positions, cache, start + len(ids))[0, -1]
 
 
 class DraftRow:

@@ -378,3 +378,18 @@ class DecodeStep:
         B, n, hd = x.shape
         flipped = x.reshape(B, n, 2, hd // 2).flip(2).view(B, n, hd)  # (x2, x1); sin's first half is negated
         return (x * cos).addcmul_(flipped, sin).to(x.dtype)
+
+
+def tokens_logits(
+    model: Transformer,
+    fast: DecodeStep | None,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    window: int,
+) -> torch.Tensor:
+    """Return the logits (n, T, vocab) of T tokens (n, T) a row from each row's position (n,) in cache, stored
+    there: through fast when it runs (no hooks on the model), else the model's own forward."""
+    if fast is not None and not fast.hooked():
+        return fast(tokens, positions, cache, window).view(tokens.size(0), tokens.size(1), -1)
+    return model(tokens, cache=cache, start=positions, window=window)
